@@ -1,0 +1,301 @@
+"""Normalise desired and live tables into one keyed form, and diff them.
+
+Pure. Both sides become a `Table`: objects by kind and name, rules by chain and position,
+elements by key. Keyed data keeps the diff linear: the skeleton (a few dozen objects and
+rules) goes through deepdiff for readable attribute changes; elements, which can number in
+the millions, are compared as dicts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepdiff import DeepDiff
+
+OBJECT_KINDS = ("table", "chain", "set", "map")
+_VOLATILE = ("handle", "family", "table")
+
+
+@dataclass
+class Table:
+    """One table in canonical, keyed form. `exists` is False for a missing live table."""
+
+    exists: bool = True
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)  # "chain x" -> attrs
+    rules: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # chain -> rules
+    elements: dict[str, dict[str, str | None]] = field(default_factory=dict)  # set -> key -> val
+
+    @property
+    def skeleton(self) -> dict[str, Any]:
+        return {"objects": self.objects, "rules": self.rules}
+
+    def counts(self) -> dict[str, int]:
+        kinds = [k.split(" ", 1)[0] for k in self.objects]
+        return {
+            "chains": kinds.count("chain"),
+            "sets": kinds.count("set") + kinds.count("map"),
+            "rules": sum(len(r) for r in self.rules.values()),
+            "elements": sum(len(e) for e in self.elements.values()),
+        }
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of a diff: op is +, - or ~; `text` is nft-like syntax for people."""
+
+    op: str
+    kind: str
+    name: str
+    text: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"op": self.op, "kind": self.kind, "name": self.name, "text": self.text}
+
+
+MISSING = Table(exists=False)
+
+
+def elem_text(value: Any) -> str:
+    """One canonical text for an element key or value, whichever JSON form it came in."""
+    if isinstance(value, dict):
+        if "concat" in value:
+            return " . ".join(elem_text(v) for v in value["concat"])
+        if "prefix" in value:
+            p = value["prefix"]
+            return str(ipaddress.ip_network(f"{p['addr']}/{p['len']}", strict=False))
+        if "range" in value:
+            lo, hi = value["range"]
+            return f"{elem_text(lo)}-{elem_text(hi)}"
+        if "elem" in value:
+            return elem_text(value["elem"].get("val"))
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            return value
+    return str(value)
+
+
+def _elements(obj: Mapping[str, Any]) -> dict[str, str | None]:
+    is_map = "map" in obj
+    out: dict[str, str | None] = {}
+    for item in obj.get("elem") or []:
+        if is_map:
+            key, value = item
+            out[elem_text(key)] = elem_text(value)
+        else:
+            out[elem_text(item)] = None
+    return out
+
+
+def _attrs(obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in _VOLATILE and k != "elem"}
+
+
+def from_listing(listing: Iterable[Mapping[str, Any]]) -> Table:
+    """A table from `nft -j list table` output (a list of one-key objects)."""
+    t = Table()
+    for item in listing:
+        for kind, obj in item.items():
+            _add(t, kind, obj)
+    return t
+
+
+def from_commands(commands: Iterable[Mapping[str, Any]]) -> Table:
+    """A table from `add` commands, as rendered. Rule expressions stay as written."""
+    t = Table()
+    for cmd in commands:
+        for kind, obj in cmd.get("add", {}).items():
+            _add(t, kind, obj)
+    return t
+
+
+def _add(t: Table, kind: str, obj: Mapping[str, Any]) -> None:
+    if kind in OBJECT_KINDS:
+        name = obj["name"]
+        t.objects[f"{kind} {name}"] = _attrs(obj)
+        if kind in ("set", "map"):
+            t.elements.setdefault(name, {}).update(_elements(obj))
+    elif kind == "rule":
+        rule = {"expr": obj.get("expr", [])}
+        if obj.get("comment"):
+            rule["comment"] = obj["comment"]
+        t.rules.setdefault(obj["chain"], []).append(rule)
+    elif kind == "element":
+        t.elements.setdefault(obj["name"], {}).update(_elements(obj))
+
+
+def skeleton_commands(commands: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The commands without their elements: small, and constant across rotations."""
+    out = []
+    for cmd in commands:
+        (verb, body), *_ = cmd.items()
+        (kind, obj), *_ = body.items()
+        if kind == "element":
+            continue
+        if "elem" in obj:
+            obj = {k: v for k, v in obj.items() if k != "elem"}
+        out.append({verb: {kind: obj}})
+    return out
+
+
+def desired(canonical_skeleton: Table, commands: Iterable[Mapping[str, Any]]) -> Table:
+    """The desired table: the kernel's canonical skeleton plus the rendered elements."""
+    rendered = from_commands(commands).elements
+    return Table(
+        objects=canonical_skeleton.objects,
+        rules=canonical_skeleton.rules,
+        elements={name: rendered.get(name, {}) for name in canonical_skeleton.elements},
+    )
+
+
+def diff(want: Table, have: Table) -> list[Change]:
+    """What applying `want` changes in `have`: by object, rule and element."""
+    changes: list[Change] = []
+    for key in sorted(want.objects.keys() - have.objects.keys(), key=_kind_order):
+        changes.append(_object_change("+", key, want.objects[key]))
+    for key in sorted(have.objects.keys() - want.objects.keys(), key=_kind_order):
+        changes.append(_object_change("-", key, have.objects[key]))
+    for key in sorted(want.objects.keys() & have.objects.keys()):
+        if want.objects[key] != have.objects[key]:
+            what = _attribute_changes(have.objects[key], want.objects[key])
+            changes.append(Change("~", *key.split(" ", 1), f"{key}: {what}"))
+    for chain in sorted(want.rules.keys() | have.rules.keys()):
+        old, new = have.rules.get(chain, []), want.rules.get(chain, [])
+        for i in range(max(len(old), len(new))):
+            a = old[i] if i < len(old) else None
+            b = new[i] if i < len(new) else None
+            if a == b:
+                continue
+            if a is not None:
+                changes.append(Change("-", "rule", f"{chain}#{i}", rule_text(chain, a)))
+            if b is not None:
+                changes.append(Change("+", "rule", f"{chain}#{i}", rule_text(chain, b)))
+    for name in sorted(want.elements.keys() | have.elements.keys()):
+        changes += _element_changes(name, want.elements.get(name, {}), have.elements.get(name, {}))
+    return changes
+
+
+def _element_changes(
+    name: str, want: dict[str, str | None], have: dict[str, str | None]
+) -> list[Change]:
+    if want == have:
+        return []
+    out = []
+    for key in sorted(have.keys() - want.keys()):
+        out.append(Change("-", "element", name, f"element {name} {{ {_elem(key, have[key])} }}"))
+    for key in sorted(want.keys() - have.keys()):
+        out.append(Change("+", "element", name, f"element {name} {{ {_elem(key, want[key])} }}"))
+    for key in sorted(k for k in want.keys() & have.keys() if want[k] != have[k]):
+        out.append(
+            Change("~", "element", name, f"element {name} {{ {key} : {have[key]} -> {want[key]} }}")
+        )
+    return out
+
+
+def _elem(key: str, value: str | None) -> str:
+    return key if value is None else f"{key} : {value}"
+
+
+def summary(changes: Iterable[Change]) -> dict[str, int]:
+    """Counts for the one-line result: {"+element": 10, "~chain": 1, ...}."""
+    out: dict[str, int] = {}
+    for c in changes:
+        out[c.op + c.kind] = out.get(c.op + c.kind, 0) + 1
+    return out
+
+
+def _kind_order(key: str) -> tuple[int, str]:
+    kind, name = key.split(" ", 1)
+    return OBJECT_KINDS.index(kind) if kind in OBJECT_KINDS else len(OBJECT_KINDS), name
+
+
+def _object_change(op: str, key: str, attrs: Mapping[str, Any]) -> Change:
+    kind, name = key.split(" ", 1)
+    return Change(op, kind, name, describe(kind, name, attrs))
+
+
+def _attribute_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """`policy: accept -> drop; flags: ...`, from deepdiff's report on one object."""
+    dd = DeepDiff(dict(old), dict(new), verbose_level=2)
+    out = []
+    for section, items in dd.items():
+        for path, detail in items.items():
+            what = path.removeprefix("root").replace("['", ".").replace("']", "").lstrip(".")
+            if isinstance(detail, dict) and "old_value" in detail:
+                what += f": {_short(detail['old_value'])} -> {_short(detail['new_value'])}"
+            else:
+                what += f" ({section.replace('_', ' ')})"
+            out.append(what)
+    return "; ".join(sorted(out)) or "changed"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def describe(kind: str, name: str, attrs: Mapping[str, Any]) -> str:
+    """nft-like text of a table object, for people."""
+    if kind == "chain" and "hook" in attrs:
+        return (
+            f"chain {name} {{ type {attrs.get('type')} hook {attrs.get('hook')} priority "
+            f"{attrs.get('prio')}; policy {attrs.get('policy', 'accept')}; }}"
+        )
+    if kind in ("set", "map"):
+        key = attrs.get("type")
+        key = " . ".join(key) if isinstance(key, list) else key
+        data = f" : {attrs['map']}" if "map" in attrs else ""
+        flags = f" flags {','.join(attrs['flags'])};" if attrs.get("flags") else ""
+        return f"{kind} {name} {{ type {key}{data};{flags} }}"
+    return f"{kind} {name}".rstrip()
+
+
+def rule_text(chain: str, rule: Mapping[str, Any]) -> str:
+    """A rule in nft syntax where the expression is familiar, JSON where it is not."""
+    words = " ".join(_expr(e) for e in rule.get("expr", []))
+    comment = f' comment "{rule["comment"]}"' if rule.get("comment") else ""
+    return f"rule {chain} {words}{comment}"
+
+
+def _expr(e: Any) -> str:
+    if isinstance(e, str | int):
+        return str(e)
+    if isinstance(e, list):
+        return ", ".join(_expr(x) for x in e)
+    if not isinstance(e, dict) or len(e) != 1:
+        return json.dumps(e)
+    ((kind, v),) = e.items()
+    if kind == "match":
+        op = "" if v["op"] in ("==", "in") else f"{v['op']} "
+        return f"{_expr(v['left'])} {op}{_expr(v['right'])}"
+    if kind == "payload":
+        return f"{v['protocol']} {v['field']}"
+    if kind == "meta":
+        return f"meta {v['key']}"
+    if kind == "fib":
+        return f"fib {' . '.join(v.get('flags', []))} {v['result']}"
+    if kind == "concat":
+        return " . ".join(_expr(x) for x in v)
+    if kind == "map":
+        return f"{_expr(v['key'])} map {_expr(v['data'])}"
+    if kind == "set":
+        return "{ " + ", ".join(_expr(x) for x in v) + " }"
+    if kind in ("&", "|", "^"):
+        return f"({_expr(v[0])} {kind} {_expr(v[1])})"
+    if kind == "prefix":
+        return f"{v['addr']}/{v['len']}"
+    if kind == "redirect":
+        return f"redirect to :{_expr(v['port'])}" if v and "port" in v else "redirect"
+    if kind == "mangle":
+        return f"{_expr(v['key'])} set {_expr(v['value'])}"
+    if kind == "ct":
+        return f"ct {v['key']}"
+    if kind in ("accept", "drop", "return", "notrack", "continue"):
+        return kind
+    return json.dumps(e, sort_keys=True)

@@ -1,0 +1,219 @@
+"""A throw-away lab of network namespaces for the demo, the tests and the benchmarks.
+
+One server namespace holds a bridge; every client namespace hangs off it by a veth pair.
+Nothing is created in the host's own namespace, and `close()` removes every namespace
+(and so every interface, rule and process inside it) even after a failure.
+Addresses are documentation ranges only: 192.0.2.0/24, 198.51.100.0/24, 2001:db8::/32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+SERVER_V4 = ("192.0.2.1/24", "198.51.100.1/24")
+SERVER_V6 = ("2001:db8::1/64", "2001:db8:bad::1/64")
+_counter = itertools.count()
+
+
+@dataclass
+class Host:
+    ns: str
+    v4: str
+    v6: str
+
+
+@dataclass
+class Lab:
+    """Namespaces named `<prefix><pid>-<role>`, unique per process, removed by `close()`."""
+
+    prefix: str = "mtd"
+    hosts: dict[str, Host] = field(default_factory=dict)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tag = f"{self.prefix}{os.getpid()}x{next(_counter)}"
+
+    @property
+    def server(self) -> Host:
+        return self.hosts["srv"]
+
+    def ns(self, role: str) -> str:
+        return f"{self.tag}-{role}"
+
+    def add_server(self, name: str = "srv") -> Host:
+        ns = self.ns(name)
+        _ip("netns", "add", ns)
+        self.hosts[name] = Host(ns, SERVER_V4[0].split("/")[0], SERVER_V6[0].split("/")[0])
+        self.sh(name, "ip link set lo up")
+        self.sh(name, "ip link add br0 type bridge && ip link set br0 up")
+        for addr in SERVER_V4:
+            self.sh(name, f"ip addr add {addr} dev br0")
+        for addr in SERVER_V6:
+            self.sh(name, f"ip -6 addr add {addr} dev br0 nodad")
+        return self.hosts[name]
+
+    def add_client(self, name: str, v4: str, v6: str, server: str = "srv") -> Host:
+        """A client with one address of each family, plugged into the server's bridge."""
+        ns, srv = self.ns(name), self.hosts[server].ns
+        _ip("netns", "add", ns)
+        self.hosts[name] = Host(ns, v4, v6)
+        port = f"p{len(self.hosts)}"
+        _ip("-n", srv, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self.sh(server, f"ip link set {port} master br0 && ip link set {port} up")
+        plen4 = 24
+        plen6 = 64 if v6.startswith("2001:db8::") else 48
+        self.sh(name, "ip link set lo up && ip link set eth0 up")
+        self.sh(name, f"ip addr add {v4}/{plen4} dev eth0")
+        self.sh(name, f"ip -6 addr add {v6}/{plen6} dev eth0 nodad")
+        # Every client reaches every server address, whichever subnet it is on.
+        self.sh(name, "ip route add 192.0.2.0/24 dev eth0 || true")
+        self.sh(name, "ip route add 198.51.100.0/24 dev eth0 || true")
+        self.sh(name, "ip -6 route add 2001:db8::/32 dev eth0 metric 2048 || true")
+        return self.hosts[name]
+
+    def run(self, role: str, argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess:
+        """Run argv inside a namespace; text output captured unless told otherwise."""
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("check", False)
+        return subprocess.run(["ip", "netns", "exec", self.hosts[role].ns, *argv], **kw)  # type: ignore[call-overload]
+
+    def sh(self, role: str, script: str) -> str:
+        proc = self.run(role, ["sh", "-c", script])
+        if proc.returncode != 0:
+            raise RuntimeError(f"{role}: {script}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def spawn(self, role: str, argv: Sequence[str], **kw: object) -> subprocess.Popen:
+        """A background process inside a namespace, stopped by `close()`."""
+        proc = subprocess.Popen(  # type: ignore[call-overload]
+            ["ip", "netns", "exec", self.hosts[role].ns, *argv], start_new_session=True, **kw
+        )
+        self.procs.append(proc)
+        return proc
+
+    def serve(self, role: str, tcp: Sequence[int], udp: Sequence[int]) -> subprocess.Popen:
+        """Listeners that answer with the real port they are on: `port 3`."""
+        argv = [
+            sys.executable,
+            "-m",
+            "reconciler.lab",
+            "serve",
+            ",".join(map(str, tcp)) or "-",
+            ",".join(map(str, udp)) or "-",
+        ]
+        proc = self.spawn(role, argv, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("lab listeners did not start")
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+        for host in self.hosts.values():
+            _kill_netns(host.ns)
+            subprocess.run(["ip", "netns", "del", host.ns], capture_output=True, check=False)
+        self.hosts.clear()
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def standard_lab(tcp: Sequence[int] = (1, 2, 3, 4, 5), udp: Sequence[int] = (53,)) -> Iterator[Lab]:
+    """Server with listeners, an untrusted client (192.0.2.3), a trusted one (192.0.2.2) and
+    a client inside the watched prefix 198.51.100.0/24 / 2001:db8:bad::/48."""
+    lab = Lab()
+    try:
+        lab.add_server()
+        lab.add_client("unt", "192.0.2.3", "2001:db8::3")
+        lab.add_client("tru", "192.0.2.2", "2001:db8::2")
+        lab.add_client("net", "198.51.100.7", "2001:db8:bad::7")
+        lab.serve("srv", tcp, udp)
+        yield lab
+    finally:
+        lab.close()
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def _kill_netns(ns: str) -> None:
+    proc = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
+    for pid in proc.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def _serve(tcp: list[int], udp: list[int]) -> None:
+    """Listen on every port given, IPv4 and IPv6; reply `port N` to every client."""
+    sel = selectors.DefaultSelector()
+    for port in tcp:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
+        s.listen(128)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, ("tcp", port))
+    for port in udp:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
+        sel.register(s, selectors.EVENT_READ, ("udp", port))
+    print("ready", flush=True)
+    conns: dict[socket.socket, float] = {}
+    while True:
+        for key, _ in sel.select(timeout=1.0):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            proto, port = key.data
+            if proto == "tcp":
+                with contextlib.suppress(OSError):
+                    conn, _ = sock.accept()
+                    conn.setblocking(False)
+                    conn.sendall(f"port {port}\n".encode())
+                    sel.register(conn, selectors.EVENT_READ, ("conn", port))
+                    conns[conn] = time.monotonic()
+            elif proto == "udp":
+                with contextlib.suppress(OSError):
+                    _, peer = sock.recvfrom(2048)
+                    sock.sendto(f"port {port}\n".encode(), peer)
+            else:  # an open connection: echo lines back with the port, close on EOF
+                try:
+                    data = sock.recv(4096)
+                except OSError:
+                    data = b""
+                if data:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(f"port {port}: ".encode() + data)
+                else:
+                    sel.unregister(sock)
+                    conns.pop(sock, None)
+                    sock.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "serve":
+        ports = [[] if a == "-" else [int(p) for p in a.split(",")] for a in sys.argv[2:]]
+        _serve(*ports)

@@ -1,0 +1,136 @@
+"""Local files: desired-state YAML, the shuffle secret, the epoch, the reconcile lock.
+
+Shell module: the only place (besides the CLI) that reads or writes the host's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from reconciler.errors import MtdError
+from reconciler.state import State, parse
+
+SECRET_BYTES = 32
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def state_documents(path: str | Path) -> list[tuple[str, str]]:
+    """A YAML file, or every YAML file directly in a directory, in name order."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in YAML_SUFFIXES and f.is_file())
+        if not files:
+            raise MtdError(f"{p}: no *.yaml files: expected the desired state here")
+    elif p.exists():
+        files = [p]
+    else:
+        raise MtdError(f"{p}: no such file or directory: expected a YAML file or a directory")
+    return [(str(f), _read_text(f)) for f in files]
+
+
+def load_state(path: str | Path) -> State:
+    return parse(state_documents(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MtdError(f"{path}: cannot read: {exc}") from None
+
+
+def load_or_create_secret(path: str | Path) -> bytes:
+    """The shuffle key: created with 32 random bytes and mode 0600 when missing.
+
+    A key readable by anyone but its owner is refused rather than silently fixed, so that a
+    leak is noticed. The key itself never appears in a message.
+    """
+    p = Path(path)
+    try:
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise MtdError(f"{p}: cannot create the secret file: {exc.strerror}") from None
+    else:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(SECRET_BYTES))
+    try:
+        st = p.stat()
+        if st.st_mode & 0o077:
+            raise MtdError(
+                f"{p}: secret file has mode {stat.S_IMODE(st.st_mode):04o}: expected 0600 "
+                f"(run: chmod 600 {p})"
+            )
+        key = p.read_bytes()
+    except OSError as exc:
+        raise MtdError(f"{p}: cannot read the secret file: {exc.strerror}") from None
+    if len(key) < 16:
+        raise MtdError(f"{p}: secret file holds {len(key)} bytes: expected at least 16")
+    return key
+
+
+def read_epoch(path: str | Path) -> int:
+    """The local epoch; 0 before the first rotation."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+        epoch = data["epoch"]
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError
+        return epoch
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MtdError(f'{p}: unreadable epoch file: expected {{"epoch": N}} with N >= 0') from None
+
+
+def write_epoch(path: str | Path, epoch: int) -> None:
+    """Atomically (write then rename), so a crash never leaves a torn epoch file."""
+    write_atomic(path, json.dumps({"epoch": epoch}) + "\n")
+
+
+def write_atomic(path: str | Path, text: str, mode: int = 0o644) -> None:
+    p = Path(path)
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+
+
+@contextlib.contextmanager
+def reconcile_lock(epoch_file: str | Path) -> Iterator[None]:
+    """One reconcile at a time per host (daemon, CLI, pull), even across processes."""
+    p = Path(epoch_file).with_name("lock")
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def set_sysctls(values: dict[str, str], root: str = "/proc/sys") -> None:
+    """Set network sysctls of the caller's namespace; a family the kernel lacks is skipped."""
+    for name, value in values.items():
+        p = Path(root, name)
+        try:
+            if p.read_text().strip() != value:
+                p.write_text(value)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise MtdError(f"sysctl {name.replace('/', '.')}={value}: {exc.strerror}") from None

@@ -1,0 +1,174 @@
+"""The only module that talks to libnftables (Debian's python3-nftables bindings).
+
+Everything here takes and returns plain JSON-shaped data. Writes are one transaction: the
+owned table is created if missing, deleted and re-created with its content, so the live
+ruleset is either the old table or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import nftables
+
+from reconciler.errors import NftError
+
+FAMILY = "inet"
+_CANONICAL_CACHE: dict[str, list[dict[str, Any]]] = {}
+
+
+class Nft:
+    """A libnftables context with JSON output, bound to the caller's network namespace."""
+
+    def __init__(self) -> None:
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+
+    def list_table(self, name: str) -> list[dict[str, Any]] | None:
+        """The owned table as listed by the kernel, or None when it does not exist."""
+        rc, out, err = self._nft.cmd(f"list table {FAMILY} {name}")
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise NftError(f"list table {FAMILY} {name}: {_first_error(err)}")
+        return [o for o in json.loads(out)["nftables"] if "metainfo" not in o]
+
+    def table_exists(self, name: str) -> bool:
+        """Cheap: lists table names only, never their elements."""
+        rc, out, err = self._nft.cmd("list tables")
+        if rc != 0:
+            raise NftError(f"list tables: {_first_error(err)}")
+        return any(
+            o.get("table", {}).get("name") == name and o["table"].get("family") == FAMILY
+            for o in json.loads(out)["nftables"]
+        )
+
+    def replace_table(
+        self,
+        name: str,
+        commands: Sequence[dict[str, Any]],
+        *,
+        flush_ruleset: bool = False,
+        check: bool = False,
+    ) -> None:
+        """Swap the owned table for `commands` in one transaction (or only check it)."""
+        self.run(replace_batch(name, commands, flush_ruleset=flush_ruleset), check=check)
+
+    def delete_table(self, name: str) -> bool:
+        """Remove the owned table on purpose (`mtd down`); False when it was not there."""
+        if not self.table_exists(name):
+            return False
+        self.run([{"delete": {"table": {"family": FAMILY, "name": name}}}])
+        return True
+
+    def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
+        """One libnftables transaction. On failure nothing changed and the error names the
+        first command the kernel refused."""
+        doc = {"nftables": list(commands)}
+        try:
+            self._nft.json_validate(doc)
+        except Exception as exc:  # the bindings raise jsonschema's own errors
+            raise NftError(f"libnftables JSON schema: {str(exc).splitlines()[0]}") from None
+        old = self._nft.set_dry_run(True)
+        try:
+            rc, _, err = self._nft.json_cmd(doc)
+            if rc == 0 and not check:
+                self._nft.set_dry_run(False)
+                rc, _, err = self._nft.json_cmd(doc)
+        finally:
+            self._nft.set_dry_run(old)
+        if rc != 0:
+            raise NftError(self._blame(commands, err))
+
+    def _blame(self, commands: Sequence[dict[str, Any]], err: str) -> str:
+        """Bisect with dry runs for the first command whose prefix fails: errors from the
+        kernel do not say which command of a batch they belong to."""
+        lo, hi = 0, len(commands)  # commands[:hi] fails; commands[:lo] passes
+        self._nft.set_dry_run(True)
+        try:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                rc, _, _ = self._nft.json_cmd({"nftables": list(commands[:mid])})
+                lo, hi = (mid, hi) if rc == 0 else (lo, mid)
+        finally:
+            self._nft.set_dry_run(False)
+        return (
+            f"nftables refused command {hi - 1} ({describe(commands[hi - 1])}): {_first_error(err)}"
+        )
+
+
+def replace_batch(
+    name: str, commands: Sequence[dict[str, Any]], *, flush_ruleset: bool = False
+) -> list[dict[str, Any]]:
+    """Create-if-missing, delete, re-create: valid whether or not the table exists."""
+    table = {"table": {"family": FAMILY, "name": name}}
+    head: list[dict[str, Any]] = [{"flush": {"ruleset": None}}] if flush_ruleset else []
+    return [*head, {"add": table}, {"delete": table}, *commands]
+
+
+def describe(cmd: dict[str, Any]) -> str:
+    """`add map tcp4`: enough to find the command in the rendered document."""
+    (verb, body), *_ = cmd.items()
+    if not isinstance(body, dict) or not body:
+        return verb
+    (kind, obj), *_ = body.items()
+    name = obj.get("name") or obj.get("chain") if isinstance(obj, dict) else None
+    return f"{verb} {kind} {name}" if name else f"{verb} {kind}"
+
+
+def _first_error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    for line in lines:
+        if "Error:" in line:
+            return line.split("Error:", 1)[1].strip()
+    return lines[0].strip() if lines else "unknown error"
+
+
+def canonical(commands: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """What the kernel lists back for `commands`: their one canonical form.
+
+    Templates may write an expression in any form libnftables accepts; the kernel lists it in
+    one form only. Loading the (element-free, so small) document into a scratch network
+    namespace and listing it back gives that form without touching the host's ruleset.
+    Cached, since the skeleton is the same from one rotation to the next.
+    """
+    text = json.dumps({"name": name, "commands": list(commands)}, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()
+    if key not in _CANONICAL_CACHE:
+        proc = subprocess.run(
+            ["unshare", "--net", sys.executable, "-m", "reconciler.nft"],
+            input=text,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise NftError(
+                proc.stderr.strip().splitlines()[-1]
+                if proc.stderr.strip()
+                else f"scratch namespace failed with exit code {proc.returncode}"
+            )
+        _CANONICAL_CACHE.clear()  # one skeleton is live at a time; keep memory flat
+        _CANONICAL_CACHE[key] = json.loads(proc.stdout)
+    return _CANONICAL_CACHE[key]
+
+
+def _scratch_main() -> None:
+    """Runs inside `unshare --net`: load the commands, print the table as listed."""
+    request = json.load(sys.stdin)
+    nft = Nft()
+    try:
+        nft.run(replace_batch(request["name"], request["commands"]))
+    except NftError as exc:
+        sys.exit(f"cannot load the rendered ruleset: {exc}")
+    json.dump(nft.list_table(request["name"]) or [], sys.stdout)
+
+
+if __name__ == "__main__":
+    _scratch_main()

@@ -1,0 +1,112 @@
+"""The reconcile pass: shuffle -> render -> read live -> diff -> apply.
+
+Triggers (the CLI, Redis, the drift timer, a git pull) only decide when it runs and with
+which state and epoch; what it does is always this one function.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reconciler import diff, localfiles, render, shuffle
+from reconciler.nft import Nft, canonical
+from reconciler.state import State
+
+# The RSTs the host sends for moved stateless probes must carry the probe's mark, so the
+# output chain rewrites only those (and no other invalid packet).
+SYSCTLS = {"net/ipv4/fwmark_reflect": "1", "net/ipv6/fwmark_reflect": "1"}
+
+
+@dataclass
+class Result:
+    """What one pass did, Ansible style: ok (in sync), changed, or would change (check)."""
+
+    status: str
+    table: str
+    epoch: int
+    changes: list[diff.Change]
+    fingerprint: str
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.changes
+
+    @property
+    def duration(self) -> float:
+        return sum(self.phases.values())
+
+    def line(self) -> str:
+        """`changed: table inet mtd epoch 4: +58 element, -58 element (0.04 s)`."""
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(diff.summary(self.changes).items()))
+        what = f": {counts}" if counts else ""
+        took = f"({self.duration:.2f} s)"
+        return f"{self.status}: table inet {self.table} epoch {self.epoch}{what} {took}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "table": self.table,
+            "epoch": self.epoch,
+            "in_sync": self.in_sync,
+            "summary": diff.summary(self.changes),
+            "fingerprint": self.fingerprint,
+            "phases": {k: round(v, 6) for k, v in self.phases.items()},
+        }
+
+
+class _Phases(dict[str, float]):
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+
+def reconcile(
+    state: State,
+    epoch: int,
+    nft: Nft,
+    *,
+    check: bool = False,
+    templates: list[Path] | None = None,
+    read_live: bool = True,
+) -> Result:
+    """Make the owned table match `state` at `epoch`; with `check`, only report.
+
+    `read_live=False` skips reading the table back (a rotation at a million mappings, where
+    listing alone costs a minute): the table is then replaced without a diff.
+    """
+    t = _Phases()
+    with t("shuffle"):
+        secret = localfiles.load_or_create_secret(state.secret_file)
+        mapping = shuffle.compute(state, secret, epoch)
+    with t("render"):
+        commands = render.render(state, mapping, templates)
+    with t("read"):
+        skeleton = diff.from_listing(canonical(diff.skeleton_commands(commands), state.table))
+        live = nft.list_table(state.table) if read_live else None
+    with t("diff"):
+        want = diff.desired(skeleton, commands)
+        if read_live:
+            have = diff.from_listing(live) if live is not None else diff.MISSING
+            changes = diff.diff(want, have)
+        else:
+            changes = [diff.Change("~", "table", "", "table replaced without reading it back")]
+    status = "ok"
+    if not check:
+        localfiles.set_sysctls(SYSCTLS)
+    if changes:
+        status = "would change" if check else "changed"
+        with t("apply"):
+            nft.replace_table(
+                state.table, commands, flush_ruleset=state.ownership == "ruleset", check=check
+            )
+    return Result(status, state.table, epoch, changes, mapping.fingerprint(secret), dict(t))

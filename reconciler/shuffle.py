@@ -1,0 +1,86 @@
+"""The port shuffle: which port each moved service hides behind, per source and epoch.
+
+Pure and deterministic: HMAC-SHA256 keyed with the secret, in counter mode, drives a partial
+Fisher-Yates shuffle of the free ports. Same secret, epoch and state give the same mapping (so
+a restart changes nothing); without the secret the mapping cannot be predicted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from reconciler.state import PROTOCOLS, State
+
+_WORDS = struct.Struct(">8I")  # one SHA-256 block gives eight 32-bit draws
+
+
+@dataclass(frozen=True)
+class PortMap:
+    """`moves[(source label, proto)]` maps each moved real port to its shuffled port."""
+
+    epoch: int
+    moves: Mapping[tuple[str, str], Mapping[int, int]]
+
+    def fingerprint(self, secret: bytes) -> str:
+        """A keyed hash of the mapping: proves which mapping was live without revealing it."""
+        h = hmac.new(secret, b"mtd/fingerprint", hashlib.sha256)
+        for (source, proto), moves in sorted(self.moves.items()):
+            h.update(f"{source}|{proto}|{sorted(moves.items())}\n".encode())
+        return h.hexdigest()[:32]
+
+
+def epoch_key(secret: bytes, epoch: int) -> bytes:
+    """Per-epoch key, so the secret itself is used once per epoch, not per source."""
+    return hmac.digest(secret, b"mtd/epoch/%d" % epoch, "sha256")
+
+
+def _words(key: bytes, label: bytes) -> Iterator[int]:
+    counter = 0
+    while True:
+        yield from _WORDS.unpack(hmac.digest(key, label + counter.to_bytes(4, "big"), "sha256"))
+        counter += 1
+
+
+def _below(words: Iterator[int], n: int) -> int:
+    """Uniform in [0, n) by rejection sampling: no modulo bias."""
+    limit = (1 << 32) - (1 << 32) % n
+    while True:
+        x = next(words)
+        if x < limit:
+            return x % n
+
+
+def draw(key: bytes, label: bytes, pool: Sequence[int], k: int) -> list[int]:
+    """k distinct items of `pool`, uniformly: the first k steps of a Fisher-Yates shuffle.
+
+    Only touched positions are stored, so the cost is O(k), not O(len(pool)).
+    """
+    if k > len(pool):
+        raise ValueError(f"cannot draw {k} distinct ports from {len(pool)}")
+    words = _words(key, label)
+    swapped: dict[int, int] = {}
+    out = []
+    for i in range(k):
+        j = i + _below(words, len(pool) - i)
+        at_i, at_j = swapped.get(i, i), swapped.get(j, j)
+        swapped[j] = at_i
+        out.append(pool[at_j])
+    return out
+
+
+def compute(state: State, secret: bytes, epoch: int) -> PortMap:
+    """The whole mapping of one epoch: one independent permutation per (source, protocol)."""
+    key = epoch_key(secret, epoch)
+    pools = {proto: state.free_ports(proto) for proto in PROTOCOLS}
+    moves: dict[tuple[str, str], dict[int, int]] = {}
+    for w in state.watched:
+        for proto in PROTOCOLS:
+            ports = state.moved_ports(w, proto)
+            if ports:
+                targets = draw(key, f"{w.label}|{proto}".encode(), pools[proto], len(ports))
+                moves[(w.label, proto)] = dict(zip(ports, targets, strict=True))
+    return PortMap(epoch=epoch, moves=moves)

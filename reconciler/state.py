@@ -1,0 +1,353 @@
+"""Desired state: parse YAML documents, validate them, and build the immutable model.
+
+Pure: takes (file name, text) pairs and returns a `State` or raises `MtdError` whose lines
+name the file, line, key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import PurePath
+from typing import Any
+
+import jsonschema
+import yaml
+
+from reconciler.errors import MtdError
+
+try:  # libyaml is many times faster on large states; fall back to the pure loader.
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover
+    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+PROTOCOLS = ("tcp", "udp")
+DEFAULTS: dict[str, Any] = {
+    "table": "mtd",
+    "template": "maps",
+    "ownership": "table",
+    "secret_file": "/var/lib/mtd/secret",
+    "mark": 0x01000000,
+    "drift_interval": 30,
+}
+REDIS_DEFAULTS: dict[str, Any] = {
+    "url": "redis://127.0.0.1:6379/0",
+    "channel": "mtd:rotate",
+    "epoch_key": "mtd:epoch",
+    "min_interval": 0.0,
+    "max_message_bytes": 1024,
+}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Path = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Watched:
+    """One untrusted source (an address or a prefix) and the ports that never move for it."""
+
+    source: Network
+    ignore: Mapping[str, frozenset[int]]
+    index: int
+
+    @property
+    def is_host(self) -> bool:
+        return self.source.prefixlen == self.source.max_prefixlen
+
+    @property
+    def label(self) -> str:
+        """The canonical text of the source: an address for hosts, a prefix otherwise."""
+        return str(self.source.network_address) if self.is_host else str(self.source)
+
+
+@dataclass(frozen=True)
+class State:
+    """The validated desired state; `doc` is the merged document with defaults filled in."""
+
+    table: str
+    template: str
+    ownership: str
+    secret_file: str
+    epoch_file: str
+    mark: int
+    port_range: tuple[int, int]
+    services: Mapping[str, tuple[int, ...]]
+    watched: tuple[Watched, ...]
+    redis: Mapping[str, Any]
+    drift_interval: float
+    audit_log: str
+    doc: Mapping[str, Any] = field(repr=False)
+
+    def moved_ports(self, watched: Watched, proto: str) -> list[int]:
+        """Service ports of `proto` that move for this source (services minus its ignore list)."""
+        return [p for p in self.services[proto] if p not in watched.ignore[proto]]
+
+    def free_ports(self, proto: str) -> list[int]:
+        """Ports of the range a service of `proto` may be moved to: never a service port."""
+        lo, hi = self.port_range
+        taken = set(self.services[proto])
+        return [p for p in range(lo, hi + 1) if p not in taken]
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The JSON Schema shipped in the package (also what `mtd schema` prints)."""
+    return json.loads(resources.files("reconciler").joinpath("schema.json").read_text())
+
+
+def key_path(path: Iterable[str | int]) -> str:
+    """watched[0].ignore.tcp: the way a user writes a location in a YAML document."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Maps merge key by key, everything else (lists included) is replaced by `over`."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(name: str, text: str) -> dict[str, Any]:
+    """One YAML document as a mapping; an empty file is an empty mapping."""
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MtdError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MtdError(f"{name}: expected a mapping of keys at the top level, got {_kind(data)}")
+    return data
+
+
+def parse(documents: Sequence[tuple[str, str]]) -> State:
+    """Merge documents in the given order, validate the result and build the `State`."""
+    if not documents:
+        raise MtdError("no desired state: expected at least one YAML file")
+    parsed = [(name, load_yaml(name, text)) for name, text in documents]
+    return build(parsed, {name: text for name, text in documents})
+
+
+def build(parsed: Sequence[tuple[str, dict[str, Any]]], texts: Mapping[str, str]) -> State:
+    """Validate merged, already-loaded documents; `texts` lets errors point at a line."""
+    doc: dict[str, Any] = {}
+    for _, data in parsed:
+        doc = merge(doc, data)
+    locate = _Locator(parsed, texts)
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema()).iter_errors(doc), key=lambda e: list(e.path)
+    )
+    if errors:
+        raise MtdError(*(locate(list(e.absolute_path), _schema_message(e)) for e in errors[:10]))
+    return _semantic(doc, locate)
+
+
+def _semantic(doc: dict[str, Any], locate: _Locator) -> State:
+    problems: list[str] = []
+    full = merge(DEFAULTS, doc)
+    lo, hi = doc["ports"]["range"]
+    if lo > hi:
+        problems.append(
+            locate(["ports", "range"], f"[{lo}, {hi}]: expected [low, high] with low <= high")
+        )
+    services = {p: tuple(sorted(doc["ports"]["services"].get(p, []))) for p in PROTOCOLS}
+    watched: list[Watched] = []
+    seen: dict[Network, int] = {}
+    for i, entry in enumerate(doc.get("watched") or []):
+        text = entry["source"]
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            hint = "has host bits set" if "host bits" in str(exc) else "is not an address"
+            problems.append(
+                locate(
+                    ["watched", i, "source"],
+                    f"{text!r} {hint}: expected an IPv4/IPv6 address or a CIDR prefix "
+                    "such as 192.0.2.3 or 2001:db8::/48",
+                )
+            )
+            continue
+        if net in seen:
+            problems.append(
+                locate(
+                    ["watched", i, "source"],
+                    f"{text!r} is already watched[{seen[net]}]: expected each source once",
+                )
+            )
+            continue
+        seen[net] = i
+        ignore = {p: frozenset((entry.get("ignore") or {}).get(p, [])) for p in PROTOCOLS}
+        for proto in PROTOCOLS:
+            stray = sorted(ignore[proto] - set(services[proto]))
+            if stray:
+                problems.append(
+                    locate(
+                        ["watched", i, "ignore", proto],
+                        f"{stray} not in ports.services.{proto}: expected service ports only",
+                    )
+                )
+        watched.append(Watched(source=net, ignore=ignore, index=i))
+    state = State(
+        table=full["table"],
+        template=full["template"],
+        ownership=full["ownership"],
+        secret_file=full["secret_file"],
+        epoch_file=full.get("epoch_file") or str(PurePath(full["secret_file"]).with_name("epoch")),
+        mark=full["mark"],
+        port_range=(lo, hi),
+        services=services,
+        watched=tuple(watched),
+        redis=merge(REDIS_DEFAULTS, doc.get("redis") or {}),
+        drift_interval=float(full["drift_interval"]),
+        audit_log=full.get("audit_log")
+        or str(PurePath(full["secret_file"]).with_name("audit.jsonl")),
+        doc=full,
+    )
+    if not problems:
+        problems += _capacity_problems(state, locate)
+        problems += _template_problems(state, locate)
+    if problems:
+        raise MtdError(*problems)
+    return state
+
+
+def _capacity_problems(state: State, locate: _Locator) -> list[str]:
+    """Every source must be able to move all its ports into the free part of the range."""
+    problems = []
+    lo, hi = state.port_range
+    for proto in PROTOCOLS:
+        free = len(state.free_ports(proto))
+        # Sources with the same ignore list fail the same way: report the first of each.
+        reported: set[frozenset[int]] = set()
+        for w in state.watched:
+            moved = len(state.moved_ports(w, proto))
+            if moved > free and w.ignore[proto] not in reported:
+                reported.add(w.ignore[proto])
+                problems.append(
+                    locate(
+                        ["watched", w.index, "source"],
+                        f"{w.label}: {proto} moves {moved} ports but ports.range [{lo}, {hi}] "
+                        f"has only {free} free {proto} ports: expected a larger range "
+                        "or fewer services",
+                    )
+                )
+    return problems
+
+
+def _template_problems(state: State, locate: _Locator) -> list[str]:
+    """The classic (proof-of-concept) shape only knows IPv4 TCP: say so instead of skipping."""
+    if state.template != "classic":
+        return []
+    problems = [
+        locate(
+            ["watched", w.index, "source"],
+            f"{w.label} is IPv6: template classic handles IPv4 only (use template: maps)",
+        )
+        for w in state.watched
+        if w.source.version == 6
+    ]
+    if state.services["udp"]:
+        problems.append(
+            locate(
+                ["ports", "services", "udp"],
+                "template classic moves TCP only: expected no udp services (use template: maps)",
+            )
+        )
+    return problems
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        return error.message.replace("Additional properties are not allowed", "unknown key")
+    if error.validator == "required":
+        return f"missing key: {error.message}"
+    return f"{error.instance!r}: {_expected(error)}"
+
+
+def _expected(error: jsonschema.ValidationError) -> str:
+    v, arg = error.validator, error.validator_value
+    if v == "type":
+        return f"expected {arg}"
+    if v == "minimum":
+        return f"expected at least {arg}"
+    if v == "maximum":
+        return f"expected at most {arg}"
+    if v == "enum":
+        return f"expected one of {', '.join(map(str, arg))}"
+    if v == "pattern":
+        return f"expected text matching {arg}"
+    if v == "uniqueItems":
+        return "expected no repeated items"
+    if v in ("minItems", "items", "maxItems"):
+        return "expected [low, high]" if list(error.path)[-1:] == ["range"] else error.message
+    return error.message
+
+
+def _kind(value: object) -> str:
+    return {list: "a list", str: "text", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+class _Locator:
+    """Turns a key path of the merged document into `file:line: key.path: message`.
+
+    Line numbers come from composing the YAML again, only when there is an error to report.
+    """
+
+    def __init__(
+        self, parsed: Sequence[tuple[str, dict[str, Any]]], texts: Mapping[str, str]
+    ) -> None:
+        self._parsed = parsed
+        self._texts = texts
+
+    def __call__(self, path: list[str | int], message: str) -> str:
+        for name, data in reversed(self._parsed):
+            if _has(data, path):
+                line = _line_of(self._texts.get(name, ""), path)
+                where = f"{name}:{line}" if line else name
+                return f"{where}: {key_path(path)}: {message}"
+        name = self._parsed[-1][0] if self._parsed else "desired state"
+        return f"{name}: {key_path(path)}: {message}"
+
+
+def _has(data: Any, path: list[str | int]) -> bool:
+    for part in path:
+        if (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        ):
+            data = data[part]
+        else:
+            return False
+    return True
+
+
+def _line_of(text: str, path: list[str | int]) -> int | None:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part] if part < len(node.value) else None
+        else:
+            node = None
+        if node is None:
+            return None
+    return node.start_mark.line + 1 if node is not None else None

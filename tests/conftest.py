@@ -1,0 +1,63 @@
+"""Shared fixtures. Tests that touch the kernel run only inside namespaces they create."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reconciler.lab import Lab, standard_lab
+
+ROOT = Path(__file__).resolve().parent.parent
+MTD = [sys.executable, "-m", "reconciler"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    needs = [i for i in items if "netns" in i.keywords]
+    if needs and (os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip")):
+        skip = pytest.mark.skip(reason="needs root, nft and ip (run `make test` as root)")
+        for item in needs:
+            item.add_marker(skip)
+
+
+def write_state(path: Path, **overrides: object) -> Path:
+    """A valid desired state, like the proof of concept's example, with `overrides` on top."""
+    doc: dict[str, object] = {
+        "table": "mtd",
+        "secret_file": str(path.parent / "secret"),
+        "ports": {"range": [1, 20], "services": {"tcp": [1, 2, 3, 4, 5], "udp": [53]}},
+        "watched": [
+            {"source": "192.0.2.3", "ignore": {"tcp": [1, 2]}},
+            {"source": "2001:db8::3", "ignore": {"tcp": [1, 2]}},
+            {"source": "198.51.100.0/24"},
+            {"source": "2001:db8:bad::/48"},
+        ],
+    }
+    doc.update(overrides)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def state_file(tmp_path: Path) -> Path:
+    return write_state(tmp_path / "state.yaml")
+
+
+def mtd(*args: str, ns: Lab | None = None, role: str = "srv") -> subprocess.CompletedProcess:
+    """Run the real CLI, inside a lab namespace when given one."""
+    argv = [*MTD, *args]
+    if ns is not None:
+        return ns.run(role, argv, cwd=ROOT)
+    return subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with standard_lab() as lab:
+        yield lab

@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import pytest
+
+from reconciler.errors import MtdError
+from reconciler.localfiles import load_state
+from reconciler.state import parse
+from tests.conftest import write_state
+
+
+def parse_one(text: str):
+    return parse([("s.yaml", text)])
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(MtdError) as exc:
+        parse_one(text)
+    return str(exc.value)
+
+
+BASE = "ports: {range: [1, 20], services: {tcp: [1, 2, 3]}}\n"
+
+
+def test_minimal_state_gets_defaults():
+    s = parse_one(BASE)
+    assert (s.table, s.template, s.ownership) == ("mtd", "maps", "table")
+    assert s.epoch_file == "/var/lib/mtd/epoch"
+    assert s.services == {"tcp": (1, 2, 3), "udp": ()}
+
+
+def test_invalid_yaml_names_file_and_line():
+    msg = error_of(BASE + "watched: [\n  {source: 1\n")
+    assert msg.startswith("s.yaml:") and "invalid YAML" in msg
+    assert "\n" not in msg
+
+
+def test_schema_error_names_key_path_and_line():
+    msg = error_of(BASE + "watched:\n  - source: 192.0.2.3\n    ignore: {tcp: [70000]}\n")
+    assert msg == "s.yaml:4: watched[0].ignore.tcp[0]: 70000: expected at most 65535"
+
+
+def test_unknown_key_is_named():
+    assert "unknown key ('tabel' was unexpected)" in error_of(BASE + "tabel: x\n")
+
+
+def test_bad_address_is_named():
+    msg = error_of(BASE + "watched: [{source: 192.0.2.300}]\n")
+    assert msg.startswith("s.yaml:2: watched[0].source: '192.0.2.300' is not an address")
+
+
+def test_host_bits_in_prefix():
+    assert "has host bits set" in error_of(BASE + "watched: [{source: 192.0.2.3/24}]\n")
+
+
+def test_duplicate_source():
+    msg = error_of(BASE + "watched: [{source: 192.0.2.3}, {source: 192.0.2.3/32}]\n")
+    assert "watched[1].source" in msg and "already watched[0]" in msg
+
+
+def test_range_too_small_names_source_protocol_and_counts():
+    msg = error_of(
+        "ports: {range: [1, 5], services: {tcp: [1, 2, 3]}}\nwatched: [{source: 192.0.2.3}]\n"
+    )
+    assert "192.0.2.3: tcp moves 3 ports but ports.range [1, 5] has only 2 free tcp ports" in msg
+
+
+def test_ignore_must_name_a_service():
+    msg = error_of(BASE + "watched: [{source: 192.0.2.3, ignore: {tcp: [9]}}]\n")
+    assert "watched[0].ignore.tcp: [9] not in ports.services.tcp" in msg
+
+
+def test_range_order():
+    assert "expected [low, high] with low <= high" in error_of(
+        "ports: {range: [20, 1], services: {tcp: [1]}}\n"
+    )
+
+
+def test_classic_refuses_ipv6_and_udp():
+    msg = error_of(
+        "template: classic\nports: {range: [1, 20], services: {tcp: [1], udp: [53]}}\n"
+        "watched: [{source: '2001:db8::3'}]\n"
+    )
+    assert "template classic handles IPv4 only" in msg
+    assert "template classic moves TCP only" in msg
+
+
+def test_directory_merges_in_name_order(tmp_path: Path):
+    write_state(tmp_path / "10-base.yaml")
+    (tmp_path / "20-more.yaml").write_text("ports: {range: [1, 30]}\ntable: other\n")
+    s = load_state(tmp_path)
+    assert s.port_range == (1, 30)
+    assert s.table == "other"
+    assert s.services["tcp"] == (1, 2, 3, 4, 5)  # maps merge, lists replace
+
+
+def test_error_in_second_file_names_that_file(tmp_path: Path):
+    write_state(tmp_path / "10-base.yaml")
+    (tmp_path / "20-bad.yaml").write_text("ports:\n  range: [1, 99999]\n")
+    with pytest.raises(MtdError) as exc:
+        load_state(tmp_path)
+    assert str(exc.value).startswith(f"{tmp_path / '20-bad.yaml'}:2: ports.range[1]: 99999")
+
+
+def test_missing_state_path(tmp_path: Path):
+    with pytest.raises(MtdError, match="no such file or directory"):
+        load_state(tmp_path / "nope")
