@@ -31,7 +31,8 @@ class Ctx:
 
     def __init__(self, state_path: str, templates: tuple[str, ...], debug: bool) -> None:
         self.state_path = state_path
-        self.templates = [Path(t) for t in templates] or None
+        # User directories come first, so a custom template can add to or shadow a shipped one.
+        self.templates = [Path(t) for t in templates] + render.template_dirs()
         self.debug = debug
 
     def state(self) -> State:

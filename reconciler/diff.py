@@ -290,6 +290,10 @@ def _expr(e: Any) -> str:
         return f"({_expr(v[0])} {kind} {_expr(v[1])})"
     if kind == "prefix":
         return f"{v['addr']}/{v['len']}"
+    if kind in ("dnat", "snat"):
+        addr = _expr(v["addr"]) if "addr" in v else ""
+        port = f":{_expr(v['port'])}" if "port" in v else ""
+        return f"{kind} {v.get('family', '')} to {addr}{port}".replace("  ", " ")
     if kind == "redirect":
         return f"redirect to :{_expr(v['port'])}" if v and "port" in v else "redirect"
     if kind == "mangle":

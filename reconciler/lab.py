@@ -118,6 +118,11 @@ class Lab:
             raise RuntimeError("lab listeners did not start")
         return proc
 
+    def probe(self, role: str, proto: str, host: str, port: int) -> str:
+        """Connect from inside `role`'s namespace; see `probe()`."""
+        argv = [sys.executable, "-m", "reconciler.lab", "probe", proto, host, str(port)]
+        return self.run(role, argv, timeout=30).stdout.strip()
+
     def close(self) -> None:
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
@@ -213,7 +218,45 @@ def _serve(tcp: list[int], udp: list[int]) -> None:
                     sock.close()
 
 
+def probe(proto: str, host: str, port: int, timeout: float = 2.0) -> str:
+    """What a client sees at host:port: the listener's banner, `closed` or `timeout`."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+            if proto == "udp":
+                s.send(b"hello\n")
+            return s.recv(256).decode().strip()
+        except ConnectionRefusedError:
+            return "closed"
+        except TimeoutError:
+            return "timeout"
+
+
+def nmap_open(lab: Lab, role: str, target: str, mode: str, ports: str = "1-20") -> dict[int, str]:
+    """Ports nmap does not report as closed, with their state (`open`, `open|filtered`...)."""
+    argv = ["nmap", "-n", "-Pn", f"-p{ports}", "--max-retries", "2", "-T4", "-oG", "-"]
+    argv += mode.split() + (["-6"] if ":" in target else []) + [target]
+    out = lab.run(role, argv, timeout=120).stdout
+    found: dict[int, str] = {}
+    for line in out.splitlines():
+        if "Ports:" in line:
+            for item in line.split("Ports:", 1)[1].split("\t")[0].split(","):
+                port, state, *_ = item.strip().split("/")
+                if state != "closed":
+                    found[int(port)] = state
+    return found
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "serve":
         ports = [[] if a == "-" else [int(p) for p in a.split(",")] for a in sys.argv[2:]]
         _serve(*ports)
+    elif len(sys.argv) == 5 and sys.argv[1] == "probe":
+        print(probe(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    else:
+        sys.exit(
+            "usage: python -m reconciler.lab serve TCP,PORTS UDP,PORTS | probe tcp|udp HOST PORT"
+        )

@@ -1,0 +1,35 @@
+"""Helpers for tests that run mtd for real inside a lab's server namespace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reconciler import localfiles, shuffle
+from reconciler.lab import Lab
+from tests.conftest import mtd
+
+
+def expected_moves(state_path: Path, epoch: int | None = None) -> dict[tuple[str, str], dict]:
+    """The mapping mtd applied, recomputed from the state and the secret it created."""
+    state = localfiles.load_state(state_path)
+    secret = localfiles.load_or_create_secret(state.secret_file)
+    epoch = localfiles.read_epoch(state.epoch_file) if epoch is None else epoch
+    return dict(shuffle.compute(state, secret, epoch).moves)
+
+
+def visible(moves: dict[int, int], services: list[int]) -> set[int]:
+    """Where an untrusted source finds services: moved ones at their targets, others in place."""
+    return {moves.get(p, p) for p in services}
+
+
+def nft(lab: Lab, script: str) -> str:
+    return lab.sh("srv", f"nft {script}")
+
+
+def table_text(lab: Lab, table: str = "inet mtd") -> str:
+    proc = lab.run("srv", ["nft", "list", "table", *table.split()])
+    return proc.stdout if proc.returncode == 0 else f"(absent: {proc.stderr.strip()})"
+
+
+def apply(lab: Lab, state: Path, *args: str, cmd: str = "apply"):
+    return mtd("-s", str(state), cmd, *args, ns=lab)

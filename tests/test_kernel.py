@@ -1,0 +1,212 @@
+"""mtd against the real kernel, inside lab namespaces: apply, diff, drift, ownership."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reconciler import localfiles
+from reconciler.lab import Lab
+from reconciler.state import merge
+from tests.conftest import ROOT, mtd, write_state
+from tests.kernel import apply, expected_moves, nft, table_text
+
+pytestmark = pytest.mark.netns
+
+
+def test_apply_then_in_sync_then_ok(lab: Lab, state_file: Path):
+    first = apply(lab, state_file)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("changed: table inet mtd epoch 0: ")
+    assert apply(lab, state_file).stdout.startswith("ok: table inet mtd epoch 0")
+    diff = apply(lab, state_file, cmd="diff")
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    status = json.loads(apply(lab, state_file, "--json", cmd="status").stdout)
+    assert status | {"summary": None, "fingerprint": None} == {
+        "epoch": 0,
+        "table": "mtd",
+        "in_sync": True,
+        "summary": None,
+        "fingerprint": None,
+    }
+    assert Path(localfiles.load_state(state_file).secret_file).stat().st_mode & 0o777 == 0o600
+
+
+def test_check_mode_changes_nothing(lab: Lab, state_file: Path):
+    out = apply(lab, state_file, "--check")
+    assert out.returncode == 0 and out.stdout.startswith("would change:")
+    assert "absent" in table_text(lab)
+
+
+def test_sysctls_set_by_apply_inside_the_namespace(lab: Lab, state_file: Path):
+    apply(lab, state_file)
+    assert lab.sh("srv", "cat /proc/sys/net/ipv4/fwmark_reflect").strip() == "1"
+    assert lab.sh("srv", "cat /proc/sys/net/ipv6/fwmark_reflect").strip() == "1"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expect"),
+    [
+        ("delete rule inet mtd raw_prerouting handle {handle}", r"^- rule raw_prerouting "),
+        (
+            "chain inet mtd raw_prerouting '{{ policy drop; }}'",
+            r"^~ chain raw_prerouting: policy: 'drop' -> 'accept'|^~ chain raw_prerouting: policy",
+        ),
+        (
+            "delete element inet mtd tcp4 '{{ 192.0.2.3 . {port} }}'; "
+            "nft add element inet mtd tcp4 '{{ 192.0.2.3 . {port} : 19 }}'",
+            r"^~ element tcp4 \{ 192\.0\.2\.3 \. \d+ : 19 -> \d+ \}",
+        ),
+        ("delete table inet mtd", r"^\+ table mtd"),
+    ],
+    ids=["rule-deleted", "policy-changed", "element-changed", "table-deleted"],
+)
+def test_drift_is_seen_and_repaired(lab: Lab, state_file: Path, tamper: str, expect: str):
+    apply(lab, state_file)
+    before = table_text(lab)
+    handle = re.search(
+        r"accept # handle (\d+)", lab.sh("srv", "nft -a list chain inet mtd raw_prerouting")
+    )
+    port = next(iter(expected_moves(state_file)[("192.0.2.3", "tcp")]))
+    nft(lab, tamper.format(handle=handle.group(1) if handle else 0, port=port))
+    diff = apply(lab, state_file, cmd="diff")
+    assert diff.returncode == 2, diff.stdout + diff.stderr
+    assert re.search(expect, diff.stdout, re.M), diff.stdout
+    assert json.loads(apply(lab, state_file, "--json", cmd="status").stdout)["in_sync"] is False
+    assert apply(lab, state_file).stdout.startswith("changed:")
+    assert apply(lab, state_file, cmd="diff").returncode == 0
+    assert table_text(lab) == before
+
+
+def test_other_tables_untouched_across_applies_and_rotations(lab: Lab, state_file: Path):
+    nft(lab, "add table inet filter")
+    nft(lab, "add chain inet filter input '{ type filter hook input priority 0; policy accept; }'")
+    nft(lab, "add rule inet filter input tcp dport 22 accept")
+    nft(lab, "add table ip nat")
+    before = lab.sh("srv", "nft list table inet filter; nft list table ip nat")
+    for cmd in ("apply", "rotate", "rotate", "apply", "rotate"):
+        assert apply(lab, state_file, cmd=cmd).returncode == 0
+    assert lab.sh("srv", "nft list table inet filter; nft list table ip nat") == before
+    assert localfiles.read_epoch(localfiles.load_state(state_file).epoch_file) == 3
+
+
+def test_ownership_ruleset_flushes_other_tables_only_when_asked(lab: Lab, tmp_path: Path):
+    state = write_state(tmp_path / "s.yaml", ownership="ruleset")
+    nft(lab, "add table inet filter")
+    assert apply(lab, state).returncode == 0
+    tables = lab.sh("srv", "nft list tables")
+    assert "inet filter" not in tables and "inet mtd" in tables
+
+
+def test_rotation_moves_ports_and_keeps_established_connections(lab: Lab, state_file: Path):
+    apply(lab, state_file)
+    target = expected_moves(state_file)[("192.0.2.3", "tcp")][3]
+    client = lab.spawn(
+        "unt",
+        [sys.executable, "-u", "-c", _HOLD_CONNECTION, "192.0.2.1", str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert client.stdout.readline().strip() == "port 3"
+    assert apply(lab, state_file, cmd="rotate").stdout.startswith("changed: table inet mtd epoch 1")
+    new_target = expected_moves(state_file)[("192.0.2.3", "tcp")][3]
+    assert new_target != target or expected_moves(state_file, 0) != expected_moves(state_file)
+    client.stdin.write("still here\n")
+    client.stdin.flush()
+    assert client.stdout.readline().strip() == "port 3: still here"
+    assert lab.probe("unt", "tcp", "192.0.2.1", new_target) == "port 3"
+
+
+_HOLD_CONNECTION = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+f = s.makefile("rw")
+print(f.readline().strip())
+for line in sys.stdin:
+    f.write(line); f.flush()
+    print(f.readline().strip())
+"""
+
+
+BAD_TEMPLATE_KERNEL = """{"nftables": [
+ {"add": {"table": {"family": "inet", "name": {{ table | tojson }}}}},
+ {"add": {"set": {"family": "inet", "table": {{ table | tojson }}, "name": "tiny",
+   "type": "ipv4_addr", "size": 1, "elem": ["192.0.2.7", "192.0.2.8"]}}}
+]}"""
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda p: p.write_text("ports: [\n"), r"s\.yaml:\d+:\d+: invalid YAML"),
+        (
+            lambda p: _edit(p, ports={"range": [1, 99999]}),
+            r"s\.yaml:\d+: ports\.range\[1\]: 99999: expected at most 65535",
+        ),
+        (
+            lambda p: _edit(p, ports={"range": [1, 6]}),
+            r"tcp moves 3 ports but ports\.range \[1, 6\] has only 1 free tcp ports",
+        ),
+        (lambda p: _custom_template(p, "{{ nope }}"), r"bad\.json\.j2: undefined in template"),
+        (lambda p: _custom_template(p, "{% if %}"), r"bad\.json\.j2:1: template syntax error"),
+        (lambda p: _custom_template(p, "not json"), r"rendered output is not JSON"),
+        (
+            lambda p: _custom_template(p, BAD_TEMPLATE_KERNEL),
+            r"nftables refused command \d+ \(add set tiny\)",
+        ),
+    ],
+    ids=["yaml", "schema", "range", "undefined", "syntax", "not-json", "kernel"],
+)
+def test_bad_input_one_line_and_table_unchanged(lab: Lab, tmp_path: Path, break_it, message):
+    state = write_state(tmp_path / "s.yaml")
+    assert apply(lab, state).returncode == 0
+    before = table_text(lab)
+    break_it(state)
+    out = mtd("-s", str(state), "--templates", str(tmp_path / "templates"), "apply", ns=lab)
+    assert out.returncode == 1
+    # One line per problem (a state can have several), never a traceback.
+    assert all(ln.startswith("mtd: error: ") for ln in out.stderr.strip().splitlines())
+    assert "Traceback" not in out.stderr
+    assert re.search(message, out.stderr), out.stderr
+    assert table_text(lab) == before
+
+
+def _edit(state: Path, **changes: object) -> None:
+    state.write_text(yaml.safe_dump(merge(yaml.safe_load(state.read_text()), changes)))
+
+
+def _custom_template(state: Path, text: str) -> None:
+    tdir = state.parent / "templates"
+    tdir.mkdir(exist_ok=True)
+    (tdir / "bad.json.j2").write_text(text)
+    state.write_text(state.read_text() + "template: bad\n")
+
+
+def test_secret_is_never_printed(lab: Lab, state_file: Path):
+    apply(lab, state_file)
+    secret = Path(localfiles.load_state(state_file).secret_file).read_bytes()
+    outputs = [
+        apply(lab, state_file, *a, cmd=c)
+        for c, a in [("apply", ()), ("diff", ()), ("status", ("--json",)), ("rotate", ("--diff",))]
+    ]
+    for out in outputs:
+        for text in (out.stdout, out.stderr):
+            assert secret.hex() not in text and secret.decode("latin-1") not in text
+
+
+def test_many_rotations_are_quick_and_stay_in_sync(lab: Lab, state_file: Path):
+    apply(lab, state_file)
+    start = time.monotonic()
+    for _ in range(3):
+        assert apply(lab, state_file, cmd="rotate").returncode == 0
+    assert apply(lab, state_file, cmd="diff").returncode == 0
+    assert time.monotonic() - start < 60
