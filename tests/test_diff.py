@@ -1,0 +1,107 @@
+from reconciler import diff
+
+CHAIN = {"type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}
+
+
+def table(policy="accept", rules=None, elems=None):
+    listing = [
+        {"table": {"family": "inet", "name": "mtd", "handle": 1}},
+        {
+            "chain": {
+                "family": "inet",
+                "table": "mtd",
+                "name": "c",
+                "handle": 2,
+                **CHAIN,
+                "policy": policy,
+            }
+        },
+        {
+            "map": {
+                "family": "inet",
+                "table": "mtd",
+                "name": "m",
+                "handle": 3,
+                "type": ["ipv4_addr", "inet_service"],
+                "map": "inet_service",
+                **({"elem": elems} if elems else {}),
+            }
+        },
+    ]
+    for i, r in enumerate(rules or [[{"accept": None}]]):
+        listing.append(
+            {"rule": {"family": "inet", "table": "mtd", "chain": "c", "handle": 10 + i, "expr": r}}
+        )
+    return diff.from_listing(listing)
+
+
+E1 = [[{"concat": ["192.0.2.3", 3]}, 17], [{"concat": ["192.0.2.3", 17]}, 3]]
+
+
+def test_equal_tables_have_no_changes_whatever_the_handles():
+    assert diff.diff(table(elems=E1), table(elems=list(reversed(E1)))) == []
+
+
+def test_missing_table_is_all_additions():
+    changes = diff.diff(table(elems=E1), diff.MISSING)
+    assert {c.op for c in changes} == {"+"}
+    assert [c.text for c in changes][:2] == [
+        "table mtd",
+        "chain c { type filter hook prerouting priority -300; policy accept; }",
+    ]
+
+
+def test_policy_change_is_one_attribute_change():
+    (change,) = diff.diff(table(), table(policy="drop"))
+    assert (change.op, change.kind, change.name) == ("~", "chain", "c")
+    assert "policy: drop -> accept" in change.text
+
+
+def test_rule_changes_are_keyed_by_chain_and_position():
+    want = table(rules=[[{"accept": None}], [{"notrack": None}]])
+    changes = diff.diff(want, table())
+    assert [(c.op, c.name, c.text) for c in changes] == [("+", "c#1", "rule c notrack")]
+
+
+def test_element_changes_are_keyed():
+    have = table(elems=[[{"concat": ["192.0.2.3", 3]}, 9], [{"concat": ["192.0.2.4", 3]}, 9]])
+    changes = diff.diff(table(elems=E1), have)
+    assert sorted(c.text for c in changes) == sorted(
+        [
+            "element m { 192.0.2.3 . 3 : 9 -> 17 }",
+            "element m { 192.0.2.4 . 3 : 9 }",
+            "element m { 192.0.2.3 . 17 : 3 }",
+        ]
+    )
+    assert diff.summary(changes) == {"~element": 1, "-element": 1, "+element": 1}
+
+
+def test_element_text_is_canonical_across_forms():
+    assert (
+        diff.elem_text({"concat": [{"prefix": {"addr": "2001:0db8::", "len": 32}}, 5]})
+        == "2001:db8::/32 . 5"
+    )
+    assert diff.elem_text("2001:DB8::1") == "2001:db8::1"
+    assert diff.elem_text({"range": [1, 5]}) == "1-5"
+
+
+def test_skeleton_strips_elements_only():
+    cmds = [
+        {"add": {"map": {"name": "m", "elem": E1, "type": "x"}}},
+        {"add": {"element": {"name": "m", "elem": E1}}},
+        {"add": {"rule": {"chain": "c", "expr": []}}},
+    ]
+    assert diff.skeleton_commands(cmds) == [
+        {"add": {"map": {"name": "m", "type": "x"}}},
+        {"add": {"rule": {"chain": "c", "expr": []}}},
+    ]
+
+
+def test_large_element_sets_diff_by_key():
+    n = 50_000
+    a = {f"192.0.{i // 250}.{i % 250} . 3": "9" for i in range(n)}
+    b = dict(a)
+    b["192.0.0.1 . 3"] = "10"
+    want, have = diff.Table(elements={"m": b}), diff.Table(elements={"m": a})
+    (change,) = diff.diff(want, have)
+    assert change.text == "element m { 192.0.0.1 . 3 : 9 -> 10 }"

@@ -1,0 +1,107 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from reconciler import render, shuffle
+from reconciler.errors import MtdError
+from reconciler.state import parse
+
+SECRET = b"s" * 32
+STATE = """
+ports: {range: [1, 20], services: {tcp: [1, 2, 3], udp: [53]}}
+watched:
+  - {source: 192.0.2.3, ignore: {tcp: [1]}}
+  - {source: 198.51.100.0/24}
+  - {source: 198.51.100.128/25}
+  - {source: 198.51.100.130}
+  - {source: "2001:db8:bad::/48"}
+"""
+
+
+def rendered(text: str = STATE, template: str | None = None):
+    state = parse([("s.yaml", text + (f"template: {template}\n" if template else ""))])
+    mapping = shuffle.compute(state, SECRET, 7)
+    return state, mapping, render.render(state, mapping)
+
+
+def objects(commands, kind):
+    return {c["add"][kind]["name"]: c["add"][kind] for c in commands if kind in c["add"]}
+
+
+def test_maps_rule_count_is_constant_whatever_the_number_of_sources():
+    many = "ports: {range: [1000, 60000], services: {tcp: [22, 80, 443]}}\nwatched:\n" + "".join(
+        f"  - source: 192.0.2.{i}\n" for i in range(1, 200)
+    )
+    few = sum("rule" in c["add"] for c in rendered()[2])
+    assert sum("rule" in c["add"] for c in rendered(many)[2]) == few == 16
+
+
+def test_maps_hold_both_directions_of_every_swap():
+    _, mapping, commands = rendered()
+    elems = {tuple(e[0]["concat"]): e[1] for e in objects(commands, "map")["tcp4"]["elem"]}
+    for real, hidden in mapping.moves[("192.0.2.3", "tcp")].items():
+        assert elems[("192.0.2.3", real)] == hidden
+        assert elems[("192.0.2.3", hidden)] == real
+    assert ("192.0.2.3", 1) not in elems  # ignored for this source
+
+
+def test_most_specific_source_wins():
+    _, _, commands = rendered()
+    nets = objects(commands, "map")["tcp4_net"]["elem"]
+    prefixes = {
+        (e[0]["concat"][0]["prefix"]["addr"], e[0]["concat"][0]["prefix"]["len"]) for e in nets
+    }
+    # The /24 is split around the /25 inside it; each piece carries its own source's mapping.
+    assert prefixes == {("198.51.100.0", 25), ("198.51.100.128", 25)}
+    hosts = objects(commands, "set")["src4"]["elem"]
+    assert set(hosts) == {"192.0.2.3", "198.51.100.130"}  # hosts bypass the prefix maps
+
+
+def test_template_variables_documented_shape():
+    state, mapping, _ = rendered()
+    ctx = render.context(state, mapping)
+    assert set(ctx) == {"table", "family", "epoch", "mark", "state", "elements", "sources", "pairs"}
+    assert ctx["epoch"] == 7 and ctx["table"] == "mtd"
+    assert {"source", "family", "proto", "port", "to"} == set(ctx["pairs"][0])
+
+
+def test_classic_has_nine_rules_per_pair():
+    text = (
+        "ports: {range: [1, 20], services: {tcp: [1, 2, 3, 4, 5]}}\n"
+        "watched: [{source: 192.0.2.3, ignore: {tcp: [1, 2]}}]\n"
+    )
+    _, _, commands = rendered(text, "classic")
+    assert sum("rule" in c["add"] for c in commands) == 9 * 3
+
+
+def test_every_command_stays_in_the_owned_table():
+    for template in ("maps",):
+        _, _, commands = rendered(template=template)
+        for c in commands:
+            ((kind, obj),) = c["add"].items()
+            assert obj["family"] == "inet"
+            assert (obj["name"] if kind == "table" else obj["table"]) == "mtd"
+
+
+def test_a_template_that_touches_another_table_is_refused(tmp_path: Path):
+    (tmp_path / "evil.json.j2").write_text(
+        json.dumps({"nftables": [{"add": {"table": {"family": "ip", "name": "filter"}}}]})
+    )
+    state = parse([("s.yaml", STATE + "template: evil\n")])
+    with pytest.raises(MtdError, match=r"adds table to table ip filter: expected only table inet"):
+        render.render(state, shuffle.compute(state, SECRET, 0), [tmp_path])
+
+
+def test_sandbox_blocks_python_internals(tmp_path: Path):
+    (tmp_path / "x.json.j2").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    state = parse([("s.yaml", STATE + "template: x\n")])
+    with pytest.raises(MtdError, match=r"refused by the template sandbox|undefined in template"):
+        render.render(state, shuffle.compute(state, SECRET, 0), [tmp_path])
+
+
+def test_missing_template_names_the_directories(tmp_path: Path):
+    state = parse([("s.yaml", STATE + "template: nope\n")])
+    with pytest.raises(MtdError, match=re.escape(f"no nope.json.j2 in {tmp_path}")):
+        render.render(state, shuffle.compute(state, SECRET, 0), [tmp_path])
