@@ -39,16 +39,6 @@ class Nft:
             raise NftError(f"list table {FAMILY} {name}: {_first_error(err)}")
         return [o for o in json.loads(out)["nftables"] if "metainfo" not in o]
 
-    def table_exists(self, name: str) -> bool:
-        """Cheap: lists table names only, never their elements."""
-        rc, out, err = self._nft.cmd("list tables")
-        if rc != 0:
-            raise NftError(f"list tables: {_first_error(err)}")
-        return any(
-            o.get("table", {}).get("name") == name and o["table"].get("family") == FAMILY
-            for o in json.loads(out)["nftables"]
-        )
-
     def replace_table(
         self,
         name: str,
@@ -58,18 +48,25 @@ class Nft:
         check: bool = False,
     ) -> None:
         """Swap the owned table for `commands` in one transaction (or only check it)."""
-        self.run(replace_batch(name, commands, flush_ruleset=flush_ruleset), check=check)
+        batch = replace_batch(name, commands, flush_ruleset=flush_ruleset)
+        self.run(batch, check=check, first=len(batch) - len(commands))
 
     def delete_table(self, name: str) -> bool:
         """Remove the owned table on purpose (`mtd down`); False when it was not there."""
-        if not self.table_exists(name):
-            return False
-        self.run([{"delete": {"table": {"family": FAMILY, "name": name}}}])
+        try:
+            self.run([{"delete": {"table": {"family": FAMILY, "name": name}}}])
+        except NftError as exc:
+            if "No such file or directory" in str(exc):
+                return False
+            raise
         return True
 
-    def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
+    def run(
+        self, commands: Sequence[dict[str, Any]], *, check: bool = False, first: int = 0
+    ) -> None:
         """One libnftables transaction. On failure nothing changed and the error names the
-        first command the kernel refused."""
+        first command the kernel refused (numbered from `commands[first]`, the rendered
+        document, when a batch starts with commands mtd adds itself)."""
         doc = {"nftables": list(commands)}
         try:
             self._nft.json_validate(doc)
@@ -84,9 +81,9 @@ class Nft:
         finally:
             self._nft.set_dry_run(old)
         if rc != 0:
-            raise NftError(self._blame(commands, err))
+            raise NftError(self._blame(commands, err, first))
 
-    def _blame(self, commands: Sequence[dict[str, Any]], err: str) -> str:
+    def _blame(self, commands: Sequence[dict[str, Any]], err: str, first: int) -> str:
         """Bisect with dry runs for the first command whose prefix fails: errors from the
         kernel do not say which command of a batch they belong to."""
         lo, hi = 0, len(commands)  # commands[:hi] fails; commands[:lo] passes

@@ -161,7 +161,7 @@ BAD_TEMPLATE_KERNEL = """{"nftables": [
         (lambda p: _custom_template(p, "not json"), r"rendered output is not JSON"),
         (
             lambda p: _custom_template(p, BAD_TEMPLATE_KERNEL),
-            r"nftables refused command \d+ \(add set tiny\)",
+            r"nftables refused rendered command 1 \(add set tiny\)",
         ),
     ],
     ids=["yaml", "schema", "range", "undefined", "syntax", "not-json", "kernel"],
@@ -210,3 +210,11 @@ def test_many_rotations_are_quick_and_stay_in_sync(lab: Lab, state_file: Path):
         assert apply(lab, state_file, cmd="rotate").returncode == 0
     assert apply(lab, state_file, cmd="diff").returncode == 0
     assert time.monotonic() - start < 60
+
+
+def test_down_removes_only_the_owned_table(lab: Lab, state_file: Path):
+    nft(lab, "add table inet filter")
+    apply(lab, state_file)
+    assert apply(lab, state_file, cmd="down").stdout.startswith("changed: table inet mtd removed")
+    assert apply(lab, state_file, cmd="down").stdout.startswith("ok: table inet mtd absent")
+    assert lab.sh("srv", "nft list tables").split() == ["table", "inet", "filter"]
