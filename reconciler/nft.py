@@ -95,9 +95,9 @@ class Nft:
                 lo, hi = (mid, hi) if rc == 0 else (lo, mid)
         finally:
             self._nft.set_dry_run(False)
-        return (
-            f"nftables refused command {hi - 1} ({describe(commands[hi - 1])}): {_first_error(err)}"
-        )
+        bad = hi - 1
+        where = f"rendered command {bad - first}" if bad >= first else "command"
+        return f"nftables refused {where} ({describe(commands[bad])}): {_first_error(err)}"
 
 
 def replace_batch(
