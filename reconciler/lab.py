@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 SERVER_V4 = ("192.0.2.1/24", "198.51.100.1/24")
 SERVER_V6 = ("2001:db8::1/64", "2001:db8:bad::1/64")
+HUB_V6 = "2001:db8:ff::1"  # the control network several servers share (Redis), a /64
 _counter = itertools.count()
 
 
@@ -80,6 +81,29 @@ class Lab:
         self.sh(name, "ip route add 198.51.100.0/24 dev eth0 || true")
         self.sh(name, "ip -6 route add 2001:db8::/32 dev eth0 metric 2048 || true")
         return self.hosts[name]
+
+    def add_hub(self, name: str = "hub", v6: str = HUB_V6) -> Host:
+        """A namespace on a control network of its own (2001:db8:ff::/64) that servers join
+        with `join_hub`: where what a fleet shares (Redis) runs. IPv6 only, so it never
+        overlaps the servers' own subnets."""
+        ns = self.ns(name)
+        _ip("netns", "add", ns)
+        self.hosts[name] = Host(ns, "", v6)
+        self.sh(name, "ip link set lo up && ip link add hub0 type bridge && ip link set hub0 up")
+        self.sh(name, f"ip -6 addr add {v6}/64 dev hub0 nodad")
+        return self.hosts[name]
+
+    def join_hub(self, role: str, v6: str, hub: str = "hub") -> str:
+        """Plug `role` into the hub's network as `ctl0` with address `v6`. Returns the
+        hub-side port: `ip link set PORT down` in the hub cuts `role` off."""
+        port = f"to-{role}"[:15]
+        _ip(
+            "-n", self.hosts[hub].ns, "link", "add", port, "type", "veth",
+            "peer", "name", "ctl0", "netns", self.hosts[role].ns,
+        )  # fmt: skip
+        self.sh(hub, f"ip link set {port} master hub0 && ip link set {port} up")
+        self.sh(role, f"ip link set ctl0 up && ip -6 addr add {v6}/64 dev ctl0 nodad")
+        return port
 
     def run(self, role: str, argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess:
         """Run argv inside a namespace; text output captured unless told otherwise."""

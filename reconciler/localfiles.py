@@ -10,10 +10,12 @@ import fcntl
 import json
 import os
 import secrets
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from reconciler import inventory
 from reconciler.errors import MtdError
 from reconciler.state import State, parse
 
@@ -21,9 +23,18 @@ SECRET_BYTES = 32
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
-def state_documents(path: str | Path) -> list[tuple[str, str]]:
-    """A YAML file, or every YAML file directly in a directory, in name order."""
+def state_documents(path: str | Path, host: str | None = None) -> list[tuple[str, str]]:
+    """A YAML file, or every YAML file directly in a directory, in name order.
+
+    An inventory directory (with groups/ or hosts/, see `inventory`) gives the documents
+    that apply to `host` (default: this machine's name), in merge order, as written (a
+    group's `hosts:` key included: `load_state` removes it).
+    """
     p = Path(path)
+    docs = inventory_documents(p)
+    if docs is not None:
+        texts = {f"{p}/{rel}": text for rel, text in docs}
+        return [(name, texts[name]) for name, _ in inventory.select(docs, _host(host), str(p))]
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in YAML_SUFFIXES and f.is_file())
         if not files:
@@ -35,8 +46,44 @@ def state_documents(path: str | Path) -> list[tuple[str, str]]:
     return [(str(f), _read_text(f)) for f in files]
 
 
-def load_state(path: str | Path) -> State:
+def load_state(path: str | Path, host: str | None = None) -> State:
+    """The desired state; of `host` (default: this machine's name) in an inventory."""
+    docs = inventory_documents(path)
+    if docs is not None:
+        return inventory.state_for(docs, _host(host), str(path))
     return parse(state_documents(path))
+
+
+def inventory_documents(path: str | Path) -> list[tuple[str, str]] | None:
+    """Every state file of an inventory directory as (relative path, text); None when the
+    path is not an inventory (a file, or a directory without groups/ or hosts/)."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    rels = [f.name for f in p.iterdir() if f.is_file()]
+    for sub in (inventory.GROUPS, inventory.HOSTS):
+        if (p / sub).is_dir():
+            rels += [f"{sub}/{f.name}" for f in (p / sub).iterdir() if f.is_file()]
+    docs = [(rel, "") for rel in sorted(rels) if inventory.kind(rel)]
+    if not inventory.is_inventory(docs):
+        return None
+    return [(rel, _read_text(p / rel)) for rel, _ in docs]
+
+
+def inventory_hosts(path: str | Path) -> list[str] | None:
+    """The hosts an inventory directory names; None when the path is not an inventory."""
+    docs = inventory_documents(path)
+    return None if docs is None else inventory.hosts(docs, str(path))
+
+
+def state_templates(path: str | Path) -> list[Path]:
+    """A `templates/` directory kept next to the state files (in the state repository)."""
+    t = Path(path) / "templates"
+    return [t] if Path(path).is_dir() and t.is_dir() else []
+
+
+def _host(host: str | None) -> str:
+    return host or socket.gethostname()
 
 
 def _read_text(path: Path) -> str:

@@ -1,0 +1,525 @@
+"""The Redis bus: the fleet's epoch, rotation triggers, and the subscriber that follows them.
+
+The only module that imports redis-py. It knows:
+- the epoch key (`redis.epoch_key`, an integer) and next to it `<epoch_key>:last`, the last
+  trigger message published, so a subscriber that was away can catch up (and, with signing
+  on, check that the epoch it catches up to was signed);
+- the message format: JSON `{"epoch": N, "time": UNIX_SECONDS, "sig": HEX}`, `sig` an
+  HMAC-SHA256 over channel, epoch and time when `redis.signing_key_file` is set. Messages
+  are data: anything else is rejected in one line and never acted on;
+- `publish_rotation`: increment the epoch and publish it in one transaction;
+- `put_back`: raise the key to an epoch a daemon knows (compare-and-set in Lua), so that
+  after Redis lost its data the next trigger still moves every host forward;
+- `Subscriber`: a thread that subscribes, reads the key on every (re)connect and every
+  `check_interval` (which also notices a silently dead link), and reconnects with capped
+  exponential backoff. It only reports; what to do is the daemon's business.
+
+A replay is a message whose epoch is not newer than the one the daemon knows, or whose
+signature does not match: the signature covers the epoch, and epochs only move forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import math
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.retry import Retry
+
+from reconciler.errors import MtdError
+from reconciler.logs import LOGGER, event
+from reconciler.state import State
+
+MAX_EPOCH = 2**53 - 1  # exact in JSON numbers and in Redis' Lua
+MIN_KEY_BYTES = 16
+MESSAGE_KEYS = frozenset({"epoch", "time", "sig"})
+FORMAT = '{"epoch": N, "time": UNIX_SECONDS[, "sig": HEX]}'
+LOG = logging.getLogger(f"{LOGGER}.bus")
+
+# Raise the epoch key to ARGV[1] unless it is already there or beyond; store the matching
+# trigger message (ARGV[2]) with it. Atomic, so concurrent daemons and publishers never
+# lower the epoch.
+_PUT_BACK = """
+local raw = redis.call('GET', KEYS[1])
+local current = 0
+if raw then
+  current = tonumber(raw)
+  if current == nil then
+    return redis.error_reply('holds ' .. string.sub(raw, 1, 40) .. ': expected an integer')
+  end
+end
+if current >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+
+class BadMessage(Exception):
+    """A message that is not a valid trigger; `str()` is the one line to log."""
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """An epoch to converge to. `published` (unix time) is known for messages only."""
+
+    epoch: int
+    published: float | None
+    origin: str  # "message": received on the channel; "catch-up": read from the epoch key
+
+
+@dataclass(frozen=True)
+class Published:
+    epoch: int
+    published: float
+    receivers: int
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    """Where the fleet's epoch lives and how hard to try reaching it."""
+
+    url: str
+    channel: str
+    epoch_key: str
+    signing_key: bytes | None = field(default=None, repr=False)
+    max_message_bytes: int = 1024
+    reconnect_min: float = 0.5  # first backoff step, seconds
+    reconnect_max: float = 30.0  # backoff cap, seconds
+    check_interval: float = 5.0  # seconds between epoch key reads while connected
+    timeout: float = 5.0  # connect and command timeout, seconds
+
+    @property
+    def last_key(self) -> str:
+        return f"{self.epoch_key}:last"
+
+    @property
+    def where(self) -> str:
+        """The URL without its password: what messages and logs show."""
+        return redact(self.url)
+
+    @classmethod
+    def from_state(cls, state: State, **timers: float) -> BusConfig:
+        r = state.redis
+        key_file = r.get("signing_key_file")
+        return cls(
+            url=r["url"],
+            channel=r["channel"],
+            epoch_key=r["epoch_key"],
+            signing_key=read_signing_key(key_file) if key_file else None,
+            max_message_bytes=int(r["max_message_bytes"]),
+            **timers,
+        )
+
+
+def redact(url: str) -> str:
+    """redis://:secret@host:6379/0 -> redis://:***@host:6379/0."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def read_signing_key(path: str | Path) -> bytes:
+    """The fleet's trigger signing key: the file must exist, be mode 0600, hold >= 16 bytes.
+
+    Surrounding whitespace is not part of the key, so `openssl rand -hex 32 > key` works the
+    same on every host. Unlike the shuffle secret it is never created here: every host and
+    publisher of a fleet must share the same one.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+        if st.st_mode & 0o077:
+            raise MtdError(
+                f"{p}: signing key file has mode {stat.S_IMODE(st.st_mode):04o}: expected 0600 "
+                f"(run: chmod 600 {p})"
+            )
+        key = p.read_bytes().strip()
+    except FileNotFoundError:
+        raise MtdError(
+            f"{p}: no such signing key file: expected the fleet's shared key "
+            f"(create it with: head -c 32 /dev/urandom > {p}; chmod 600 {p})"
+        ) from None
+    except OSError as exc:
+        raise MtdError(f"{p}: cannot read the signing key file: {exc.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise MtdError(f"{p}: signing key holds {len(key)} bytes: expected at least 16")
+    return key
+
+
+def signature(key: bytes, channel: str, epoch: int, published: float) -> str:
+    """Bound to the channel too, so a trigger of one fleet cannot be replayed on another."""
+    text = f"mtd/trigger/v1\n{channel}\n{epoch}\n{published:.6f}"
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def encode(config: BusConfig, epoch: int, published: float) -> bytes:
+    msg: dict[str, Any] = {"epoch": epoch, "time": published}
+    if config.signing_key is not None:
+        msg["sig"] = signature(config.signing_key, config.channel, epoch, published)
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(name)
+
+
+def decode(data: bytes | str, config: BusConfig) -> Trigger:
+    """A trigger from a message, or `BadMessage` saying what is wrong with it."""
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > config.max_message_bytes:
+        raise BadMessage(f"{len(raw)} bytes: expected at most {config.max_message_bytes}")
+    try:
+        msg = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError):
+        raise BadMessage(f"{_preview(raw)}: not JSON: expected {FORMAT}") from None
+    if not isinstance(msg, dict):
+        raise BadMessage(f"{_preview(raw)}: expected a JSON object {FORMAT}")
+    unknown = sorted(set(msg) - MESSAGE_KEYS)
+    if unknown:
+        raise BadMessage(f"unknown key {unknown[0]!r}: expected {FORMAT}")
+    epoch, published = msg.get("epoch"), msg.get("time")
+    if type(epoch) is not int or not 1 <= epoch <= MAX_EPOCH:
+        raise BadMessage(f"epoch {epoch!r}: expected an integer from 1 to {MAX_EPOCH}")
+    if type(published) not in (int, float) or not math.isfinite(published) or published < 0:
+        raise BadMessage(f"time {published!r}: expected the publish time in unix seconds")
+    if config.signing_key is not None:
+        sig = msg.get("sig")
+        if sig is None:
+            raise BadMessage(f"epoch {epoch}: unsigned: expected a signature (sig)")
+        want = signature(config.signing_key, config.channel, epoch, float(published))
+        if not isinstance(sig, str) or not hmac.compare_digest(sig, want):
+            raise BadMessage(f"epoch {epoch}: bad signature: expected one made with the key")
+    return Trigger(epoch, float(published), "message")
+
+
+def _preview(raw: bytes) -> str:
+    return repr(raw[:32]) + ("..." if len(raw) > 32 else "")
+
+
+def connect(config: BusConfig) -> redis.Redis:
+    """A client that fails fast (no hidden retries): the caller owns backoff and catch-up."""
+    try:
+        return redis.Redis.from_url(
+            config.url,
+            socket_timeout=config.timeout,
+            socket_connect_timeout=config.timeout,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+            client_name="mtd",
+        )
+    except ValueError as exc:
+        raise MtdError(f"redis.url {config.where!r}: {exc}") from None
+
+
+def _epoch_value(raw: bytes | None, config: BusConfig) -> int:
+    if raw is None:
+        return 0
+    try:
+        value = int(raw)
+        if not 0 <= value <= MAX_EPOCH:
+            raise ValueError
+    except ValueError:
+        raise MtdError(
+            f"{config.where}: key {config.epoch_key} holds {_preview(raw)}: expected an "
+            f"integer epoch from 0 to {MAX_EPOCH}"
+        ) from None
+    return value
+
+
+def publish_rotation(config: BusConfig, client: redis.Redis | None = None) -> Published:
+    """Increment the fleet's epoch and publish it, atomically (WATCH/MULTI, retried when
+    another publisher or a daemon's put-back got in between)."""
+    own = client is None
+    client = client or connect(config)
+    try:
+        with client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(config.epoch_key)
+                    epoch = _epoch_value(pipe.get(config.epoch_key), config) + 1
+                    if epoch > MAX_EPOCH:
+                        raise MtdError(f"{config.where}: epoch {epoch}: past {MAX_EPOCH}")
+                    published = round(time.time(), 6)
+                    msg = encode(config, epoch, published)
+                    pipe.multi()
+                    pipe.set(config.epoch_key, epoch)
+                    pipe.set(config.last_key, msg)
+                    pipe.publish(config.channel, msg)
+                    receivers = pipe.execute()[-1]
+                    return Published(epoch, published, int(receivers))
+                except redis.WatchError:
+                    continue
+    except redis.RedisError as exc:
+        raise MtdError(f"{config.where}: cannot publish a rotation: {_one_line(exc)}") from None
+    finally:
+        if own:
+            client.close()
+
+
+def read_epoch(client: redis.Redis, config: BusConfig) -> int:
+    """The fleet's epoch as a subscriber may trust it: the key, or, with signing on, the
+    epoch of the signed last trigger (a key anyone with Redis access could have set is not
+    enough). 0 when Redis holds none. Raises `BadMessage` for a bad last trigger and
+    `MtdError` for a key that is not an integer."""
+    raw, last = client.mget([config.epoch_key, config.last_key])
+    epoch = _epoch_value(raw, config)
+    if config.signing_key is None:
+        return epoch
+    if last is None:
+        return 0
+    return decode(last, config).epoch
+
+
+def put_back(client: redis.Redis, config: BusConfig, epoch: int) -> bool:
+    """Raise the key to `epoch` if it is lower or missing; True when it was raised."""
+    msg = encode(config, epoch, round(time.time(), 6)) if epoch > 0 else b""
+    try:
+        done = client.eval(_PUT_BACK, 2, config.epoch_key, config.last_key, epoch, msg)
+    except redis.ResponseError as exc:
+        raise MtdError(f"{config.where}: key {config.epoch_key} {_one_line(exc)}") from None
+    return bool(done)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].rstrip(".") if text else type(exc).__name__
+
+
+class Sink(Protocol):
+    """What the subscriber reports to (the daemon)."""
+
+    def known_epoch(self) -> int: ...
+
+    def trigger(self, trigger: Trigger) -> None: ...
+
+    def connection(self, up: bool) -> None: ...
+
+    def ignored(self, outcome: str) -> None: ...
+
+
+class Subscriber:
+    """Follows the fleet's epoch in a background thread, through any Redis outage."""
+
+    POLL = 0.25  # longest wait for a message, so stop() takes effect quickly
+
+    def __init__(self, config: BusConfig, sink: Sink, logger: logging.Logger = LOG) -> None:
+        self.config = config
+        self.sink = sink
+        self.log = logger
+        self.first_attempt = threading.Event()  # set once the first connect succeeded or failed
+        self._stop = threading.Event()
+        self._backoff = EqualJitterBackoff(cap=config.reconnect_max, base=config.reconnect_min)
+        self._thread: threading.Thread | None = None
+        self._reported: str | None = None  # last problem with the key, logged once
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="mtd-redis", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def delay(self, failures: int) -> float:
+        """Capped exponential backoff with jitter: base * 2**(n-1), at most the cap."""
+        return min(self.config.reconnect_max, self._backoff.compute(failures - 1))
+
+    def run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            up = False
+            client = connect(self.config)
+            pubsub = client.pubsub()
+            try:
+                self._subscribe(client, pubsub)
+                up = True
+                failures = 0
+                self._listen(client, pubsub)
+            except (redis.RedisError, OSError) as exc:
+                problem = _one_line(exc)
+            except Exception as exc:  # a bug must not end the following: log it, go on
+                problem = f"internal error: {type(exc).__name__}: {_one_line(exc)}"
+                self.log.debug("subscriber internal error", exc_info=True)
+            else:
+                return  # stopped
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+                with contextlib.suppress(Exception):
+                    client.close()
+            failures += 1
+            delay = self.delay(failures)
+            if up:
+                self.sink.connection(False)
+                event(
+                    self.log,
+                    logging.WARNING,
+                    "redis",
+                    f"{self.config.where}: connection lost: {problem}: keeping the last "
+                    f"desired state, reconnecting in {delay:.1f} s",
+                    connected=False,
+                    error=problem,
+                    retry_in=round(delay, 3),
+                )
+            else:
+                event(
+                    self.log,
+                    logging.WARNING if failures == 1 else logging.INFO,
+                    "redis",
+                    f"{self.config.where}: unreachable: {problem}: attempt {failures}, "
+                    f"next in {delay:.1f} s",
+                    connected=False,
+                    error=problem,
+                    attempt=failures,
+                    retry_in=round(delay, 3),
+                )
+            self.first_attempt.set()
+            self._stop.wait(delay)
+
+    def _subscribe(self, client: redis.Redis, pubsub: Any) -> None:
+        """Subscribe first, then read the key: nothing published in between is missed."""
+        pubsub.subscribe(self.config.channel)
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            msg = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            if msg is not None and msg.get("type") == "subscribe":
+                break
+            if time.monotonic() >= deadline:
+                raise redis.TimeoutError("no reply to SUBSCRIBE")
+        epoch = self._catch_up(client)
+        self.sink.connection(True)
+        event(
+            self.log,
+            logging.INFO,
+            "redis",
+            f"{self.config.where}: connected, subscribed to {self.config.channel}, "
+            f"fleet epoch {epoch}",
+            connected=True,
+            channel=self.config.channel,
+            epoch=epoch,
+        )
+        self.first_attempt.set()
+
+    def _listen(self, client: redis.Redis, pubsub: Any) -> None:
+        next_check = time.monotonic() + self.config.check_interval
+        while not self._stop.is_set():
+            wait = min(self.POLL, max(0.0, next_check - time.monotonic()))
+            msg = pubsub.get_message(timeout=wait)
+            if msg is not None and msg.get("type") == "message":
+                self._on_message(msg["data"])
+            if time.monotonic() >= next_check:
+                self._catch_up(client)  # a GET with a timeout: a dead link raises here
+                next_check = time.monotonic() + self.config.check_interval
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            trigger = decode(data, self.config)
+        except BadMessage as exc:
+            self.sink.ignored("rejected")
+            event(
+                self.log,
+                logging.WARNING,
+                "rejected",
+                f"trigger on {self.config.channel} ignored: {exc}",
+                channel=self.config.channel,
+                reason=str(exc),
+            )
+            return
+        known = self.sink.known_epoch()
+        if trigger.epoch <= known:
+            self.sink.ignored("stale")
+            event(
+                self.log,
+                logging.WARNING,
+                "stale",
+                f"trigger on {self.config.channel} ignored: epoch {trigger.epoch} is not newer "
+                f"than epoch {known} (stale, duplicate or replayed)",
+                channel=self.config.channel,
+                epoch=trigger.epoch,
+                known=known,
+            )
+            return
+        event(
+            self.log,
+            logging.INFO,
+            "trigger",
+            f"trigger on {self.config.channel}: epoch {trigger.epoch}",
+            channel=self.config.channel,
+            epoch=trigger.epoch,
+            published=trigger.published,
+        )
+        self.sink.trigger(trigger)
+
+    def _catch_up(self, client: redis.Redis) -> int:
+        """Read the fleet's epoch: move to it if newer, put back ours if Redis is behind."""
+        try:
+            epoch = read_epoch(client, self.config)
+        except (MtdError, BadMessage) as exc:
+            self._report(f"cannot read the fleet epoch: {exc}")
+            epoch = 0
+        known = self.sink.known_epoch()
+        if epoch > known:
+            event(
+                self.log,
+                logging.INFO,
+                "trigger",
+                f"catch-up: {self.config.epoch_key} is at epoch {epoch}, this host at {known}",
+                epoch=epoch,
+                known=known,
+                origin="catch-up",
+            )
+            self.sink.trigger(Trigger(epoch, None, "catch-up"))
+            return epoch
+        if epoch < known:
+            try:
+                raised = put_back(client, self.config, known)
+            except MtdError as exc:
+                self._report(str(exc))
+                return epoch
+            if raised:
+                event(
+                    self.log,
+                    logging.WARNING,
+                    "redis",
+                    f"{self.config.epoch_key} was at epoch {epoch}, behind this host: "
+                    f"put back epoch {known}",
+                    epoch=known,
+                    was=epoch,
+                )
+            return known
+        self._reported = None
+        return epoch
+
+    def _report(self, problem: str) -> None:
+        """A bad key is logged when it appears, not on every check."""
+        if problem != self._reported:
+            self._reported = problem
+            event(self.log, logging.ERROR, "error", problem, error=problem)
+
+
+def start_subscriber(
+    config: BusConfig, sink: Sink, wait: float = 0.0, logger: logging.Logger = LOG
+) -> Subscriber:
+    """Start following the bus; wait up to `wait` s for the first connection attempt."""
+    sub = Subscriber(config, sink, logger)
+    sub.start()
+    if wait > 0:
+        sub.first_attempt.wait(wait)
+    return sub

@@ -1,0 +1,481 @@
+"""`mtd run`: keep this host converged, forever, to the desired state at the fleet's epoch.
+
+Triggers only decide when `reconcile.reconcile` runs: at start, on a Redis trigger or a
+catch-up after a reconnect, on the drift timer, on SIGHUP. They are fed to one worker loop
+(this thread) through a queue, so passes never overlap; a burst of triggers costs one pass
+per `redis.min_interval` and the highest epoch wins. The epoch is max(local epoch file,
+fleet epoch); the file is written after each successful pass, so an epoch is applied once
+and survives restarts. Redis being down changes nothing here: the last desired state keeps
+being enforced by the drift timer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from reconciler import audit, bus, diff, localfiles, render, shuffle
+from reconciler.errors import MtdError
+from reconciler.logs import LOGGER, event
+from reconciler.reconcile import Result, reconcile
+from reconciler.state import State
+
+LOG = logging.getLogger(f"{LOGGER}.daemon")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+@dataclass(frozen=True)
+class Options:
+    drift_interval: float | None = None  # None: the state's drift_interval
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    redis_check: float = 5.0  # seconds between reads of the epoch key while connected
+    redis_timeout: float = 5.0
+    start_wait: float = 2.0  # at start, wait this long for the fleet epoch before the pass
+    log_mapping: bool = False
+    down_on_exit: bool = False
+    rotate_without_diff: bool = False  # new epochs replace the table unread (huge states)
+
+    def bus_timers(self) -> dict[str, float]:
+        return {
+            "reconnect_min": self.reconnect_min,
+            "reconnect_max": self.reconnect_max,
+            "check_interval": self.redis_check,
+            "timeout": self.redis_timeout,
+        }
+
+
+class Metrics:
+    """Prometheus metrics of one daemon (own registry, served by `--metrics`)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.reconciles = Counter(
+            "mtd_reconciles", "Reconcile passes by result", ["result"], registry=r
+        )
+        self.duration = Histogram(
+            "mtd_reconcile_duration_seconds", "Duration of a reconcile pass", registry=r
+        )
+        self.latency = Histogram(
+            "mtd_trigger_to_applied_seconds",
+            "From a trigger's publish time to its epoch being live",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.epoch = Gauge("mtd_epoch", "Epoch of the live mapping", registry=r)
+        self.drift = Counter(
+            "mtd_drift_corrections", "Owned table changed by someone else, restored", registry=r
+        )
+        self.redis_up = Gauge("mtd_redis_connected", "1 while subscribed to Redis", registry=r)
+        self.triggers = Counter(
+            "mtd_triggers", "Trigger messages by outcome", ["outcome"], registry=r
+        )
+        self.pulls = Counter("mtd_pulls", "Git pull rounds by outcome", ["outcome"], registry=r)
+        self.pull_head_rejected = Gauge(
+            "mtd_pull_head_rejected", "1 while the branch head is a commit not applied", registry=r
+        )
+        self.pull_fetch_failures = Gauge(
+            "mtd_pull_fetch_failures",
+            "Consecutive failed fetches of the state repository",
+            registry=r,
+        )
+        for result in ("changed", "ok", "error"):
+            self.reconciles.labels(result)
+        for outcome in ("applied", "unchanged", "rejected", "unreachable", "error"):
+            self.pulls.labels(outcome)
+        for outcome in ("accepted", "rejected", "stale"):
+            self.triggers.labels(outcome)
+
+    def serve(self, address: str) -> None:
+        """In a background thread, for as long as the process lives."""
+        host, port = parse_address(address)
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MtdError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from None
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`127.0.0.1:9108`, `[::1]:9108` or `:9108` (every address)."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MtdError(
+            f"--metrics {text!r}: expected ADDR:PORT such as 127.0.0.1:9108 or [::1]:9108"
+        )
+    return host or "::", int(port)
+
+
+@dataclass
+class _Event:
+    kind: str  # trigger | connection | reload | stop
+    trigger: bus.Trigger | None = None
+    up: bool = False
+
+
+class Daemon:
+    """The worker loop. `load` reads and validates the desired state (raises `MtdError`)."""
+
+    def __init__(
+        self,
+        load: Callable[[], State],
+        nft: Any,
+        *,
+        templates: list[Path] | None = None,
+        host: str,
+        options: Options,
+        metrics: Metrics | None = None,
+        logger: logging.Logger = LOG,
+        puller: Any = None,  # gitops.Puller of `--pull`: its rounds run in this loop
+    ) -> None:
+        self.load = load
+        self.nft = nft
+        self.templates = templates
+        self.host = host
+        self.options = options
+        self.metrics = metrics or Metrics()
+        self.log = logger
+        self.state = load()
+        self.bus_config = bus.BusConfig.from_state(self.state, **options.bus_timers())
+        bus.connect(self.bus_config)  # a bad URL fails at start, not in the thread
+        self._queue: queue.Queue[_Event] = queue.Queue()
+        self._lock = threading.Lock()
+        self.applied = localfiles.read_epoch(self.state.epoch_file)
+        self._known = self.applied  # highest epoch heard of (applied or pending)
+        self.target = self.applied
+        self._pending: bus.Trigger | None = None  # the trigger that set `target`
+        self._dirty = True
+        self._origin = "start"
+        self._clean = False  # True after a pass of this state and epoch succeeded
+        self._last_run = float("-inf")
+        self._next_drift = 0.0
+        self._stopping = False
+        self.subscriber: bus.Subscriber | None = None
+        self.puller = puller
+        self._next_pull = float("inf") if puller is None else time.monotonic() + puller.next_delay()
+
+    # -- the bus reports here (from its thread) ------------------------------------------
+
+    def known_epoch(self) -> int:
+        with self._lock:
+            return self._known
+
+    def trigger(self, trigger: bus.Trigger) -> None:
+        with self._lock:
+            self._known = max(self._known, trigger.epoch)
+        if trigger.origin == "message":
+            self.metrics.triggers.labels("accepted").inc()
+        self._queue.put(_Event("trigger", trigger))
+
+    def connection(self, up: bool) -> None:
+        self.metrics.redis_up.set(1 if up else 0)
+
+    def ignored(self, outcome: str) -> None:
+        self.metrics.triggers.labels(outcome).inc()
+
+    # -- requests (signal handlers, tests) -----------------------------------------------
+
+    def request_reload(self) -> None:
+        self._queue.put(_Event("reload"))
+
+    def request_stop(self) -> None:
+        self._queue.put(_Event("stop"))
+
+    # -- the loop ------------------------------------------------------------------------
+
+    @property
+    def drift_interval(self) -> float:
+        return self.options.drift_interval or self.state.drift_interval
+
+    @property
+    def min_interval(self) -> float:
+        return float(self.state.redis["min_interval"])
+
+    def run(self) -> None:
+        """Until SIGTERM/SIGINT; the table stays in place unless `down_on_exit`."""
+        with self._signals():
+            event(
+                self.log,
+                logging.INFO,
+                "start",
+                f"mtd run: table inet {self.state.table}, local epoch {self.applied}, "
+                f"fleet {self.bus_config.where} channel {self.bus_config.channel}, drift "
+                f"check every {self.drift_interval:g} s",
+                epoch=self.applied,
+                table=self.state.table,
+                redis=self.bus_config.where,
+                channel=self.bus_config.channel,
+                drift_interval=self.drift_interval,
+                min_interval=self.min_interval,
+                signed=self.bus_config.signing_key is not None,
+            )
+            self.metrics.redis_up.set(0)
+            self.metrics.epoch.set(self.applied)
+            self.subscriber = bus.start_subscriber(
+                self.bus_config, self, wait=self.options.start_wait, logger=self.log
+            )
+            try:
+                self._loop()
+            finally:
+                self.subscriber.stop(timeout=0.5)
+                self._exit()
+
+    def _loop(self) -> None:
+        while True:
+            self._drain(self._wait())
+            if self._stopping:
+                return
+            if time.monotonic() >= self._next_pull:
+                self._pull()
+            now = time.monotonic()
+            if now >= self._next_drift and not self._dirty:
+                self._dirty, self._origin = True, "drift"
+            if self._dirty and now >= self._last_run + self.min_interval:
+                self._pass()
+
+    def _wait(self) -> float:
+        now = time.monotonic()
+        until = min(self._next_drift, self._next_pull)
+        if self._dirty:
+            until = min(until, self._last_run + self.min_interval)
+        return max(0.0, until - now)
+
+    def _drain(self, timeout: float) -> None:
+        """Fold every queued event into the pending work: bursts become one pass."""
+        try:
+            ev: _Event | None = self._queue.get(timeout=timeout) if timeout > 0 else None
+        except queue.Empty:
+            return
+        while True:
+            if ev is not None:
+                self._fold(ev)
+            try:
+                ev = self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fold(self, ev: _Event) -> None:
+        if ev.kind == "stop":
+            self._stopping = True
+        elif ev.kind == "reload":
+            self._reload()
+        elif ev.kind == "trigger" and ev.trigger and ev.trigger.epoch > self.target:
+            self.target = ev.trigger.epoch
+            self._pending = ev.trigger
+            self._dirty = True
+            if self._origin != "start":
+                self._origin = "redis"
+
+    def _reload(self) -> None:
+        """SIGHUP: a new state is taken only if it validates and renders; else kept."""
+        try:
+            state = self.load()
+            render.render(state, shuffle.compute(state, b"\0" * 32, 0), self.templates)
+            config = bus.BusConfig.from_state(state, **self.options.bus_timers())
+            bus.connect(config)
+        except MtdError as exc:
+            event(
+                self.log,
+                logging.ERROR,
+                "reload",
+                "new desired state rejected, keeping the previous one: " + "; ".join(exc.problems),
+                result="rejected",
+                errors=exc.problems,
+            )
+            return
+        self.state = state
+        self._clean = False
+        self._dirty = True
+        self._origin = "manual"
+        event(self.log, logging.INFO, "reload", "desired state reloaded", result="reloaded")
+        if config != self.bus_config:
+            self.bus_config = config
+            if self.subscriber is not None:
+                self.subscriber.stop(timeout=0.5)
+            self.subscriber = bus.start_subscriber(config, self, logger=self.log)
+
+    def _pull(self) -> None:
+        """One git pull round, in this loop: never at the same time as a pass. A round
+        reconciles and audits (origin pull) by itself; an applied commit is then reloaded
+        as on SIGHUP (new Redis settings included)."""
+        try:
+            outcome = self.puller.round(self.nft)
+        except MtdError as exc:  # the commit is live but not recorded: the next round retries
+            self.metrics.pulls.labels("error").inc()
+            event(self.log, logging.ERROR, "pull", "; ".join(exc.problems), result="error")
+            outcome = None
+        self._next_pull = time.monotonic() + self.puller.next_delay()
+        self.metrics.pull_fetch_failures.set(self.puller.failures)
+        if outcome is None:
+            return
+        self.metrics.pulls.labels(outcome.status).inc()
+        if outcome.status != "unreachable":
+            self.metrics.pull_head_rejected.set(1 if outcome.status == "rejected" else 0)
+        if outcome.new:
+            event(
+                self.log,
+                logging.INFO if outcome.ok else logging.ERROR,
+                "pull",
+                outcome.message,
+                result=outcome.status,
+                commit=outcome.commit,
+                errors=outcome.problems,
+            )
+        if outcome.status == "applied":
+            self._reload()
+
+    def _pass(self) -> None:
+        state, origin, pending = self.state, self._origin, self._pending
+        self._dirty, self._pending, self._origin = False, None, "drift"
+        self._last_run = start = time.monotonic()
+        self._next_drift = start + self.drift_interval
+        previous = self.applied
+        try:
+            with localfiles.reconcile_lock(state.epoch_file):
+                local = localfiles.read_epoch(state.epoch_file)
+                epoch = max(self.target, local)
+                blind = self.options.rotate_without_diff and epoch != previous
+                result = reconcile(
+                    state, epoch, self.nft, templates=self.templates, read_live=not blind
+                )
+                if epoch != local:
+                    localfiles.write_epoch(state.epoch_file, epoch)
+        except MtdError as exc:
+            self._failed(origin, "; ".join(exc.problems), time.monotonic() - start)
+            return
+        except Exception as exc:  # a bug must not stop the enforcement of the others
+            problem = f"internal error: {type(exc).__name__}: {exc}"
+            self._failed(origin, problem, time.monotonic() - start)
+            return
+        took = time.monotonic() - start
+        drift = result.status == "changed" and self._clean and epoch == previous
+        self.applied, self.target, self._clean = epoch, max(self.target, epoch), True
+        with self._lock:
+            self._known = max(self._known, epoch)
+        self._report(result, origin, took, drift, pending)
+
+    def _failed(self, origin: str, problem: str, took: float) -> None:
+        self.metrics.reconciles.labels("error").inc()
+        event(
+            self.log,
+            logging.ERROR,
+            "reconcile",
+            f"failed (trigger {origin}): {problem}: retrying in {self.drift_interval:g} s",
+            result="error",
+            origin=origin,
+            epoch=self.target,
+            error=problem,
+            duration=round(took, 6),
+        )
+
+    def _report(
+        self, result: Result, origin: str, took: float, drift: bool, pending: bus.Trigger | None
+    ) -> None:
+        m = self.metrics
+        m.reconciles.labels(result.status).inc()
+        m.duration.observe(took)
+        m.epoch.set(result.epoch)
+        fields: dict[str, Any] = {
+            "result": result.status,
+            "origin": origin,
+            "epoch": result.epoch,
+            "duration": round(took, 6),
+            "summary": dict(sorted(_summary(result).items())),
+            "fingerprint": result.fingerprint,
+        }
+        if pending is not None and pending.published is not None and result.epoch == pending.epoch:
+            latency = max(0.0, time.time() - pending.published)
+            m.latency.observe(latency)
+            fields["latency"] = round(latency, 6)
+        level = logging.INFO if result.status == "changed" or origin != "drift" else logging.DEBUG
+        event(self.log, level, "reconcile", f"{result.line()}, trigger {origin}", **fields)
+        if drift:
+            m.drift.inc()
+            event(
+                self.log,
+                logging.WARNING,
+                "drift",
+                f"table inet {result.table} was changed outside mtd: restored "
+                f"({', '.join(f'{k} {n}' for k, n in sorted(_summary(result).items()))})",
+                epoch=result.epoch,
+                summary=_summary(result),
+            )
+        if result.status == "changed":
+            self._audit(result, "drift" if drift else origin)
+            if self.options.log_mapping:
+                self._log_mapping(result.epoch)
+
+    def _audit(self, result: Result, origin: str) -> None:
+        try:
+            audit.log_result(self.state, result, origin=origin, host=self.host)
+        except (MtdError, ValueError) as exc:
+            event(self.log, logging.ERROR, "error", str(exc), error=str(exc))
+
+    def _log_mapping(self, epoch: int) -> None:
+        """Only with --log-mapping: the ports each watched source sees (sensitive)."""
+        secret = localfiles.load_or_create_secret(self.state.secret_file)
+        for (source, proto), moves in sorted(
+            shuffle.compute(self.state, secret, epoch).moves.items()
+        ):
+            pairs = " ".join(f"{real}->{hidden}" for real, hidden in sorted(moves.items()))
+            event(
+                self.log,
+                logging.INFO,
+                "mapping",
+                f"epoch {epoch}: {source} {proto} {pairs}",
+                epoch=epoch,
+                source=source,
+                proto=proto,
+                moves={str(k): v for k, v in sorted(moves.items())},
+            )
+
+    def _exit(self) -> None:
+        removed = ""
+        if self.options.down_on_exit:
+            try:
+                with localfiles.reconcile_lock(self.state.epoch_file):
+                    gone = self.nft.delete_table(self.state.table)
+                removed = f", table inet {self.state.table} {'removed' if gone else 'absent'}"
+            except MtdError as exc:
+                removed = f", table not removed: {'; '.join(exc.problems)}"
+        else:
+            removed = f", table inet {self.state.table} left in place"
+        event(
+            self.log,
+            logging.INFO,
+            "stop",
+            f"stopped at epoch {self.applied}{removed}",
+            epoch=self.applied,
+        )
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        def stop(signum: int, _: FrameType | None) -> None:
+            self.request_stop()
+
+        def reload(signum: int, _: FrameType | None) -> None:
+            self.request_reload()
+
+        old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def _summary(result: Result) -> dict[str, int]:
+    return diff.summary(result.changes)

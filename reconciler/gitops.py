@@ -1,0 +1,374 @@
+"""GitOps pull: the desired state lives in a git repository and this host converges to it.
+
+One round (`Puller.round`): fetch the branch; when it moved, export the new commit's state
+files into a private scratch directory, load them for this host, apply them (one reconcile
+pass under the reconcile lock) and only then check the commit out. So the clone's working
+tree is always the last commit applied here: `mtd -s <state_dir>/repo/<path>` and the
+daemon's other passes read exactly the live desired state, and a bad commit never reaches
+it. A commit that fails (validation, template, kernel, signature) is recorded as rejected
+with one line naming the commit, file and error, and is not retried; the next commit is.
+An unreachable remote changes nothing and is retried with exponential backoff.
+
+What happened is kept in `<state_dir>/pull.json` (for `mtd status`) and in the audit log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from redis.backoff import EqualJitterBackoff
+
+from reconciler import audit, inventory, localfiles, render
+from reconciler.errors import MtdError
+from reconciler.gitrepo import GitError, Repo, redact
+from reconciler.state import State
+
+STATE_DIR = Path("/var/lib/mtd")
+TEMPLATES = "templates"
+BACKOFF_FACTOR = 32  # an unreachable remote is retried at most every 32 intervals
+
+
+class AfterApplyError(MtdError):
+    """The commit is live but recording it failed: not the commit's fault, so not rejected."""
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    """Where the desired state comes from and where this host keeps its clone."""
+
+    url: str
+    branch: str = "main"
+    path: str = ""  # the state directory inside the repository; "" is its root
+    state_dir: Path = STATE_DIR
+    host: str = field(default_factory=socket.gethostname)
+    templates: tuple[Path, ...] = ()  # --templates directories, searched before the repo's
+    verify_signatures: bool = False
+    gpg_home: str | None = None
+    interval: float = 60.0
+    timeout: float = 120.0  # per git command
+
+    @property
+    def clone_dir(self) -> Path:
+        return Path(self.state_dir) / "repo"
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.state_dir) / "pull.json"
+
+    @property
+    def state_path(self) -> Path:
+        """The applied desired state (exists once a first commit has been applied)."""
+        return self.clone_dir / self.path if self.path else self.clone_dir
+
+    def template_dirs(self) -> list[Path]:
+        """Template search path of passes between pulls: --templates, the applied commit's
+        templates/, the shipped ones (a round uses the new commit's own). The applied
+        commit's directory is listed even while absent, so the list stays right after a
+        pull adds it (Jinja2 skips a missing directory)."""
+        return [*self.templates, self.state_path / TEMPLATES, *render.template_dirs()]
+
+
+@dataclass
+class Outcome:
+    """One round: `applied`, `unchanged`, `rejected` or `unreachable`.
+
+    `new` is False when the round only found what the previous one already reported (the
+    same rejected commit, a remote still unreachable): nothing to log again.
+    """
+
+    status: str
+    commit: str | None
+    message: str
+    new: bool = True
+    problems: list[str] = field(default_factory=list)
+    result: Any = None  # reconcile.Result of an applied (or checked) commit
+    state: State | None = None  # the desired state now applied
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("applied", "unchanged")
+
+
+class Puller:
+    """Pull rounds against one repository and branch; keeps the backoff between rounds."""
+
+    def __init__(self, config: PullConfig) -> None:
+        config = dataclasses.replace(config, path=check_path(config.path))
+        self.config = config
+        self.repo = Repo(config.clone_dir, timeout=config.timeout)
+        unreachable = read_record(config.record_path).get("unreachable") or {}
+        self.failures = int(unreachable.get("failures", 0))
+        cap = config.interval * BACKOFF_FACTOR
+        self._backoff = EqualJitterBackoff(cap=cap, base=config.interval)
+
+    def next_delay(self) -> float:
+        """Seconds until the next round: the interval, or a growing backoff while the
+        remote is unreachable."""
+        if self.failures == 0:
+            return self.config.interval
+        return max(self.config.interval, self._backoff.compute(self.failures))
+
+    def round(
+        self,
+        nft: Any,
+        *,
+        check: bool = False,
+        show: Callable[[str], None] | None = None,
+    ) -> Outcome:
+        """Fetch; when the branch moved, validate, apply (or only report with `check`) and
+        record the new commit. Takes the reconcile lock for the apply: do not hold it."""
+        with _exclusive(self.config.state_dir / "pull.lock"):
+            return self._round(nft, check=check, show=show)
+
+    def _round(self, nft: Any, *, check: bool, show: Callable[[str], None] | None) -> Outcome:
+        cfg = self.config
+        rec = read_record(cfg.record_path)
+        rec["remote"] = {"url": redact(cfg.url), "branch": cfg.branch, "path": cfg.path}
+        rec["host"] = cfg.host
+        try:
+            self.repo.ensure(cfg.url)
+            head = self.repo.fetch(cfg.branch)
+        except GitError as exc:
+            self.failures += 1
+            since = (rec.get("unreachable") or {}).get("since") or audit.timestamp(audit.now())
+            rec["unreachable"] = {"since": since, "error": str(exc), "failures": self.failures}
+            _write_record(cfg.record_path, rec)
+            return Outcome(
+                "unreachable",
+                None,
+                f"{exc} (keeping the current state; next try in {self.next_delay():.0f} s)",
+                new=self.failures == 1,
+            )
+        self.failures = 0
+        rec["unreachable"] = None
+        rec["head"] = head
+        applied = (rec.get("applied") or {}).get("commit")
+        rejected = rec.get("rejected") or {}
+        if not check and head == applied and self.repo.head() == head:
+            _write_record(cfg.record_path, rec)
+            return Outcome("unchanged", head, f"ok: commit {head[:12]} is applied", new=False)
+        if not check and head == rejected.get("commit"):
+            _write_record(cfg.record_path, rec)
+            return Outcome(
+                "rejected",
+                head,
+                rejected.get("error", f"commit {head[:12]}: rejected"),
+                new=False,
+                problems=list(rejected.get("problems") or []),
+            )
+        try:
+            state, result = self._apply(head, nft, check=check, show=show)
+        except AfterApplyError:
+            raise
+        except MtdError as exc:
+            problems = [f"commit {head[:12]}: {p}" for p in exc.problems] or [
+                f"commit {head[:12]}: rejected"
+            ]
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            message = problems[0] + more
+            if check:
+                return Outcome("rejected", head, message, problems=problems)
+            rec["rejected"] = {
+                "commit": head,
+                "time": audit.timestamp(audit.now()),
+                "error": message,
+                "problems": problems[:20],
+            }
+            _write_record(cfg.record_path, rec)
+            self._audit_rejection(head, message)
+            return Outcome("rejected", head, message, problems=problems)
+        if check:
+            return Outcome("applied", head, f"{result.line()} commit {head[:12]}", result=result)
+        rec["applied"] = {
+            "commit": head,
+            "time": audit.timestamp(audit.now()),
+            "epoch": result.epoch,
+            "result": result.status,
+            "fingerprint": result.fingerprint,
+        }
+        _write_record(cfg.record_path, rec)
+        return Outcome(
+            "applied", head, f"{result.line()} commit {head[:12]}", result=result, state=state
+        )
+
+    def _apply(
+        self, commit: str, nft: Any, *, check: bool, show: Callable[[str], None] | None
+    ) -> tuple[State, Any]:
+        from reconciler.reconcile import reconcile  # late: imports the nftables bindings
+
+        cfg = self.config
+        if cfg.verify_signatures:
+            self.repo.verify_commit(commit, cfg.gpg_home)
+        with (
+            self.candidate(commit) as (state, templates),
+            localfiles.reconcile_lock(state.epoch_file),
+        ):
+            epoch = localfiles.read_epoch(state.epoch_file)
+            result = reconcile(state, epoch, nft, check=check, templates=templates)
+            if not check:
+                try:
+                    audit.log_result(state, result, origin="pull", host=cfg.host, commit=commit)
+                    self.repo.checkout(commit)
+                except MtdError as exc:
+                    raise AfterApplyError(
+                        *exc.problems, f"commit {commit[:12]} is live; the next round retries"
+                    ) from None
+        if show:
+            for c in result.changes:
+                show(f"{c.op} {c.text}")
+        return state, result
+
+    @contextlib.contextmanager
+    def candidate(self, commit: str, host: str | None = None) -> Iterator[tuple[State, list[Path]]]:
+        """`with puller.candidate(sha) as (state, templates)`: the commit's desired state for
+        this host, from a private scratch copy; errors name files as in the repository."""
+        cfg = self.config
+        Path(cfg.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".candidate-", dir=cfg.state_dir))
+        try:
+            export(self.repo, commit, cfg.path, tmp)
+            state = localfiles.load_state(tmp, host or cfg.host)
+            templates = [*cfg.templates, *localfiles.state_templates(tmp), *render.template_dirs()]
+            yield state, templates
+        except MtdError as exc:
+            prefix = cfg.path.strip("/") + "/" if cfg.path.strip("/") else ""
+            lines = [
+                p.replace(f"{tmp}/", prefix).replace(str(tmp), prefix or ".") for p in exc.problems
+            ]
+            raise type(exc)(*lines) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def state_at(self, commit: str, host: str | None = None) -> State:
+        """The desired state a host had at `commit` (for `mtd history --mapping-at`)."""
+        with self.candidate(commit, host) as (state, _):
+            return state
+
+    def _audit_rejection(self, commit: str, message: str) -> None:
+        """A rejected commit goes to the audit log of the state still applied, if any."""
+        try:
+            state = localfiles.load_state(self.config.state_path, self.config.host)
+        except MtdError:
+            return
+        audit.record(
+            state.audit_log,
+            host=self.config.host,
+            origin="pull",
+            epoch=None,
+            result="rejected",
+            fingerprint=None,
+            commit=commit,
+            error=message,
+        )
+
+
+def export(repo: Repo, commit: str, path: str, dest: Path) -> None:
+    """Write the commit's state files (and its templates/ directory) below `path` to `dest`."""
+    base = path.strip("/")
+    wanted = []
+    for entry in repo.files(commit, base):
+        rel = entry.path[len(base) + 1 :] if base else entry.path
+        if not (inventory.kind(rel) or _is_template(rel)):
+            continue
+        if not entry.is_file:
+            raise MtdError(f"{entry.path}: not a regular file (mode {entry.mode}): expected one")
+        wanted.append((rel, entry))
+    if not any(inventory.kind(rel) for rel, _ in wanted):
+        where = f"{base}/" if base else "the repository root"
+        raise MtdError(f"{where}: no *.yaml files: expected the desired state here")
+    for (rel, _), blob in zip(wanted, repo.blobs([e.oid for _, e in wanted]), strict=True):
+        target = dest / rel
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.write_bytes(blob)
+
+
+def _is_template(rel: str) -> bool:
+    p = PurePosixPath(rel)
+    return len(p.parts) == 2 and p.parts[0] == TEMPLATES and not p.name.startswith(".")
+
+
+def check_path(path: str) -> str:
+    """`mtd/`, `./mtd` -> `mtd`; "" or "." is the repository root."""
+    p = PurePosixPath(path)
+    if p.is_absolute() or ".." in p.parts:
+        raise MtdError(f"--path {path!r}: expected a directory inside the repository")
+    return "" if str(p) == "." else str(p)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """One round at a time per clone (a cron'd `mtd pull --once` next to the daemon)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """pull.json; a missing or unreadable one is a fresh start (the next round re-applies)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_record(path: Path, rec: dict[str, Any]) -> None:
+    localfiles.write_atomic(path, json.dumps(rec, indent=1, sort_keys=True) + "\n")
+
+
+def summary(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """What `mtd status` shows of pull.json: applied commit, rejected head, remote trouble."""
+    applied = rec.get("applied") or {}
+    rejected = rec.get("rejected") or {}
+    head = rec.get("head")
+    unreachable = rec.get("unreachable") or None
+    head_rejected = head is not None and head == rejected.get("commit")
+    return {
+        "remote": rec.get("remote"),
+        "head": head,
+        "applied": applied.get("commit"),
+        "applied_at": applied.get("time"),
+        "rejected": rejected.get("commit"),
+        "rejected_at": rejected.get("time"),
+        "error": rejected.get("error") if head_rejected else None,
+        "unreachable": unreachable,
+        "healthy": bool(head) and head == applied.get("commit") and not unreachable,
+    }
+
+
+def summary_lines(rec: Mapping[str, Any]) -> list[str]:
+    s = summary(rec)
+    remote = s["remote"] or {}
+    where = f"{remote.get('url')} {remote.get('branch')}" + (
+        f" ({remote['path']}/)" if remote.get("path") else ""
+    )
+    applied = (
+        f"commit {s['applied'][:12]} applied {s['applied_at']}"
+        if s["applied"]
+        else "nothing applied"
+    )
+    out = [f"pull: {where}: {applied}"]
+    if s["error"]:
+        out.append(f"pull: head rejected since {s['rejected_at']}: {s['error']}")
+    if s["unreachable"]:
+        u = s["unreachable"]
+        out.append(
+            f"pull: remote unreachable since {u.get('since')} ({u.get('failures')} tries): "
+            f"{u.get('error')}"
+        )
+    return out
