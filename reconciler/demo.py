@@ -1,5 +1,9 @@
 """`make demo`: the whole product in a sandboxed lab of network namespaces.
 
+A server with services, an untrusted and a trusted client, a private redis-server and
+`mtd run` on the server: what each client's nmap sees, a rotation published on Redis,
+what they see after it, drift repaired, and the diff that says the host is in sync.
+
 Nothing on the host changes: the lab's namespaces hold every rule, sysctl and process, the
 desired state and secret live in a temporary directory, and everything is removed at the end,
 on Ctrl-C and on failure too.
@@ -7,6 +11,8 @@ on Ctrl-C and on failure too.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from reconciler.lab import Lab, nmap_open, standard_lab
+from reconciler.lab import Lab, RedisServer, free_port, nmap_open, standard_lab
 
 SERVICES = [1, 2, 3, 4, 5]
 STATE = {
@@ -49,6 +55,8 @@ def mtd(lab: Lab, state: Path, *args: str) -> str:
 
 
 def show_views(lab: Lab, modes: tuple[str, ...] = ("-sS", "-sF")) -> None:
+    """What nmap finds open from each client (-sF: a stateless scan the seed could not fool
+    beyond three flag values; mtd fools them all)."""
     say(f"   {'client':24} " + "  ".join(f"nmap {m:8}" for m in modes) + "  (open ports of 1-20)")
     for label, role, target in VIEWS:
         cols = []
@@ -63,40 +71,81 @@ def step(n: int, text: str) -> None:
     say(f"{n}. {text}")
 
 
+class Daemon:
+    """`mtd run` in the server namespace; its JSON log lines are what the demo reports."""
+
+    def __init__(self, lab: Lab, state: Path, log: Path) -> None:
+        self.log = log
+        argv = [sys.executable, "-m", "reconciler", "-s", str(state), "run", "--log-json",
+                "--drift-interval", "1", "--redis-check", "0.5"]  # fmt: skip
+        with log.open("w") as out:
+            self.proc = lab.spawn("srv", argv, stdout=subprocess.DEVNULL, stderr=out)
+        self.seen = 0
+
+    def wait_for(self, event: str, timeout: float = 20, **fields: object) -> dict:
+        """The next log event of this kind (and fields); skips what was already reported."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.log.read_text().splitlines()
+            for i, line in enumerate(lines[self.seen :], self.seen):
+                with contextlib.suppress(json.JSONDecodeError):
+                    ev = json.loads(line)
+                    if ev.get("event") == event and all(ev.get(k) == v for k, v in fields.items()):
+                        self.seen = i + 1
+                        return ev
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mtd run exited: {self.log.read_text()[-500:]}")
+            time.sleep(0.05)
+        raise RuntimeError(f"mtd run did not log {event} {fields} in {timeout} s")
+
+
 def run_demo(workdir: Path) -> None:
     state = workdir / "state.yaml"
-    state.write_text(yaml.safe_dump(STATE | {"secret_file": str(workdir / "secret")}))
     say("mtd demo: a lab of network namespaces; nothing on this host is changed.")
     say("   server    192.0.2.1 / 2001:db8::1, listening on tcp 1-5 and udp 53")
     say("   untrusted 192.0.2.3 / 2001:db8::3 (watched; tcp 1 and 2 never move for it)")
     say("   trusted   192.0.2.2 / 2001:db8::2")
     with standard_lab(SERVICES, [53]) as lab:
+        redis = RedisServer(workdir / "redis", lab=lab, role="srv", port=free_port()).start()
+        say(f"   a private redis-server in the server's namespace ({redis.url})")
+        state.write_text(
+            yaml.safe_dump(
+                STATE | {"secret_file": str(workdir / "secret"), "redis": {"url": redis.url}}
+            )
+        )
         step(1, "Before mtd: every client sees the real ports.")
         show_views(lab, ("-sS",))
-        step(2, "mtd diff previews the change (exit 2: changes pending):")
+        step(2, "mtd diff previews what mtd would do (exit 2: changes pending):")
         say(textwrap.indent(mtd(lab, state, "diff", "--stat"), "   "))
-        step(3, "mtd apply replaces mtd's own table in one transaction:")
-        say("   " + mtd(lab, state, "apply"))
-        say("   " + mtd(lab, state, "apply") + "   <- a second apply has nothing to do")
+        step(3, "mtd run starts on the server: it applies the desired state in one transaction,")
+        say("   then follows Redis triggers and repairs drift.")
+        daemon = Daemon(lab, state, workdir / "mtd-run.log")
+        say("   mtd run: " + daemon.wait_for("reconcile", origin="start")["message"])
         step(4, "The untrusted client finds the services at shuffled ports, in every scan mode;")
         say("   the trusted client still sees the real ones.")
         show_views(lab)
-        moved = [int(p) for p in sorted(nmap_open(lab, "unt", "192.0.2.1", "-sS")) if p > 2]
+        moved = [p for p in sorted(nmap_open(lab, "unt", "192.0.2.1", "-sS")) if p > 2]
         if moved:
-            say(
-                f"   untrusted connects to :{moved[0]} and is answered by: "
-                f"{lab.probe('unt', 'tcp', '192.0.2.1', moved[0])!r}"
-            )
-        step(5, "mtd rotate starts a new epoch: a new shuffle, applied atomically.")
-        say("   " + mtd(lab, state, "rotate"))
+            say(f"   untrusted connects to :{moved[0]} and is answered by: "
+                f"{lab.probe('unt', 'tcp', '192.0.2.1', moved[0])!r}")  # fmt: skip
+        step(5, "A rotation is published on Redis (mtd rotate --publish): a new epoch, a new")
+        say("   shuffle for the untrusted client; the trusted view does not change.")
+        say("   " + mtd(lab, state, "rotate", "--publish"))
+        ev = daemon.wait_for("reconcile", origin="redis")
+        took = f" ({ev['latency'] * 1000:.0f} ms after the publish)" if "latency" in ev else ""
+        say(f"   mtd run: {ev['message']}{took}")
         show_views(lab)
-        step(6, "Drift: someone deletes mtd's table; mtd diff sees it, mtd apply repairs it.")
+        step(6, "Drift: someone deletes mtd's table by hand; mtd run restores it within a second.")
         lab.sh("srv", "nft delete table inet mtd")
+        say("   mtd run: " + daemon.wait_for("drift")["message"])
+        step(7, "mtd diff and mtd status agree that the host is in sync:")
         say(textwrap.indent(mtd(lab, state, "diff", "--stat"), "   "))
-        say("   " + mtd(lab, state, "apply"))
         say("   " + mtd(lab, state, "status"))
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(timeout=10)
+        redis.stop()
     say()
-    say("Lab removed. Next: README.md (make test, the desired state, mtd run with Redis).")
+    say("Lab removed (namespaces, rules, redis-server, mtd run). Next: README.md.")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 SERVER_V4 = ("192.0.2.1/24", "198.51.100.1/24")
 SERVER_V6 = ("2001:db8::1/64", "2001:db8:bad::1/64")
@@ -179,6 +180,97 @@ def standard_lab(tcp: Sequence[int] = (1, 2, 3, 4, 5), udp: Sequence[int] = (53,
         yield lab
     finally:
         lab.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server (no persistence, foreground, always killed by `stop()`).
+
+    `host`/`port` where it listens; `lab`/`role`: the namespace it runs in (None: here)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        lab: Lab | None = None,
+        role: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.lab, self.role = lab, role
+        self.host = host
+        self.port = port or (6379 if lab else free_port())
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/0"
+
+    def _argv(self, argv: list[str]) -> list[str]:
+        if self.lab is None:
+            return argv
+        assert self.role is not None
+        return ["ip", "netns", "exec", self.lab.hosts[self.role].ns, *argv]
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--protected-mode", "no",
+            "--dir", str(self.workdir),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            self._argv(argv),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            if self.cli("PING", check=False) == "PONG":
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def cli(self, *args: str, check: bool = True) -> str:
+        """One redis-cli command (raw output, no quoting), in the server's namespace."""
+        argv = ["redis-cli", "--raw", "-h", self.host, "-p", str(self.port), *args]
+        proc = subprocess.run(
+            self._argv(argv), capture_output=True, text=True, check=False, timeout=10
+        )
+        if check and (proc.returncode != 0 or proc.stdout.startswith("ERR")):
+            raise RuntimeError(f"redis-cli {' '.join(args)}: {proc.stdout}{proc.stderr}")
+        return proc.stdout.strip()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _ip(*args: str) -> None:
