@@ -26,7 +26,6 @@ import hmac
 import json
 import logging
 import math
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,12 +37,12 @@ import redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 
+from reconciler import localfiles
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
 from reconciler.state import State
 
 MAX_EPOCH = 2**53 - 1  # exact in JSON numbers and in Redis' Lua
-MIN_KEY_BYTES = 16
 MESSAGE_KEYS = frozenset({"epoch", "time", "sig"})
 FORMAT = '{"epoch": N, "time": UNIX_SECONDS[, "sig": HEX]}'
 LOG = logging.getLogger(f"{LOGGER}.bus")
@@ -135,31 +134,18 @@ def redact(url: str) -> str:
 
 
 def read_signing_key(path: str | Path) -> bytes:
-    """The fleet's trigger signing key: the file must exist, be mode 0600, hold >= 16 bytes.
+    """The fleet's trigger signing key (mode 0600, at least 16 bytes).
 
     Surrounding whitespace is not part of the key, so `openssl rand -hex 32 > key` works the
     same on every host. Unlike the shuffle secret it is never created here: every host and
     publisher of a fleet must share the same one.
     """
-    p = Path(path)
-    try:
-        st = p.stat()
-        if st.st_mode & 0o077:
-            raise MtdError(
-                f"{p}: signing key file has mode {stat.S_IMODE(st.st_mode):04o}: expected 0600 "
-                f"(run: chmod 600 {p})"
-            )
-        key = p.read_bytes().strip()
-    except FileNotFoundError:
+    if not Path(path).exists():
         raise MtdError(
-            f"{p}: no such signing key file: expected the fleet's shared key "
-            f"(create it with: head -c 32 /dev/urandom > {p}; chmod 600 {p})"
-        ) from None
-    except OSError as exc:
-        raise MtdError(f"{p}: cannot read the signing key file: {exc.strerror}") from None
-    if len(key) < MIN_KEY_BYTES:
-        raise MtdError(f"{p}: signing key holds {len(key)} bytes: expected at least 16")
-    return key
+            f"{path}: no such signing key file: expected the fleet's shared key "
+            f"(create it with: head -c 32 /dev/urandom > {path}; chmod 600 {path})"
+        )
+    return localfiles.read_private_key(path, "signing key file", strip=True)
 
 
 def signature(key: bytes, channel: str, epoch: int, published: float) -> str:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
-import os
+import random
 import shutil
 import socket
 import tempfile
@@ -26,8 +25,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-
-from redis.backoff import EqualJitterBackoff
 
 from reconciler import audit, inventory, localfiles, render
 from reconciler.errors import MtdError
@@ -109,15 +106,15 @@ class Puller:
         self.repo = Repo(config.clone_dir, timeout=config.timeout)
         unreachable = read_record(config.record_path).get("unreachable") or {}
         self.failures = int(unreachable.get("failures", 0))
-        cap = config.interval * BACKOFF_FACTOR
-        self._backoff = EqualJitterBackoff(cap=cap, base=config.interval)
 
     def next_delay(self) -> float:
-        """Seconds until the next round: the interval, or a growing backoff while the
-        remote is unreachable."""
+        """Seconds until the next round: the interval, or, while the remote is unreachable,
+        a doubling delay (capped, with jitter so a fleet does not retry in lockstep)."""
+        interval = self.config.interval
         if self.failures == 0:
-            return self.config.interval
-        return max(self.config.interval, self._backoff.compute(self.failures))
+            return interval
+        step = min(interval * BACKOFF_FACTOR, interval * 2**self.failures)
+        return max(interval, random.uniform(step / 2, step))
 
     def round(
         self,
@@ -128,7 +125,7 @@ class Puller:
     ) -> Outcome:
         """Fetch; when the branch moved, validate, apply (or only report with `check`) and
         record the new commit. Takes the reconcile lock for the apply: do not hold it."""
-        with _exclusive(self.config.state_dir / "pull.lock"):
+        with localfiles.file_lock(self.config.state_dir / "pull.lock"):
             return self._round(nft, check=check, show=show)
 
     def _round(self, nft: Any, *, check: bool, show: Callable[[str], None] | None) -> Outcome:
@@ -304,18 +301,6 @@ def check_path(path: str) -> str:
     if p.is_absolute() or ".." in p.parts:
         raise MtdError(f"--path {path!r}: expected a directory inside the repository")
     return "" if str(p) == "." else str(p)
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """One round at a time per clone (a cron'd `mtd pull --once` next to the daemon)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def read_record(path: str | Path) -> dict[str, Any]:

@@ -94,11 +94,7 @@ def _read_text(path: Path) -> str:
 
 
 def load_or_create_secret(path: str | Path) -> bytes:
-    """The shuffle key: created with 32 random bytes and mode 0600 when missing.
-
-    A key readable by anyone but its owner is refused rather than silently fixed, so that a
-    leak is noticed. The key itself never appears in a message.
-    """
+    """The shuffle key: created with 32 random bytes and mode 0600 when missing."""
     p = Path(path)
     try:
         p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -110,18 +106,31 @@ def load_or_create_secret(path: str | Path) -> bytes:
     else:
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(SECRET_BYTES))
+    return read_private_key(p, "secret file")
+
+
+def read_private_key(path: str | Path, what: str, *, strip: bool = False) -> bytes:
+    """A key file only its owner may read, holding at least 16 bytes; never echoed.
+
+    A key readable by anyone else is refused rather than silently fixed, so that a leak is
+    noticed. With `strip`, surrounding whitespace is not part of the key.
+    """
+    p = Path(path)
     try:
         st = p.stat()
         if st.st_mode & 0o077:
             raise MtdError(
-                f"{p}: secret file has mode {stat.S_IMODE(st.st_mode):04o}: expected 0600 "
+                f"{p}: {what} has mode {stat.S_IMODE(st.st_mode):04o}: expected 0600 "
                 f"(run: chmod 600 {p})"
             )
         key = p.read_bytes()
+    except FileNotFoundError:
+        raise MtdError(f"{p}: no such {what}") from None
     except OSError as exc:
-        raise MtdError(f"{p}: cannot read the secret file: {exc.strerror}") from None
+        raise MtdError(f"{p}: cannot read the {what}: {exc.strerror}") from None
+    key = key.strip() if strip else key
     if len(key) < 16:
-        raise MtdError(f"{p}: secret file holds {len(key)} bytes: expected at least 16")
+        raise MtdError(f"{p}: {what} holds {len(key)} bytes: expected at least 16")
     return key
 
 
@@ -157,10 +166,15 @@ def write_atomic(path: str | Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, p)
 
 
-@contextlib.contextmanager
-def reconcile_lock(epoch_file: str | Path) -> Iterator[None]:
+def reconcile_lock(epoch_file: str | Path) -> contextlib.AbstractContextManager[None]:
     """One reconcile at a time per host (daemon, CLI, pull), even across processes."""
-    p = Path(epoch_file).with_name("lock")
+    return file_lock(Path(epoch_file).with_name("lock"))
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive flock on `path`, released when the block ends or the process dies."""
+    p = Path(path)
     p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
     try:
