@@ -175,7 +175,7 @@ def render_cmd(ctx: Ctx, epoch: int | None) -> None:
     secret = localfiles.load_or_create_secret(state.secret_file)
     epoch = localfiles.read_epoch(state.epoch_file) if epoch is None else epoch
     commands = render.render(state, shuffle.compute(state, secret, epoch), ctx.templates)
-    click.echo(json.dumps({"nftables": commands}, indent=1))
+    click.echo(json.dumps({"nftables": commands}, indent=1, default=list))  # element lists
 
 
 def _pass(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import diff, localfiles, render, shuffle
+from reconciler.bulk import gc_paused
 from reconciler.nft import Nft, canonical
 from reconciler.state import State
 
@@ -70,6 +71,7 @@ class _Phases(dict[str, float]):
             self[name] = self.get(name, 0.0) + time.perf_counter() - start
 
 
+@gc_paused()
 def reconcile(
     state: State,
     epoch: int,
@@ -82,7 +84,9 @@ def reconcile(
     """Make the owned table match `state` at `epoch`; with `check`, only report.
 
     `read_live=False` skips reading the table back (a rotation at a million mappings, where
-    listing alone costs a minute): the table is then replaced without a diff.
+    listing alone costs a minute): the table is then replaced without a diff. That loses no
+    drift: the replacement overwrites whatever changed, and the full compare (apply, diff,
+    status, the daemon's drift timer) reports drift between rotations.
     """
     t = _Phases()
     with t("shuffle"):
@@ -90,16 +94,14 @@ def reconcile(
         mapping = shuffle.compute(state, secret, epoch)
     with t("render"):
         commands = render.render(state, mapping, templates)
-    with t("read"):
-        skeleton = diff.from_listing(canonical(diff.skeleton_commands(commands), state.table))
-        live = nft.list_table(state.table) if read_live else None
-    with t("diff"):
-        want = diff.desired(skeleton, commands)
-        if read_live:
-            have = diff.from_listing(live) if live is not None else diff.MISSING
-            changes = diff.diff(want, have)
-        else:
-            changes = [diff.Change("~", "table", "", "table replaced without reading it back")]
+    changes = [diff.Change("~", "table", "", "table replaced without reading it back")]
+    if read_live:
+        with t("read"):
+            skeleton = diff.from_listing(canonical(diff.skeleton_commands(commands), state.table))
+            have = diff.live(nft.list_table(state.table))
+        with t("diff"):
+            changes = diff.diff(diff.desired(skeleton, commands), have)
+            del have  # up to a million elements: not kept through the apply
     status = "ok"
     if not check:
         localfiles.set_sysctls(SYSCTLS)

@@ -8,7 +8,8 @@ environment with StrictUndefined turns template mistakes into one-line errors.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,103 @@ import jinja2.sandbox
 
 from reconciler.errors import MtdError
 from reconciler.shuffle import PortMap
-from reconciler.state import PROTOCOLS, Network, State
+from reconciler.state import PROTOCOLS, Network, State, Watched
 
 SUFFIX = ".json.j2"
 FAMILIES = {4: "ip", 6: "ip6"}
+_TOKEN = "\0mtd:"  # no template writes a NUL: placeholders cannot be mistaken for data
+_TOKEN_JSON = json.dumps(_TOKEN)[1:-1]
 
 
 def template_dirs() -> list[Path]:
     """Shipped templates: inside the package when installed, `templates/` in a checkout."""
     here = Path(__file__).resolve().parent
     return [d for d in (here / "templates", here.parent / "templates") if d.is_dir()]
+
+
+class Elements(Sequence[Any]):
+    """A map's elements `[{"concat": [key, port]}, port]`, kept as one row per source.
+
+    A million elements are never a million Python objects: templates may iterate or index
+    it like a list (elements are built as they are read), `| tojson` writes a placeholder
+    that `render` swaps for this object after parsing, `json_text` writes the JSON array by
+    string formatting (`bulk.dumps` uses it), and `rows` gives the diff (key, port, port)
+    without building each element.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.token = _TOKEN + name
+        self._rows: list[tuple[Any, str, Mapping[int, int]]] = []  # key, key as JSON, moves
+        self._len = 0
+        self._list: list[Any] | None = None
+
+    def add(self, key: Any, moves: Mapping[int, int]) -> None:
+        """Both directions of every swap: the map is an involution, so the same map answers
+        "where does this port go" and "what was it before"."""
+        self._rows.append((key, json.dumps(key, separators=(",", ":")), moves))
+        self._len += 2 * len(moves)
+
+    def rows(self) -> Iterator[tuple[Any, int, int]]:
+        for key, _, moves in self._rows:
+            for real, hidden in moves.items():
+                yield key, real, hidden
+                yield key, hidden, real
+
+    def __iter__(self) -> Iterator[Any]:
+        for key, port, to in self.rows():
+            yield ({"concat": (key, port)}, to)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: Any) -> Any:
+        if self._list is None:
+            self._list = list(self)
+        return self._list[i]
+
+    def json_text(self) -> str:
+        parts = [
+            f'[{{"concat":[{key},{real}]}},{hidden}],[{{"concat":[{key},{hidden}]}},{real}]'
+            for _, key, moves in self._rows
+            for real, hidden in moves.items()
+        ]
+        return f"[{','.join(parts)}]"
+
+
+class Lazy(Sequence[Any]):
+    """A list built on first use: `pairs` costs a dict per moved port and only per-pair
+    templates (classic) read it."""
+
+    def __init__(self, build: Callable[[], list[Any]]) -> None:
+        self._build: Callable[[], list[Any]] | None = build
+        self._items: list[Any] = []
+
+    def _list(self) -> list[Any]:
+        if self._build is not None:
+            self._items, self._build = self._build(), None
+        return self._items
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._list()[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._list())
+
+    def __len__(self) -> int:
+        return len(self._list())
+
+
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    """`| tojson`: compact; an `Elements` as its placeholder; a `Lazy` as a list."""
+    if isinstance(obj, Elements):
+        return json.dumps(obj.token)
+    return json.dumps(obj, default=_plain, **kwargs)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Lazy | Elements):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def environment(search: Iterable[Path]) -> jinja2.Environment:
@@ -36,55 +124,49 @@ def environment(search: Iterable[Path]) -> jinja2.Environment:
         autoescape=False,
         keep_trailing_newline=True,
     )
-    # Plain compact JSON: the HTML-safe default escapes and is slower on 100k elements.
-    env.policies["json.dumps_function"] = json.dumps
+    # Plain compact JSON, with element lists left as placeholders (see `Elements`).
+    env.policies["json.dumps_function"] = _dumps
     env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}
     return env
 
 
+@lru_cache(maxsize=8)
+def _cached_environment(search: tuple[Path, ...]) -> jinja2.Environment:
+    """One environment per template path: templates compile once per process (a daemon
+    rotates in milliseconds); Jinja still reloads a template whose file changed."""
+    return environment(search)
+
+
 def context(state: State, mapping: PortMap) -> dict[str, Any]:
     """Everything a template may use. Element lists are ready for `| tojson`."""
-    elements: dict[str, list[Any]] = {
-        f"{proto}{v}{kind}": [] for proto in PROTOCOLS for v in (4, 6) for kind in ("", "_net")
+    elements = {
+        f"{proto}{v}{kind}": Elements(f"elements.{proto}{v}{kind}")
+        for proto in PROTOCOLS
+        for v in (4, 6)
+        for kind in ("", "_net")
     }
     sources: dict[str, list[str]] = {"4": [], "6": []}
-    pairs: list[dict[str, Any]] = []
     pieces = _disjoint_prefixes([w.source for w in state.watched if not w.is_host])
     # Most specific first, so per-pair (classic) rules also let the narrower source win.
     ordered = sorted(state.watched, key=lambda w: (-w.source.prefixlen, w.index))
     for w in ordered:
-        v = w.source.version
+        v, label = w.source.version, w.label
         if w.is_host:
-            sources[str(v)].append(w.label)
+            sources[str(v)].append(label)
         for proto in PROTOCOLS:
-            moves = mapping.moves.get((w.label, proto), {})
+            moves = mapping.moves.get((label, proto))
             if not moves:
                 continue
-            for real, hidden in moves.items():
-                pairs.append(
-                    {
-                        "source": w.label,
-                        "family": FAMILIES[v],
-                        "proto": proto,
-                        "port": real,
-                        "to": hidden,
-                    }
-                )
             if w.is_host:
-                name, keys = f"{proto}{v}", [w.label]
+                out, keys = elements[f"{proto}{v}"], [label]
             else:
-                name = f"{proto}{v}_net"
+                out = elements[f"{proto}{v}_net"]
                 keys = [
                     {"prefix": {"addr": str(p.network_address), "len": p.prefixlen}}
                     for p in pieces[w.source]
                 ]
-            out = elements[name]
             for key in keys:
-                for real, hidden in moves.items():
-                    # Both directions of the swap: the map is an involution, so the same
-                    # map answers "where does this port go" and "what was it before".
-                    out.append([{"concat": [key, real]}, hidden])
-                    out.append([{"concat": [key, hidden]}, real])
+                out.add(key, moves)
     return {
         "table": state.table,
         "family": "inet",
@@ -93,8 +175,23 @@ def context(state: State, mapping: PortMap) -> dict[str, Any]:
         "state": state.doc,
         "elements": elements,
         "sources": sources,
-        "pairs": pairs,
+        "pairs": Lazy(lambda: _pairs(ordered, mapping)),
     }
+
+
+def _pairs(ordered: Iterable[Watched], mapping: PortMap) -> list[dict[str, Any]]:
+    return [
+        {
+            "source": w.label,
+            "family": FAMILIES[w.source.version],
+            "proto": proto,
+            "port": real,
+            "to": hidden,
+        }
+        for w in ordered
+        for proto in PROTOCOLS
+        for real, hidden in mapping.moves.get((w.label, proto), {}).items()
+    ]
 
 
 def _disjoint_prefixes(nets: list[Network]) -> dict[Network, list[Network]]:
@@ -132,10 +229,11 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
     """The list of libnftables JSON commands for the owned table."""
     dirs = list(search) if search is not None else template_dirs()
     name = state.template + SUFFIX
-    env = environment(dirs)
+    env = _cached_environment(tuple(dirs))
     where = _template_path(env, name)
+    ctx = context(state, mapping)
     try:
-        text = env.get_template(name).render(context(state, mapping))
+        text = env.get_template(name).render(ctx)
     except jinja2.TemplateNotFound:
         dirs_text = ", ".join(str(d) for d in dirs) or "(no template directory)"
         raise MtdError(f"template {state.template!r}: no {name} in {dirs_text}") from None
@@ -155,7 +253,19 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
             f"{where}: rendered output is not JSON: {exc.msg} "
             f"at rendered line {exc.lineno} column {exc.colno}"
         ) from None
+    if _TOKEN_JSON in text:
+        _splice(doc, {e.token: e for e in ctx["elements"].values()})
     return _commands(doc, state, where)
+
+
+def _splice(node: dict | list, bulk: dict[str, Elements]) -> None:
+    """Replace, in place, each element-list placeholder by its list."""
+    for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+        if isinstance(v, str):
+            if v in bulk:
+                node[k] = bulk[v]  # type: ignore[index]
+        elif isinstance(v, dict | list):
+            _splice(v, bulk)
 
 
 def _template_path(env: jinja2.Environment, name: str) -> str:

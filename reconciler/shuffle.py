@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from reconciler.state import PROTOCOLS, State
 
 _WORDS = struct.Struct(">8I")  # one SHA-256 block gives eight 32-bit draws
+_SPAN = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -45,41 +46,67 @@ def _words(key: bytes, label: bytes) -> Iterator[int]:
         counter += 1
 
 
-def _below(words: Iterator[int], n: int) -> int:
-    """Uniform in [0, n) by rejection sampling: no modulo bias."""
-    limit = (1 << 32) - (1 << 32) % n
-    while True:
-        x = next(words)
-        if x < limit:
-            return x % n
-
-
 def draw(key: bytes, label: bytes, pool: Sequence[int], k: int) -> list[int]:
     """k distinct items of `pool`, uniformly: the first k steps of a Fisher-Yates shuffle.
 
-    Only touched positions are stored, so the cost is O(k), not O(len(pool)).
+    Only touched positions are stored, so the cost is O(k), not O(len(pool)). Step i takes
+    a position uniform in [i, n) by rejection sampling (no modulo bias). Written out in one
+    loop: it runs for every source, 100k times in a big rotation.
     """
-    if k > len(pool):
-        raise ValueError(f"cannot draw {k} distinct ports from {len(pool)}")
+    n = len(pool)
+    if k > n:
+        raise ValueError(f"cannot draw {k} distinct ports from {n}")
     words = _words(key, label)
     swapped: dict[int, int] = {}
     out = []
     for i in range(k):
-        j = i + _below(words, len(pool) - i)
+        span = n - i
+        limit = _SPAN - _SPAN % span
+        x = next(words)
+        while x >= limit:
+            x = next(words)
+        j = i + x % span
         at_i, at_j = swapped.get(i, i), swapped.get(j, j)
         swapped[j] = at_i
         out.append(pool[at_j])
     return out
 
 
+class FreePorts(Sequence[int]):
+    """`State.free_ports` (the range minus the service ports), one index at a time: a pass
+    reads a few ports per source, and listing 60,000 of them would be most of a small pass."""
+
+    def __init__(self, lo: int, hi: int, taken: Iterable[int]) -> None:
+        self._lo = lo
+        self._taken = sorted({p for p in taken if lo <= p <= hi})
+        self._len = hi - lo + 1 - len(self._taken)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> int:  # type: ignore[override]
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        port = self._lo + i
+        for taken in self._taken:  # ascending: each one at or below shifts the answer up
+            if taken > port:
+                break
+            port += 1
+        return port
+
+
 def compute(state: State, secret: bytes, epoch: int) -> PortMap:
     """The whole mapping of one epoch: one independent permutation per (source, protocol)."""
     key = epoch_key(secret, epoch)
-    pools = {proto: state.free_ports(proto) for proto in PROTOCOLS}
+    lo, hi = state.port_range
+    pools = {proto: FreePorts(lo, hi, state.services[proto]) for proto in PROTOCOLS}
     moves: dict[tuple[str, str], dict[int, int]] = {}
+    moved: dict[tuple[str, frozenset[int]], list[int]] = {}  # by ignore list: few distinct
     for w in state.watched:
         for proto in PROTOCOLS:
-            ports = state.moved_ports(w, proto)
+            ports = moved.get((proto, w.ignore[proto]))
+            if ports is None:
+                ports = moved[(proto, w.ignore[proto])] = state.moved_ports(w, proto)
             if ports:
                 targets = draw(key, f"{w.label}|{proto}".encode(), pools[proto], len(ports))
                 moves[(w.label, proto)] = dict(zip(ports, targets, strict=True))

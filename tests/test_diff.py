@@ -105,3 +105,25 @@ def test_large_element_sets_diff_by_key():
     want, have = diff.Table(elements={"m": b}), diff.Table(elements={"m": a})
     (change,) = diff.diff(want, have)
     assert change.text == "element m { 192.0.0.1 . 3 : 9 -> 10 }"
+
+
+def test_anonymous_set_order_in_rules_does_not_matter():
+    rule = [
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "tcp", "field": "flags"}},
+                "right": {"set": [0, "fin", {"|": ["fin", "syn"]}]},
+            }
+        }
+    ]
+    shuffled = [
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "tcp", "field": "flags"}},
+                "right": {"set": [{"|": ["fin", "syn"]}, 0, "fin"]},
+            }
+        }
+    ]
+    assert diff.diff(table(rules=[rule]), table(rules=[shuffled])) == []

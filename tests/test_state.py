@@ -39,8 +39,13 @@ def test_schema_error_names_key_path_and_line():
     assert msg == "s.yaml:4: watched[0].ignore.tcp[0]: 70000: expected at most 65535"
 
 
-def test_unknown_key_is_named():
-    assert "unknown key ('tabel' was unexpected)" in error_of(BASE + "tabel: x\n")
+def test_unknown_key_is_named_in_the_file_that_has_it(tmp_path: Path):
+    assert error_of(BASE + "tabel: x\n").startswith("s.yaml:2: tabel: unknown key: expected one of")
+    write_state(tmp_path / "10-base.yaml")
+    (tmp_path / "05-typo.yaml").write_text("ports:\n  rnage: [1, 2]\n")
+    with pytest.raises(MtdError) as exc:
+        load_state(tmp_path)
+    assert str(exc.value).startswith(f"{tmp_path / '05-typo.yaml'}:2: ports.rnage: unknown key")
 
 
 def test_bad_address_is_named():

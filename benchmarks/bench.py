@@ -1,0 +1,719 @@
+"""`make bench`: mtd against the proof of concept's rule shape and against the kernel's floor.
+
+A benchmark, not a test: it asserts nothing about time. Everything runs in network
+namespaces it creates (reconciler.lab) and removes; it prints a markdown report and writes
+it to benchmarks/results/latest.md.
+
+1. Reconcile cost against size: `mtd apply` (first, no change, full: a new epoch read,
+   diffed and applied), `mtd rotate` (a new epoch, replaced without reading back), the
+   classic template (the seed's nine rules per pair), and the floor: the same rendered
+   document sent in one libnftables `json_cmd` by a minimal script (floor.py), `nft -f` of
+   the same document in nft syntax, and one listing of the table. Medians of several runs,
+   peak RSS, and the phases of a full reconcile (phases.py).
+2. Trigger-to-applied latency through a real redis-server and `mtd run`.
+3. Packet path: new TCP connections per second from a watched source to a moved service
+   (connrate.py), with 1 and with many watched sources, maps against classic.
+4. Fleet fan-out: N daemons, each in its own namespace, on one Redis.
+
+Addresses: bulk sources are map keys that never send a packet (benchmarks/states.py).
+
+    python benchmarks/bench.py [--quick] [--sizes 10,1000] [--parts cost,packets,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script (make bench): import from this checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import states  # noqa: E402
+from reconciler import bulk, diff, localfiles, nft, render, shuffle  # noqa: E402
+from reconciler.lab import Lab  # noqa: E402
+
+PY = sys.executable
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "latest.md"
+SIZES = (10, 1_000, 10_000, 100_000)
+PARTS = ("cost", "latency", "packets", "fleet")
+CLASSIC_MAX = 1_000  # 10,000 sources are 450,000 classic rules: minutes and ~10 GB per apply
+TIMEOUT = 1800  # seconds for any one process; nothing here may hang
+PORT = 3  # the moved service connections go to in the packet test
+
+
+@dataclass
+class Run:
+    seconds: float
+    rss_mb: float
+    out: str
+
+
+def run(lab: Lab, role: str, argv: list[str], timeout: float = TIMEOUT) -> Run:
+    """One process inside a namespace: wall time and peak RSS (its own or its children's)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.hosts[role].ns, *argv], stdout=out, stderr=err, cwd=ROOT
+        )
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # ip execs argv: same pid
+        took = time.perf_counter() - start
+        killer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {err.read()[-500:]}")
+        return Run(took, usage.ru_maxrss / 1024, out.read())
+
+
+def mtd(lab: Lab, role: str, state: Path, *args: str) -> Run:
+    return run(lab, role, [PY, "-m", "reconciler", "-s", str(state), *args])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- 1. reconcile cost ------------------------------------------------------------------
+
+
+@dataclass
+class Cost:
+    n: int
+    ipv6: bool
+    elements: int
+    first: float
+    same: float
+    full: float
+    rotate: float
+    daemon_rotate: float
+    floor_apply: float
+    floor_text: float
+    floor_list: float
+    rss: float
+    floor_rss: float
+    phases: dict[str, float]
+
+    @property
+    def full_ratio(self) -> float:
+        return self.full / (self.floor_apply + self.floor_list)
+
+    @property
+    def rotate_ratio(self) -> float:
+        return self.rotate / self.floor_apply
+
+    @property
+    def daemon_ratio(self) -> float:
+        return self.daemon_rotate / self.floor_apply
+
+
+def cost(work: Path, n: int, ipv6: bool, runs: int) -> Cost:
+    """Every measurement of one size, in one namespace, against one state."""
+    with Lab(prefix="mtdb") as lab:
+        return _cost(lab, work, n, ipv6, runs)
+
+
+def _cost(lab: Lab, work: Path, n: int, ipv6: bool, runs: int) -> Cost:
+    role = f"c{n}{'6' if ipv6 else ''}"
+    lab.add_server(role)
+    path = states.write(work / role / "state.yaml", n, ipv6=ipv6)
+    state = localfiles.load_state(path)
+    # Reading a whole 1M-element table back takes about a minute: once is enough there.
+    slow = 1 if n >= 100_000 else runs
+    say(f"cost {n}x5{' +IPv6' if ipv6 else ''}: mtd apply")
+
+    def fresh_apply() -> Run:
+        lab.sh(role, "nft delete table inet mtd 2>/dev/null || true")
+        return mtd(lab, role, path, "apply")
+
+    def full_apply() -> Run:
+        next_epoch(state)  # every mapping changes: read, diff and replace all of it
+        return mtd(lab, role, path, "apply")
+
+    def in_phases() -> Run:
+        epoch = next_epoch(state)
+        next_epoch(state)  # phases.py rotates to epoch + 1 as well
+        return run(lab, role, [PY, str(HERE / "phases.py"), str(path), str(epoch)])
+
+    first = [fresh_apply() for _ in range(runs)]
+    same = [mtd(lab, role, path, "apply") for _ in range(slow)]
+    full = [full_apply() for _ in range(slow)]
+    rotate = [mtd(lab, role, path, "rotate") for _ in range(runs)]
+    phases = [in_phases() for _ in range(slow)]
+    say(f"cost {n}x5{' +IPv6' if ipv6 else ''}: floor")
+    docs, texts = _floor_documents(work / role, state)
+    floor_py = [PY, str(HERE / "floor.py")]
+    floor = [run(lab, role, [*floor_py, "apply", docs[i % 2]]) for i in range(runs)]
+    text = [run(lab, role, ["nft", "-f", texts[i % 2]]) for i in range(runs)]
+    listing = [run(lab, role, [*floor_py, "list", state.table]) for _ in range(slow)]
+    per_phase = [json.loads(r.out) for r in phases]
+    return Cost(
+        n=n,
+        ipv6=ipv6,
+        elements=_elements(docs[0]),
+        first=median([r.seconds for r in first]),
+        same=median([r.seconds for r in same]),
+        full=median([r.seconds for r in full]),
+        rotate=median([r.seconds for r in rotate]),
+        daemon_rotate=median([p["rotation"] for p in per_phase]),
+        floor_apply=median([float(r.out) for r in floor]),
+        floor_text=median([r.seconds for r in text]),
+        floor_list=median([float(r.out) for r in listing]),
+        rss=max(r.rss_mb for r in first + same + full),
+        floor_rss=max(r.rss_mb for r in floor),
+        phases={k: median([p[k] for p in per_phase]) for k in PHASES},
+    )
+
+
+PHASES = ("load", "shuffle", "render", "read", "diff", "apply")
+
+
+def next_epoch(state: Any) -> int:
+    """Move the local epoch on (as `mtd rotate` would, without applying)."""
+    epoch = localfiles.read_epoch(state.epoch_file) + 1
+    localfiles.write_epoch(state.epoch_file, epoch)
+    return epoch
+
+
+def _floor_documents(work: Path, state: Any) -> tuple[list[str], list[str]]:
+    """The batch mtd sends (create-if-missing, delete, the rendered document) for two
+    epochs, as JSON for `json_cmd` and in nft syntax for `nft -f`. Two, so that every
+    floor run replaces a table with different content, as a rotation does."""
+    secret = localfiles.load_or_create_secret(state.secret_file)
+    docs, texts = [], []
+    for epoch in (1_000_000, 1_000_001):
+        commands = render.render(state, shuffle.compute(state, secret, epoch))
+        doc, text = work / f"floor-{epoch}.json", work / f"floor-{epoch}.nft"
+        doc.write_text(bulk.dumps({"nftables": nft.replace_batch(state.table, commands)}))
+        text.write_text(nft_text(state.table, commands))
+        docs.append(str(doc))
+        texts.append(str(text))
+    return docs, texts
+
+
+def nft_text(table: str, commands: list[dict[str, Any]]) -> str:
+    """The same document in nft syntax: the kernel's own listing of the element-free
+    skeleton (loaded in a scratch namespace), then the elements, after the same
+    create-if-missing and delete that mtd puts first."""
+    skeleton = {"nftables": nft.replace_batch(table, diff.skeleton_commands(commands))}
+    listed = subprocess.run(
+        ["unshare", "--net", "sh", "-c", f"nft -j -f - && nft list table inet {table}"],
+        input=json.dumps(skeleton),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = [f"add table inet {table}", f"delete table inet {table}", listed]
+    for cmd in commands:
+        (kind, obj), *_ = cmd["add"].items()
+        items = obj.get("elem") or [] if kind in ("set", "map") else []
+        if kind == "map":
+            words = [f"{diff.elem_text(k)} : {diff.elem_text(v)}" for k, v in items]
+        else:
+            words = [diff.elem_text(e) for e in items]
+        for i in range(0, len(words), 10_000):
+            chunk = ", ".join(words[i : i + 10_000])
+            lines.append(f"add element inet {table} {obj['name']} {{ {chunk} }}")
+    return "\n".join(lines) + "\n"
+
+
+def _elements(doc: str) -> int:
+    """Map elements (mappings) in a document: both directions of every moved port."""
+    with open(doc, encoding="utf-8") as f:
+        commands = json.load(f)["nftables"]
+    maps = [c["add"]["map"] for c in commands if "map" in c.get("add", {})]
+    return sum(len(m.get("elem") or []) for m in maps)
+
+
+@dataclass
+class Classic:
+    n: int
+    rules: int
+    first: float
+    rss: float
+
+
+def classic(work: Path, n: int, runs: int) -> Classic:
+    """`mtd apply` of the classic template: the seed's rule shape, through the same mtd."""
+    path = states.write(work / f"k{n}" / "state.yaml", n, template="classic")
+    say(f"classic {n}x5: mtd apply")
+    first = []
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        for _ in range(runs):
+            lab.sh("srv", "nft delete table inet mtd 2>/dev/null || true")
+            first.append(mtd(lab, "srv", path, "apply"))
+    state = localfiles.load_state(path)
+    commands = render.render(state, shuffle.compute(state, b"\0" * 32, 0))
+    rules = sum("rule" in c["add"] for c in commands)
+    return Classic(n, rules, median([r.seconds for r in first]), max(r.rss_mb for r in first))
+
+
+# --- 2. and 4. latency: publish -> applied, through a real redis-server and `mtd run` -------
+
+
+class Daemon:
+    """`mtd run --log-json` in a namespace; every log line is kept with the moment it arrived
+    (CLOCK_MONOTONIC, the publisher's clock too). A daemon logs a pass right after its kernel
+    transaction returns, so a line's arrival is when its epoch became live, to within the
+    few hundred microseconds a log line and a pipe take."""
+
+    def __init__(self, lab: Lab, role: str, state: Path, *args: str) -> None:
+        argv = [PY, "-m", "reconciler", "-s", str(state), "run", "--log-json", *args]
+        self.proc = lab.spawn(
+            role, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+        )
+        self.lines: list[tuple[float, dict[str, Any]]] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            arrived = time.monotonic()
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                with self.changed:
+                    self.lines.append((arrived, entry))
+                    self.changed.notify_all()
+
+    def applied(self, epoch: int, timeout: float = 120) -> float:
+        """When the daemon reported `epoch` applied."""
+        end = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for arrived, e in self.lines:
+                    if e.get("event") == "reconcile" and e.get("epoch") == epoch:
+                        if e.get("result") not in ("changed", "ok"):
+                            raise RuntimeError(f"daemon: {e.get('message')}")
+                        return arrived
+                if self.proc.poll() is not None or not self.changed.wait(end - time.monotonic()):
+                    last = self.lines[-1][1].get("message") if self.lines else "no output"
+                    raise RuntimeError(f"daemon: epoch {epoch} not applied: {last}")
+
+
+def redis_server(lab: Lab, role: str, bind: str) -> None:
+    """A real redis-server in the namespace (port 6379 is free in a fresh one), no disk."""
+    argv = ["redis-server", "--port", "6379", "--bind", bind, "--save", "", "--appendonly", "no"]
+    lab.spawn(role, [*argv, "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        if lab.run(role, ["redis-cli", "-h", bind, "ping"]).stdout.strip() == "PONG":
+            return
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def publisher(lab: Lab, role: str, state: Path) -> Callable[[], tuple[float, int]]:
+    proc = lab.spawn(
+        role,
+        [PY, str(HERE / "publisher.py"), str(state)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    def publish() -> tuple[float, int]:
+        stdin.write("\n")
+        stdin.flush()
+        start, epoch = stdout.readline().split()
+        return float(start), int(epoch)
+
+    return publish
+
+
+@dataclass
+class Latency:
+    n: int
+    mode: str
+    samples: list[float]
+
+
+def latency(work: Path, n: int, triggers: int, *args: str) -> Latency:
+    """One daemon, one trigger at a time: publish, wait until applied, again."""
+    mode = " ".join(args) or "default"
+    say(f"latency {n}x5 ({mode}): {triggers} triggers")
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        redis_server(lab, "srv", "127.0.0.1")
+        path = states.write(work / f"l{n}{len(args)}" / "state.yaml", n, redis=REDIS_LOCAL)
+        # No drift check during the measurement: it would only queue triggers behind it.
+        daemon = Daemon(lab, "srv", path, "--drift-interval", "3600", *args)
+        daemon.applied(0)
+        publish = publisher(lab, "srv", path)
+        samples = []
+        for _ in range(triggers):
+            start, epoch = publish()
+            samples.append(daemon.applied(epoch) - start)
+        return Latency(n, mode, samples)
+
+
+@dataclass
+class Fanout:
+    daemons: int
+    samples: list[float]  # per trigger: publish -> the last daemon applied
+
+
+def fanout(work: Path, daemons: int, triggers: int) -> Fanout:
+    """N daemons, each in its own namespace, on one Redis in the server namespace."""
+    say(f"fleet: {daemons} daemons")
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        redis_server(lab, "srv", lab.server.v4)
+        url = f"redis://{lab.server.v4}:6379/0"
+        fleet = []
+        for i in range(daemons):
+            lab.add_client(f"h{i}", f"192.0.2.{100 + i}", f"2001:db8::{100 + i:x}")
+            path = states.write(work / f"f{daemons}" / f"h{i}" / "state.yaml", 10, redis=url)
+            fleet.append(Daemon(lab, f"h{i}", path, "--drift-interval", "3600"))
+        for d in fleet:
+            d.applied(0)
+        publish = publisher(lab, "srv", path)
+        samples = []
+        for _ in range(triggers):
+            start, epoch = publish()
+            samples.append(max(d.applied(epoch) for d in fleet) - start)
+        return Fanout(daemons, samples)
+
+
+REDIS_LOCAL = "redis://127.0.0.1:6379/0"
+
+
+def percentile(values: list[float], p: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
+
+
+# --- 3. packet path ---------------------------------------------------------------------
+
+
+@dataclass
+class Rate:
+    sources: int
+    template: str
+    per_second: float
+    load: float
+
+
+def packets(work: Path, sources: int, template: str, seconds: float, repeats: int) -> Rate:
+    """Connections per second from the watched client (the last source) to its shuffled port.
+
+    classic at many sources is loaded with one `json_cmd` of mtd's own rendering (mtd apply of
+    450,000 rules would take minutes); maps with `mtd apply`.
+    """
+    say(f"packets: {template} with {sources} watched sources")
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        client = lab.add_client("unt", states.UNDER_TEST, "2001:db8::3")
+        lab.serve("srv", states.SERVICES, [])
+        dirname = work / f"p{template}{sources}"
+        path = states.write(dirname / "state.yaml", sources, template=template)
+        state = localfiles.load_state(path)
+        secret = localfiles.load_or_create_secret(state.secret_file)
+        mapping = shuffle.compute(state, secret, 0)
+        start = time.perf_counter()
+        if template == "maps" or sources <= CLASSIC_MAX:
+            mtd(lab, "srv", path, "apply")
+        else:
+            doc = dirname / "doc.json"
+            commands = render.render(state, mapping)
+            doc.write_text(bulk.dumps({"nftables": nft.replace_batch(state.table, commands)}))
+            run(lab, "srv", [PY, str(HERE / "floor.py"), "apply", str(doc)])
+        load = time.perf_counter() - start
+        port = mapping.moves[(client.v4, "tcp")][PORT]
+        argv = [PY, str(HERE / "connrate.py"), lab.server.v4, str(port), str(seconds)]
+        rates = [float(run(lab, "unt", argv).out) for _ in range(repeats)]
+        return Rate(sources, template, median(rates), load)
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def secs(x: float) -> str:
+    if x != x:  # NaN: not measured
+        return "-"
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.1f} ms" if x < 1 else secs(x)
+
+
+def size(n: int, ipv6: bool = False) -> str:
+    return f"{n:,}x5" + (" +v6" if ipv6 else "")
+
+
+def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> str:
+    out = [
+        "# mtd benchmarks",
+        "",
+        f"`{' '.join(['python benchmarks/bench.py', *sys.argv[1:]])}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC: {os.cpu_count()} CPUs, "
+        f"Linux {platform.release()}, {_nft_version()}, Python {platform.python_version()}; "
+        f"{took / 60:.1f} min. Medians of {args.runs or 'several'} runs (see bench.py); "
+        "whole processes unless said otherwise. Sources: IPv4 hosts; `+v6`: one source in "
+        f"{states.V6_SHARE} is an IPv6 /48 prefix. Mappings (map elements) count both "
+        "directions of every moved port.",
+        "",
+    ]
+    costs: list[Cost] = results.get("cost", [])
+    if costs:
+        out += [
+            "## 1. Reconcile cost",
+            "",
+            "Whole `mtd` processes: `first` is `mtd apply` with no table; `no change`, "
+            "`mtd apply` again (reads and diffs the whole table); `full`, `mtd apply` at a "
+            "new epoch (YAML to applied: read, diff, replace); `rotate`, `mtd rotate` (a new "
+            "epoch, replaced without reading back). `daemon rotation`: the same pass in a "
+            "process that has the state loaded, as `mtd run --rotate-without-diff` runs it "
+            "(phases.py). RSS: the highest peak of the `mtd apply` runs.",
+            "",
+            "| size | mappings | first | no change | full | rotate | daemon rotation | RSS apply |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for c in costs:
+            out.append(
+                f"| {size(c.n, c.ipv6)} | {c.elements:,} | {secs(c.first)} | {secs(c.same)} | "
+                f"{secs(c.full)} | {secs(c.rotate)} | {secs(c.daemon_rotate)} | "
+                f"{c.rss:.0f} MB |"
+            )
+        out += [
+            "",
+            "The floor, in the same namespace: `json_cmd` is one libnftables `json_cmd` of "
+            "the batch mtd sends (create-if-missing, delete, the rendered document) replacing "
+            "the table of another epoch, the call alone (floor.py); `nft -f`, the whole `nft` "
+            "process loading the same batch written in nft syntax; `list`, one JSON listing of "
+            "the table, the call alone. RSS: peak of the `json_cmd` process.",
+            "",
+            "| size | json_cmd | nft -f | list | full / (json_cmd + list) | "
+            "rotate / json_cmd | daemon rotation / json_cmd | RSS json_cmd |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for c in costs:
+            out.append(
+                f"| {size(c.n, c.ipv6)} | {secs(c.floor_apply)} | {secs(c.floor_text)} | "
+                f"{secs(c.floor_list)} | {c.full_ratio:.2f} | {c.rotate_ratio:.2f} | "
+                f"{c.daemon_ratio:.2f} | {c.floor_rss:.0f} MB |"
+            )
+        out += [
+            "",
+            "Phases of a full reconcile, in-process (phases.py): load = YAML and validation; "
+            "read = the kernel's canonical skeleton (cached in a daemon) and the listing; "
+            "diff = keyed compare.",
+            "",
+            "| size | " + " | ".join(PHASES) + " | total |",
+            "|---|" + "--:|" * (len(PHASES) + 1),
+        ]
+        for c in costs:
+            cells = " | ".join(secs(c.phases.get(k, float("nan"))) for k in PHASES)
+            out.append(f"| {size(c.n, c.ipv6)} | {cells} | {secs(sum(c.phases.values()))} |")
+        out.append("")
+    classics: list[Classic] = results.get("classic", [])
+    if classics:
+        maps = {c.n: c for c in costs if not c.ipv6}
+        out += [
+            "### Classic (the seed's rule shape) against maps",
+            "",
+            f"`mtd apply` with no table, template `classic` against `maps`. Capped at "
+            f"{CLASSIC_MAX:,} sources: at 10,000 sources classic is 450,000 rules, one "
+            "`json_cmd` of them alone takes about 40 s and 8 GB.",
+            "",
+            "| size | classic rules | classic first | maps first | classic / maps | classic RSS |",
+            "|---|--:|--:|--:|--:|--:|",
+        ]
+        for k in classics:
+            m = maps.get(k.n)
+            ratio = f"{k.first / m.first:.0f}x" if m else "-"
+            out.append(
+                f"| {size(k.n)} | {k.rules:,} | {secs(k.first)} | "
+                f"{secs(m.first) if m else '-'} | {ratio} | {k.rss:.0f} MB |"
+            )
+        out.append("")
+    lats: list[Latency] = results.get("latency", [])
+    if lats:
+        out += [
+            "## 2. Trigger to applied",
+            "",
+            "One `mtd run` and a real redis-server in one namespace; one rotation published "
+            "at a time (publisher.py: `mtd rotate --publish` without its start-up), measured "
+            "from just before the publish to the daemon's log line for the new epoch, written "
+            "as soon as its kernel transaction returns. Drift checks off during the run.",
+            "",
+            "| size | daemon options | triggers | p50 | p99 | max |",
+            "|---|---|--:|--:|--:|--:|",
+        ]
+        for lat in lats:
+            out.append(
+                f"| {size(lat.n)} | {lat.mode} | {len(lat.samples)} | "
+                f"{ms(median(lat.samples))} | {ms(percentile(lat.samples, 99))} | "
+                f"{ms(max(lat.samples))} |"
+            )
+        out.append("")
+    rates: list[Rate] = results.get("packets", [])
+    if rates:
+        out += [
+            "## 3. Packet path",
+            "",
+            "New TCP connections per second (connect, read the banner, close) from the last "
+            f"watched source to its shuffled port of service {PORT}; median of "
+            f"{args.repeats} runs of {args.seconds:g} s, one client process.",
+            "",
+            "| template | watched sources | connections/s | vs 1 source | load time |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        base = {r.template: r.per_second for r in rates if r.sources == 1}
+        for r in rates:
+            rel = f"{r.per_second / base[r.template]:.0%}" if r.template in base else "-"
+            out.append(
+                f"| {r.template} | {r.sources:,} | {r.per_second:,.0f} | {rel} | {secs(r.load)} |"
+            )
+        out.append("")
+    fans: list[Fanout] = results.get("fleet", [])
+    if fans:
+        out += [
+            "## 4. Fleet fan-out",
+            "",
+            "N daemons (10x5 each), each in its own namespace, on one redis-server in the "
+            "server namespace: from one publish until the last daemon has the new epoch live.",
+            "",
+            "| daemons | triggers | median | max |",
+            "|--:|--:|--:|--:|",
+        ]
+        for f in fans:
+            out.append(
+                f"| {f.daemons} | {len(f.samples)} | {ms(median(f.samples))} | "
+                f"{ms(max(f.samples))} |"
+            )
+        out.append("")
+    out += targets(results)
+    return "\n".join(out) + "\n"
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    """Where we stand against the issue's targets, from this run's numbers."""
+    rows = []
+    costs = {(c.n, c.ipv6): c for c in results.get("cost", [])}
+    classics = {k.n: k for k in results.get("classic", [])}
+    if (1_000, False) in costs and 1_000 in classics:
+        ratio = classics[1_000].first / costs[(1_000, False)].first
+        rows.append(("1,000x5: mtd apply >= 50x faster than classic", f"{ratio:.0f}x", ratio >= 50))
+    for ipv6 in (False, True):
+        if (c := costs.get((10_000, ipv6))) is not None:
+            what = f"10,000x5{' +v6' if ipv6 else ''}: full reconcile <= 2x floor"
+            rows.append((what, f"{c.full_ratio:.2f}x", c.full_ratio <= 2))
+    for ipv6 in (False, True):
+        if (c := costs.get((100_000, ipv6))) is not None:
+            v6 = " +v6" if ipv6 else ""
+            what = f"100,000x5{v6}: rotation <= 1.3x floor apply: `mtd rotate`"
+            rows.append((what, f"{c.rotate_ratio:.2f}x", c.rotate_ratio <= 1.3))
+            what = f"100,000x5{v6}: rotation <= 1.3x floor apply: daemon pass"
+            rows.append((what, f"{c.daemon_ratio:.2f}x", c.daemon_ratio <= 1.3))
+    if (c := costs.get((10_000, False))) is not None:
+        rows.append(("10,000x5: peak RSS of mtd apply < 300 MB", f"{c.rss:.0f} MB", c.rss < 300))
+    for lat in results.get("latency", []):
+        if lat.n == 10 and lat.mode == "default":
+            p99 = percentile(lat.samples, 99)
+            rows.append(("10x5: trigger to applied p99 < 20 ms", ms(p99), p99 < 0.020))
+    rates = {(r.template, r.sources): r.per_second for r in results.get("packets", [])}
+    many = max((s for t, s in rates if t == "maps"), default=1)
+    if ("maps", 1) in rates and many > 1:
+        rel = rates[("maps", many)] / rates[("maps", 1)]
+        what = f"maps: connection rate at {many:,} sources within 10% of 1 source"
+        rows.append((what, f"{rel:.0%}", rel >= 0.9))
+    if not rows:
+        return []
+    out = ["## Targets", "", "| target | this run | met |", "|---|--:|---|"]
+    out += [f"| {what} | {value} | {'yes' if ok else 'NO'} |" for what, value, ok in rows]
+    return [*out, ""]
+
+
+def _nft_version() -> str:
+    proc = subprocess.run(["nft", "--version"], capture_output=True, text=True, check=False)
+    return proc.stdout.split(" (")[0].strip() or "nft ?"
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few runs")
+    parser.add_argument("--sizes", help="comma-separated source counts (default 10,...,100000)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"of {','.join(PARTS)}")
+    parser.add_argument("--runs", type=int, help="runs per measurement (default by size)")
+    parser.add_argument("--no-ipv6", action="store_true", help="skip the +v6 variants")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="report file")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    if args.quick:
+        sizes = sizes or [10, 1_000]
+        args.runs = args.runs or 3
+    args.sizes = sizes or list(SIZES)
+    args.seconds, args.repeats = (1.0, 2) if args.quick else (3.0, 3)
+    parts = args.parts.split(",")
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root (it creates network namespaces)")
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="mtd-bench-") as tmp:
+        work = Path(tmp)
+        if "cost" in parts:
+            results["cost"], results["classic"] = [], []
+            for n in args.sizes:
+                runs = args.runs or (7 if n <= 1_000 else 5 if n <= 10_000 else 3)
+                for ipv6 in (False,) if args.no_ipv6 else (False, True):
+                    results["cost"].append(cost(work, n, ipv6, runs))
+                if n <= CLASSIC_MAX:
+                    results["classic"].append(classic(work, n, min(runs, 3)))
+        if "latency" in parts:
+            # The default daemon reads the whole table back on every trigger: at 10,000
+            # sources that is 2-3 s a trigger, so fewer of them (see the table).
+            triggers, big = (50, 1_000) if args.quick else (200, 10_000)
+            results["latency"] = [
+                latency(work, 10, triggers),
+                latency(work, big, triggers, "--rotate-without-diff"),
+                latency(work, big, triggers // 4),
+            ]
+        if "fleet" in parts:
+            results["fleet"] = [
+                fanout(work, n, 3 if args.quick else 10)
+                for n in ((1, 5) if args.quick else (1, 10, 50))
+            ]
+        if "packets" in parts:
+            many = 1_000 if args.quick else 10_000
+            results["packets"] = [
+                packets(work, n, template, args.seconds, args.repeats)
+                for template in ("maps", "classic")
+                for n in (1, many)
+            ]
+    text = report(results, args, time.perf_counter() - start)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    say(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""One full reconcile, in-process, timed phase by phase (run inside the namespace under test).
+
+phases.py STATE EPOCH   load and validate STATE, reconcile it at EPOCH (reading the live
+                        table and diffing it), print the phase times as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from reconciler import localfiles
+from reconciler.nft import Nft
+from reconciler.reconcile import reconcile
+
+
+def main() -> None:
+    path, epoch = sys.argv[1], int(sys.argv[2])
+    start = time.perf_counter()
+    state = localfiles.load_state(path)
+    load = time.perf_counter() - start
+    full = reconcile(state, epoch, Nft())
+    start = time.perf_counter()
+    reconcile(state, epoch + 1, Nft(), read_live=False)
+    rotation = time.perf_counter() - start
+    print(json.dumps({"load": load, **full.phases, "rotation": rotation}))
+
+
+if __name__ == "__main__":
+    main()
