@@ -61,8 +61,8 @@ def test_sysctls_set_by_apply_inside_the_namespace(lab: Lab, state_file: Path):
         ),
         (
             "delete element inet mtd tcp4 '{{ 192.0.2.3 . {port} }}'; "
-            "nft add element inet mtd tcp4 '{{ 192.0.2.3 . {port} : 19 }}'",
-            r"^~ element tcp4 \{ 192\.0\.2\.3 \. \d+ : 19 -> \d+ \}",
+            "nft add element inet mtd tcp4 '{{ 192.0.2.3 . {port} : {other} }}'",
+            r"^~ element tcp4 \{ 192\.0\.2\.3 \. \d+ : \d+ -> \d+ \}",
         ),
         ("delete table inet mtd", r"^\+ table mtd"),
     ],
@@ -74,8 +74,9 @@ def test_drift_is_seen_and_repaired(lab: Lab, state_file: Path, tamper: str, exp
     handle = re.search(
         r"accept # handle (\d+)", lab.sh("srv", "nft -a list chain inet mtd raw_prerouting")
     )
-    port = next(iter(expected_moves(state_file)[("192.0.2.3", "tcp")]))
-    nft(lab, tamper.format(handle=handle.group(1) if handle else 0, port=port))
+    port, target = next(iter(expected_moves(state_file)[("192.0.2.3", "tcp")].items()))
+    other = 19 if target != 19 else 18  # a value that really differs from the desired one
+    nft(lab, tamper.format(handle=handle.group(1) if handle else 0, port=port, other=other))
     diff = apply(lab, state_file, cmd="diff")
     assert diff.returncode == 2, diff.stdout + diff.stderr
     assert re.search(expect, diff.stdout, re.M), diff.stdout
