@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from reconciler.state import PROTOCOLS, State
@@ -72,34 +72,10 @@ def draw(key: bytes, label: bytes, pool: Sequence[int], k: int) -> list[int]:
     return out
 
 
-class FreePorts(Sequence[int]):
-    """`State.free_ports` (the range minus the service ports), one index at a time: a pass
-    reads a few ports per source, and listing 60,000 of them would be most of a small pass."""
-
-    def __init__(self, lo: int, hi: int, taken: Iterable[int]) -> None:
-        self._lo = lo
-        self._taken = sorted({p for p in taken if lo <= p <= hi})
-        self._len = hi - lo + 1 - len(self._taken)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, i: int) -> int:  # type: ignore[override]
-        if not 0 <= i < self._len:
-            raise IndexError(i)
-        port = self._lo + i
-        for taken in self._taken:  # ascending: each one at or below shifts the answer up
-            if taken > port:
-                break
-            port += 1
-        return port
-
-
 def compute(state: State, secret: bytes, epoch: int) -> PortMap:
     """The whole mapping of one epoch: one independent permutation per (source, protocol)."""
     key = epoch_key(secret, epoch)
-    lo, hi = state.port_range
-    pools = {proto: FreePorts(lo, hi, state.services[proto]) for proto in PROTOCOLS}
+    pools = {proto: state.free_ports(proto) for proto in PROTOCOLS}
     moves: dict[tuple[str, str], dict[int, int]] = {}
     moved: dict[tuple[str, frozenset[int]], list[int]] = {}  # by ignore list: few distinct
     for w in state.watched:

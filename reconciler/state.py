@@ -89,11 +89,32 @@ class State:
         """Service ports of `proto` that move for this source (services minus its ignore list)."""
         return [p for p in self.services[proto] if p not in watched.ignore[proto]]
 
-    def free_ports(self, proto: str) -> list[int]:
+    def free_ports(self, proto: str) -> FreePorts:
         """Ports of the range a service of `proto` may be moved to: never a service port."""
-        lo, hi = self.port_range
-        taken = set(self.services[proto])
-        return [p for p in range(lo, hi + 1) if p not in taken]
+        return FreePorts(*self.port_range, self.services[proto])
+
+
+class FreePorts(Sequence[int]):
+    """The range minus the service ports, one index at a time: a pass reads a few ports per
+    source, and listing 60,000 of them would be most of a small pass."""
+
+    def __init__(self, lo: int, hi: int, taken: Iterable[int]) -> None:
+        self._lo = lo
+        self._taken = sorted({p for p in taken if lo <= p <= hi})
+        self._len = hi - lo + 1 - len(self._taken)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> int:  # type: ignore[override]
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        port = self._lo + i
+        for taken in self._taken:  # ascending: each one at or below shifts the answer up
+            if taken > port:
+                break
+            port += 1
+        return port
 
 
 @cache
