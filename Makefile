@@ -54,7 +54,7 @@ status: setup
 	$(MTD) --state $(STATE) status $(HOST_ARG)
 
 demo: setup
-	$(PY) -m reconciler.demo
+	$(PY) -m reconciler.lab.demo
 
 bench: setup
 	$(PY) benchmarks/bench.py

@@ -43,8 +43,9 @@ if __package__ in (None, ""):  # run as a script (make bench): import from this 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import states  # noqa: E402
-from reconciler import bulk, diff, localfiles, nft, render, shuffle  # noqa: E402
-from reconciler.lab import Lab  # noqa: E402
+from reconciler.adapters import files, kernel  # noqa: E402
+from reconciler.core import bulk, diff, render, shuffle  # noqa: E402
+from reconciler.lab.netns import Lab  # noqa: E402
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
@@ -138,7 +139,7 @@ def _cost(lab: Lab, work: Path, n: int, ipv6: bool, runs: int) -> Cost:
     role = f"c{n}{'6' if ipv6 else ''}"
     lab.add_server(role)
     path = states.write(work / role / "state.yaml", n, ipv6=ipv6)
-    state = localfiles.load_state(path)
+    state = files.load_state(path)
     # Reading a whole 1M-element table back takes about a minute: once is enough there.
     slow = 1 if n >= 100_000 else runs
     say(f"cost {n}x5{' +IPv6' if ipv6 else ''}: mtd apply")
@@ -191,8 +192,8 @@ PHASES = ("load", "shuffle", "render", "read", "diff", "apply")
 
 def next_epoch(state: Any) -> int:
     """Move the local epoch on (as `mtd rotate` would, without applying)."""
-    epoch = localfiles.read_epoch(state.epoch_file) + 1
-    localfiles.write_epoch(state.epoch_file, epoch)
+    epoch = files.read_epoch(state.epoch_file) + 1
+    files.write_epoch(state.epoch_file, epoch)
     return epoch
 
 
@@ -200,12 +201,12 @@ def _floor_documents(work: Path, state: Any) -> tuple[list[str], list[str]]:
     """The batch mtd sends (create-if-missing, delete, the rendered document) for two
     epochs, as JSON for `json_cmd` and in nft syntax for `nft -f`. Two, so that every
     floor run replaces a table with different content, as a rotation does."""
-    secret = localfiles.load_or_create_secret(state.secret_file)
+    secret = files.load_or_create_secret(state.secret_file)
     docs, texts = [], []
     for epoch in (1_000_000, 1_000_001):
         commands = render.render(state, shuffle.compute(state, secret, epoch))
         doc, text = work / f"floor-{epoch}.json", work / f"floor-{epoch}.nft"
-        doc.write_text(bulk.dumps({"nftables": nft.replace_batch(state.table, commands)}))
+        doc.write_text(bulk.dumps({"nftables": kernel.replace_batch(state.table, commands)}))
         text.write_text(nft_text(state.table, commands))
         docs.append(str(doc))
         texts.append(str(text))
@@ -216,7 +217,7 @@ def nft_text(table: str, commands: list[dict[str, Any]]) -> str:
     """The same document in nft syntax: the kernel's own listing of the element-free
     skeleton (loaded in a scratch namespace), then the elements, after the same
     create-if-missing and delete that mtd puts first."""
-    skeleton = {"nftables": nft.replace_batch(table, diff.skeleton_commands(commands))}
+    skeleton = {"nftables": kernel.replace_batch(table, diff.skeleton_commands(commands))}
     listed = subprocess.run(
         ["unshare", "--net", "sh", "-c", f"nft -j -f - && nft list table inet {table}"],
         input=json.dumps(skeleton),
@@ -264,7 +265,7 @@ def classic(work: Path, n: int, runs: int) -> Classic:
         for _ in range(runs):
             lab.sh("srv", "nft delete table inet mtd 2>/dev/null || true")
             first.append(mtd(lab, "srv", path, "apply"))
-    state = localfiles.load_state(path)
+    state = files.load_state(path)
     commands = render.render(state, shuffle.compute(state, b"\0" * 32, 0))
     rules = sum("rule" in c["add"] for c in commands)
     return Classic(n, rules, median([r.seconds for r in first]), max(r.rss_mb for r in first))
@@ -430,8 +431,8 @@ def packets(work: Path, sources: int, template: str, seconds: float, repeats: in
         lab.serve("srv", states.SERVICES, [])
         dirname = work / f"p{template}{sources}"
         path = states.write(dirname / "state.yaml", sources, template=template)
-        state = localfiles.load_state(path)
-        secret = localfiles.load_or_create_secret(state.secret_file)
+        state = files.load_state(path)
+        secret = files.load_or_create_secret(state.secret_file)
         mapping = shuffle.compute(state, secret, 0)
         start = time.perf_counter()
         if template == "maps" or sources <= CLASSIC_MAX:
@@ -439,7 +440,7 @@ def packets(work: Path, sources: int, template: str, seconds: float, repeats: in
         else:
             doc = dirname / "doc.json"
             commands = render.render(state, mapping)
-            doc.write_text(bulk.dumps({"nftables": nft.replace_batch(state.table, commands)}))
+            doc.write_text(bulk.dumps({"nftables": kernel.replace_batch(state.table, commands)}))
             run(lab, "srv", [PY, str(HERE / "floor.py"), "apply", str(doc)])
         load = time.perf_counter() - start
         port = mapping.moves[(client.v4, "tcp")][PORT]

@@ -10,15 +10,15 @@ import json
 import sys
 import time
 
-from reconciler import localfiles
-from reconciler.nft import Nft
-from reconciler.reconcile import reconcile
+from reconciler.adapters import files
+from reconciler.adapters.kernel import Nft
+from reconciler.services.reconcile import reconcile
 
 
 def main() -> None:
     path, epoch = sys.argv[1], int(sys.argv[2])
     start = time.perf_counter()
-    state = localfiles.load_state(path)
+    state = files.load_state(path)
     load = time.perf_counter() - start
     full = reconcile(state, epoch, Nft())
     start = time.perf_counter()

@@ -13,11 +13,11 @@ from __future__ import annotations
 import sys
 import time
 
-from reconciler import bus, localfiles
+from reconciler.adapters import bus, files
 
 
 def main() -> None:
-    config = bus.BusConfig.from_state(localfiles.load_state(sys.argv[1]))
+    config = bus.BusConfig.from_state(files.load_state(sys.argv[1]))
     client = bus.connect(config)
     for _ in sys.stdin:
         start = time.monotonic()

@@ -1,7 +1,7 @@
 """mtd: hides a host's services from untrusted sources on shifting ports with nftables.
 
-The pure core (state, shuffle, render, diff) takes data and returns data; the shell modules
-(nft, bus, gitrepo, localfiles) are the only ones that touch the kernel, Redis, git or disk.
+`core/` takes data and returns data; `adapters/` are the only modules that touch the kernel,
+Redis, git or disk; `services/` combine them; `cli/` is the command line (see README).
 """
 
 __version__ = "0.1.0"

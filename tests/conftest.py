@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler.lab import Lab, standard_lab
+from reconciler.lab.netns import Lab, standard_lab
 
 ROOT = Path(__file__).resolve().parent.parent
 MTD = [sys.executable, "-m", "reconciler"]

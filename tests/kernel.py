@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconciler import localfiles, shuffle
-from reconciler.lab import Lab
+from reconciler.adapters import files
+from reconciler.core import shuffle
+from reconciler.lab.netns import Lab
 from tests.conftest import mtd
 
 
 def expected_moves(state_path: Path, epoch: int | None = None) -> dict[tuple[str, str], dict]:
     """The mapping mtd applied, recomputed from the state and the secret it created."""
-    state = localfiles.load_state(state_path)
-    secret = localfiles.load_or_create_secret(state.secret_file)
-    epoch = localfiles.read_epoch(state.epoch_file) if epoch is None else epoch
+    state = files.load_state(state_path)
+    secret = files.load_or_create_secret(state.secret_file)
+    epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
     return dict(shuffle.compute(state, secret, epoch).moves)
 
 

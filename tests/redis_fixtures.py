@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.lab import RedisServer, free_port
+from reconciler.lab.netns import RedisServer, free_port
 
 REDIS = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import audit, localfiles, shuffle
+from reconciler.adapters import auditlog, files
+from reconciler.core import audit, shuffle
 from reconciler.errors import MtdError
 from tests.conftest import mtd
 
@@ -16,45 +17,47 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 def test_one_private_json_line_per_record(tmp_path: Path):
     log = tmp_path / "sub" / "audit.jsonl"
-    audit.record(log, host="h1", origin="manual", epoch=0, result="changed", fingerprint="ab")
-    audit.record(
+    auditlog.record(log, host="h1", origin="manual", epoch=0, result="changed", fingerprint="ab")
+    auditlog.record(
         log, host="h1", origin="pull", epoch=0, result="ok", fingerprint="ab", commit="c" * 40
     )
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["origin"] for e in lines] == ["manual", "pull"]
     assert set(lines[1]) == {"time", "host", "commit", "epoch", "origin", "result", "fingerprint"}
-    assert audit.entries(log) == lines
+    assert auditlog.entries(log) == lines
 
 
 def test_an_existing_log_is_made_private(tmp_path: Path):
     log = tmp_path / "audit.jsonl"
     log.write_text("")
     log.chmod(0o644)
-    audit.record(log, host="h", origin="drift", epoch=1, result="changed", fingerprint="x")
+    auditlog.record(log, host="h", origin="drift", epoch=1, result="changed", fingerprint="x")
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
 
 
 def test_unknown_origin_is_a_programming_error(tmp_path: Path):
     with pytest.raises(ValueError, match="expected one of start, redis, pull, drift, manual"):
-        audit.record(tmp_path / "a", host="h", origin="cron", epoch=0, result="ok", fingerprint="")
+        auditlog.record(
+            tmp_path / "a", host="h", origin="cron", epoch=0, result="ok", fingerprint=""
+        )
 
 
 def test_a_torn_last_line_is_skipped_a_bad_middle_line_is_named(tmp_path: Path):
     log = tmp_path / "audit.jsonl"
-    audit.record(log, host="h", origin="start", epoch=0, result="changed", fingerprint="x")
+    auditlog.record(log, host="h", origin="start", epoch=0, result="changed", fingerprint="x")
     log.write_text(log.read_text() + '{"time": "2024-')
-    assert len(audit.entries(log)) == 1
+    assert len(auditlog.entries(log)) == 1
     log.write_text('nope\n{"time": "2024-05-01T00:00:00Z"}\n')
     with pytest.raises(MtdError, match=r"audit\.jsonl:1: not an audit entry"):
-        audit.entries(log)
-    assert audit.entries(tmp_path / "missing") == []
+        auditlog.entries(log)
+    assert auditlog.entries(tmp_path / "missing") == []
 
 
 def test_live_at_picks_the_last_applied_entry_not_after_the_time(tmp_path: Path):
     log = tmp_path / "audit.jsonl"
     for minutes, epoch, result in [(0, 0, "changed"), (10, 1, "changed"), (20, None, "rejected")]:
-        audit.record(
+        auditlog.record(
             log,
             host="h",
             origin="redis",
@@ -63,7 +66,7 @@ def test_live_at_picks_the_last_applied_entry_not_after_the_time(tmp_path: Path)
             fingerprint=None,
             when=T0 + timedelta(minutes=minutes),
         )
-    entries = audit.entries(log)
+    entries = auditlog.entries(log)
     assert audit.live_at(entries, T0 - timedelta(seconds=1)) is None
     assert audit.live_at(entries, T0 + timedelta(minutes=5))["epoch"] == 0
     assert audit.live_at(entries, T0 + timedelta(minutes=10))["epoch"] == 1
@@ -81,7 +84,7 @@ def test_parse_time_accepts_iso_and_unix_seconds():
 
 
 def test_mapping_of_uses_the_most_specific_watched_entry(state_file: Path):
-    state = localfiles.load_state(state_file)
+    state = files.load_state(state_file)
     secret = b"k" * 32
     mapping = shuffle.compute(state, secret, 3)
     inside = audit.mapping_of(state, secret, 3, "198.51.100.7")
@@ -96,11 +99,11 @@ def test_mapping_of_uses_the_most_specific_watched_entry(state_file: Path):
 
 
 def test_history_lists_and_recomputes_a_mapping_with_the_secret(state_file: Path):
-    state = localfiles.load_state(state_file)
-    secret = localfiles.load_or_create_secret(state.secret_file)
+    state = files.load_state(state_file)
+    secret = files.load_or_create_secret(state.secret_file)
     for minutes, epoch in [(0, 0), (10, 1)]:
         fp = shuffle.compute(state, secret, epoch).fingerprint(secret)
-        audit.record(
+        auditlog.record(
             state.audit_log,
             host="h1",
             origin="redis",

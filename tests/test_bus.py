@@ -14,10 +14,10 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler import bus
-from reconciler.cli_daemon import parse_every
-from reconciler.daemon import parse_address
+from reconciler.adapters import bus
+from reconciler.cli.fleet import parse_every
 from reconciler.errors import MtdError
+from reconciler.services.daemon import parse_address
 from tests.conftest import mtd, write_state
 from tests.redis_fixtures import RedisServer, needs_redis, redis_server
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from reconciler.state import parse
+from reconciler.core.state import parse
 from tests.conftest import ROOT, mtd, write_state
 
 SEED = Path("/work/shared/seed/reference/configuration.json")

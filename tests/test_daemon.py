@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from reconciler import localfiles
-from reconciler.lab import HUB_V6, Lab
+from reconciler.adapters import files
+from reconciler.lab.netns import HUB_V6, Lab
 from tests.conftest import MTD, ROOT, mtd, write_state
 from tests.kernel import expected_moves, nft, table_text
 from tests.redis_fixtures import RedisServer, needs_redis
@@ -81,7 +81,7 @@ class Daemon:
         return [e for e in self.events()[since:] if is_pass(e)]
 
     def epoch_file(self) -> int:
-        return localfiles.read_epoch(localfiles.load_state(self.state).epoch_file)
+        return files.read_epoch(files.load_state(self.state).epoch_file)
 
 
 def is_pass(e: Event) -> bool:
@@ -207,7 +207,7 @@ def test_trigger_moves_the_untrusted_view_within_a_second(tmp_path: Path):
             "mtd_drift_corrections_total 0.0",
         ):
             assert line in metrics.splitlines(), line
-        secret = Path(localfiles.load_state(state).secret_file).read_bytes()
+        secret = Path(files.load_state(state).secret_file).read_bytes()
         log = d.log.read_text()
         assert secret.hex() not in log and f'"{port}":' not in log  # no secret, no mapping
 
@@ -393,7 +393,7 @@ def test_a_failing_pass_is_logged_and_retried_not_fatal(tmp_path: Path):
     with fleet(tmp_path) as f:
         d = f.start("srv", "--drift-interval", "0.5")
         d.wait(started)
-        secret = Path(localfiles.load_state(f.states["srv"]).secret_file)
+        secret = Path(files.load_state(f.states["srv"]).secret_file)
         secret.chmod(0o644)
         mark = d.mark()
         assert f.publish() == 1

@@ -18,7 +18,7 @@ def namespaces() -> set[str]:
 
 def test_demo_tells_the_whole_story_and_cleans_up():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "reconciler.demo"],
+        [sys.executable, "-m", "reconciler.lab.demo"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     stdout, stderr = proc.communicate(timeout=240)

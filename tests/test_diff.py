@@ -1,4 +1,4 @@
-from reconciler import diff
+from reconciler.core import diff
 
 CHAIN = {"type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}
 

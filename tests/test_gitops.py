@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler import audit, gitops
+from reconciler.adapters import auditlog
+from reconciler.adapters.git import GitError, Repo, redact
 from reconciler.errors import MtdError
-from reconciler.gitrepo import GitError, Repo, redact
-from reconciler.lab import Lab
+from reconciler.lab.netns import Lab
+from reconciler.services import gitops
 from tests.conftest import MTD, ROOT, mtd
 from tests.kernel import table_text
 
@@ -255,7 +256,7 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     assert step(0, rewritten, changed=False).stdout.startswith("ok: ")
     assert gitops.read_record(sd / "pull.json")["unreachable"] is None
 
-    entries = audit.entries(tmp_path / "host" / "audit.jsonl")
+    entries = auditlog.entries(tmp_path / "host" / "audit.jsonl")
     assert [(e["commit"], e["result"]) for e in entries] == [
         (first, "changed"),
         (second, "changed"),
@@ -372,7 +373,7 @@ def test_two_hosts_get_their_own_merged_state(lab: Lab, remote: Remote, tmp_path
     for host, role in (("h1", "srv"), ("h2", "srv2")):
         assert in_sync(lab, tmp_path / host / "sd" / "repo", "--host", host, role=role)
     assert not in_sync(lab, tmp_path / "h1" / "sd" / "repo", "--host", "h2", role="srv")
-    assert audit.entries(tmp_path / "h2" / "audit.jsonl")[0]["host"] == "h2"
+    assert auditlog.entries(tmp_path / "h2" / "audit.jsonl")[0]["host"] == "h2"
 
 
 @contextlib.contextmanager

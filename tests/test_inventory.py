@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler import inventory, localfiles
+from reconciler.adapters import files
+from reconciler.core import inventory
 from reconciler.errors import MtdError
 from tests.conftest import mtd
 
@@ -123,9 +124,9 @@ def write_fleet(root: Path) -> Path:
 
 def test_localfiles_reads_an_inventory_for_a_host(tmp_path: Path):
     root = write_fleet(tmp_path / "fleet")
-    assert localfiles.inventory_hosts(root) == ["h1", "h2", "h3"]
-    assert localfiles.load_state(root, "h1").port_range == (1, 30)
-    names = [n for n, _ in localfiles.state_documents(root, "h1")]
+    assert files.inventory_hosts(root) == ["h1", "h2", "h3"]
+    assert files.load_state(root, "h1").port_range == (1, 30)
+    names = [n for n, _ in files.state_documents(root, "h1")]
     rels = ["base.yaml", "z-late.yaml", "groups/web.yaml", "hosts/h1.yaml"]
     assert names == [f"{root}/{rel}" for rel in rels]
 
@@ -133,9 +134,9 @@ def test_localfiles_reads_an_inventory_for_a_host(tmp_path: Path):
 def test_a_plain_directory_keeps_working_and_ignores_host(tmp_path: Path):
     (tmp_path / "a.yaml").write_text(BASE)
     (tmp_path / "b.yaml").write_text("table: b\n")
-    assert localfiles.inventory_documents(tmp_path) is None
-    assert localfiles.load_state(tmp_path, "any").table == "b"
-    assert localfiles.load_state(tmp_path / "a.yaml", "any").table == "mtd"
+    assert files.inventory_documents(tmp_path) is None
+    assert files.load_state(tmp_path, "any").table == "b"
+    assert files.load_state(tmp_path / "a.yaml", "any").table == "mtd"
 
 
 def test_validate_checks_every_host_and_prefixes_errors(tmp_path: Path):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler import localfiles
-from reconciler.lab import Lab
-from reconciler.state import merge
+from reconciler.adapters import files
+from reconciler.core.state import merge
+from reconciler.lab.netns import Lab
 from tests.conftest import ROOT, mtd, write_state
 from tests.kernel import apply, expected_moves, nft, table_text
 
@@ -36,7 +36,7 @@ def test_apply_then_in_sync_then_ok(lab: Lab, state_file: Path):
         "summary": None,
         "fingerprint": None,
     }
-    assert Path(localfiles.load_state(state_file).secret_file).stat().st_mode & 0o777 == 0o600
+    assert Path(files.load_state(state_file).secret_file).stat().st_mode & 0o777 == 0o600
 
 
 def test_check_mode_changes_nothing(lab: Lab, state_file: Path):
@@ -95,7 +95,7 @@ def test_other_tables_untouched_across_applies_and_rotations(lab: Lab, state_fil
     for cmd in ("apply", "rotate", "rotate", "apply", "rotate"):
         assert apply(lab, state_file, cmd=cmd).returncode == 0
     assert lab.sh("srv", "nft list table inet filter; nft list table ip nat") == before
-    assert localfiles.read_epoch(localfiles.load_state(state_file).epoch_file) == 3
+    assert files.read_epoch(files.load_state(state_file).epoch_file) == 3
 
 
 def test_ownership_ruleset_flushes_other_tables_only_when_asked(lab: Lab, tmp_path: Path):
@@ -194,7 +194,7 @@ def _custom_template(state: Path, text: str) -> None:
 
 def test_secret_is_never_printed(lab: Lab, state_file: Path):
     apply(lab, state_file)
-    secret = Path(localfiles.load_state(state_file).secret_file).read_bytes()
+    secret = Path(files.load_state(state_file).secret_file).read_bytes()
     outputs = [
         apply(lab, state_file, *a, cmd=c)
         for c, a in [("apply", ()), ("diff", ()), ("status", ("--json",)), ("rotate", ("--diff",))]

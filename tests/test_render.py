@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import render, shuffle
+from reconciler.core import render, shuffle
+from reconciler.core.state import parse
 from reconciler.errors import MtdError
-from reconciler.state import parse
 
 SECRET = b"s" * 32
 STATE = """

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.lab import Lab, nmap_open, standard_lab
+from reconciler.lab.netns import Lab, nmap_open, standard_lab
 from tests.conftest import write_state
 from tests.kernel import apply, expected_moves, visible
 

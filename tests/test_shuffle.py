@@ -3,8 +3,8 @@ import collections
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler import shuffle
-from reconciler.state import parse
+from reconciler.core import shuffle
+from reconciler.core.state import parse
 
 SECRET = b"k" * 32
 

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters.files import load_state
+from reconciler.core.state import parse
 from reconciler.errors import MtdError
-from reconciler.localfiles import load_state
-from reconciler.state import parse
 from tests.conftest import write_state
 
 

@@ -15,9 +15,9 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from reconciler import inventory
+from reconciler.core import inventory
+from reconciler.core.state import State, parse
 from reconciler.errors import MtdError
-from reconciler.state import State, parse
 
 SECRET_BYTES = 32
 YAML_SUFFIXES = (".yaml", ".yml")

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler import diff, localfiles, render, shuffle
-from reconciler.bulk import gc_paused
-from reconciler.nft import Nft, canonical
-from reconciler.state import State
+from reconciler.adapters import files
+from reconciler.adapters.kernel import Nft, canonical
+from reconciler.core import diff, render, shuffle
+from reconciler.core.bulk import gc_paused
+from reconciler.core.state import State
 
 # The RSTs the host sends for moved stateless probes must carry the probe's mark, so the
 # output chain rewrites only those (and no other invalid packet).
@@ -90,7 +91,7 @@ def reconcile(
     """
     t = _Phases()
     with t("shuffle"):
-        secret = localfiles.load_or_create_secret(state.secret_file)
+        secret = files.load_or_create_secret(state.secret_file)
         mapping = shuffle.compute(state, secret, epoch)
     with t("render"):
         commands = render.render(state, mapping, templates)
@@ -104,7 +105,7 @@ def reconcile(
             del have  # up to a million elements: not kept through the apply
     status = "ok"
     if not check:
-        localfiles.set_sysctls(SYSCTLS)
+        files.set_sysctls(SYSCTLS)
     if changes:
         status = "would change" if check else "changed"
         with t("apply"):

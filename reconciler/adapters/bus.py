@@ -37,10 +37,10 @@ import redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 
-from reconciler import localfiles
+from reconciler.adapters import files
+from reconciler.core.state import State
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
-from reconciler.state import State
 
 MAX_EPOCH = 2**53 - 1  # exact in JSON numbers and in Redis' Lua
 MESSAGE_KEYS = frozenset({"epoch", "time", "sig"})
@@ -145,7 +145,7 @@ def read_signing_key(path: str | Path) -> bytes:
             f"{path}: no such signing key file: expected the fleet's shared key "
             f"(create it with: head -c 32 /dev/urandom > {path}; chmod 600 {path})"
         )
-    return localfiles.read_private_key(path, "signing key file", strip=True)
+    return files.read_private_key(path, "signing key file", strip=True)
 
 
 def signature(key: bytes, channel: str, epoch: int, published: float) -> str:

@@ -16,9 +16,9 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
+from reconciler.core.shuffle import PortMap
+from reconciler.core.state import PROTOCOLS, Network, State, Watched
 from reconciler.errors import MtdError
-from reconciler.shuffle import PortMap
-from reconciler.state import PROTOCOLS, Network, State, Watched
 
 SUFFIX = ".json.j2"
 FAMILIES = {4: "ip", 6: "ip6"}
@@ -28,8 +28,8 @@ _TOKEN_JSON = json.dumps(_TOKEN)[1:-1]
 
 def template_dirs() -> list[Path]:
     """Shipped templates: inside the package when installed, `templates/` in a checkout."""
-    here = Path(__file__).resolve().parent
-    return [d for d in (here / "templates", here.parent / "templates") if d.is_dir()]
+    package = Path(__file__).resolve().parent.parent
+    return [d for d in (package / "templates", package.parent / "templates") if d.is_dir()]
 
 
 class Elements(Sequence[Any]):

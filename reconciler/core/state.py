@@ -19,7 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from reconciler.bulk import gc_paused
+from reconciler.core.bulk import gc_paused
 from reconciler.errors import MtdError
 
 try:  # libyaml is many times faster on large states; fall back to the pure loader.
@@ -120,7 +120,7 @@ class FreePorts(Sequence[int]):
 @cache
 def schema() -> dict[str, Any]:
     """The JSON Schema shipped in the package (also what `mtd schema` prints)."""
-    return json.loads(resources.files("reconciler").joinpath("schema.json").read_text())
+    return json.loads(resources.files("reconciler.core").joinpath("schema.json").read_text())
 
 
 def key_path(path: Iterable[str | int]) -> str:

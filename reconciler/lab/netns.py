@@ -366,7 +366,8 @@ def nmap_open(lab: Lab, role: str, target: str, mode: str, ports: str = "1-20") 
     return found
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`python -m reconciler.lab serve ...|probe ...`: helpers run inside a lab namespace."""
     if len(sys.argv) == 4 and sys.argv[1] == "serve":
         ports = [[] if a == "-" else [int(p) for p in a.split(",")] for a in sys.argv[2:]]
         _serve(*ports)

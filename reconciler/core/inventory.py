@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
+from reconciler.core.state import State, build, load_yaml
 from reconciler.errors import MtdError
-from reconciler.state import State, build, load_yaml
 
 YAML_SUFFIXES = (".yaml", ".yml")
 GROUPS = "groups"

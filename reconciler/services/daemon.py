@@ -25,11 +25,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from reconciler import audit, bus, diff, localfiles, render, shuffle
+from reconciler.adapters import auditlog, bus, files
+from reconciler.core import diff, render, shuffle
+from reconciler.core.state import State
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
-from reconciler.reconcile import Result, reconcile
-from reconciler.state import State
+from reconciler.services.reconcile import Result, reconcile
 
 LOG = logging.getLogger(f"{LOGGER}.daemon")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -152,7 +153,7 @@ class Daemon:
         bus.connect(self.bus_config)  # a bad URL fails at start, not in the thread
         self._queue: queue.Queue[_Event] = queue.Queue()
         self._lock = threading.Lock()
-        self.applied = localfiles.read_epoch(self.state.epoch_file)
+        self.applied = files.read_epoch(self.state.epoch_file)
         self._known = self.applied  # highest epoch heard of (applied or pending)
         self.target = self.applied
         self._pending: bus.Trigger | None = None  # the trigger that set `target`
@@ -343,15 +344,15 @@ class Daemon:
         self._next_drift = start + self.drift_interval
         previous = self.applied
         try:
-            with localfiles.reconcile_lock(state.epoch_file):
-                local = localfiles.read_epoch(state.epoch_file)
+            with files.reconcile_lock(state.epoch_file):
+                local = files.read_epoch(state.epoch_file)
                 epoch = max(self.target, local)
                 blind = self.options.rotate_without_diff and epoch != previous
                 result = reconcile(
                     state, epoch, self.nft, templates=self.templates, read_live=not blind
                 )
                 if epoch != local:
-                    localfiles.write_epoch(state.epoch_file, epoch)
+                    files.write_epoch(state.epoch_file, epoch)
         except MtdError as exc:
             self._failed(origin, "; ".join(exc.problems), time.monotonic() - start)
             return
@@ -419,13 +420,13 @@ class Daemon:
 
     def _audit(self, result: Result, origin: str) -> None:
         try:
-            audit.log_result(self.state, result, origin=origin, host=self.host)
+            auditlog.log_result(self.state, result, origin=origin, host=self.host)
         except (MtdError, ValueError) as exc:
             event(self.log, logging.ERROR, "error", str(exc), error=str(exc))
 
     def _log_mapping(self, epoch: int) -> None:
         """Only with --log-mapping: the ports each watched source sees (sensitive)."""
-        secret = localfiles.load_or_create_secret(self.state.secret_file)
+        secret = files.load_or_create_secret(self.state.secret_file)
         for (source, proto), moves in sorted(
             shuffle.compute(self.state, secret, epoch).moves.items()
         ):
@@ -445,7 +446,7 @@ class Daemon:
         removed = ""
         if self.options.down_on_exit:
             try:
-                with localfiles.reconcile_lock(self.state.epoch_file):
+                with files.reconcile_lock(self.state.epoch_file):
                     gone = self.nft.delete_table(self.state.table)
                 removed = f", table inet {self.state.table} {'removed' if gone else 'absent'}"
             except MtdError as exc:

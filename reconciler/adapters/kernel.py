@@ -18,7 +18,7 @@ from typing import Any
 
 import nftables
 
-from reconciler.bulk import dumps
+from reconciler.core.bulk import dumps
 from reconciler.errors import NftError
 
 FAMILY = "inet"
@@ -169,7 +169,7 @@ def canonical(commands: Sequence[dict[str, Any]], name: str) -> list[dict[str, A
         if proc.returncode == 0:
             listing = [o for o in json.loads(proc.stdout)["nftables"] if "metainfo" not in o]
         else:  # mtd's own loader says which rendered command the kernel refused
-            proc = _scratch([sys.executable, "-m", "reconciler.nft"], text)
+            proc = _scratch([sys.executable, "-m", "reconciler.adapters.kernel"], text)
             if proc.returncode != 0:
                 raise NftError(
                     proc.stderr.strip().splitlines()[-1]

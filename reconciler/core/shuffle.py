@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from reconciler.state import PROTOCOLS, State
+from reconciler.core.state import PROTOCOLS, State
 
 _WORDS = struct.Struct(">8I")  # one SHA-256 block gives eight 32-bit draws
 _SPAN = 1 << 32

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from reconciler import audit, inventory, localfiles, render
+from reconciler.adapters import auditlog, files
+from reconciler.adapters.git import GitError, Repo, redact
+from reconciler.core import audit, inventory, render
+from reconciler.core.state import State
 from reconciler.errors import MtdError
-from reconciler.gitrepo import GitError, Repo, redact
-from reconciler.state import State
 
 STATE_DIR = Path("/var/lib/mtd")
 TEMPLATES = "templates"
@@ -125,7 +126,7 @@ class Puller:
     ) -> Outcome:
         """Fetch; when the branch moved, validate, apply (or only report with `check`) and
         record the new commit. Takes the reconcile lock for the apply: do not hold it."""
-        with localfiles.file_lock(self.config.state_dir / "pull.lock"):
+        with files.file_lock(self.config.state_dir / "pull.lock"):
             return self._round(nft, check=check, show=show)
 
     def _round(self, nft: Any, *, check: bool, show: Callable[[str], None] | None) -> Outcome:
@@ -138,7 +139,7 @@ class Puller:
             head = self.repo.fetch(cfg.branch)
         except GitError as exc:
             self.failures += 1
-            since = (rec.get("unreachable") or {}).get("since") or audit.timestamp(audit.now())
+            since = (rec.get("unreachable") or {}).get("since") or audit.timestamp(auditlog.now())
             rec["unreachable"] = {"since": since, "error": str(exc), "failures": self.failures}
             _write_record(cfg.record_path, rec)
             return Outcome(
@@ -178,7 +179,7 @@ class Puller:
                 return Outcome("rejected", head, message, problems=problems)
             rec["rejected"] = {
                 "commit": head,
-                "time": audit.timestamp(audit.now()),
+                "time": audit.timestamp(auditlog.now()),
                 "error": message,
                 "problems": problems[:20],
             }
@@ -189,7 +190,7 @@ class Puller:
             return Outcome("applied", head, f"{result.line()} commit {head[:12]}", result=result)
         rec["applied"] = {
             "commit": head,
-            "time": audit.timestamp(audit.now()),
+            "time": audit.timestamp(auditlog.now()),
             "epoch": result.epoch,
             "result": result.status,
             "fingerprint": result.fingerprint,
@@ -202,20 +203,20 @@ class Puller:
     def _apply(
         self, commit: str, nft: Any, *, check: bool, show: Callable[[str], None] | None
     ) -> tuple[State, Any]:
-        from reconciler.reconcile import reconcile  # late: imports the nftables bindings
+        from reconciler.services.reconcile import reconcile  # late: imports the nftables bindings
 
         cfg = self.config
         if cfg.verify_signatures:
             self.repo.verify_commit(commit, cfg.gpg_home)
         with (
             self.candidate(commit) as (state, templates),
-            localfiles.reconcile_lock(state.epoch_file),
+            files.reconcile_lock(state.epoch_file),
         ):
-            epoch = localfiles.read_epoch(state.epoch_file)
+            epoch = files.read_epoch(state.epoch_file)
             result = reconcile(state, epoch, nft, check=check, templates=templates)
             if not check:
                 try:
-                    audit.log_result(state, result, origin="pull", host=cfg.host, commit=commit)
+                    auditlog.log_result(state, result, origin="pull", host=cfg.host, commit=commit)
                     self.repo.checkout(commit)
                 except MtdError as exc:
                     raise AfterApplyError(
@@ -235,8 +236,8 @@ class Puller:
         tmp = Path(tempfile.mkdtemp(prefix=".candidate-", dir=cfg.state_dir))
         try:
             export(self.repo, commit, cfg.path, tmp)
-            state = localfiles.load_state(tmp, host or cfg.host)
-            templates = [*cfg.templates, *localfiles.state_templates(tmp), *render.template_dirs()]
+            state = files.load_state(tmp, host or cfg.host)
+            templates = [*cfg.templates, *files.state_templates(tmp), *render.template_dirs()]
             yield state, templates
         except MtdError as exc:
             prefix = cfg.path.strip("/") + "/" if cfg.path.strip("/") else ""
@@ -255,10 +256,10 @@ class Puller:
     def _audit_rejection(self, commit: str, message: str) -> None:
         """A rejected commit goes to the audit log of the state still applied, if any."""
         try:
-            state = localfiles.load_state(self.config.state_path, self.config.host)
+            state = files.load_state(self.config.state_path, self.config.host)
         except MtdError:
             return
-        audit.record(
+        auditlog.record(
             state.audit_log,
             host=self.config.host,
             origin="pull",
@@ -313,7 +314,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
 
 
 def _write_record(path: Path, rec: dict[str, Any]) -> None:
-    localfiles.write_atomic(path, json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    files.write_atomic(path, json.dumps(rec, indent=1, sort_keys=True) + "\n")
 
 
 def summary(rec: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from reconciler.lab import Lab, RedisServer, free_port, nmap_open, standard_lab
+from reconciler.lab.netns import Lab, RedisServer, free_port, nmap_open, standard_lab
 
 SERVICES = [1, 2, 3, 4, 5]
 STATE = {

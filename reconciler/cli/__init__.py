@@ -1,0 +1,15 @@
+"""The command line: `reconciler.cli.common` holds the root group; each module adds the
+commands of one area (host, pull, history, fleet, tools). Errors the user can fix arrive as
+`MtdError` and are printed once, one line per problem, with exit code 1."""
+
+from __future__ import annotations
+
+import signal
+
+from reconciler.cli import fleet, history, host, pull, tools  # noqa: F401  (registers commands)
+from reconciler.cli.common import cli
+
+
+def main() -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `mtd diff | head` is not an error
+    cli(prog_name="mtd")

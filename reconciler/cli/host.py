@@ -1,0 +1,224 @@
+"""The commands that act on this host's table: validate, render, diff, apply, rotate,
+status, down. `mtd diff` exits 2 when changes are pending."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from reconciler.adapters import auditlog, files
+from reconciler.cli.common import (
+    EXIT_PENDING,
+    Ctx,
+    cli,
+    friendly,
+    host_option,
+    pass_ctx,
+)
+from reconciler.core import diff, render, shuffle
+from reconciler.errors import MtdError
+
+
+@cli.command()
+@host_option
+@pass_ctx
+@friendly
+def validate(ctx: Ctx) -> None:
+    """Check the desired state (schema and meaning) and that it renders.
+
+    An inventory is checked for every host it names (or only --host), each error line
+    prefixed with the host.
+    """
+    hosts = files.inventory_hosts(ctx.state_path)
+    if hosts is not None:
+        _validate_inventory(ctx, [ctx.host] if ctx.host else hosts)
+        return
+    state = ctx.state()
+    render.render(state, shuffle.compute(state, b"\0" * 32, 0), ctx.templates)
+    click.echo(
+        f"ok: {ctx.state_path}: {len(state.watched)} watched sources, template {state.template}"
+    )
+
+
+def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
+    if not hosts:
+        raise MtdError(f"{ctx.state_path}: the inventory names no host: expected hosts/NAME.yaml")
+    problems = []
+    for host in hosts:
+        try:
+            state = files.load_state(ctx.state_path, host)
+            render.render(state, shuffle.compute(state, b"\0" * 32, 0), ctx.templates)
+        except MtdError as exc:
+            problems += [f"{host}: {line}" for line in exc.problems]
+            continue
+        click.echo(f"ok: {host}: {len(state.watched)} watched sources, template {state.template}")
+    if problems:
+        raise MtdError(*problems)
+
+
+@cli.command("render")
+@click.option("--epoch", type=int, help="Render this epoch instead of the current one.")
+@host_option
+@pass_ctx
+@friendly
+def render_cmd(ctx: Ctx, epoch: int | None) -> None:
+    """Print the nftables JSON document (contains the mapping: treat as secret)."""
+    state = ctx.state()
+    secret = files.load_or_create_secret(state.secret_file)
+    epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
+    commands = render.render(state, shuffle.compute(state, secret, epoch), ctx.templates)
+    click.echo(json.dumps({"nftables": commands}, indent=1, default=list))  # element lists
+
+
+def _pass(
+    ctx: Ctx,
+    *,
+    check: bool,
+    epoch: int | None = None,
+    advance: bool = False,
+    read_live: bool = True,
+) -> Any:
+    from reconciler.services.reconcile import reconcile
+
+    state = ctx.state()
+    with files.reconcile_lock(state.epoch_file):
+        current = files.read_epoch(state.epoch_file)
+        if advance:
+            current += 1
+            if not check:
+                files.write_epoch(state.epoch_file, current)
+        result = reconcile(
+            state,
+            current if epoch is None else epoch,
+            ctx.nft(),
+            check=check,
+            templates=ctx.templates,
+            read_live=read_live,
+        )
+        if result.status == "changed":
+            auditlog.log_result(state, result, origin="manual", host=ctx.hostname)
+        return result
+
+
+@cli.command("diff")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--stat", is_flag=True, help="Counts only.")
+@click.option("--epoch", type=int, help="Compare against this epoch instead of the current one.")
+@host_option
+@pass_ctx
+@friendly
+def diff_cmd(ctx: Ctx, as_json: bool, stat: bool, epoch: int | None) -> None:
+    """Preview: what `mtd apply` would change. Exit 0 in sync, 2 pending, 1 error."""
+    result = _pass(ctx, check=True, epoch=epoch)
+    if as_json:
+        out = result.as_dict() | {"changes": [c.as_dict() for c in result.changes]}
+        click.echo(json.dumps(out, indent=1))
+    else:
+        click.echo(f"--- live    table inet {result.table}")
+        click.echo(f"+++ desired table inet {result.table} (epoch {result.epoch})")
+        if stat or not result.changes:
+            click.echo(result.line())
+        else:
+            for c in result.changes:
+                click.echo(f"{c.op} {c.text}")
+    sys.exit(EXIT_PENDING if result.changes else 0)
+
+
+def _report(result: Any, show_diff: bool) -> None:
+    if show_diff:
+        for c in result.changes:
+            click.echo(f"{c.op} {c.text}")
+    click.echo(result.line())
+
+
+@cli.command()
+@click.option("--check", is_flag=True, help="Report what would change; change nothing.")
+@click.option("--diff", "show_diff", is_flag=True, help="Also print the changes.")
+@host_option
+@pass_ctx
+@friendly
+def apply(ctx: Ctx, check: bool, show_diff: bool) -> None:
+    """Make the live table match the desired state at the current epoch."""
+    _report(_pass(ctx, check=check), show_diff)
+
+
+@cli.command()
+@click.option("--check", is_flag=True, help="Report what would change; change nothing.")
+@click.option("--diff", "show_diff", is_flag=True, help="Also print the changes.")
+@click.option(
+    "--publish",
+    is_flag=True,
+    help="Rotate the fleet instead: increment the epoch in Redis and publish it "
+    "(every `mtd run` applies it; needs no root).",
+)
+@host_option
+@pass_ctx
+@friendly
+def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
+    """Start a new epoch on this host (a reshuffle) and reconcile."""
+    if publish:
+        if check or show_diff:
+            raise MtdError("--publish: expected no --check or --diff (the daemons apply it)")
+
+        from reconciler.cli import fleet
+
+        fleet.publish(ctx)
+        return
+    # A new epoch moves every port: the table is replaced without reading it back first
+    # (a minute at a million mappings) unless the changes are to be shown.
+    _report(_pass(ctx, check=check, advance=True, read_live=check or show_diff), show_diff)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--state-dir",
+    envvar="MTD_STATE_DIR",
+    default="/var/lib/mtd",
+    show_default=True,
+    help="Where `mtd pull` keeps its clone and pull.json (shown when present).",
+)
+@host_option
+@pass_ctx
+@friendly
+def status(ctx: Ctx, as_json: bool, state_dir: str) -> None:
+    """Epoch, table, whether the live table matches the desired state, and the last pull."""
+    from reconciler.services import gitops
+
+    pulled = gitops.read_record(Path(state_dir) / "pull.json")
+    result = _pass(ctx, check=True)
+    out = {
+        "epoch": result.epoch,
+        "table": result.table,
+        "in_sync": result.in_sync,
+        "summary": diff.summary(result.changes),
+        "fingerprint": result.fingerprint,
+    }
+    if pulled:
+        out["pull"] = gitops.summary(pulled)
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        state = "in sync" if result.in_sync else "out of sync"
+        click.echo(f"table inet {result.table}: epoch {result.epoch}, {state}")
+        for line in gitops.summary_lines(pulled) if pulled else []:
+            click.echo(line)
+
+
+@cli.command()
+@host_option
+@pass_ctx
+@friendly
+def down(ctx: Ctx) -> None:
+    """Remove the owned table on purpose (services are back at their real ports for all)."""
+    state = ctx.state()
+    with files.reconcile_lock(state.epoch_file):
+        removed = ctx.nft().delete_table(state.table)
+    click.echo(
+        f"{'changed' if removed else 'ok'}: table inet {state.table} "
+        f"{'removed' if removed else 'absent'}"
+    )

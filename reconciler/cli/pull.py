@@ -1,0 +1,117 @@
+"""`mtd pull`: converge to the desired state kept in a git repository."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from reconciler.cli.common import (
+    EXIT_ERROR,
+    STATE_DIR_OPTION,
+    Ctx,
+    cli,
+    friendly,
+    host_option,
+    pass_ctx,
+)
+from reconciler.errors import MtdError
+
+
+@cli.command()
+@click.option("--repo", "url", required=True, metavar="URL", help="The state repository.")
+@click.option("--branch", default="main", show_default=True, help="The branch to follow.")
+@click.option("--path", "subdir", default="", metavar="SUBDIR", help="State directory in it.")
+@STATE_DIR_OPTION
+@click.option("--once", is_flag=True, help="One round, then exit (1: rejected or unreachable).")
+@click.option("--check", is_flag=True, help="One round that only shows what would change.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds between rounds (longer, with backoff, while the remote is unreachable).",
+)
+@click.option(
+    "--verify-signatures",
+    is_flag=True,
+    help="Apply only commits whose signature `git verify-commit` accepts.",
+)
+@click.option(
+    "--gpg-home",
+    type=click.Path(file_okay=False),
+    help="GNUPGHOME whose keyring holds the keys allowed to sign (--verify-signatures).",
+)
+@click.option(
+    "--git-timeout",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    help="Seconds allowed to each git command.",
+)
+@host_option
+@pass_ctx
+@friendly
+def pull(
+    ctx: Ctx,
+    url: str,
+    branch: str,
+    subdir: str,
+    state_dir: str,
+    once: bool,
+    check: bool,
+    interval: float,
+    verify_signatures: bool,
+    gpg_home: str | None,
+    git_timeout: float,
+) -> None:
+    """Converge to the desired state kept in a git repository (GitOps).
+
+    Each round fetches the branch; a new commit is validated for this host, its changes are
+    shown and it is applied, then recorded. A commit that fails is never applied: the host
+    keeps the last good state until the next commit.
+    """
+    from reconciler.services import gitops
+
+    puller = gitops.Puller(
+        gitops.PullConfig(
+            url=url,
+            branch=branch,
+            path=subdir,
+            state_dir=Path(state_dir),
+            host=ctx.hostname,
+            templates=tuple(ctx.user_templates),
+            verify_signatures=verify_signatures,
+            gpg_home=gpg_home,
+            interval=interval,
+            timeout=git_timeout,
+        )
+    )
+    nft = ctx.nft()
+    if once or check:
+        outcome = puller.round(nft, check=check, show=click.echo)
+        _pull_report(outcome, again=True)
+        sys.exit(0 if outcome.ok else EXIT_ERROR)
+    try:
+        while True:
+            try:  # the changes hold the mapping: not for a long-running log
+                _pull_report(puller.round(nft), again=False)
+            except MtdError as exc:
+                for line in exc.problems:
+                    click.echo(f"mtd: error: {line}", err=True)
+            time.sleep(puller.next_delay())
+    except KeyboardInterrupt:
+        return
+
+
+def _pull_report(outcome: Any, again: bool) -> None:
+    """Applied commits always; problems once (or every time with `again`)."""
+    if outcome.ok:
+        if outcome.new or again:
+            click.echo(outcome.message)
+    elif outcome.new or again:
+        for line in outcome.problems or [outcome.message]:
+            click.echo(f"mtd: error: {line}", err=True)

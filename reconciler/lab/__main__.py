@@ -1,0 +1,3 @@
+from reconciler.lab.netns import main
+
+main()
