@@ -90,7 +90,7 @@ def test_a_template_that_touches_another_table_is_refused(tmp_path: Path):
         json.dumps({"nftables": [{"add": {"table": {"family": "ip", "name": "filter"}}}]})
     )
     state = parse([("s.yaml", STATE + "template: evil\n")])
-    with pytest.raises(MtdError, match=r"adds table to table ip filter: expected only table inet"):
+    with pytest.raises(MtdError, match=r"add table to table ip filter: expected only table inet"):
         render.render(state, shuffle.compute(state, SECRET, 0), [tmp_path])
 
 

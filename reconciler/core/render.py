@@ -275,20 +275,74 @@ def _template_path(env: jinja2.Environment, name: str) -> str:
         return name
 
 
+# What a template may ask for: `add` only (mtd itself adds the delete of its table), and
+# only objects that live inside a table.
+VERBS = ("add",)
+OBJECTS = (
+    "table", "chain", "rule", "set", "map", "element", "flowtable", "counter", "quota",
+    "limit", "ct helper", "ct timeout", "ct expectation", "secmark", "synproxy",
+)  # fmt: skip
+
+
 def _commands(doc: Any, state: State, where: str) -> list[dict]:
-    """Check the rendered shape: only `add` commands, all inside the owned table."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("nftables"), list):
-        raise MtdError(f'{where}: expected a JSON object {{"nftables": [...]}}')
+    """Check every command's structure before anything else sees it: exactly one verb (from
+    `VERBS`), exactly one object (from `OBJECTS`), family inet, the owned table.
+
+    libnftables acts on every key of a command object, in its own order: reading only the
+    first key let an object with two keys smuggle a rule into another table.
+    """
+    if (
+        not isinstance(doc, dict)
+        or list(doc) != ["nftables"]
+        or not isinstance(doc["nftables"], list)
+    ):
+        raise MtdError(f'{where}: expected a JSON object {{"nftables": [...]}} and nothing else')
     commands = doc["nftables"]
+    owned = f"inet {state.table}"
     for i, cmd in enumerate(commands):
-        if not isinstance(cmd, dict) or list(cmd) != ["add"] or not isinstance(cmd["add"], dict):
-            raise MtdError(f'{where}: nftables[{i}]: expected an {{"add": ...}} command')
-        (kind, obj), *_ = cmd["add"].items()
+        if not isinstance(cmd, dict) or len(cmd) != 1:
+            keys = ", ".join(map(repr, cmd)) if isinstance(cmd, dict) else _kind(cmd)
+            raise MtdError(
+                f"{where}: nftables[{i}]: {keys}: expected exactly one verb "
+                f"({', '.join(VERBS)}) per command"
+            )
+        ((verb, body),) = cmd.items()
+        if verb not in VERBS:
+            raise MtdError(
+                f"{where}: nftables[{i}]: verb {verb!r} ({_touches(body)}): expected only "
+                f"{', '.join(VERBS)} (mtd replaces table {owned} itself)"
+            )
+        if not isinstance(body, dict) or len(body) != 1:
+            keys = ", ".join(map(repr, body)) if isinstance(body, dict) else _kind(body)
+            raise MtdError(
+                f"{where}: nftables[{i}]: {verb} {keys}: expected exactly one object per command"
+            )
+        ((kind, obj),) = body.items()
+        if kind not in OBJECTS or not isinstance(obj, dict):
+            raise MtdError(
+                f"{where}: nftables[{i}]: {verb} {kind!r}: expected one of {', '.join(OBJECTS)} "
+                "given as an object"
+            )
         table = obj.get("name") if kind == "table" else obj.get("table")
         family = obj.get("family")
-        if (family, table) != ("inet", state.table):
+        if family != "inet" or table != state.table:
             raise MtdError(
-                f"{where}: nftables[{i}]: adds {kind} to table {family} {table}: expected "
-                f"only table inet {state.table} (mtd never touches other tables)"
+                f"{where}: nftables[{i}]: {verb} {kind} to table {family} {table}: expected "
+                f"only table {owned} (mtd never touches other tables)"
             )
     return commands
+
+
+def _touches(body: Any) -> str:
+    """`table ip filter`: what a refused command would have acted on, for the error."""
+    if isinstance(body, dict) and len(body) == 1:
+        ((kind, obj),) = body.items()
+        if isinstance(obj, dict):
+            table = obj.get("name") if kind == "table" else obj.get("table")
+            return f"{kind} of table {obj.get('family')} {table}"
+        return str(kind)
+    return "ruleset" if body is None or body == {} else _kind(body)
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "text", dict: "an object"}.get(type(value), type(value).__name__)
