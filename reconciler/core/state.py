@@ -142,10 +142,28 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Bounds of one state file, generous for real states (100,000 watched sources are about
+# 3 MB, 400,000 YAML events and 4 levels deep) and small enough that a hostile document
+# fails in well under a second instead of exhausting memory or the C stack.
+MAX_DOCUMENT_BYTES = 64 << 20
+MAX_DEPTH = 64
+MAX_EXPANDED_EVENTS = 4_000_000  # YAML events once every alias is expanded
+MAX_PROBLEMS = 20  # lines printed; the rest are counted
+
+
 @gc_paused()
 def load_yaml(name: str, text: str) -> dict[str, Any]:
-    """One YAML document as a mapping; an empty file is an empty mapping."""
+    """One YAML document as a mapping; an empty file is an empty mapping.
+
+    The document is bounded first (size, nesting depth, expanded size of aliases) and a key
+    written twice in one mapping is an error: YAML would silently keep the last one.
+    """
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise MtdError(
+            f"{name}: {len(text)} characters: expected at most {MAX_DOCUMENT_BYTES} in a state file"
+        )
     try:
+        _check_events(name, text)
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -157,6 +175,82 @@ def load_yaml(name: str, text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MtdError(f"{name}: expected a mapping of keys at the top level, got {_kind(data)}")
     return data
+
+
+class _Frame:
+    """A mapping or sequence being read in `_check_events`."""
+
+    __slots__ = ("anchor", "key_next", "keys", "size")
+
+    def __init__(self, anchor: str | None, mapping: bool) -> None:
+        self.anchor = anchor
+        self.keys: set[str] | None = set() if mapping else None
+        self.key_next = mapping
+        self.size = 1
+
+
+def _check_events(name: str, text: str) -> None:
+    """One pass over libyaml's events (iterative in C, unlike composing): nesting depth,
+    the size of the document with its aliases expanded (an alias bomb is small on disk and
+    exponential once read), and duplicate keys."""
+    stack: list[_Frame] = []
+    anchors: dict[str, int] = {}
+    total = 0
+    for ev in yaml.parse(text, Loader=_Loader):
+        if isinstance(ev, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            if stack:
+                _key(name, stack[-1], ev, None)
+            if len(stack) >= MAX_DEPTH:
+                raise MtdError(
+                    f"{name}:{ev.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep: "
+                    "expected a flatter document"
+                )
+            stack.append(_Frame(ev.anchor, isinstance(ev, yaml.MappingStartEvent)))
+            continue
+        if isinstance(ev, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            done = stack.pop()
+            if done.anchor is not None:
+                anchors[done.anchor] = done.size
+            size = done.size
+        elif isinstance(ev, yaml.AliasEvent):
+            size = anchors.get(ev.anchor or "", 1)
+            if stack:
+                _key(name, stack[-1], ev, None)
+        elif isinstance(ev, yaml.ScalarEvent):
+            size = 1
+            if ev.anchor is not None:
+                anchors[ev.anchor] = 1
+            if stack:
+                _key(name, stack[-1], ev, ev.value)
+        else:
+            continue
+        total += size
+        if stack:
+            stack[-1].size += size
+        if total > MAX_EXPANDED_EVENTS:
+            raise MtdError(
+                f"{name}:{ev.start_mark.line + 1}: more than {MAX_EXPANDED_EVENTS} values once "
+                "aliases are expanded: expected fewer aliases (an alias bomb?)"
+            )
+
+
+def _key(name: str, frame: _Frame, ev: yaml.Event, value: str | None) -> None:
+    """Note a mapping key; a key that is not plain text cannot be compared, nor used."""
+    if frame.keys is None:
+        return
+    if frame.key_next:
+        if value is None:
+            raise MtdError(
+                f"{name}:{ev.start_mark.line + 1}: a key that is a list, a mapping or an alias: "
+                "expected a plain text key"
+            )
+        if value in frame.keys:
+            raise MtdError(
+                f"{name}:{ev.start_mark.line + 1}: key {value!r} appears twice in one mapping: "
+                "expected each key once"
+            )
+        frame.keys.add(value)
+    frame.key_next = not frame.key_next
 
 
 def parse(documents: Sequence[tuple[str, str]]) -> State:
@@ -176,7 +270,8 @@ def build(parsed: Sequence[tuple[str, dict[str, Any]]], texts: Mapping[str, str]
     locate = _Locator(parsed, texts)
     errors = _schema_errors(doc)
     if errors:
-        raise MtdError(*(locate(path, message) for path, message in errors[:10]))
+        first = [locate(path, message) for path, message in errors[:MAX_PROBLEMS]]
+        raise limited(first, more=len(errors) - len(first))
     return _semantic(doc, locate)
 
 
@@ -283,7 +378,7 @@ def _semantic(doc: dict[str, Any], locate: _Locator) -> State:
         problems += _capacity_problems(state, locate)
         problems += _template_problems(state, locate)
     if problems:
-        raise MtdError(*problems)
+        raise limited(problems)
     return state
 
 
@@ -378,7 +473,8 @@ def _kind(value: object) -> str:
 class _Locator:
     """Turns a key path of the merged document into `file:line: key.path: message`.
 
-    Line numbers come from composing the YAML again, only when there is an error to report.
+    Line numbers come from composing a file again, once, only when it has an error to
+    report: thousands of errors cost one compose, not one each.
     """
 
     def __init__(
@@ -386,15 +482,31 @@ class _Locator:
     ) -> None:
         self._parsed = parsed
         self._texts = texts
+        self._nodes: dict[str, yaml.Node | None] = {}
 
     def __call__(self, path: list[str | int], message: str) -> str:
         for name, data in reversed(self._parsed):
             if _has(data, path):
-                line = _line_of(self._texts.get(name, ""), path)
+                line = _line_of(self._node(name), path)
                 where = f"{name}:{line}" if line else name
                 return f"{where}: {key_path(path)}: {message}"
         name = self._parsed[-1][0] if self._parsed else "desired state"
         return f"{name}: {key_path(path)}: {message}"
+
+    def _node(self, name: str) -> yaml.Node | None:
+        if name not in self._nodes:
+            try:  # already bounded by `load_yaml`, so the C composer is safe here
+                self._nodes[name] = yaml.compose(self._texts.get(name, ""), Loader=_Loader)
+            except yaml.YAMLError:
+                self._nodes[name] = None
+        return self._nodes[name]
+
+
+def limited(problems: Sequence[str], more: int = 0) -> MtdError:
+    """The first `MAX_PROBLEMS` problems, then one line counting the rest (and `more`)."""
+    rest = max(0, len(problems) - MAX_PROBLEMS) + more
+    tail = [f"... and {rest} more problem{'s' if rest > 1 else ''}"] if rest else []
+    return MtdError(*problems[:MAX_PROBLEMS], *tail)
 
 
 def _has(data: Any, path: list[str | int]) -> bool:
@@ -408,11 +520,7 @@ def _has(data: Any, path: list[str | int]) -> bool:
     return True
 
 
-def _line_of(text: str, path: list[str | int]) -> int | None:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
+def _line_of(node: yaml.Node | None, path: list[str | int]) -> int | None:
     for part in path:
         if isinstance(node, yaml.MappingNode):
             node = next((v for k, v in node.value if k.value == part), None)
