@@ -11,11 +11,33 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, find, settings
+from hypothesis import strategies as st
 
 from reconciler.lab.netns import Lab, standard_lab
 
 ROOT = Path(__file__).resolve().parent.parent
 MTD = [sys.executable, "-m", "reconciler"]
+
+
+# Derandomised under CI (`CI` set), so a red run replays exactly; the default profile explores.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build hypothesis' unicode tables once, before any test is timed.
+
+    The first `st.text()` of a process on a machine without `.hypothesis/unicode_data`
+    spends about a second building them, inside that test's first draw: its `too_slow`
+    health check then fails on a cold machine only. Warming here keeps every property test
+    checking exactly what it checks.
+    """
+    find(
+        st.text(min_size=1),
+        lambda _: True,
+        settings=settings(database=None, suppress_health_check=list(HealthCheck)),
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -37,6 +37,7 @@ import redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
 
+from reconciler import defaults
 from reconciler.adapters import files
 from reconciler.core.state import State
 from reconciler.errors import MtdError
@@ -94,11 +95,11 @@ class BusConfig:
     channel: str
     epoch_key: str
     signing_key: bytes | None = field(default=None, repr=False)
-    max_message_bytes: int = 1024
-    reconnect_min: float = 0.5  # first backoff step, seconds
-    reconnect_max: float = 30.0  # backoff cap, seconds
-    check_interval: float = 5.0  # seconds between epoch key reads while connected
-    timeout: float = 5.0  # connect and command timeout, seconds
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
+    reconnect_min: float = defaults.RECONNECT_MIN  # first backoff step, seconds
+    reconnect_max: float = defaults.RECONNECT_MAX  # backoff cap, seconds
+    check_interval: float = defaults.REDIS_CHECK  # between epoch key reads while connected
+    timeout: float = defaults.REDIS_TIMEOUT  # connect and command timeout, seconds
 
     @property
     def last_key(self) -> str:

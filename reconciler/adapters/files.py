@@ -17,10 +17,10 @@ from pathlib import Path
 
 from reconciler.core import inventory
 from reconciler.core.state import State, parse
+from reconciler.defaults import YAML_SUFFIXES
 from reconciler.errors import MtdError
 
 SECRET_BYTES = 32
-YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def state_documents(path: str | Path, host: str | None = None) -> list[tuple[str, str]]:

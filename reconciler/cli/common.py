@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from reconciler import defaults
 from reconciler.adapters import files
 from reconciler.core import render
 from reconciler.core.state import State
@@ -124,7 +125,7 @@ def cli(ctx: click.Context, state_path: str, templates: tuple[str, ...], debug: 
 STATE_DIR_OPTION = click.option(
     "--state-dir",
     envvar="MTD_STATE_DIR",
-    default="/var/lib/mtd",
+    default=str(defaults.STATE_DIR),
     show_default=True,
     type=click.Path(file_okay=False),
     help="Where the pull keeps its clone (repo/) and pull.json.",

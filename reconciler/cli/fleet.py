@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from reconciler import defaults
 from reconciler.cli.common import cli, friendly, host_option, pass_ctx
 from reconciler.errors import MtdError
 
@@ -153,28 +154,28 @@ options = [
     click.option(
         "--reconnect-min",
         type=click.FloatRange(min=0.01),
-        default=0.5,
+        default=defaults.RECONNECT_MIN,
         show_default=True,
         help="First Redis reconnect delay, seconds (doubles up to --reconnect-max).",
     ),
     click.option(
         "--reconnect-max",
         type=click.FloatRange(min=0.01),
-        default=30.0,
+        default=defaults.RECONNECT_MAX,
         show_default=True,
         help="Longest Redis reconnect delay, seconds.",
     ),
     click.option(
         "--redis-check",
         type=click.FloatRange(min=0.05),
-        default=5.0,
+        default=defaults.REDIS_CHECK,
         show_default=True,
         help="Seconds between reads of the epoch key (catches lost triggers, dead links).",
     ),
     click.option(
         "--redis-timeout",
         type=click.FloatRange(min=0.05),
-        default=5.0,
+        default=defaults.REDIS_TIMEOUT,
         show_default=True,
         help="Redis connect and command timeout, seconds.",
     ),
@@ -203,16 +204,16 @@ options = [
     click.option(
         "--pull-interval",
         type=click.FloatRange(min=0.1),
-        default=60.0,
+        default=defaults.PULL_INTERVAL,
         show_default=True,
         help="Seconds between pulls (longer, with backoff, while the remote is down).",
     ),
-    click.option("--branch", default="main", show_default=True, help="With --pull."),
+    click.option("--branch", default=defaults.BRANCH, show_default=True, help="With --pull."),
     click.option("--path", default="", metavar="SUBDIR", help="With --pull: state dir."),
     click.option(
         "--state-dir",
         envvar="MTD_STATE_DIR",
-        default="/var/lib/mtd",
+        default=str(defaults.STATE_DIR),
         show_default=True,
         help="With --pull: where the clone (repo/) and pull.json are kept.",
     ),

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from reconciler import defaults
 from reconciler.adapters import auditlog, files
 from reconciler.cli.common import (
     EXIT_PENDING,
@@ -178,7 +179,7 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
 @click.option(
     "--state-dir",
     envvar="MTD_STATE_DIR",
-    default="/var/lib/mtd",
+    default=str(defaults.STATE_DIR),
     show_default=True,
     help="Where `mtd pull` keeps its clone and pull.json (shown when present).",
 )

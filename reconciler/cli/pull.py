@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from reconciler import defaults
 from reconciler.cli.common import (
     EXIT_ERROR,
     STATE_DIR_OPTION,
@@ -23,7 +24,7 @@ from reconciler.errors import MtdError
 
 @cli.command()
 @click.option("--repo", "url", required=True, metavar="URL", help="The state repository.")
-@click.option("--branch", default="main", show_default=True, help="The branch to follow.")
+@click.option("--branch", default=defaults.BRANCH, show_default=True, help="The branch to follow.")
 @click.option("--path", "subdir", default="", metavar="SUBDIR", help="State directory in it.")
 @STATE_DIR_OPTION
 @click.option("--once", is_flag=True, help="One round, then exit (1: rejected or unreachable).")
@@ -31,7 +32,7 @@ from reconciler.errors import MtdError
 @click.option(
     "--interval",
     type=click.FloatRange(min=0.1),
-    default=60.0,
+    default=defaults.PULL_INTERVAL,
     show_default=True,
     help="Seconds between rounds (longer, with backoff, while the remote is unreachable).",
 )
@@ -48,7 +49,7 @@ from reconciler.errors import MtdError
 @click.option(
     "--git-timeout",
     type=click.FloatRange(min=1),
-    default=120.0,
+    default=defaults.GIT_TIMEOUT,
     show_default=True,
     help="Seconds allowed to each git command.",
 )

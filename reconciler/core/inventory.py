@@ -21,9 +21,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from reconciler.core.state import State, build, load_yaml
+from reconciler.defaults import YAML_SUFFIXES
 from reconciler.errors import MtdError
 
-YAML_SUFFIXES = (".yaml", ".yml")
 GROUPS = "groups"
 HOSTS = "hosts"
 

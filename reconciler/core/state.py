@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from reconciler import defaults
 from reconciler.core.bulk import gc_paused
 from reconciler.errors import MtdError
 
@@ -28,21 +29,8 @@ except ImportError:  # pragma: no cover
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
 
 PROTOCOLS = ("tcp", "udp")
-DEFAULTS: dict[str, Any] = {
-    "table": "mtd",
-    "template": "maps",
-    "ownership": "table",
-    "secret_file": "/var/lib/mtd/secret",
-    "mark": 0x01000000,
-    "drift_interval": 30,
-}
-REDIS_DEFAULTS: dict[str, Any] = {
-    "url": "redis://127.0.0.1:6379/0",
-    "channel": "mtd:rotate",
-    "epoch_key": "mtd:epoch",
-    "min_interval": 0.0,
-    "max_message_bytes": 1024,
-}
+DEFAULTS: dict[str, Any] = defaults.STATE
+REDIS_DEFAULTS: dict[str, Any] = defaults.REDIS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NO_IGNORE: Mapping[str, frozenset[int]] = {p: frozenset() for p in PROTOCOLS}

@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from reconciler import defaults
 from reconciler.adapters import auditlog, bus, files
 from reconciler.core import diff, render, shuffle
 from reconciler.core.state import State
@@ -40,11 +41,11 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 30
 @dataclass(frozen=True)
 class Options:
     drift_interval: float | None = None  # None: the state's drift_interval
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
-    redis_check: float = 5.0  # seconds between reads of the epoch key while connected
-    redis_timeout: float = 5.0
-    start_wait: float = 2.0  # at start, wait this long for the fleet epoch before the pass
+    reconnect_min: float = defaults.RECONNECT_MIN
+    reconnect_max: float = defaults.RECONNECT_MAX
+    redis_check: float = defaults.REDIS_CHECK
+    redis_timeout: float = defaults.REDIS_TIMEOUT
+    start_wait: float = defaults.START_WAIT
     log_mapping: bool = False
     down_on_exit: bool = False
     rotate_without_diff: bool = False  # new epochs replace the table unread (huge states)

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from reconciler import defaults
 from reconciler.adapters import auditlog, files
 from reconciler.adapters.git import GitError, Repo, redact
 from reconciler.core import audit, inventory, render
 from reconciler.core.state import State
 from reconciler.errors import MtdError
 
-STATE_DIR = Path("/var/lib/mtd")
+STATE_DIR = defaults.STATE_DIR
 TEMPLATES = "templates"
 BACKOFF_FACTOR = 32  # an unreachable remote is retried at most every 32 intervals
 
@@ -46,15 +47,15 @@ class PullConfig:
     """Where the desired state comes from and where this host keeps its clone."""
 
     url: str
-    branch: str = "main"
+    branch: str = defaults.BRANCH
     path: str = ""  # the state directory inside the repository; "" is its root
     state_dir: Path = STATE_DIR
     host: str = field(default_factory=socket.gethostname)
     templates: tuple[Path, ...] = ()  # --templates directories, searched before the repo's
     verify_signatures: bool = False
     gpg_home: str | None = None
-    interval: float = 60.0
-    timeout: float = 120.0  # per git command
+    interval: float = defaults.PULL_INTERVAL
+    timeout: float = defaults.GIT_TIMEOUT  # per git command
 
     @property
     def clone_dir(self) -> Path:

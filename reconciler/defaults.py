@@ -1,0 +1,52 @@
+"""Every default mtd has, in one place: the CLI, the daemon, the bus, the pull and the state
+model import them from here, so a default changes in one line and cannot drift.
+
+Pure constants (no I/O): any layer may import this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Where mtd keeps what it owns on a host: the secret, the epoch, the lock, the pull's clone
+# and pull.json, the canonical-form cache.
+STATE_DIR = Path("/var/lib/mtd")
+SECRET_FILE = STATE_DIR / "secret"
+CACHE = "cache"  # the canonical-form cache: a private directory next to the epoch file
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+# The desired state's optional keys.
+TABLE = "mtd"
+TEMPLATE = "maps"
+DRIFT_INTERVAL = 30
+MARK = 0x01000000
+STATE: dict[str, Any] = {
+    "table": TABLE,
+    "template": TEMPLATE,
+    "ownership": "table",
+    "secret_file": str(SECRET_FILE),
+    "mark": MARK,
+    "drift_interval": DRIFT_INTERVAL,
+}
+MAX_MESSAGE_BYTES = 1024
+REDIS: dict[str, Any] = {
+    "url": "redis://127.0.0.1:6379/0",
+    "channel": "mtd:rotate",
+    "epoch_key": "mtd:epoch",
+    "min_interval": 0.0,
+    "max_message_bytes": MAX_MESSAGE_BYTES,
+}
+
+# `mtd run`'s Redis timers, seconds.
+RECONNECT_MIN = 0.5  # first reconnect delay (doubles up to RECONNECT_MAX)
+RECONNECT_MAX = 30.0
+REDIS_CHECK = 5.0  # between reads of the epoch key while connected
+REDIS_TIMEOUT = 5.0  # connect and command timeout
+START_WAIT = 2.0  # at start, how long to wait for the fleet epoch before the first pass
+
+# `mtd pull` and `mtd run --pull`.
+BRANCH = "main"
+PULL_INTERVAL = 60.0
+GIT_TIMEOUT = 120.0  # per git command
