@@ -201,7 +201,7 @@ def _floor_documents(work: Path, state: Any) -> tuple[list[str], list[str]]:
     """The batch mtd sends (create-if-missing, delete, the rendered document) for two
     epochs, as JSON for `json_cmd` and in nft syntax for `nft -f`. Two, so that every
     floor run replaces a table with different content, as a rotation does."""
-    secret = files.load_or_create_secret(state.secret_file)
+    secret = files.load_secret(state.secret_file, create=True)
     docs, texts = [], []
     for epoch in (1_000_000, 1_000_001):
         commands = render.render(state, shuffle.compute(state, secret, epoch))
@@ -432,7 +432,7 @@ def packets(work: Path, sources: int, template: str, seconds: float, repeats: in
         dirname = work / f"p{template}{sources}"
         path = states.write(dirname / "state.yaml", sources, template=template)
         state = files.load_state(path)
-        secret = files.load_or_create_secret(state.secret_file)
+        secret = files.load_secret(state.secret_file, create=True)
         mapping = shuffle.compute(state, secret, 0)
         start = time.perf_counter()
         if template == "maps" or sources <= CLASSIC_MAX:

@@ -20,9 +20,10 @@ def main() -> None:
     start = time.perf_counter()
     state = files.load_state(path)
     load = time.perf_counter() - start
-    full = reconcile(state, epoch, Nft())
+    secret = files.load_secret(state.secret_file, create=True)
+    full = reconcile(state, epoch, Nft(), secret=secret)
     start = time.perf_counter()
-    reconcile(state, epoch + 1, Nft(), read_live=False)
+    reconcile(state, epoch + 1, Nft(), secret=secret, read_live=False)
     rotation = time.perf_counter() - start
     print(json.dumps({"load": load, **full.phases, "rotation": rotation}))
 

@@ -13,7 +13,7 @@ from tests.conftest import mtd
 def expected_moves(state_path: Path, epoch: int | None = None) -> dict[tuple[str, str], dict]:
     """The mapping mtd applied, recomputed from the state and the secret it created."""
     state = files.load_state(state_path)
-    secret = files.load_or_create_secret(state.secret_file)
+    secret = files.load_secret(state.secret_file)
     epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
     return dict(shuffle.compute(state, secret, epoch).moves)
 

@@ -100,7 +100,7 @@ def test_mapping_of_uses_the_most_specific_watched_entry(state_file: Path):
 
 def test_history_lists_and_recomputes_a_mapping_with_the_secret(state_file: Path):
     state = files.load_state(state_file)
-    secret = files.load_or_create_secret(state.secret_file)
+    secret = files.load_secret(state.secret_file, create=True)
     for minutes, epoch in [(0, 0), (10, 1)]:
         fp = shuffle.compute(state, secret, epoch).fingerprint(secret)
         auditlog.record(

@@ -2,7 +2,6 @@
 
 import json
 import os
-import stat
 from pathlib import Path
 
 import yaml
@@ -10,7 +9,8 @@ import yaml
 from reconciler.core.state import parse
 from tests.conftest import ROOT, mtd, write_state
 
-SEED = Path("/work/shared/seed/reference/configuration.json")
+# The proof of concept's published configuration, shipped with the tests (CI clones anywhere).
+SEED = Path(__file__).parent / "fixtures" / "seed_configuration.json"
 
 
 def seed_config(tmp_path: Path) -> Path:
@@ -59,13 +59,26 @@ def test_validate_error_is_one_line_exit_1(tmp_path: Path):
     )
 
 
-def test_render_creates_a_private_secret_and_never_prints_it(state_file: Path):
+def test_read_only_commands_never_create_a_secret(state_file: Path):
+    secret = state_file.parent / "secret"
+    for cmd in (["render"], ["diff"], ["status"], ["apply", "--check"]):
+        out = mtd("-s", str(state_file), *cmd)
+        assert out.returncode == 1, (cmd, out.stderr)
+        assert out.stderr == (
+            f"mtd: error: {secret}: no secret file yet: `mtd apply` creates it "
+            "(this command only reads)\n"
+        )
+    assert not secret.exists()
+
+
+def test_render_reads_the_secret_and_never_prints_it(state_file: Path):
+    secret = state_file.parent / "secret"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o600)
     out = mtd("-s", str(state_file), "render")
-    assert out.returncode == 0
+    assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["nftables"][0] == {"add": {"table": {"family": "inet", "name": "mtd"}}}
-    secret = state_file.parent / "secret"
-    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_bytes()) == 32
     assert secret.read_bytes().hex() not in out.stdout
 
 
@@ -78,6 +91,9 @@ def test_a_world_readable_secret_is_refused(state_file: Path):
 
 
 def test_render_is_deterministic_per_epoch(state_file: Path):
+    secret = state_file.parent / "secret"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o600)
     a = mtd("-s", str(state_file), "render", "--epoch", "3").stdout
     assert a == mtd("-s", str(state_file), "render", "--epoch", "3").stdout
     assert a != mtd("-s", str(state_file), "render", "--epoch", "4").stdout
@@ -94,8 +110,10 @@ def test_import_seed_gives_an_equivalent_valid_state(tmp_path: Path):
 
 
 def test_import_seed_of_the_published_reference():
-    if SEED.exists():
-        assert mtd("import-seed", str(SEED)).returncode == 0
+    out = mtd("import-seed", str(SEED))
+    assert out.returncode == 0, out.stderr
+    doc = yaml.safe_load(out.stdout)
+    assert doc["watched"] == [{"source": "10.0.0.3", "ignore": {"tcp": [1, 2]}}]
 
 
 def test_import_seed_bad_input_is_one_line(tmp_path: Path):

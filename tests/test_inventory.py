@@ -162,6 +162,7 @@ def test_render_shows_what_a_given_host_would_get(tmp_path: Path):
         doc = yaml.safe_load((root / rel).read_text())
         doc["secret_file"] = str(tmp_path / "secret")
         (root / rel).write_text(yaml.safe_dump(doc))
+    files.load_secret(tmp_path / "secret", create=True)  # render only reads it
     h1 = mtd("-s", str(root), "render", "--host", "h1")
     h3 = mtd("-s", str(root), "render", "--host", "h3")
     assert h1.returncode == 0 and h3.returncode == 0, h1.stderr + h3.stderr

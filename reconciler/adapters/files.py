@@ -93,19 +93,24 @@ def _read_text(path: Path) -> str:
         raise MtdError(f"{path}: cannot read: {exc}") from None
 
 
-def load_or_create_secret(path: str | Path) -> bytes:
-    """The shuffle key: created with 32 random bytes and mode 0600 when missing."""
+def load_secret(path: str | Path, *, create: bool = False) -> bytes:
+    """The shuffle key. With `create` (only `apply`, `rotate` and `run`: the commands that
+    change the table) a missing one is made with 32 random bytes and mode 0600; read-only
+    commands never write, and say in one line that there is no secret yet."""
     p = Path(path)
-    try:
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise MtdError(f"{p}: cannot create the secret file: {exc.strerror}") from None
-    else:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(SECRET_BYTES))
+    if create:
+        try:
+            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise MtdError(f"{p}: cannot create the secret file: {exc.strerror}") from None
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(SECRET_BYTES))
+    elif not p.exists():
+        raise MtdError(f"{p}: no secret file yet: `mtd apply` creates it (this command only reads)")
     return read_private_key(p, "secret file")
 
 
@@ -182,16 +187,3 @@ def file_lock(path: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def set_sysctls(values: dict[str, str], root: str = "/proc/sys") -> None:
-    """Set network sysctls of the caller's namespace; a family the kernel lacks is skipped."""
-    for name, value in values.items():
-        p = Path(root, name)
-        try:
-            if p.read_text().strip() != value:
-                p.write_text(value)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise MtdError(f"sysctl {name.replace('/', '.')}={value}: {exc.strerror}") from None

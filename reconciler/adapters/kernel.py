@@ -1,8 +1,11 @@
-"""The only module that talks to libnftables (Debian's python3-nftables bindings).
+"""The kernel backend: the interface the services use, and its libnftables implementation.
 
-Everything here takes and returns plain JSON-shaped data. Writes are one transaction: the
-owned table is created if missing, deleted and re-created with its content, so the live
-ruleset is either the old table or the new one, never a mix.
+`Backend` is what the reconcile pass, the daemon and a pull round need from the kernel;
+`Nft` is the real one (Debian's python3-nftables bindings, imported on first use so that
+commands that never touch the kernel start fast), and `adapters.fake.FakeKernel` an
+in-memory one for tests. Everything takes and returns plain JSON-shaped data. Writes are one
+transaction: the owned table is created if missing, deleted and re-created with its content,
+so the live ruleset is either the old table or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -10,20 +13,56 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import Any
-
-import nftables
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from reconciler.core.bulk import dumps
-from reconciler.errors import NftError
+from reconciler.errors import KernelError, MtdError
+
+if TYPE_CHECKING:
+    import nftables
 
 FAMILY = "inet"
-_CANONICAL_CACHE: dict[str, list[dict[str, Any]]] = {}
-_LIBC = ctypes.CDLL(None)  # the C library mtd runs on, for malloc_trim
+_NOT_FOUND = "No such file or directory"
+_CACHE_KEEP = 8  # canonical forms kept on disk (a per-pair template has one per epoch)
+
+
+class Backend(Protocol):
+    """What mtd needs from the kernel. Every method raises `KernelError` on failure."""
+
+    def list_table(self, name: str) -> list[dict[str, Any]] | None:
+        """The owned table as the kernel lists it, or None when it does not exist."""
+        ...
+
+    def replace_table(
+        self,
+        name: str,
+        commands: Sequence[dict[str, Any]],
+        *,
+        flush_ruleset: bool = False,
+        check: bool = False,
+    ) -> None:
+        """Swap the owned table for `commands` in one transaction (or only check it); a
+        refusal names the command by its index in `commands` and changes nothing."""
+        ...
+
+    def delete_table(self, name: str) -> bool:
+        """Remove the owned table; False when it was not there."""
+        ...
+
+    def canonical(self, commands: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+        """The listing `commands` (element-free) would have once loaded: the kernel's one
+        form of every expression, which the diff compares against."""
+        ...
+
+    def set_sysctls(self, values: Mapping[str, str]) -> None:
+        """Network sysctls the ruleset relies on, in the backend's namespace."""
+        ...
 
 
 class Nft:
@@ -33,34 +72,44 @@ class Nft:
     waits for the kernel (about 10 ms, most of a small rotation). After a big call the
     context is freed and its heap handed back to the system: it caches every element it has
     seen (about 2 KB each), which at a million elements a daemon would otherwise keep.
+
+    `cache_dir` keeps canonical forms across processes (keyed by the skeleton, libnftables
+    and the kernel release), so a new `mtd apply` skips the scratch namespace.
     """
 
     KEEP_BYTES = 1 << 20  # calls moving more text than this free their context
 
-    def __init__(self) -> None:
+    def __init__(self, cache_dir: str | Path | None = None) -> None:
         self._ctx: nftables.Nftables | None = None
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._canonical: dict[str, list[dict[str, Any]]] = {}
+
+    def _context(self) -> nftables.Nftables:
+        if self._ctx is None:
+            self._ctx = _bindings().Nftables()
+            self._ctx.set_json_output(True)
+            self._ctx.set_handle_output(False)
+        return self._ctx
 
     def _cmd(self, text: str, *, dry_run: bool = False) -> tuple[int, str, str]:
         """One libnftables call: a command line or a JSON document."""
-        if self._ctx is None:
-            self._ctx = nftables.Nftables()
-            self._ctx.set_json_output(True)
-            self._ctx.set_handle_output(False)
-        self._ctx.set_dry_run(dry_run)
-        rc, out, err = self._ctx.cmd(text)
+        ctx = self._context()
+        ctx.set_dry_run(dry_run)
+        rc, out, err = ctx.cmd(text)
         if len(text) + len(out) > self.KEEP_BYTES:
             self._ctx = None  # frees the context and its cache
-            if hasattr(_LIBC, "malloc_trim"):  # glibc keeps freed heap otherwise
-                _LIBC.malloc_trim(0)
+            libc = _libc()
+            if hasattr(libc, "malloc_trim"):  # glibc keeps freed heap otherwise
+                libc.malloc_trim(0)
         return rc, out, err
 
     def list_table(self, name: str) -> list[dict[str, Any]] | None:
-        """The owned table as listed by the kernel, or None when it does not exist."""
         rc, out, err = self._cmd(f"list table {FAMILY} {name}")
         if rc != 0:
-            if "No such file or directory" in err:
+            exc = kernel_error(err, context=f"list table {FAMILY} {name}")
+            if exc.not_found:
                 return None
-            raise NftError(f"list table {FAMILY} {name}: {_first_error(err)}")
+            raise exc
         return [o for o in json.loads(out)["nftables"] if "metainfo" not in o]
 
     def replace_table(
@@ -71,26 +120,27 @@ class Nft:
         flush_ruleset: bool = False,
         check: bool = False,
     ) -> None:
-        """Swap the owned table for `commands` in one transaction (or only check it)."""
         batch = replace_batch(name, commands, flush_ruleset=flush_ruleset)
         self.run(batch, check=check, first=len(batch) - len(commands))
 
     def delete_table(self, name: str) -> bool:
-        """Remove the owned table on purpose (`mtd down`); False when it was not there."""
         try:
             self.run([{"delete": {"table": {"family": FAMILY, "name": name}}}])
-        except NftError as exc:
-            if "No such file or directory" in str(exc):
+        except KernelError as exc:
+            if exc.not_found:
                 return False
             raise
         return True
 
+    def set_sysctls(self, values: Mapping[str, str]) -> None:
+        set_sysctls(values)
+
     def run(
         self, commands: Sequence[dict[str, Any]], *, check: bool = False, first: int = 0
     ) -> None:
-        """One libnftables transaction. On failure nothing changed and the error names the
-        first command the kernel refused (numbered from `commands[first]`, the rendered
-        document, when a batch starts with commands mtd adds itself).
+        """One libnftables transaction. On failure nothing changed and the `KernelError`
+        names the first command the kernel refused: its index counts from `commands[first]`
+        (the rendered document, when a batch starts with commands mtd adds itself).
 
         No dry run before the real run: the batch is one kernel transaction, so a refused
         command leaves everything as it was (a dry run would double the cost).
@@ -99,14 +149,14 @@ class Nft:
         try:
             _validator().json_validate(doc)
         except Exception as exc:  # the bindings raise jsonschema's own errors
-            raise NftError(f"libnftables JSON schema: {str(exc).splitlines()[0]}") from None
+            raise KernelError(str(exc).splitlines()[0], context="libnftables JSON schema") from None
         # Compact JSON: what the bindings' `json_cmd` sends, minus the spaces; element
         # lists written by string formatting (see `bulk.dumps`).
         rc, _, err = self._cmd(dumps(doc), dry_run=check)
         if rc != 0:
-            raise NftError(self._blame(commands, err, first))
+            raise self._blame(commands, err, first)
 
-    def _blame(self, commands: Sequence[dict[str, Any]], err: str, first: int) -> str:
+    def _blame(self, commands: Sequence[dict[str, Any]], err: str, first: int) -> KernelError:
         """Bisect with dry runs for the first command whose prefix fails: errors from the
         kernel do not say which command of a batch they belong to."""
         lo, hi = 0, len(commands)  # commands[:hi] fails; commands[:lo] passes
@@ -115,14 +165,114 @@ class Nft:
             rc, _, _ = self._cmd(dumps({"nftables": list(commands[:mid])}), dry_run=True)
             lo, hi = (mid, hi) if rc == 0 else (lo, mid)
         bad = hi - 1
-        where = f"rendered command {bad - first}" if bad >= first else "command"
-        return f"nftables refused {where} ({describe(commands[bad])}): {_first_error(err)}"
+        facts = kernel_error(err)
+        return KernelError(
+            facts.reason,
+            index=bad - first if bad >= first else None,
+            command=describe(commands[bad]),
+            not_found=facts.not_found,
+        )
+
+    def canonical(self, commands: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+        """Templates may write an expression in any form libnftables accepts; the kernel lists
+        it in one form only. Loading the (element-free, so small) document into a scratch
+        network namespace and listing it back gives that form without touching the host's
+        ruleset. Cached in memory and in `cache_dir`: the skeleton is the same from one
+        rotation to the next."""
+        text = json.dumps({"name": name, "commands": list(commands)}, sort_keys=True)
+        key = hashlib.sha256(f"{text}\0{_platform()}".encode()).hexdigest()
+        listing = self._canonical.get(key)
+        if listing is None:
+            listing = self._read_cache(key)
+        if listing is None:
+            listing = _learn(text, name, commands)
+            self._write_cache(key, listing)
+        self._canonical = {key: listing}  # one skeleton is live at a time: memory stays flat
+        return listing
+
+    def _cache_file(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"canonical-{key[:40]}.json"
+
+    def _read_cache(self, key: str) -> list[dict[str, Any]] | None:
+        path = self._cache_file(key)
+        if path is None:
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # missing or torn: learn it again
+        ok = isinstance(data, list) and all(isinstance(o, dict) for o in data)
+        return data if ok else None
+
+    def _write_cache(self, key: str, listing: list[dict[str, Any]]) -> None:
+        """Best effort: a cache that cannot be written only costs the next process time."""
+        path = self._cache_file(key)
+        if path is None:
+            return
+        from reconciler.adapters import files
+
+        try:
+            files.write_atomic(path, json.dumps(listing), mode=0o600)
+            kept = sorted(path.parent.glob("canonical-*.json"), key=_mtime, reverse=True)
+            for old in kept[_CACHE_KEEP:]:
+                old.unlink(missing_ok=True)
+        except (OSError, MtdError):
+            pass
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _bindings() -> Any:
+    """The nftables bindings, or one line saying what to install."""
+    try:
+        import nftables
+    except ImportError:
+        raise KernelError(
+            "the Python nftables bindings are missing: expected Debian's python3-nftables "
+            "(apt-get install python3-nftables)",
+            context="libnftables",
+        ) from None
+    return nftables
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)  # the C library mtd runs on, for malloc_trim
 
 
 @cache
 def _validator() -> nftables.Nftables:
     """A context used only for `json_validate` (it never runs a command, so caches nothing)."""
-    return nftables.Nftables()
+    return _bindings().Nftables()
+
+
+@cache
+def _platform() -> str:
+    """What the kernel's listing form depends on besides the commands: the libnftables
+    library (path, size, time) and the kernel release."""
+    _validator()  # loads the library, so it is in the maps
+    lib = ""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if "libnftables" in line:
+                    lib = line.split()[-1]
+                    break
+        st = os.stat(lib) if lib else None
+        lib = f"{lib}:{st.st_size}:{st.st_mtime_ns}" if st else "unknown"
+    except OSError:
+        lib = "unknown"
+    return f"{lib}\0{os.uname().release}"
+
+
+def kernel_error(err: str, *, context: str | None = None) -> KernelError:
+    """libnftables' error text parsed once: its reason, and whether an object was missing."""
+    return KernelError(_first_error(err), not_found=_NOT_FOUND in err, context=context)
 
 
 def replace_batch(
@@ -152,37 +302,49 @@ def _first_error(err: str) -> str:
     return lines[0].strip() if lines else "unknown error"
 
 
-def canonical(commands: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    """What the kernel lists back for `commands`: their one canonical form.
-
-    Templates may write an expression in any form libnftables accepts; the kernel lists it in
-    one form only. Loading the (element-free, so small) document into a scratch network
-    namespace and listing it back gives that form without touching the host's ruleset.
-    Cached, since the skeleton is the same from one rotation to the next.
-    """
-    text = json.dumps({"name": name, "commands": list(commands)}, sort_keys=True)
-    key = hashlib.sha256(text.encode()).hexdigest()
-    if key not in _CANONICAL_CACHE:
-        # nft itself first: no interpreter to start, a tenth of the time.
-        batch = json.dumps({"nftables": replace_batch(name, commands)})
-        proc = _scratch(["sh", "-c", _LOAD_AND_LIST, "sh", name], batch)
-        if proc.returncode == 0:
-            listing = [o for o in json.loads(proc.stdout)["nftables"] if "metainfo" not in o]
-        else:  # mtd's own loader says which rendered command the kernel refused
-            proc = _scratch([sys.executable, "-m", "reconciler.adapters.kernel"], text)
-            if proc.returncode != 0:
-                raise NftError(
-                    proc.stderr.strip().splitlines()[-1]
-                    if proc.stderr.strip()
-                    else f"scratch namespace failed with exit code {proc.returncode}"
-                )
-            listing = json.loads(proc.stdout)
-        _CANONICAL_CACHE.clear()  # one skeleton is live at a time; keep memory flat
-        _CANONICAL_CACHE[key] = listing
-    return _CANONICAL_CACHE[key]
+def set_sysctls(values: Mapping[str, str], root: str = "/proc/sys") -> None:
+    """Set network sysctls of the caller's namespace; a family the kernel lacks is skipped."""
+    for name, value in values.items():
+        p = Path(root, name)
+        try:
+            if p.read_text().strip() != value:
+                p.write_text(value)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise KernelError(
+                exc.strerror or str(exc), context=f"sysctl {name.replace('/', '.')}={value}"
+            ) from None
 
 
 _LOAD_AND_LIST = 'nft -j -f - && exec nft -j list table inet "$1"'
+
+
+def _learn(text: str, name: str, commands: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Load `commands` into a scratch namespace and list them back."""
+    # nft itself first: no interpreter to start, a tenth of the time.
+    batch = json.dumps({"nftables": replace_batch(name, commands)})
+    proc = _scratch(["sh", "-c", _LOAD_AND_LIST, "sh", name], batch)
+    if proc.returncode == 0:
+        return [o for o in json.loads(proc.stdout)["nftables"] if "metainfo" not in o]
+    # mtd's own loader says which command the kernel refused, as JSON facts
+    proc = _scratch([sys.executable, "-m", "reconciler.adapters.kernel"], text)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout)
+    try:
+        facts = json.loads(proc.stderr.strip().splitlines()[-1])
+        raise KernelError(
+            facts["reason"],
+            index=facts["index"],
+            command=facts["command"],
+            not_found=facts["not_found"],
+            context=facts["context"],
+        )
+    except (ValueError, KeyError, TypeError, IndexError):
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        raise KernelError(
+            last or f"exit code {proc.returncode}", context="scratch namespace"
+        ) from None
 
 
 def _scratch(argv: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
@@ -193,13 +355,22 @@ def _scratch(argv: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
 
 
 def _scratch_main() -> None:
-    """Runs inside `unshare --net`: load the commands, print the table as listed."""
+    """Runs inside `unshare --net`: load the commands, print the table as listed, or the
+    refusal's facts as one JSON line on stderr."""
     request = json.load(sys.stdin)
     nft = Nft()
     try:
-        nft.run(replace_batch(request["name"], request["commands"]))
-    except NftError as exc:
-        sys.exit(f"cannot load the rendered ruleset: {exc}")
+        nft.replace_table(request["name"], request["commands"])
+    except KernelError as exc:
+        facts = {
+            "reason": exc.reason,
+            "index": exc.index,
+            "command": exc.command,
+            "not_found": exc.not_found,
+            "context": exc.context,
+        }
+        sys.stderr.write(json.dumps(facts) + "\n")
+        sys.exit(3)
     json.dump(nft.list_table(request["name"]) or [], sys.stdout)
 
 

@@ -43,12 +43,14 @@ class Ctx:
     def state(self) -> State:
         return files.load_state(self.state_path, self.hostname)
 
-    def nft(self) -> Any:
-        from reconciler.adapters.kernel import (
-            Nft,  # imported late: validate/render need no libnftables
-        )
+    def nft(self, state: State | None = None, cache_dir: Path | None = None) -> Any:
+        """The real kernel backend. Its canonical-form cache is `cache_dir`, or sits next to
+        the state's epoch file (by default /var/lib/mtd/cache)."""
+        from reconciler.adapters.kernel import Nft
 
-        return Nft()
+        if cache_dir is None and state is not None:
+            cache_dir = Path(state.epoch_file).parent / defaults.CACHE
+        return Nft(cache_dir=cache_dir)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

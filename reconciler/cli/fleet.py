@@ -7,6 +7,7 @@ import random
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -54,7 +55,10 @@ def run_daemon(ctx: Any, opts: dict[str, Any]) -> None:
 
     logs.setup(opts.pop("log_json"))
     metrics_addr = opts.pop("metrics")
-    nft = ctx.nft()
+    if opts["pull"]:  # the state comes from the clone under --state-dir
+        nft = ctx.nft(cache_dir=Path(opts["state_dir"]) / defaults.CACHE)
+    else:
+        nft = ctx.nft(ctx.state())
     puller = _first_pull(ctx, nft, opts, logging.getLogger(f"{logs.LOGGER}.daemon"))
     daemon = Daemon(
         ctx.state,
@@ -73,7 +77,6 @@ def run_daemon(ctx: Any, opts: dict[str, Any]) -> None:
 def _first_pull(ctx: Any, nft: Any, opts: dict[str, Any], logger: logging.Logger) -> Any:
     """`--pull URL`: one round before the daemon loads its state, which is then the clone's
     (the commit applied last); a remote down at start is fine once a commit was applied."""
-    from pathlib import Path
 
     from reconciler import logs
     from reconciler.services import gitops

@@ -113,7 +113,7 @@ def _mapping_then(state: State, entry: Any, source: str, state_dir: Path) -> Any
         secret_file = Path(candidate.secret_file)
         if not secret_file.exists():
             continue
-        secret = files.load_or_create_secret(secret_file)
+        secret = files.load_secret(secret_file)
         view = audit.mapping_of(candidate, secret, entry["epoch"], source)
         if view.fingerprint == entry.get("fingerprint"):
             return view

@@ -69,7 +69,7 @@ def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
 def render_cmd(ctx: Ctx, epoch: int | None) -> None:
     """Print the nftables JSON document (contains the mapping: treat as secret)."""
     state = ctx.state()
-    secret = files.load_or_create_secret(state.secret_file)
+    secret = files.load_secret(state.secret_file)
     epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
     commands = render.render(state, shuffle.compute(state, secret, epoch), ctx.templates)
     click.echo(json.dumps({"nftables": commands}, indent=1, default=list))  # element lists
@@ -82,10 +82,12 @@ def _pass(
     epoch: int | None = None,
     advance: bool = False,
     read_live: bool = True,
+    creates: bool = False,
 ) -> Any:
     from reconciler.services.reconcile import reconcile
 
     state = ctx.state()
+    secret = files.load_secret(state.secret_file, create=creates and not check)
     with files.reconcile_lock(state.epoch_file):
         current = files.read_epoch(state.epoch_file)
         if advance:
@@ -95,7 +97,8 @@ def _pass(
         result = reconcile(
             state,
             current if epoch is None else epoch,
-            ctx.nft(),
+            ctx.nft(state),
+            secret=secret,
             check=check,
             templates=ctx.templates,
             read_live=read_live,
@@ -144,7 +147,7 @@ def _report(result: Any, show_diff: bool) -> None:
 @friendly
 def apply(ctx: Ctx, check: bool, show_diff: bool) -> None:
     """Make the live table match the desired state at the current epoch."""
-    _report(_pass(ctx, check=check), show_diff)
+    _report(_pass(ctx, check=check, creates=True), show_diff)
 
 
 @cli.command()
@@ -171,7 +174,10 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
         return
     # A new epoch moves every port: the table is replaced without reading it back first
     # (a minute at a million mappings) unless the changes are to be shown.
-    _report(_pass(ctx, check=check, advance=True, read_live=check or show_diff), show_diff)
+    _report(
+        _pass(ctx, check=check, advance=True, read_live=check or show_diff, creates=True),
+        show_diff,
+    )
 
 
 @cli.command()
@@ -218,7 +224,7 @@ def down(ctx: Ctx) -> None:
     """Remove the owned table on purpose (services are back at their real ports for all)."""
     state = ctx.state()
     with files.reconcile_lock(state.epoch_file):
-        removed = ctx.nft().delete_table(state.table)
+        removed = ctx.nft(state).delete_table(state.table)
     click.echo(
         f"{'changed' if removed else 'ok'}: table inet {state.table} "
         f"{'removed' if removed else 'absent'}"

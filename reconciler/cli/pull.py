@@ -91,7 +91,7 @@ def pull(
             timeout=git_timeout,
         )
     )
-    nft = ctx.nft()
+    nft = ctx.nft(cache_dir=Path(state_dir) / defaults.CACHE)
     if once or check:
         outcome = puller.round(nft, check=check, show=click.echo)
         _pull_report(outcome, again=True)

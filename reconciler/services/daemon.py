@@ -349,8 +349,14 @@ class Daemon:
                 local = files.read_epoch(state.epoch_file)
                 epoch = max(self.target, local)
                 blind = self.options.rotate_without_diff and epoch != previous
+                secret = files.load_secret(state.secret_file, create=True)
                 result = reconcile(
-                    state, epoch, self.nft, templates=self.templates, read_live=not blind
+                    state,
+                    epoch,
+                    self.nft,
+                    secret=secret,
+                    templates=self.templates,
+                    read_live=not blind,
                 )
                 if epoch != local:
                     files.write_epoch(state.epoch_file, epoch)
@@ -427,7 +433,7 @@ class Daemon:
 
     def _log_mapping(self, epoch: int) -> None:
         """Only with --log-mapping: the ports each watched source sees (sensitive)."""
-        secret = files.load_or_create_secret(self.state.secret_file)
+        secret = files.load_secret(self.state.secret_file, create=True)
         for (source, proto), moves in sorted(
             shuffle.compute(self.state, secret, epoch).moves.items()
         ):

@@ -214,7 +214,8 @@ class Puller:
             files.reconcile_lock(state.epoch_file),
         ):
             epoch = files.read_epoch(state.epoch_file)
-            result = reconcile(state, epoch, nft, check=check, templates=templates)
+            secret = files.load_secret(state.secret_file, create=not check)
+            result = reconcile(state, epoch, nft, secret=secret, check=check, templates=templates)
             if not check:
                 try:
                     auditlog.log_result(state, result, origin="pull", host=cfg.host, commit=commit)

@@ -1,7 +1,9 @@
 """The reconcile pass: shuffle -> render -> read live -> diff -> apply.
 
 Triggers (the CLI, Redis, the drift timer, a git pull) only decide when it runs and with
-which state and epoch; what it does is always this one function.
+which state, secret and epoch; what it does is always this one function. It does no I/O of
+its own: the kernel (and the sysctls) are behind the `Backend` it is given, and the caller
+reads the secret and the epoch.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.adapters import files
-from reconciler.adapters.kernel import Nft, canonical
+from reconciler.adapters.kernel import Backend
 from reconciler.core import diff, render, shuffle
 from reconciler.core.bulk import gc_paused
 from reconciler.core.state import State
+from reconciler.errors import KernelError
 
 # The RSTs the host sends for moved stateless probes must carry the probe's mark, so the
 # output chain rewrites only those (and no other invalid packet).
@@ -76,8 +78,9 @@ class _Phases(dict[str, float]):
 def reconcile(
     state: State,
     epoch: int,
-    nft: Nft,
+    backend: Backend,
     *,
+    secret: bytes,
     check: bool = False,
     templates: list[Path] | None = None,
     read_live: bool = True,
@@ -91,25 +94,36 @@ def reconcile(
     """
     t = _Phases()
     with t("shuffle"):
-        secret = files.load_or_create_secret(state.secret_file)
         mapping = shuffle.compute(state, secret, epoch)
     with t("render"):
         commands = render.render(state, mapping, templates)
     changes = [diff.Change("~", "table", "", "table replaced without reading it back")]
     if read_live:
         with t("read"):
-            skeleton = diff.from_listing(canonical(diff.skeleton_commands(commands), state.table))
-            have = diff.live(nft.list_table(state.table))
+            skeleton = diff.from_listing(_canonical(backend, commands, state.table))
+            have = diff.live(backend.list_table(state.table))
         with t("diff"):
             changes = diff.diff(diff.desired(skeleton, commands), have)
             del have  # up to a million elements: not kept through the apply
     status = "ok"
     if not check:
-        files.set_sysctls(SYSCTLS)
+        backend.set_sysctls(SYSCTLS)
     if changes:
         status = "would change" if check else "changed"
         with t("apply"):
-            nft.replace_table(
+            backend.replace_table(
                 state.table, commands, flush_ruleset=state.ownership == "ruleset", check=check
             )
     return Result(status, state.table, epoch, changes, mapping.fingerprint(secret), dict(t))
+
+
+def _canonical(
+    backend: Backend, commands: list[dict[str, Any]], table: str
+) -> list[dict[str, Any]]:
+    """The kernel's form of the rendered skeleton; a refusal numbered as in `commands`."""
+    skeleton = diff.skeleton_commands(commands)
+    try:
+        return backend.canonical(skeleton, table)
+    except KernelError as exc:
+        positions = [i for i, c in enumerate(commands) if "element" not in next(iter(c.values()))]
+        raise exc.renumbered(positions) from None

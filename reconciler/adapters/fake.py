@@ -1,0 +1,187 @@
+"""An in-memory kernel backend, shipped so tests of the services need neither root nor a
+namespace (as kubernetes-sigs/knftables ships its `Fake`).
+
+It keeps each applied table as the listing the kernel would give (one object per command,
+elements folded into their set or map), answers `canonical` with the same listing form, so
+the diff after an apply is empty exactly as with the real kernel, and can be told to refuse
+commands or to drift. `tests/test_backend_contract.py` runs the same cases against it and
+against libnftables in a namespace, so it cannot drift from reality unnoticed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.adapters.kernel import FAMILY, describe
+from reconciler.errors import KernelError
+
+Listing = list[dict[str, Any]]
+REFUSED = "Could not process rule: Operation not supported"
+
+
+@dataclass
+class Transaction:
+    """One `replace_table` or `delete_table` call, whether it was refused or checked."""
+
+    op: str  # replace | delete
+    table: str
+    commands: Listing
+    check: bool = False
+    flush_ruleset: bool = False
+    error: KernelError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Refusal:
+    index: int | None
+    when: Callable[[dict[str, Any]], bool] | None
+    reason: str
+    times: int | None  # None: every time
+
+
+@dataclass
+class FakeKernel:
+    """A `kernel.Backend` in memory. `tables` holds listings by table name."""
+
+    tables: dict[str, Listing] = field(default_factory=dict)
+    transactions: list[Transaction] = field(default_factory=list)
+    sysctls: dict[str, str] = field(default_factory=dict)
+    list_calls: int = 0
+    canonical_calls: int = 0
+    _refusals: list[_Refusal] = field(default_factory=list)
+
+    # -- what tests tell it ---------------------------------------------------------------
+
+    def refuse(
+        self,
+        index: int | None = None,
+        *,
+        when: Callable[[dict[str, Any]], bool] | None = None,
+        reason: str = REFUSED,
+        times: int | None = None,
+    ) -> None:
+        """Refuse the rendered command at `index` of the next replaces, or any command for
+        which `when(command)` holds (in `canonical` too, as the kernel would); `times`
+        limits how many transactions are refused (None: until `accept_all`)."""
+        if (index is None) == (when is None):
+            raise ValueError("refuse: expected index or when, not both")
+        self._refusals.append(_Refusal(index, when, reason, times))
+
+    def accept_all(self) -> None:
+        self._refusals.clear()
+
+    def drift(self, name: str, mutate: Callable[[Listing], None] | None = None) -> None:
+        """Change the stored table behind mtd's back: by `mutate(listing)`, or by default
+        dropping the first element found (as `nft delete element` would)."""
+        listing = self.tables[name]
+        if mutate is not None:
+            mutate(listing)
+            return
+        for item in listing:
+            for obj in item.values():
+                if obj.get("elem"):
+                    obj["elem"] = obj["elem"][1:]
+                    return
+        raise ValueError(f"table {name} holds no element to drop")
+
+    @property
+    def applied(self) -> list[Transaction]:
+        """Transactions that changed a table (not refused, not checks)."""
+        return [t for t in self.transactions if t.ok and not t.check]
+
+    # -- kernel.Backend --------------------------------------------------------------------
+
+    def list_table(self, name: str) -> Listing | None:
+        self.list_calls += 1
+        listing = self.tables.get(name)
+        return None if listing is None else copy.deepcopy(listing)
+
+    def replace_table(
+        self,
+        name: str,
+        commands: Sequence[dict[str, Any]],
+        *,
+        flush_ruleset: bool = False,
+        check: bool = False,
+    ) -> None:
+        commands = list(commands)
+        tx = Transaction("replace", name, commands, check=check, flush_ruleset=flush_ruleset)
+        self.transactions.append(tx)
+        try:
+            listing = self._load(name, commands, by_index=True)
+        except KernelError as exc:
+            tx.error = exc
+            raise
+        if check:
+            return
+        if flush_ruleset:
+            self.tables.clear()
+        self.tables[name] = listing
+
+    def delete_table(self, name: str) -> bool:
+        tx = Transaction("delete", name, [])
+        self.transactions.append(tx)
+        if name not in self.tables:
+            tx.error = KernelError(
+                "No such file or directory", not_found=True, context=f"delete table {name}"
+            )
+            return False
+        del self.tables[name]
+        return True
+
+    def canonical(self, commands: Sequence[dict[str, Any]], name: str) -> Listing:
+        self.canonical_calls += 1
+        return self._load(name, list(commands), by_index=False)
+
+    def set_sysctls(self, values: Mapping[str, str]) -> None:
+        self.sysctls.update(values)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _load(self, name: str, commands: Listing, *, by_index: bool) -> Listing:
+        """The listing of `commands`, or the first refusal (nothing stored either way)."""
+        for i, cmd in enumerate(commands):
+            for n, r in enumerate(self._refusals):
+                hit = (by_index and r.index == i) or (r.when is not None and r.when(cmd))
+                if hit:
+                    if r.times is not None:
+                        r.times -= 1
+                        if r.times <= 0:
+                            del self._refusals[n]
+                    raise KernelError(r.reason, index=i, command=describe(cmd))
+        return _listing(name, commands)
+
+
+def _listing(name: str, commands: Listing) -> Listing:
+    """`add` commands as the kernel lists them: one object each, elements in their set."""
+    out: Listing = []
+    named: dict[str, dict[str, Any]] = {}
+    for i, cmd in enumerate(commands):
+        (verb, body), *_ = cmd.items()
+        (kind, obj), *_ = body.items()
+        if verb not in ("add", "create"):
+            raise KernelError(f"fake kernel: unsupported verb {verb!r}", index=i, command=verb)
+        obj = {k: (list(v) if k == "elem" else copy.deepcopy(v)) for k, v in obj.items()}
+        if kind == "table":
+            if not any("table" in o for o in out):
+                out.append({"table": {"family": FAMILY, "name": name}})
+            continue
+        if kind == "element":
+            target = named.get(obj["name"])
+            if target is None:
+                raise KernelError(
+                    "No such file or directory", index=i, command=describe(cmd), not_found=True
+                )
+            target.setdefault("elem", []).extend(obj.get("elem") or [])
+            continue
+        out.append({kind: obj})
+        if kind in ("set", "map"):
+            named[obj["name"]] = obj
+    return out
