@@ -20,6 +20,7 @@ from reconciler.errors import KernelError
 
 Listing = list[dict[str, Any]]
 REFUSED = "Could not process rule: Operation not supported"
+_MISSING = "Could not process rule: No such file or directory"
 
 
 @dataclass
@@ -173,15 +174,16 @@ def _listing(name: str, commands: Listing) -> Listing:
             if not any("table" in o for o in out):
                 out.append({"table": {"family": FAMILY, "name": name}})
             continue
-        if kind == "element":
-            target = named.get(obj["name"])
+        if kind in ("element", "rule"):  # into a set, map or chain added before
+            target = named.get(
+                f"{'chain' if kind == 'rule' else 'set'} {obj.get('chain') or obj.get('name')}"
+            )
             if target is None:
-                raise KernelError(
-                    "No such file or directory", index=i, command=describe(cmd), not_found=True
-                )
-            target.setdefault("elem", []).extend(obj.get("elem") or [])
-            continue
+                raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
+            if kind == "element":
+                target.setdefault("elem", []).extend(obj.get("elem") or [])
+                continue
         out.append({kind: obj})
-        if kind in ("set", "map"):
-            named[obj["name"]] = obj
+        if kind in ("set", "map", "chain"):
+            named[f"{'chain' if kind == 'chain' else 'set'} {obj['name']}"] = obj
     return out

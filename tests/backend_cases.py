@@ -1,0 +1,135 @@
+"""The kernel backend contract: cases that hold for `FakeKernel` and for libnftables alike.
+
+`tests/test_backend_contract.py` runs each case against the fake in-process and against
+the real kernel in a throw-away namespace (`python -m tests.backend_cases CASE STATE`
+inside it), so the fake cannot drift from what the kernel does.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from reconciler.adapters import files
+from reconciler.adapters.kernel import Backend
+from reconciler.core import diff, render, shuffle
+from reconciler.core.state import State
+from reconciler.errors import KernelError
+from reconciler.services.reconcile import reconcile
+
+SECRET = b"contract-test-secret-0123456789ab"
+TABLE = "mtd"
+# A rule into a chain that does not exist: every kernel refuses it.
+BAD_RULE = {
+    "add": {
+        "rule": {
+            "family": "inet",
+            "table": TABLE,
+            "chain": "nope",
+            "expr": [{"accept": None}],
+        }
+    }
+}
+
+
+def rendered(state: State, epoch: int = 0) -> list[dict[str, Any]]:
+    return render.render(state, shuffle.compute(state, SECRET, epoch))
+
+
+def pending(backend: Backend, state: State, commands: list[dict[str, Any]]) -> list[diff.Change]:
+    """What the diff of the reconcile pass reports between `commands` and the live table."""
+    skeleton = diff.from_listing(backend.canonical(diff.skeleton_commands(commands), TABLE))
+    return diff.diff(diff.desired(skeleton, commands), diff.live(backend.list_table(TABLE)))
+
+
+def apply_lists_back_in_sync(backend: Backend, state: State) -> None:
+    commands = rendered(state)
+    assert pending(backend, state, commands)  # nothing live yet: all of it pending
+    backend.replace_table(TABLE, commands)
+    assert pending(backend, state, commands) == []
+    assert pending(backend, state, rendered(state, 1))  # another epoch differs
+
+
+def missing_table_is_not_found(backend: Backend, state: State) -> None:
+    assert backend.list_table("absent") is None
+    assert backend.delete_table("absent") is False
+
+
+def delete_removes_the_table(backend: Backend, state: State) -> None:
+    backend.replace_table(TABLE, rendered(state))
+    assert backend.delete_table(TABLE) is True
+    assert backend.list_table(TABLE) is None
+
+
+def refused_command_changes_nothing(backend: Backend, state: State) -> None:
+    backend.replace_table(TABLE, rendered(state))
+    before = backend.list_table(TABLE)
+    bad = [*rendered(state, 1)]
+    bad.insert(3, BAD_RULE)
+    try:
+        backend.replace_table(TABLE, bad)
+    except KernelError as exc:
+        assert exc.index == 3, exc
+        assert exc.command == "add rule nope", exc
+        assert exc.line.startswith("nftables refused rendered command 3 (add rule nope): ")
+    else:
+        raise AssertionError("a rule into a missing chain was accepted")
+    assert backend.list_table(TABLE) == before
+
+
+def check_changes_nothing(backend: Backend, state: State) -> None:
+    backend.replace_table(TABLE, rendered(state))
+    before = backend.list_table(TABLE)
+    backend.replace_table(TABLE, rendered(state, 1), check=True)
+    assert backend.list_table(TABLE) == before
+
+
+def canonical_refusal_names_the_command(backend: Backend, state: State) -> None:
+    bad = diff.skeleton_commands(rendered(state))
+    bad.insert(2, BAD_RULE)
+    try:
+        backend.canonical(bad, TABLE)
+    except KernelError as exc:
+        assert (exc.index, exc.command) == (2, "add rule nope"), exc
+    else:
+        raise AssertionError("a rule into a missing chain was accepted")
+
+
+def reconcile_converges_then_is_ok(backend: Backend, state: State) -> None:
+    first = reconcile(state, 0, backend, secret=SECRET)
+    assert first.status == "changed", first.line()
+    again = reconcile(state, 0, backend, secret=SECRET)
+    assert (again.status, again.changes) == ("ok", []), again.line()
+    rotated = reconcile(state, 1, backend, secret=SECRET, check=True)
+    assert rotated.status == "would change"
+    assert reconcile(state, 0, backend, secret=SECRET).status == "ok"  # check changed nothing
+
+
+CASES: dict[str, Callable[[Backend, State], None]] = {
+    f.__name__: f
+    for f in (
+        apply_lists_back_in_sync,
+        missing_table_is_not_found,
+        delete_removes_the_table,
+        refused_command_changes_nothing,
+        check_changes_nothing,
+        canonical_refusal_names_the_command,
+        reconcile_converges_then_is_ok,
+    )
+}
+
+
+def main() -> None:
+    """Inside a namespace: run one case against libnftables; exit 0 when it holds."""
+    from reconciler.adapters.kernel import Nft
+
+    name, state_path = sys.argv[1], Path(sys.argv[2])
+    backend = Nft()
+    backend.set_sysctls = lambda values: None  # type: ignore[method-assign]  # not the point
+    CASES[name](backend, files.load_state(state_path))
+
+
+if __name__ == "__main__":
+    main()
