@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -122,13 +122,25 @@ def parse_address(text: str) -> tuple[str, int]:
 
 @dataclass
 class _Event:
-    kind: str  # trigger | connection | reload | stop
+    kind: str  # trigger | reload | stop
     trigger: bus.Trigger | None = None
-    up: bool = False
+
+
+class Subscribe(Protocol):
+    """How the daemon follows the bus: `bus.start_subscriber`, or a stand-in in tests that
+    feed `trigger()` themselves."""
+
+    def __call__(
+        self, config: bus.BusConfig, sink: Any, *, wait: float = 0.0, logger: logging.Logger
+    ) -> Any: ...
 
 
 class Daemon:
-    """The worker loop. `load` reads and validates the desired state (raises `MtdError`)."""
+    """The worker loop. `load` reads and validates the desired state (raises `MtdError`).
+
+    `nft` is any `kernel.Backend` (`adapters.fake.FakeKernel` in root-free tests); with
+    `subscribe` a test drives it without Redis through `trigger()` and `request_*()`.
+    """
 
     def __init__(
         self,
@@ -141,6 +153,7 @@ class Daemon:
         metrics: Metrics | None = None,
         logger: logging.Logger = LOG,
         puller: Any = None,  # gitops.Puller of `--pull`: its rounds run in this loop
+        subscribe: Subscribe | None = None,
     ) -> None:
         self.load = load
         self.nft = nft
@@ -166,6 +179,7 @@ class Daemon:
         self._stopping = False
         self.subscriber: bus.Subscriber | None = None
         self.puller = puller
+        self._subscribe: Subscribe = subscribe or bus.start_subscriber
         self._next_pull = float("inf") if puller is None else time.monotonic() + puller.next_delay()
 
     # -- the bus reports here (from its thread) ------------------------------------------
@@ -208,31 +222,35 @@ class Daemon:
     def run(self) -> None:
         """Until SIGTERM/SIGINT; the table stays in place unless `down_on_exit`."""
         with self._signals():
-            event(
-                self.log,
-                logging.INFO,
-                "start",
-                f"mtd run: table inet {self.state.table}, local epoch {self.applied}, "
-                f"fleet {self.bus_config.where} channel {self.bus_config.channel}, drift "
-                f"check every {self.drift_interval:g} s",
-                epoch=self.applied,
-                table=self.state.table,
-                redis=self.bus_config.where,
-                channel=self.bus_config.channel,
-                drift_interval=self.drift_interval,
-                min_interval=self.min_interval,
-                signed=self.bus_config.signing_key is not None,
-            )
-            self.metrics.redis_up.set(0)
-            self.metrics.epoch.set(self.applied)
-            self.subscriber = bus.start_subscriber(
-                self.bus_config, self, wait=self.options.start_wait, logger=self.log
-            )
-            try:
-                self._loop()
-            finally:
-                self.subscriber.stop(timeout=0.5)
-                self._exit()
+            self.serve()
+
+    def serve(self) -> None:
+        """The loop without signal handlers (any thread): until `request_stop()`."""
+        event(
+            self.log,
+            logging.INFO,
+            "start",
+            f"mtd run: table inet {self.state.table}, local epoch {self.applied}, "
+            f"fleet {self.bus_config.where} channel {self.bus_config.channel}, drift "
+            f"check every {self.drift_interval:g} s",
+            epoch=self.applied,
+            table=self.state.table,
+            redis=self.bus_config.where,
+            channel=self.bus_config.channel,
+            drift_interval=self.drift_interval,
+            min_interval=self.min_interval,
+            signed=self.bus_config.signing_key is not None,
+        )
+        self.metrics.redis_up.set(0)
+        self.metrics.epoch.set(self.applied)
+        self.subscriber = self._subscribe(
+            self.bus_config, self, wait=self.options.start_wait, logger=self.log
+        )
+        try:
+            self._loop()
+        finally:
+            self.subscriber.stop(timeout=0.5)
+            self._exit()
 
     def _loop(self) -> None:
         while True:
@@ -306,7 +324,7 @@ class Daemon:
             self.bus_config = config
             if self.subscriber is not None:
                 self.subscriber.stop(timeout=0.5)
-            self.subscriber = bus.start_subscriber(config, self, logger=self.log)
+            self.subscriber = self._subscribe(config, self, logger=self.log)
 
     def _pull(self) -> None:
         """One git pull round, in this loop: never at the same time as a pass. A round
