@@ -8,6 +8,8 @@ commit whose state or template is bad but retries one the kernel could not take)
 
 from __future__ import annotations
 
+import copy
+
 
 class MtdError(Exception):
     """A problem the user can fix, described in one line (file, key, value, what was expected).
@@ -19,6 +21,14 @@ class MtdError(Exception):
     def __init__(self, *problems: str) -> None:
         self.problems = [p for p in problems if p]
         super().__init__("\n".join(self.problems))
+
+    def reworded(self, problems: list[str]) -> MtdError:
+        """The same error (same type and facts) with its lines rewritten, e.g. with paths
+        named as in the repository rather than as in a scratch copy."""
+        new = copy.copy(self)
+        new.problems = [p for p in problems if p]
+        new.args = ("\n".join(new.problems),)
+        return new
 
 
 class StateError(MtdError):

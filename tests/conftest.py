@@ -25,13 +25,15 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def _hypothesis_unicode_tables() -> None:
     """Build hypothesis' unicode tables once, before any test is timed.
 
     The first `st.text()` of a process on a machine without `.hypothesis/unicode_data`
     spends about a second building them, inside that test's first draw: its `too_slow`
     health check then fails on a cold machine only. Warming here keeps every property test
-    checking exactly what it checks.
+    checking exactly what it checks. (A fixture, not a plugin hook: hypothesis warns about
+    storage used while plugins load.)
     """
     find(
         st.text(min_size=1),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler.adapters import auditlog
+from reconciler.adapters import auditlog, files
 from reconciler.adapters.git import GitError, Repo, redact
 from reconciler.errors import MtdError
 from reconciler.lab.netns import Lab
@@ -343,6 +343,7 @@ def test_the_daemon_pulls_alongside_its_other_triggers(lab: Lab, remote: Remote,
 def test_check_shows_the_change_and_applies_nothing(lab: Lab, remote: Remote, tmp_path: Path):
     sd = tmp_path / "sd"
     remote.commit({"state.yaml": state_doc(tmp_path)})
+    files.load_secret(tmp_path / "host" / "secret", create=True)  # --check only reads it
     out = pull(lab, remote, sd, "--check")
     assert out.returncode == 0, out.stderr
     assert "+ table mtd" in out.stdout and out.stdout.splitlines()[-1].startswith("would change")

@@ -40,6 +40,7 @@ def test_apply_then_in_sync_then_ok(lab: Lab, state_file: Path):
 
 
 def test_check_mode_changes_nothing(lab: Lab, state_file: Path):
+    files.load_secret(state_file.parent / "secret", create=True)  # --check only reads it
     out = apply(lab, state_file, "--check")
     assert out.returncode == 0 and out.stdout.startswith("would change:")
     assert "absent" in table_text(lab)
@@ -219,3 +220,33 @@ def test_down_removes_only_the_owned_table(lab: Lab, state_file: Path):
     assert apply(lab, state_file, cmd="down").stdout.startswith("changed: table inet mtd removed")
     assert apply(lab, state_file, cmd="down").stdout.startswith("ok: table inet mtd absent")
     assert lab.sh("srv", "nft list tables").split() == ["table", "inet", "filter"]
+
+
+REFUSED_AFTER_ELEMENTS = """{"nftables": [
+ {"add": {"table": {"family": "inet", "name": {{ table | tojson }}}}},
+ {"add": {"set": {"family": "inet", "table": {{ table | tojson }}, "name": "s",
+   "type": "ipv4_addr"}}},
+ {"add": {"element": {"family": "inet", "table": {{ table | tojson }}, "name": "s",
+   "elem": ["192.0.2.7"]}}},
+ {"add": {"rule": {"family": "inet", "table": {{ table | tojson }}, "chain": "nope",
+   "expr": [{"accept": null}]}}}
+]}"""
+
+
+@pytest.mark.parametrize("cmd", ["apply", "diff", "rotate", "status"])
+def test_a_refused_template_command_reads_the_same_in_every_command(
+    lab: Lab, tmp_path: Path, cmd: str
+):
+    """One format, numbered as in the rendered document (the element command counts, mtd's
+    own create-and-delete does not), whether the kernel refuses it while learning the
+    canonical form (apply, diff, status) or while replacing the table (rotate)."""
+    state = write_state(tmp_path / "s.yaml")
+    files.load_secret(tmp_path / "secret", create=True)
+    _custom_template(state, REFUSED_AFTER_ELEMENTS)
+    out = mtd("-s", str(state), "--templates", str(tmp_path / "templates"), cmd, ns=lab)
+    assert out.returncode == 1
+    assert out.stderr == (
+        "mtd: error: nftables refused rendered command 3 (add rule nope): "
+        "Could not process rule: No such file or directory\n"
+    )
+    assert "absent" in table_text(lab)

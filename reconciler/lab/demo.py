@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from reconciler.adapters import files
 from reconciler.lab.netns import Lab, RedisServer, free_port, nmap_open, standard_lab
 
 SERVICES = [1, 2, 3, 4, 5]
@@ -113,6 +114,9 @@ def run_demo(workdir: Path) -> None:
                 STATE | {"secret_file": str(workdir / "secret"), "redis": {"url": redis.url}}
             )
         )
+        # The shuffle secret, as an operator provisions it (`mtd apply` and `mtd run` create
+        # one when missing; read-only commands such as `mtd diff` never do).
+        files.load_secret(workdir / "secret", create=True)
         step(1, "Before mtd: every client sees the real ports.")
         show_views(lab, ("-sS",))
         step(2, "mtd diff previews what mtd would do (exit 2: changes pending):")

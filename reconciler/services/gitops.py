@@ -246,7 +246,7 @@ class Puller:
             lines = [
                 p.replace(f"{tmp}/", prefix).replace(str(tmp), prefix or ".") for p in exc.problems
             ]
-            raise type(exc)(*lines) from None
+            raise exc.reworded(lines) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
