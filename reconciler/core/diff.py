@@ -307,6 +307,21 @@ def describe(kind: str, name: str, attrs: Mapping[str, Any]) -> str:
     return f"{kind} {name}".rstrip()
 
 
+def table_text(name: str, t: Table) -> str:
+    """A whole table in nft-like syntax, one line per object, rule and element, in a stable
+    order: what the golden tests compare, so a change of shape reads as a line diff."""
+    lines = [f"table inet {name}"]
+    for key in sorted(t.objects, key=_kind_order):
+        kind, obj = key.split(" ", 1)
+        if kind != "table":
+            lines.append(f"  {describe(kind, obj, t.objects[key])}")
+    for chain, rules in sorted(t.rules.items()):
+        lines += [f"  {rule_text(chain, r)}" for r in rules]
+    for set_name, elems in sorted(t.elements.items()):
+        lines += [f"  element {set_name} {{ {_elem(k, v)} }}" for k, v in sorted(elems.items())]
+    return "\n".join(lines) + "\n"
+
+
 def rule_text(chain: str, rule: Mapping[str, Any]) -> str:
     """A rule in nft syntax where the expression is familiar, JSON where it is not."""
     words = " ".join(_expr(e) for e in rule.get("expr", []))
