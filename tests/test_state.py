@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters.files import load_state
+from reconciler.core import templates
 from reconciler.core.state import parse
 from reconciler.errors import MtdError
 from tests.conftest import write_state
@@ -85,8 +86,33 @@ def test_classic_refuses_ipv6_and_udp():
         "template: classic\nports: {range: [1, 20], services: {tcp: [1], udp: [53]}}\n"
         "watched: [{source: '2001:db8::3'}]\n"
     )
-    assert "template classic handles IPv4 only" in msg
-    assert "template classic moves TCP only" in msg
+    assert msg.splitlines() == [
+        "s.yaml:3: watched[0].source: 2001:db8::3 is IPv6: template classic handles IPv4 only "
+        "(use template: maps)",
+        "s.yaml:2: ports.services.udp: template classic moves TCP only: expected no udp "
+        "services (use template: maps)",
+    ]
+
+
+def test_validation_reads_what_a_template_declares(monkeypatch: pytest.MonkeyPatch):
+    """The limits come from core.templates alone: a new entry is enforced with no code."""
+    state = "template: mine\nports: {range: [1, 20], services: {tcp: [1], udp: [53]}}\n"
+    state += "watched: [{source: 192.0.2.3}, {source: '198.51.100.0/24'}]\n"
+    assert parse_one(state).template == "mine"  # undeclared: no limit
+    monkeypatch.setitem(
+        templates.TEMPLATES,
+        "mine",
+        templates.Support(
+            families=frozenset({6}), protocols=frozenset({"udp"}), features=frozenset({"prefixes"})
+        ),
+    )
+    lines = error_of(state).splitlines()
+    assert [ln.split(": ", 1)[1] for ln in lines] == [
+        "watched[0].source: 192.0.2.3 is IPv4: template mine handles IPv6 only",
+        "watched[0].source: 192.0.2.3: template mine handles no addresses",
+        "watched[1].source: 198.51.100.0/24 is IPv4: template mine handles IPv6 only",
+        "ports.services.tcp: template mine moves UDP only: expected no tcp services",
+    ]
 
 
 def test_directory_merges_in_name_order(tmp_path: Path):

@@ -406,24 +406,39 @@ def _capacity_problems(state: State, locate: _Locator) -> list[str]:
 
 
 def _template_problems(state: State, locate: _Locator) -> list[str]:
-    """The classic (proof-of-concept) shape only knows IPv4 TCP: say so instead of skipping."""
-    if state.template != "classic":
-        return []
-    problems = [
-        locate(
-            ["watched", w.index, "source"],
-            f"{w.label} is IPv6: template classic handles IPv4 only (use template: maps)",
-        )
-        for w in state.watched
-        if w.source.version == 6
-    ]
-    if state.services["udp"]:
-        problems.append(
-            locate(
-                ["ports", "services", "udp"],
-                "template classic moves TCP only: expected no udp services (use template: maps)",
+    """What the template declares it cannot render (`core.templates`): say so, instead of
+    a ruleset that silently skips a source or a protocol."""
+    from reconciler.core.templates import support
+
+    can = support(state.template)
+    instead = f" ({can.instead})" if can.instead else ""
+    problems = []
+    for w in state.watched:
+        if w.source.version not in can.families:
+            problems.append(
+                locate(
+                    ["watched", w.index, "source"],
+                    f"{w.label} is IPv{w.source.version}: template {state.template} handles "
+                    f"{can.families_text()} only{instead}",
+                )
             )
-        )
+        kind = "addresses" if w.is_host else "prefixes"
+        if kind not in can.features:
+            problems.append(
+                locate(
+                    ["watched", w.index, "source"],
+                    f"{w.label}: template {state.template} handles no {kind}{instead}",
+                )
+            )
+    for proto in PROTOCOLS:
+        if state.services[proto] and proto not in can.protocols:
+            problems.append(
+                locate(
+                    ["ports", "services", proto],
+                    f"template {state.template} moves {can.protocols_text()} only: expected no "
+                    f"{proto} services{instead}",
+                )
+            )
     return problems
 
 
