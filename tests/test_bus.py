@@ -140,10 +140,22 @@ def test_signing_key_file_rules(tmp_path: Path):
         bus.read_signing_key(key)
 
 
-def test_passwords_never_shown():
-    assert bus.redact("redis://:hunter2@db:6379/0") == "redis://:***@db:6379/0"
-    assert bus.redact("redis://mtd:hunter2@db/1") == "redis://mtd:***@db/1"
-    assert bus.redact("redis://db:6379/0") == "redis://db:6379/0"
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@db:6379/0", "redis://***@db:6379/0"),
+        ("redis://mtd:hunter2@db/1", "redis://***@db/1"),
+        ("redis://:hun@ter2@db:6379/0", "redis://***@db:6379/0"),  # a raw @ in the password
+        ("redis://:hun/ter2@db:6379/0", "redis://***@db:6379/0"),
+        ("redis://db:6379/0?password=hunter2", "redis://db:6379/0?password=***"),
+        ("rediss://db/0?ssl=1&Password=hunter2&x=1", "rediss://db/0?ssl=1&Password=***&x=1"),
+        ("redis://db:6379/0", "redis://db:6379/0"),
+    ],
+)
+def test_passwords_never_shown(url: str, shown: str):
+    config = bus.BusConfig(url=url, channel="c", epoch_key="k")
+    assert config.where == shown
+    assert "hunter2" not in config.where and "ter2" not in shown
 
 
 def test_reconnect_backoff_grows_and_is_capped():
@@ -279,7 +291,7 @@ def test_publish_to_an_unreachable_redis_is_one_line(tmp_path: Path):
     with pytest.raises(MtdError) as err:
         bus.publish_rotation(cfg)
     text = str(err.value)
-    assert text.startswith("redis://:***@127.0.0.1:") and "cannot publish" in text
+    assert text.startswith("redis://***@127.0.0.1:") and "cannot publish" in text
     assert "hunter2" not in text and "\n" not in text
 
 

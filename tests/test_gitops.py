@@ -114,6 +114,11 @@ def test_credentials_in_urls_are_masked():
         "fatal: unable to access 'https://***@git.example.invalid/x/'"
     )
     assert redact("ssh://git@example.invalid/x") == "ssh://***@example.invalid/x"
+    # One redact for git and Redis: a token as user name, a raw @ in the password.
+    assert redact("https://ghp_TOKEN@example.invalid/x.git") == "https://***@example.invalid/x.git"
+    assert redact("git fetch https://u:p@ss@example.invalid/x main") == (
+        "git fetch https://***@example.invalid/x main"
+    )
 
 
 def test_the_clone_follows_force_pushes(tmp_path: Path, remote: Remote):

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
@@ -39,8 +38,9 @@ from redis.retry import Retry
 
 from reconciler import defaults
 from reconciler.adapters import files
+from reconciler.core.redact import redact
 from reconciler.core.state import State
-from reconciler.errors import MtdError
+from reconciler.errors import BusError, MtdError
 from reconciler.logs import LOGGER, event
 
 MAX_EPOCH = 2**53 - 1  # exact in JSON numbers and in Redis' Lua
@@ -124,16 +124,6 @@ class BusConfig:
         )
 
 
-def redact(url: str) -> str:
-    """redis://:secret@host:6379/0 -> redis://:***@host:6379/0."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def read_signing_key(path: str | Path) -> bytes:
     """The fleet's trigger signing key (mode 0600, at least 16 bytes).
 
@@ -211,7 +201,7 @@ def connect(config: BusConfig) -> redis.Redis:
             client_name="mtd",
         )
     except ValueError as exc:
-        raise MtdError(f"redis.url {config.where!r}: {exc}") from None
+        raise BusError(f"redis.url {config.where!r}: {exc}") from None
 
 
 def _epoch_value(raw: bytes | None, config: BusConfig) -> int:
@@ -241,7 +231,7 @@ def publish_rotation(config: BusConfig, client: redis.Redis | None = None) -> Pu
                     pipe.watch(config.epoch_key)
                     epoch = _epoch_value(pipe.get(config.epoch_key), config) + 1
                     if epoch > MAX_EPOCH:
-                        raise MtdError(f"{config.where}: epoch {epoch}: past {MAX_EPOCH}")
+                        raise BusError(f"{config.where}: epoch {epoch}: past {MAX_EPOCH}")
                     published = round(time.time(), 6)
                     msg = encode(config, epoch, published)
                     pipe.multi()
@@ -253,7 +243,7 @@ def publish_rotation(config: BusConfig, client: redis.Redis | None = None) -> Pu
                 except redis.WatchError:
                     continue
     except redis.RedisError as exc:
-        raise MtdError(f"{config.where}: cannot publish a rotation: {_one_line(exc)}") from None
+        raise BusError(f"{config.where}: cannot publish a rotation: {_one_line(exc)}") from None
     finally:
         if own:
             client.close()
@@ -279,7 +269,7 @@ def put_back(client: redis.Redis, config: BusConfig, epoch: int) -> bool:
     try:
         done = client.eval(_PUT_BACK, 2, config.epoch_key, config.last_key, epoch, msg)
     except redis.ResponseError as exc:
-        raise MtdError(f"{config.where}: key {config.epoch_key} {_one_line(exc)}") from None
+        raise BusError(f"{config.where}: key {config.epoch_key} {_one_line(exc)}") from None
     return bool(done)
 
 

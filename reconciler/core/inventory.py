@@ -22,7 +22,7 @@ from typing import Any
 
 from reconciler.core.state import State, build, load_yaml
 from reconciler.defaults import YAML_SUFFIXES
-from reconciler.errors import MtdError
+from reconciler.errors import StateError
 
 GROUPS = "groups"
 HOSTS = "hosts"
@@ -72,7 +72,7 @@ def select(documents: Documents, host: str, root: str = "") -> list[tuple[str, d
         rel for rel, _ in documents if kind(rel) == HOSTS and PurePosixPath(rel).stem == host
     )
     if len(own) > 1:
-        raise MtdError(
+        raise StateError(
             f"{_name(root, own[0])}: {_name(root, own[1])} also describes host {host!r}: "
             "expected one file per host"
         )
@@ -81,7 +81,7 @@ def select(documents: Documents, host: str, root: str = "") -> list[tuple[str, d
         out.append(_load(root, own[0], dict(documents)[own[0]]))
     if not named:
         known = ", ".join(hosts(documents, root)) or "none"
-        raise MtdError(
+        raise StateError(
             f"{root or 'state'}: host {host!r} is not in the inventory: expected "
             f"{HOSTS}/{host}.yaml or {host} in a {GROUPS}/*.yaml hosts list (hosts: {known})"
         )
@@ -105,7 +105,7 @@ def _groups(documents: Documents, root: str) -> list[tuple[str, list[str], dict[
             isinstance(m, str) and m.strip() for m in members
         ):
             shown = "missing" if members is None else repr(members)
-            raise MtdError(
+            raise StateError(
                 f"{name}: hosts: {shown}: expected the list of host names this group applies to"
             )
         out.append((name, members, data))
@@ -117,7 +117,7 @@ def _load(root: str, rel: str, text: str) -> tuple[str, dict[str, Any]]:
     name = _name(root, rel)
     data = load_yaml(name, text)
     if "hosts" in data:
-        raise MtdError(
+        raise StateError(
             f"{name}: hosts: only {GROUPS}/*.yaml files list hosts: expected it in a group file"
         )
     return name, data

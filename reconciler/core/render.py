@@ -18,7 +18,7 @@ import jinja2.sandbox
 
 from reconciler.core.shuffle import PortMap
 from reconciler.core.state import PROTOCOLS, Network, State, Watched
-from reconciler.errors import MtdError
+from reconciler.errors import TemplateError
 
 SUFFIX = ".json.j2"
 FAMILIES = {4: "ip", 6: "ip6"}
@@ -236,20 +236,20 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
         text = env.get_template(name).render(ctx)
     except jinja2.TemplateNotFound:
         dirs_text = ", ".join(str(d) for d in dirs) or "(no template directory)"
-        raise MtdError(f"template {state.template!r}: no {name} in {dirs_text}") from None
+        raise TemplateError(f"template {state.template!r}: no {name} in {dirs_text}") from None
     except jinja2.TemplateSyntaxError as exc:
         where = f"{exc.filename or name}:{exc.lineno}"
-        raise MtdError(f"{where}: template syntax error: {exc.message}") from None
+        raise TemplateError(f"{where}: template syntax error: {exc.message}") from None
     except jinja2.UndefinedError as exc:
-        raise MtdError(f"{where}: undefined in template: {exc.message}") from None
+        raise TemplateError(f"{where}: undefined in template: {exc.message}") from None
     except jinja2.sandbox.SecurityError as exc:
-        raise MtdError(f"{where}: refused by the template sandbox: {exc}") from None
+        raise TemplateError(f"{where}: refused by the template sandbox: {exc}") from None
     except (TypeError, ValueError, ArithmeticError) as exc:
-        raise MtdError(f"{where}: template failed: {exc}") from None
+        raise TemplateError(f"{where}: template failed: {exc}") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MtdError(
+        raise TemplateError(
             f"{where}: rendered output is not JSON: {exc.msg} "
             f"at rendered line {exc.lineno} column {exc.colno}"
         ) from None
@@ -296,37 +296,39 @@ def _commands(doc: Any, state: State, where: str) -> list[dict]:
         or list(doc) != ["nftables"]
         or not isinstance(doc["nftables"], list)
     ):
-        raise MtdError(f'{where}: expected a JSON object {{"nftables": [...]}} and nothing else')
+        raise TemplateError(
+            f'{where}: expected a JSON object {{"nftables": [...]}} and nothing else'
+        )
     commands = doc["nftables"]
     owned = f"inet {state.table}"
     for i, cmd in enumerate(commands):
         if not isinstance(cmd, dict) or len(cmd) != 1:
             keys = ", ".join(map(repr, cmd)) if isinstance(cmd, dict) else _kind(cmd)
-            raise MtdError(
+            raise TemplateError(
                 f"{where}: nftables[{i}]: {keys}: expected exactly one verb "
                 f"({', '.join(VERBS)}) per command"
             )
         ((verb, body),) = cmd.items()
         if verb not in VERBS:
-            raise MtdError(
+            raise TemplateError(
                 f"{where}: nftables[{i}]: verb {verb!r} ({_touches(body)}): expected only "
                 f"{', '.join(VERBS)} (mtd replaces table {owned} itself)"
             )
         if not isinstance(body, dict) or len(body) != 1:
             keys = ", ".join(map(repr, body)) if isinstance(body, dict) else _kind(body)
-            raise MtdError(
+            raise TemplateError(
                 f"{where}: nftables[{i}]: {verb} {keys}: expected exactly one object per command"
             )
         ((kind, obj),) = body.items()
         if kind not in OBJECTS or not isinstance(obj, dict):
-            raise MtdError(
+            raise TemplateError(
                 f"{where}: nftables[{i}]: {verb} {kind!r}: expected one of {', '.join(OBJECTS)} "
                 "given as an object"
             )
         table = obj.get("name") if kind == "table" else obj.get("table")
         family = obj.get("family")
         if family != "inet" or table != state.table:
-            raise MtdError(
+            raise TemplateError(
                 f"{where}: nftables[{i}]: {verb} {kind} to table {family} {table}: expected "
                 f"only table {owned} (mtd never touches other tables)"
             )

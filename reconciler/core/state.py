@@ -1,6 +1,6 @@
 """Desired state: parse YAML documents, validate them, and build the immutable model.
 
-Pure: takes (file name, text) pairs and returns a `State` or raises `MtdError` whose lines
+Pure: takes (file name, text) pairs and returns a `State` or raises `StateError` whose lines
 name the file, line, key path and what was expected.
 """
 
@@ -21,7 +21,7 @@ import yaml
 
 from reconciler import defaults
 from reconciler.core.bulk import gc_paused
-from reconciler.errors import MtdError
+from reconciler.errors import StateError
 
 try:  # libyaml is many times faster on large states; fall back to the pure loader.
     from yaml import CSafeLoader as _Loader
@@ -147,7 +147,7 @@ def load_yaml(name: str, text: str) -> dict[str, Any]:
     written twice in one mapping is an error: YAML would silently keep the last one.
     """
     if len(text) > MAX_DOCUMENT_BYTES:
-        raise MtdError(
+        raise StateError(
             f"{name}: {len(text)} characters: expected at most {MAX_DOCUMENT_BYTES} in a state file"
         )
     try:
@@ -157,11 +157,11 @@ def load_yaml(name: str, text: str) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise MtdError(f"{where}: invalid YAML: {problem}") from None
+        raise StateError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise MtdError(f"{name}: expected a mapping of keys at the top level, got {_kind(data)}")
+        raise StateError(f"{name}: expected a mapping of keys at the top level, got {_kind(data)}")
     return data
 
 
@@ -189,7 +189,7 @@ def _check_events(name: str, text: str) -> None:
             if stack:
                 _key(name, stack[-1], ev, None)
             if len(stack) >= MAX_DEPTH:
-                raise MtdError(
+                raise StateError(
                     f"{name}:{ev.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep: "
                     "expected a flatter document"
                 )
@@ -216,7 +216,7 @@ def _check_events(name: str, text: str) -> None:
         if stack:
             stack[-1].size += size
         if total > MAX_EXPANDED_EVENTS:
-            raise MtdError(
+            raise StateError(
                 f"{name}:{ev.start_mark.line + 1}: more than {MAX_EXPANDED_EVENTS} values once "
                 "aliases are expanded: expected fewer aliases (an alias bomb?)"
             )
@@ -228,12 +228,12 @@ def _key(name: str, frame: _Frame, ev: yaml.Event, value: str | None) -> None:
         return
     if frame.key_next:
         if value is None:
-            raise MtdError(
+            raise StateError(
                 f"{name}:{ev.start_mark.line + 1}: a key that is a list, a mapping or an alias: "
                 "expected a plain text key"
             )
         if value in frame.keys:
-            raise MtdError(
+            raise StateError(
                 f"{name}:{ev.start_mark.line + 1}: key {value!r} appears twice in one mapping: "
                 "expected each key once"
             )
@@ -244,7 +244,7 @@ def _key(name: str, frame: _Frame, ev: yaml.Event, value: str | None) -> None:
 def parse(documents: Sequence[tuple[str, str]]) -> State:
     """Merge documents in the given order, validate the result and build the `State`."""
     if not documents:
-        raise MtdError("no desired state: expected at least one YAML file")
+        raise StateError("no desired state: expected at least one YAML file")
     parsed = [(name, load_yaml(name, text)) for name, text in documents]
     return build(parsed, {name: text for name, text in documents})
 
@@ -505,11 +505,11 @@ class _Locator:
         return self._nodes[name]
 
 
-def limited(problems: Sequence[str], more: int = 0) -> MtdError:
+def limited(problems: Sequence[str], more: int = 0) -> StateError:
     """The first `MAX_PROBLEMS` problems, then one line counting the rest (and `more`)."""
     rest = max(0, len(problems) - MAX_PROBLEMS) + more
     tail = [f"... and {rest} more problem{'s' if rest > 1 else ''}"] if rest else []
-    return MtdError(*problems[:MAX_PROBLEMS], *tail)
+    return StateError(*problems[:MAX_PROBLEMS], *tail)
 
 
 def _has(data: Any, path: list[str | int]) -> bool:
