@@ -39,7 +39,7 @@ def validate(ctx: Ctx) -> None:
         _validate_inventory(ctx, [ctx.host] if ctx.host else hosts)
         return
     state = ctx.state()
-    render.render(state, shuffle.compute(state, b"\0" * 32, 0), ctx.templates)
+    render.check(state, ctx.templates)
     click.echo(
         f"ok: {ctx.state_path}: {len(state.watched)} watched sources, template {state.template}"
     )
@@ -52,7 +52,7 @@ def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
     for host in hosts:
         try:
             state = files.load_state(ctx.state_path, host)
-            render.render(state, shuffle.compute(state, b"\0" * 32, 0), ctx.templates)
+            render.check(state, ctx.templates)
         except MtdError as exc:
             problems += [f"{host}: {line}" for line in exc.problems]
             continue

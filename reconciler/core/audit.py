@@ -74,14 +74,9 @@ def mapping_of(state: State, secret: bytes, epoch: int, source: str) -> SourceVi
             f"--source {source!r}: expected an IPv4/IPv6 address such as 192.0.2.3"
         ) from None
     portmap = shuffle.compute(state, secret, epoch)
-    covering = [
-        w
-        for w in state.watched
-        if w.source.version == addr.version and addr.subnet_of(w.source)  # type: ignore[arg-type]
-    ]
-    if not covering:
+    w = state.covering(addr)
+    if w is None:
         return SourceView(None, {}, portmap.fingerprint(secret))
-    w = max(covering, key=lambda w: w.source.prefixlen)
     moves = {p: dict(portmap.moves.get((w.label, p), {})) for p in PROTOCOLS}
     return SourceView(w, moves, portmap.fingerprint(secret))
 

@@ -30,19 +30,6 @@ class Table:
     rules: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # chain -> rules
     elements: dict[str, dict[str, str | None]] = field(default_factory=dict)  # set -> key -> val
 
-    @property
-    def skeleton(self) -> dict[str, Any]:
-        return {"objects": self.objects, "rules": self.rules}
-
-    def counts(self) -> dict[str, int]:
-        kinds = [k.split(" ", 1)[0] for k in self.objects]
-        return {
-            "chains": kinds.count("chain"),
-            "sets": kinds.count("set") + kinds.count("map"),
-            "rules": sum(len(r) for r in self.rules.values()),
-            "elements": sum(len(e) for e in self.elements.values()),
-        }
-
 
 @dataclass(frozen=True, slots=True)  # slots: a rotation has a million of them
 class Change:

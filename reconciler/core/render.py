@@ -148,7 +148,7 @@ def context(state: State, mapping: PortMap) -> dict[str, Any]:
     sources: dict[str, list[str]] = {"4": [], "6": []}
     pieces = _disjoint_prefixes([w.source for w in state.watched if not w.is_host])
     # Most specific first, so per-pair (classic) rules also let the narrower source win.
-    ordered = sorted(state.watched, key=lambda w: (-w.source.prefixlen, w.index))
+    ordered = state.most_specific_first
     for w in ordered:
         v, label = w.source.version, w.label
         if w.is_host:
@@ -223,6 +223,14 @@ def _disjoint_prefixes(nets: list[Network]) -> dict[Network, list[Network]]:
             pieces = nxt
         out[net] = sorted(pieces, key=lambda p: int(p.network_address))
     return out
+
+
+def check(state: State, search: Iterable[Path] | None = None) -> list[dict]:
+    """Validate by rendering (a zero secret, epoch 0): what `mtd validate`, a reload and a
+    pull candidate need to know before anything is applied. No secret is read."""
+    from reconciler.core import shuffle
+
+    return render(state, shuffle.compute(state, b"\0" * 32, 0), search)
 
 
 def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None) -> list[dict]:

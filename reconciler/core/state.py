@@ -77,6 +77,19 @@ class State:
         """Service ports of `proto` that move for this source (services minus its ignore list)."""
         return [p for p in self.services[proto] if p not in watched.ignore[proto]]
 
+    @cached_property
+    def most_specific_first(self) -> list[Watched]:
+        """Overlapping sources: the most specific wins. Longer prefixes (addresses) first,
+        then the order written; the one definition render and the audit both use."""
+        return sorted(self.watched, key=lambda w: (-w.source.prefixlen, w.index))
+
+    def covering(self, addr: Network) -> Watched | None:
+        """The watched entry whose mapping `addr` gets: the most specific one covering it."""
+        for w in self.most_specific_first:
+            if w.source.version == addr.version and addr.subnet_of(w.source):  # type: ignore[arg-type]
+                return w
+        return None
+
     def free_ports(self, proto: str) -> FreePorts:
         """Ports of the range a service of `proto` may be moved to: never a service port."""
         return FreePorts(*self.port_range, self.services[proto])

@@ -302,7 +302,7 @@ class Daemon:
         """SIGHUP: a new state is taken only if it validates and renders; else kept."""
         try:
             state = self.load()
-            render.render(state, shuffle.compute(state, b"\0" * 32, 0), self.templates)
+            render.check(state, self.templates)
             config = bus.BusConfig.from_state(state, **self.options.bus_timers())
             bus.connect(config)
         except MtdError as exc:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import random
 import shutil
 import socket
 import tempfile
@@ -115,8 +114,11 @@ class Puller:
         interval = self.config.interval
         if self.failures == 0:
             return interval
-        step = min(interval * BACKOFF_FACTOR, interval * 2**self.failures)
-        return max(interval, random.uniform(step / 2, step))
+        # redis-py's equal-jitter backoff, as the bus uses (only its pure backoff module)
+        from redis.backoff import EqualJitterBackoff
+
+        backoff = EqualJitterBackoff(cap=interval * BACKOFF_FACTOR, base=interval)
+        return max(interval, backoff.compute(self.failures))
 
     def round(
         self,
