@@ -23,7 +23,6 @@ Addresses: bulk sources are map keys that never send a packet (benchmarks/states
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -45,6 +44,7 @@ if __package__ in (None, ""):  # run as a script (make bench): import from this 
 from benchmarks import states  # noqa: E402
 from reconciler.adapters import files, kernel  # noqa: E402
 from reconciler.core import bulk, diff, render, shuffle  # noqa: E402
+from reconciler.lab.mtdrun import MtdRun  # noqa: E402
 from reconciler.lab.netns import Lab  # noqa: E402
 
 PY = sys.executable
@@ -274,44 +274,23 @@ def classic(work: Path, n: int, runs: int) -> Classic:
 # --- 2. and 4. latency: publish -> applied, through a real redis-server and `mtd run` -------
 
 
-class Daemon:
+class Daemon(MtdRun):
     """`mtd run --log-json` in a namespace; every log line is kept with the moment it arrived
     (CLOCK_MONOTONIC, the publisher's clock too). A daemon logs a pass right after its kernel
     transaction returns, so a line's arrival is when its epoch became live, to within the
     few hundred microseconds a log line and a pipe take."""
 
     def __init__(self, lab: Lab, role: str, state: Path, *args: str) -> None:
-        argv = [PY, "-m", "reconciler", "-s", str(state), "run", "--log-json", *args]
-        self.proc = lab.spawn(
-            role, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
-        )
-        self.lines: list[tuple[float, dict[str, Any]]] = []
-        self.changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            arrived = time.monotonic()
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                with self.changed:
-                    self.lines.append((arrived, entry))
-                    self.changed.notify_all()
+        super().__init__(lab, role, state, *args, cwd=ROOT)
 
     def applied(self, epoch: int, timeout: float = 120) -> float:
         """When the daemon reported `epoch` applied."""
-        end = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for arrived, e in self.lines:
-                    if e.get("event") == "reconcile" and e.get("epoch") == epoch:
-                        if e.get("result") not in ("changed", "ok"):
-                            raise RuntimeError(f"daemon: {e.get('message')}")
-                        return arrived
-                if self.proc.poll() is not None or not self.changed.wait(end - time.monotonic()):
-                    last = self.lines[-1][1].get("message") if self.lines else "no output"
-                    raise RuntimeError(f"daemon: epoch {epoch} not applied: {last}")
+        arrived, e = self.arrival(
+            lambda e: e.get("event") == "reconcile" and e.get("epoch") == epoch, timeout=timeout
+        )
+        if e.get("result") not in ("changed", "ok"):
+            raise RuntimeError(f"daemon: {e.get('message')}")
+        return arrived
 
 
 def redis_server(lab: Lab, role: str, bind: str) -> None:

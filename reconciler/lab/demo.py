@@ -11,8 +11,6 @@ on Ctrl-C and on failure too.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import signal
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from reconciler.adapters import files
+from reconciler.lab.mtdrun import MtdRun
 from reconciler.lab.netns import Lab, RedisServer, free_port, nmap_open, standard_lab
 
 SERVICES = [1, 2, 3, 4, 5]
@@ -72,34 +71,6 @@ def step(n: int, text: str) -> None:
     say(f"{n}. {text}")
 
 
-class Daemon:
-    """`mtd run` in the server namespace; its JSON log lines are what the demo reports."""
-
-    def __init__(self, lab: Lab, state: Path, log: Path) -> None:
-        self.log = log
-        argv = [sys.executable, "-m", "reconciler", "-s", str(state), "run", "--log-json",
-                "--drift-interval", "1", "--redis-check", "0.5"]  # fmt: skip
-        with log.open("w") as out:
-            self.proc = lab.spawn("srv", argv, stdout=subprocess.DEVNULL, stderr=out)
-        self.seen = 0
-
-    def wait_for(self, event: str, timeout: float = 20, **fields: object) -> dict:
-        """The next log event of this kind (and fields); skips what was already reported."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = self.log.read_text().splitlines()
-            for i, line in enumerate(lines[self.seen :], self.seen):
-                with contextlib.suppress(json.JSONDecodeError):
-                    ev = json.loads(line)
-                    if ev.get("event") == event and all(ev.get(k) == v for k, v in fields.items()):
-                        self.seen = i + 1
-                        return ev
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mtd run exited: {self.log.read_text()[-500:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"mtd run did not log {event} {fields} in {timeout} s")
-
-
 def run_demo(workdir: Path) -> None:
     state = workdir / "state.yaml"
     say("mtd demo: a lab of network namespaces; nothing on this host is changed.")
@@ -123,7 +94,10 @@ def run_demo(workdir: Path) -> None:
         say(textwrap.indent(mtd(lab, state, "diff", "--stat"), "   "))
         step(3, "mtd run starts on the server: it applies the desired state in one transaction,")
         say("   then follows Redis triggers and repairs drift.")
-        daemon = Daemon(lab, state, workdir / "mtd-run.log")
+        daemon = MtdRun(
+            lab, "srv", state, "--drift-interval", "1", "--redis-check", "0.5",
+            log=workdir / "mtd-run.log",
+        )  # fmt: skip
         say("   mtd run: " + daemon.wait_for("reconcile", origin="start")["message"])
         step(4, "The untrusted client finds the services at shuffled ports, in every scan mode;")
         say("   the trusted client still sees the real ones.")
