@@ -24,25 +24,29 @@ def make_state(lo: int, hi: int, services: list[int], n_sources: int = 3):
 
 @st.composite
 def states(draw):
+    """Valid states whose services lie mostly inside the range (where a careless shuffle
+    would pick them as targets), sometimes outside it too."""
     lo = draw(st.integers(1, 60000))
-    hi = draw(st.integers(lo, min(65535, lo + 300)))
-    services = draw(st.lists(st.integers(1, 65535), min_size=1, max_size=8, unique=True))
-    free = [p for p in range(lo, hi + 1) if p not in services]
-    if len(free) < len(services):
-        services = services[: len(free)] or [lo]
-        free = [p for p in range(lo, hi + 1) if p not in services]
-    return make_state(lo, hi, sorted(services)) if len(free) >= len(services) else None
+    hi = draw(st.integers(lo + 1, min(65535, lo + 300)))
+    inside = draw(
+        st.lists(st.integers(lo, hi), min_size=1, max_size=min(8, (hi - lo + 1) // 2), unique=True)
+    )
+    outside = draw(
+        st.lists(st.integers(1, 65535).filter(lambda p: not lo <= p <= hi), max_size=3, unique=True)
+    )
+    room = (hi - lo + 1) - 2 * len(inside)  # every service must find a free target
+    return make_state(lo, hi, sorted(inside + outside[:room]))
 
 
 @settings(max_examples=150, deadline=None)
 @given(states(), st.integers(0, 10**9), st.binary(min_size=16, max_size=64))
 def test_targets_are_distinct_free_ports_and_deterministic(state, epoch, secret):
-    if state is None:
-        return
     m = shuffle.compute(state, secret, epoch)
     services = set(state.services["tcp"])
     lo, hi = state.port_range
+    assert services & set(range(lo, hi + 1))  # the case that matters is always there
     for moves in m.moves.values():
+        assert sorted(moves) == sorted(services)  # every service moves (no ignore lists)
         targets = list(moves.values())
         assert len(set(targets)) == len(targets)  # no two moved ports share a target
         assert not services & set(targets)  # never a service port
@@ -78,8 +82,17 @@ def test_draw_takes_the_whole_pool_when_asked():
     assert sorted(out) == list(range(10))
 
 
-def test_fingerprint_is_keyed():
+def test_fingerprint_is_keyed_and_depends_on_the_whole_mapping():
     state = make_state(1, 100, [1, 2])
     m = shuffle.compute(state, SECRET, 1)
-    assert m.fingerprint(SECRET) != m.fingerprint(b"y" * 32)
-    assert len(m.fingerprint(SECRET)) == 32
+    fp = m.fingerprint(SECRET)
+    assert len(fp) == 32 and fp == shuffle.compute(state, SECRET, 1).fingerprint(SECRET)
+    assert fp != m.fingerprint(b"y" * 32)  # keyed
+    assert fp != shuffle.compute(state, SECRET, 2).fingerprint(SECRET)  # another epoch
+    # One moved port of one source pointing elsewhere changes it.
+    (key, moves), *rest = sorted(m.moves.items())
+    port, target = next(iter(moves.items()))
+    other = shuffle.PortMap(m.epoch, {key: {**moves, port: target + 1}, **dict(rest)})
+    assert other.fingerprint(SECRET) != fp
+    # The same moves with the epoch number alone changed: same mapping, same fingerprint.
+    assert shuffle.PortMap(m.epoch + 1, m.moves).fingerprint(SECRET) == fp
