@@ -1,4 +1,4 @@
-"""The only module that talks to libnftables (Debian's python3-nftables bindings).
+"""The only module that talks to libnftables (through the bindings `adapters.bindings` loads).
 
 Everything here takes and returns plain JSON-shaped data. Writes are one transaction: the
 owned table is created if missing, deleted and re-created with its content, so the live
@@ -13,11 +13,9 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
-from functools import cache
 from typing import Any
 
-import nftables
-
+from reconciler.adapters import bindings
 from reconciler.core.bulk import dumps
 from reconciler.errors import NftError
 
@@ -38,12 +36,13 @@ class Nft:
     KEEP_BYTES = 1 << 20  # calls moving more text than this free their context
 
     def __init__(self) -> None:
-        self._ctx: nftables.Nftables | None = None
+        bindings.module()  # at first use: one line saying what to install, if missing
+        self._ctx: Any = None
 
     def _cmd(self, text: str, *, dry_run: bool = False) -> tuple[int, str, str]:
         """One libnftables call: a command line or a JSON document."""
         if self._ctx is None:
-            self._ctx = nftables.Nftables()
+            self._ctx = bindings.context()
             self._ctx.set_json_output(True)
             self._ctx.set_handle_output(False)
         self._ctx.set_dry_run(dry_run)
@@ -97,7 +96,7 @@ class Nft:
         """
         doc = {"nftables": list(commands)}
         try:
-            _validator().json_validate(doc)
+            bindings.json_validate(doc)
         except Exception as exc:  # the bindings raise jsonschema's own errors
             raise NftError(f"libnftables JSON schema: {str(exc).splitlines()[0]}") from None
         # Compact JSON: what the bindings' `json_cmd` sends, minus the spaces; element
@@ -117,12 +116,6 @@ class Nft:
         bad = hi - 1
         where = f"rendered command {bad - first}" if bad >= first else "command"
         return f"nftables refused {where} ({describe(commands[bad])}): {_first_error(err)}"
-
-
-@cache
-def _validator() -> nftables.Nftables:
-    """A context used only for `json_validate` (it never runs a command, so caches nothing)."""
-    return nftables.Nftables()
 
 
 def replace_batch(
