@@ -41,8 +41,9 @@ lint: setup
 	$(PY) -m ruff check reconciler tests benchmarks
 	$(PY) -m ruff format --check reconciler tests benchmarks
 
+# `mtd diff` exits 2 when changes are pending: a preview, not a failure of make.
 diff: setup
-	$(MTD) --state $(STATE) diff $(HOST_ARG)
+	@$(MTD) --state $(STATE) diff $(HOST_ARG) || [ $$? -eq 2 ]
 
 apply: setup
 	$(MTD) --state $(STATE) apply $(HOST_ARG)

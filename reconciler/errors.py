@@ -78,7 +78,7 @@ class KernelError(MtdError):
             return f"nftables refused rendered command {self.index} ({self.command}): {self.reason}"
         if self.command is not None:
             return f"nftables refused {self.command}: {self.reason}"
-        return f"{self.context}: {self.reason}" if self.context else f"nftables: {self.reason}"
+        return f"{self.context}: {self.reason}" if self.context else self.reason
 
     def renumbered(self, positions: list[int]) -> KernelError:
         """The same refusal with `index` mapped through `positions` (a sub-document's

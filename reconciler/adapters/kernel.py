@@ -1,7 +1,7 @@
 """The kernel backend: the interface the services use, and its libnftables implementation.
 
 `Backend` is what the reconcile pass, the daemon and a pull round need from the kernel;
-`Nft` is the real one (Debian's python3-nftables bindings, imported on first use so that
+`Nft` is the real one (the bindings `adapters.bindings` loads on first use, so that
 commands that never touch the kernel start fast), and `adapters.fake.FakeKernel` an
 in-memory one for tests. Everything takes and returns plain JSON-shaped data. Writes are one
 transaction: the owned table is created if missing, deleted and re-created with its content,
@@ -19,13 +19,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from reconciler.adapters import bindings
 from reconciler.core.bulk import dumps
 from reconciler.errors import KernelError, MtdError
-
-if TYPE_CHECKING:
-    import nftables
 
 FAMILY = "inet"
 _NOT_FOUND = "No such file or directory"
@@ -80,13 +78,14 @@ class Nft:
     KEEP_BYTES = 1 << 20  # calls moving more text than this free their context
 
     def __init__(self, cache_dir: str | Path | None = None) -> None:
-        self._ctx: nftables.Nftables | None = None
+        bindings.module()  # at first use: one line saying what to install, if missing
+        self._ctx: Any = None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._canonical: dict[str, list[dict[str, Any]]] = {}
 
-    def _context(self) -> nftables.Nftables:
+    def _context(self) -> Any:
         if self._ctx is None:
-            self._ctx = _bindings().Nftables()
+            self._ctx = bindings.context()
             self._ctx.set_json_output(True)
             self._ctx.set_handle_output(False)
         return self._ctx
@@ -147,7 +146,7 @@ class Nft:
         """
         doc = {"nftables": list(commands)}
         try:
-            _validator().json_validate(doc)
+            bindings.json_validate(doc)
         except Exception as exc:  # the bindings raise jsonschema's own errors
             raise KernelError(str(exc).splitlines()[0], context="libnftables JSON schema") from None
         # Compact JSON: what the bindings' `json_cmd` sends, minus the spaces; element
@@ -227,35 +226,16 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
-def _bindings() -> Any:
-    """The nftables bindings, or one line saying what to install."""
-    try:
-        import nftables
-    except ImportError:
-        raise KernelError(
-            "the Python nftables bindings are missing: expected Debian's python3-nftables "
-            "(apt-get install python3-nftables)",
-            context="libnftables",
-        ) from None
-    return nftables
-
-
 @cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None)  # the C library mtd runs on, for malloc_trim
 
 
 @cache
-def _validator() -> nftables.Nftables:
-    """A context used only for `json_validate` (it never runs a command, so caches nothing)."""
-    return _bindings().Nftables()
-
-
-@cache
 def _platform() -> str:
     """What the kernel's listing form depends on besides the commands: the libnftables
     library (path, size, time) and the kernel release."""
-    _validator()  # loads the library, so it is in the maps
+    bindings.module()  # loads the library, so it is in the maps
     lib = ""
     try:
         with open("/proc/self/maps") as maps:

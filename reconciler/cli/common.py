@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from reconciler import defaults
 from reconciler.adapters import files
@@ -22,19 +23,32 @@ EXIT_ERROR = 1
 EXIT_PENDING = 2
 
 
-class Ctx:
-    """Options shared by every command."""
+DEFAULT_STATE = "desired_state"
 
-    def __init__(self, state_path: str, templates: tuple[str, ...], debug: bool) -> None:
+
+class Ctx:
+    """Options shared by every command, whether given before or after the command's name."""
+
+    def __init__(
+        self, state_path: str = DEFAULT_STATE, templates: tuple[str, ...] = (), debug: bool = False
+    ) -> None:
         self.state_path = state_path
-        # User directories come first, so a custom template can add to or shadow a shipped one;
-        # then a templates/ directory kept with the state files (in the state repository).
         self.user_templates = [Path(t) for t in templates]
-        self.templates = (
-            self.user_templates + files.state_templates(state_path) + render.template_dirs()
-        )
         self.debug = debug
         self.host: str | None = None  # --host: which host of an inventory; None: this machine
+        self._templates: list[Path] | None = None  # set once the state comes from a pull
+
+    @property
+    def templates(self) -> list[Path]:
+        """User directories first, so a custom template can add to or shadow a shipped one;
+        then a templates/ directory kept with the state files (in the state repository)."""
+        if self._templates is not None:
+            return self._templates
+        return self.user_templates + files.state_templates(self.state_path) + render.template_dirs()
+
+    @templates.setter
+    def templates(self, dirs: list[Path]) -> None:
+        self._templates = dirs
 
     @property
     def hostname(self) -> str:
@@ -54,6 +68,11 @@ class Ctx:
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def examples(*lines: str) -> str:
+    """A `--help` epilog of command lines kept as typed (click's \\b stops the rewrapping)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def host_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -100,28 +119,92 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "-s",
-    "--state",
-    "state_path",
-    envvar="MTD_STATE",
-    default="desired_state",
-    show_default=True,
-    help="Desired state: a YAML file or a directory of them.",
+def _on_command_line(ctx: click.Context, param: click.Parameter) -> bool:
+    """The root group takes every source (command line, $MTD_STATE, default); a command only
+    what was typed after its name, so `mtd -s A apply` keeps A."""
+    return ctx.parent is None or ctx.get_parameter_source(param.name or "") in (
+        ParameterSource.COMMANDLINE,
+    )
+
+
+def _set_state(ctx: click.Context, param: click.Parameter, value: str) -> None:
+    if _on_command_line(ctx, param):
+        ctx.ensure_object(Ctx).state_path = value
+
+
+def _add_templates(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
+    if _on_command_line(ctx, param):
+        ctx.ensure_object(Ctx).user_templates += [Path(t) for t in value]
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and _on_command_line(ctx, param):
+        ctx.ensure_object(Ctx).debug = True
+
+
+_SHARED_OPTIONS = [
+    click.option(
+        "-s",
+        "--state",
+        "state_path",
+        envvar="MTD_STATE",
+        default=DEFAULT_STATE,
+        show_default=True,
+        show_envvar=True,
+        metavar="PATH",
+        expose_value=False,
+        callback=_set_state,
+        help="Desired state: a YAML file or a directory of them.",
+    ),
+    click.option(
+        "--templates",
+        multiple=True,
+        type=click.Path(file_okay=False),
+        metavar="DIR",
+        expose_value=False,
+        callback=_add_templates,
+        help="Template directory, searched before the shipped ones (repeatable).",
+    ),
+    click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_debug,
+        help="Show tracebacks of internal errors.",
+    ),
+]
+
+
+def state_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`-s/--state`, `--templates` and `--debug`, accepted before the command's name (`mtd -s
+    FILE apply`) and after it (`mtd apply -s FILE`): one declaration for the group and every
+    command that reads a desired state."""
+    for option in reversed(_SHARED_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def template_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--templates` and `--debug` alone, for commands whose state comes from elsewhere."""
+    for option in reversed(_SHARED_OPTIONS[1:]):
+        fn = option(fn)
+    return fn
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=examples(
+        "mtd diff -s desired_state/          # or: mtd -s desired_state/ diff",
+        "MTD_STATE=/etc/mtd mtd apply --diff",
+        "mtd COMMAND --help",
+    ),
 )
-@click.option(
-    "--templates",
-    multiple=True,
-    type=click.Path(file_okay=False),
-    help="Template directory (repeatable); default: the shipped templates.",
-)
-@click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
+@state_options
 @click.version_option(package_name="mtd")
 @click.pass_context
-def cli(ctx: click.Context, state_path: str, templates: tuple[str, ...], debug: bool) -> None:
+def cli(ctx: click.Context) -> None:
     """mtd: hide this host's services from untrusted sources on shifting ports."""
-    ctx.obj = Ctx(state_path, templates, debug)
+    ctx.ensure_object(Ctx)
 
 
 STATE_DIR_OPTION = click.option(

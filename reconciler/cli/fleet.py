@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from reconciler import defaults
-from reconciler.cli.common import cli, friendly, host_option, pass_ctx
+from reconciler.cli.common import Ctx, cli, examples, friendly, host_option, pass_ctx, state_options
+from reconciler.cli.pull import PullOptions, pull_options
 from reconciler.errors import MtdError
 
 if TYPE_CHECKING:
@@ -49,53 +50,13 @@ def parse_every(text: str) -> tuple[float, float]:
     return low, high
 
 
-def run_daemon(ctx: Any, opts: dict[str, Any]) -> None:
-    from reconciler import logs
-    from reconciler.services.daemon import Daemon, Options
-
-    logs.setup(opts.pop("log_json"))
-    metrics_addr = opts.pop("metrics")
-    if opts["pull"]:  # the state comes from the clone under --state-dir
-        nft = ctx.nft(cache_dir=Path(opts["state_dir"]) / defaults.CACHE)
-    else:
-        nft = ctx.nft(ctx.state())
-    puller = _first_pull(ctx, nft, opts, logging.getLogger(f"{logs.LOGGER}.daemon"))
-    daemon = Daemon(
-        ctx.state,
-        nft,
-        templates=ctx.templates,
-        host=ctx.hostname,
-        options=Options(**opts),
-        logger=logging.getLogger(f"{logs.LOGGER}.daemon"),
-        puller=puller,
-    )
-    if metrics_addr:
-        daemon.metrics.serve(metrics_addr)
-    daemon.run()
-
-
-def _first_pull(ctx: Any, nft: Any, opts: dict[str, Any], logger: logging.Logger) -> Any:
+def _first_pull(ctx: Ctx, nft: Any, config: Any, logger: logging.Logger) -> Any:
     """`--pull URL`: one round before the daemon loads its state, which is then the clone's
     (the commit applied last); a remote down at start is fine once a commit was applied."""
-
     from reconciler import logs
     from reconciler.services import gitops
 
-    url = opts.pop("pull")
-    config = {k: opts.pop(k) for k in ("branch", "path", "verify_signatures", "gpg_home")}
-    state_dir, interval = Path(opts.pop("state_dir")), opts.pop("pull_interval")
-    if url is None:
-        return None
-    puller = gitops.Puller(
-        gitops.PullConfig(
-            url=url,
-            host=ctx.hostname,
-            templates=tuple(ctx.user_templates),
-            state_dir=state_dir,
-            interval=interval,
-            **config,
-        )
-    )
+    puller = gitops.Puller(config)
     outcome = puller.round(nft)
     level = logging.INFO if outcome.ok else logging.ERROR
     logs.event(logger, level, "pull", outcome.message, result=outcome.status, commit=outcome.commit)
@@ -138,118 +99,158 @@ def trigger_loop(ctx: Any, every: str | None, count: int | None) -> None:
         raise MtdError(f"{failed} of {done} rotations could not be published")
 
 
-def run(ctx: Any, **opts: Any) -> None:
+@cli.command(
+    "run",
+    epilog=examples(
+        "mtd run -s /etc/mtd --metrics 127.0.0.1:9108 --log-json",
+        "mtd run --pull https://git.example/ops/mtd-state.git --path mtd",
+    ),
+)
+@click.option(
+    "--drift-interval",
+    type=click.FloatRange(min=0.05),
+    help="Seconds between drift checks; default: the state's drift_interval (30).",
+)
+@click.option(
+    "--reconnect-min",
+    type=click.FloatRange(min=0.01),
+    default=defaults.RECONNECT_MIN,
+    show_default=True,
+    help="First Redis reconnect delay, seconds (doubles up to --reconnect-max).",
+)
+@click.option(
+    "--reconnect-max",
+    type=click.FloatRange(min=0.01),
+    default=defaults.RECONNECT_MAX,
+    show_default=True,
+    help="Longest Redis reconnect delay, seconds.",
+)
+@click.option(
+    "--redis-check",
+    type=click.FloatRange(min=0.05),
+    default=defaults.REDIS_CHECK,
+    show_default=True,
+    help="Seconds between reads of the epoch key (catches lost triggers, dead links).",
+)
+@click.option(
+    "--redis-timeout",
+    type=click.FloatRange(min=0.05),
+    default=defaults.REDIS_TIMEOUT,
+    show_default=True,
+    help="Redis connect and command timeout, seconds.",
+)
+@click.option("--log-json", is_flag=True, help="One JSON object per log line.")
+@click.option(
+    "--log-mapping", is_flag=True, help="Also log the mapping itself after each change (sensitive)."
+)
+@click.option(
+    "--metrics", metavar="ADDR:PORT", help="Serve Prometheus metrics here, e.g. 127.0.0.1:9108."
+)
+@click.option(
+    "--rotate-without-diff",
+    is_flag=True,
+    help="Apply a new epoch without reading the live table first (states with very "
+    "many mappings); drift checks still compare in full.",
+)
+@click.option(
+    "--down-on-exit",
+    is_flag=True,
+    help="Remove the owned table when stopping (default: leave it in place).",
+)
+@click.option(
+    "--pull",
+    "pull_url",
+    metavar="URL",
+    help="Also follow the desired state kept in this git repository (GitOps); the options "
+    "below as in `mtd pull`.",
+)
+@click.option(
+    "--pull-interval",
+    type=click.FloatRange(min=0.1),
+    default=defaults.PULL_INTERVAL,
+    show_default=True,
+    help="Seconds between pulls (longer, with backoff, while the remote is down).",
+)
+@pull_options
+@state_options
+@host_option
+@pass_ctx
+@friendly
+def run(
+    ctx: Ctx,
+    drift_interval: float | None,
+    reconnect_min: float,
+    reconnect_max: float,
+    redis_check: float,
+    redis_timeout: float,
+    log_json: bool,
+    log_mapping: bool,
+    metrics: str | None,
+    rotate_without_diff: bool,
+    down_on_exit: bool,
+    pull_url: str | None,
+    pull_interval: float,
+    pull: PullOptions,
+) -> None:
     """Keep this host converged: at start, on every Redis trigger, on a drift timer.
 
     Follows the fleet's epoch in Redis (catching up after any outage), restores the
     owned table when someone changes it, reloads the desired state on SIGHUP and exits
     on SIGTERM/SIGINT leaving the table in place (unless --down-on-exit).
     """
-    run_daemon(ctx, opts)
+    from reconciler import logs
+    from reconciler.services.daemon import Daemon, Options
+
+    logs.setup(log_json)
+    logger = logging.getLogger(f"{logs.LOGGER}.daemon")
+    if pull_url is not None:  # the state comes from the clone under --state-dir
+        nft = ctx.nft(cache_dir=Path(pull.state_dir) / defaults.CACHE)
+    else:
+        nft = ctx.nft(ctx.state())
+    puller = None
+    if pull_url is not None:
+        puller = _first_pull(ctx, nft, pull.config(ctx, pull_url, pull_interval), logger)
+    daemon = Daemon(
+        ctx.state,
+        nft,
+        templates=ctx.templates,
+        host=ctx.hostname,
+        options=Options(
+            drift_interval=drift_interval,
+            reconnect_min=reconnect_min,
+            reconnect_max=reconnect_max,
+            redis_check=redis_check,
+            redis_timeout=redis_timeout,
+            log_mapping=log_mapping,
+            down_on_exit=down_on_exit,
+            rotate_without_diff=rotate_without_diff,
+        ),
+        logger=logger,
+        puller=puller,
+    )
+    if metrics:
+        daemon.metrics.serve(metrics)
+    daemon.run()
 
 
-options = [
-    click.option(
-        "--drift-interval",
-        type=click.FloatRange(min=0.05),
-        help="Seconds between drift checks; default: the state's drift_interval (30).",
-    ),
-    click.option(
-        "--reconnect-min",
-        type=click.FloatRange(min=0.01),
-        default=defaults.RECONNECT_MIN,
-        show_default=True,
-        help="First Redis reconnect delay, seconds (doubles up to --reconnect-max).",
-    ),
-    click.option(
-        "--reconnect-max",
-        type=click.FloatRange(min=0.01),
-        default=defaults.RECONNECT_MAX,
-        show_default=True,
-        help="Longest Redis reconnect delay, seconds.",
-    ),
-    click.option(
-        "--redis-check",
-        type=click.FloatRange(min=0.05),
-        default=defaults.REDIS_CHECK,
-        show_default=True,
-        help="Seconds between reads of the epoch key (catches lost triggers, dead links).",
-    ),
-    click.option(
-        "--redis-timeout",
-        type=click.FloatRange(min=0.05),
-        default=defaults.REDIS_TIMEOUT,
-        show_default=True,
-        help="Redis connect and command timeout, seconds.",
-    ),
-    click.option("--log-json", is_flag=True, help="One JSON object per log line."),
-    click.option(
-        "--log-mapping",
-        is_flag=True,
-        help="Also log the mapping itself after each change (sensitive).",
-    ),
-    click.option(
-        "--metrics",
-        metavar="ADDR:PORT",
-        help="Serve Prometheus metrics here, e.g. 127.0.0.1:9108.",
-    ),
-    click.option(
-        "--rotate-without-diff",
-        is_flag=True,
-        help="Apply a new epoch without reading the live table first (states with very "
-        "many mappings); drift checks still compare in full.",
-    ),
-    click.option(
-        "--pull",
-        metavar="URL",
-        help="Also follow the desired state kept in this git repository (GitOps).",
-    ),
-    click.option(
-        "--pull-interval",
-        type=click.FloatRange(min=0.1),
-        default=defaults.PULL_INTERVAL,
-        show_default=True,
-        help="Seconds between pulls (longer, with backoff, while the remote is down).",
-    ),
-    click.option("--branch", default=defaults.BRANCH, show_default=True, help="With --pull."),
-    click.option("--path", default="", metavar="SUBDIR", help="With --pull: state dir."),
-    click.option(
-        "--state-dir",
-        envvar="MTD_STATE_DIR",
-        default=str(defaults.STATE_DIR),
-        show_default=True,
-        help="With --pull: where the clone (repo/) and pull.json are kept.",
-    ),
-    click.option("--verify-signatures", is_flag=True, help="With --pull: signed only."),
-    click.option("--gpg-home", help="With --pull: GNUPGHOME of the allowed signers."),
-    click.option(
-        "--down-on-exit",
-        is_flag=True,
-        help="Remove the owned table when stopping (default: leave it in place).",
-    ),
-]
-fn: Any = friendly(run)
-fn = pass_ctx(fn)
-fn = host_option(fn)
-for option in reversed(options):
-    fn = option(fn)
-cli.command("run")(fn)
-
-
-def trigger(ctx: Any, every: str | None, count: int | None) -> None:
+@cli.command(
+    epilog=examples(
+        "mtd trigger -s /etc/mtd                 # one fleet rotation now",
+        "mtd trigger -s /etc/mtd --every 30..90  # again and again, like the proof of concept",
+    )
+)
+@click.option(
+    "--every", metavar="L..U", help="Publish after a random wait of L to U seconds, again."
+)
+@click.option("--count", type=click.IntRange(min=1), help="Stop after N rotations (with --every).")
+@state_options
+@host_option
+@pass_ctx
+@friendly
+def trigger(ctx: Ctx, every: str | None, count: int | None) -> None:
     """Publish fleet rotations: once, or at random intervals of L to U seconds.
 
     Each one increments the fleet's epoch in Redis and publishes it (signed when
     redis.signing_key_file is set); every `mtd run` on the channel converges to it.
     """
     trigger_loop(ctx, every, count)
-
-
-fn = host_option(pass_ctx(friendly(trigger)))
-fn = click.option(
-    "--count", type=click.IntRange(min=1), help="Stop after N rotations (with --every)."
-)(fn)
-fn = click.option(
-    "--every", metavar="L..U", help="Publish after a random wait of L to U seconds, again."
-)(fn)
-cli.command("trigger")(fn)

@@ -15,16 +15,23 @@ from reconciler.cli.common import (
     STATE_DIR_OPTION,
     Ctx,
     cli,
+    examples,
     friendly,
     host_option,
     pass_ctx,
+    state_options,
 )
 from reconciler.core import audit
 from reconciler.core.state import State
 from reconciler.errors import MtdError
 
 
-@cli.command()
+@cli.command(
+    epilog=examples(
+        "mtd history -s /etc/mtd",
+        "mtd history -s /etc/mtd --mapping-at 2024-05-01T12:00:00Z --source 192.0.2.3",
+    )
+)
 @click.option("--json", "as_json", is_flag=True, help="The raw JSON lines.")
 @click.option(
     "--log",
@@ -40,6 +47,7 @@ from reconciler.errors import MtdError
 )
 @click.option("--source", metavar="ADDR", help="With --mapping-at: whose mapping to print.")
 @STATE_DIR_OPTION
+@state_options
 @host_option
 @pass_ctx
 @friendly

@@ -10,21 +10,26 @@ from typing import Any
 
 import click
 
-from reconciler import defaults
 from reconciler.adapters import auditlog, files
 from reconciler.cli.common import (
     EXIT_PENDING,
+    STATE_DIR_OPTION,
     Ctx,
     cli,
+    examples,
     friendly,
     host_option,
     pass_ctx,
+    state_options,
 )
 from reconciler.core import diff, render, shuffle
 from reconciler.errors import MtdError
 
 
-@cli.command()
+@cli.command(
+    epilog=examples("mtd validate -s desired_state/", "mtd validate -s fleet/ --host web1")
+)
+@state_options
 @host_option
 @pass_ctx
 @friendly
@@ -61,8 +66,9 @@ def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
         raise MtdError(*problems)
 
 
-@cli.command("render")
+@cli.command("render", epilog=examples("mtd render -s desired_state/ --epoch 3 > ruleset.json"))
 @click.option("--epoch", type=int, help="Render this epoch instead of the current one.")
+@state_options
 @host_option
 @pass_ctx
 @friendly
@@ -108,10 +114,14 @@ def _pass(
         return result
 
 
-@cli.command("diff")
+@cli.command(
+    "diff",
+    epilog=examples("mtd diff -s desired_state/", "mtd diff --state fleet/ --host web1 --stat"),
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--stat", is_flag=True, help="Counts only.")
 @click.option("--epoch", type=int, help="Compare against this epoch instead of the current one.")
+@state_options
 @host_option
 @pass_ctx
 @friendly
@@ -139,9 +149,10 @@ def _report(result: Any, show_diff: bool) -> None:
     click.echo(result.line())
 
 
-@cli.command()
+@cli.command(epilog=examples("mtd apply -s desired_state/ --diff", "mtd apply -s /etc/mtd --check"))
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--diff", "show_diff", is_flag=True, help="Also print the changes.")
+@state_options
 @host_option
 @pass_ctx
 @friendly
@@ -150,7 +161,7 @@ def apply(ctx: Ctx, check: bool, show_diff: bool) -> None:
     _report(_pass(ctx, check=check, creates=True), show_diff)
 
 
-@cli.command()
+@cli.command(epilog=examples("mtd rotate -s /etc/mtd --diff", "mtd rotate -s /etc/mtd --publish"))
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--diff", "show_diff", is_flag=True, help="Also print the changes.")
 @click.option(
@@ -159,6 +170,7 @@ def apply(ctx: Ctx, check: bool, show_diff: bool) -> None:
     help="Rotate the fleet instead: increment the epoch in Redis and publish it "
     "(every `mtd run` applies it; needs no root).",
 )
+@state_options
 @host_option
 @pass_ctx
 @friendly
@@ -180,15 +192,10 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
     )
 
 
-@cli.command()
+@cli.command(epilog=examples("mtd status -s /etc/mtd --json"))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option(
-    "--state-dir",
-    envvar="MTD_STATE_DIR",
-    default=str(defaults.STATE_DIR),
-    show_default=True,
-    help="Where `mtd pull` keeps its clone and pull.json (shown when present).",
-)
+@STATE_DIR_OPTION
+@state_options
 @host_option
 @pass_ctx
 @friendly
@@ -216,7 +223,8 @@ def status(ctx: Ctx, as_json: bool, state_dir: str) -> None:
             click.echo(line)
 
 
-@cli.command()
+@cli.command(epilog=examples("mtd down -s /etc/mtd"))
+@state_options
 @host_option
 @pass_ctx
 @friendly

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +18,102 @@ from reconciler.cli.common import (
     STATE_DIR_OPTION,
     Ctx,
     cli,
+    examples,
     friendly,
     host_option,
     pass_ctx,
+    template_options,
 )
 from reconciler.errors import MtdError
 
+_PULL_OPTIONS = [
+    click.option(
+        "--branch", default=defaults.BRANCH, show_default=True, help="The branch to follow."
+    ),
+    click.option(
+        "--path", "subdir", default="", metavar="SUBDIR", help="State directory in the repository."
+    ),
+    STATE_DIR_OPTION,
+    click.option(
+        "--verify-signatures",
+        is_flag=True,
+        help="Apply only commits whose signature `git verify-commit` accepts.",
+    ),
+    click.option(
+        "--gpg-home",
+        type=click.Path(file_okay=False),
+        help="GNUPGHOME whose keyring holds the keys allowed to sign (--verify-signatures).",
+    ),
+    click.option(
+        "--git-timeout",
+        type=click.FloatRange(min=1),
+        default=defaults.GIT_TIMEOUT,
+        show_default=True,
+        help="Seconds allowed to each git command.",
+    ),
+]
 
-@cli.command()
+
+@dataclass(frozen=True)
+class PullOptions:
+    """The options of `pull_options`, as one value."""
+
+    branch: str
+    subdir: str
+    state_dir: str
+    verify_signatures: bool
+    gpg_home: str | None
+    git_timeout: float
+
+    def config(self, ctx: Ctx, url: str, interval: float) -> Any:
+        """The `gitops.PullConfig` of a round for this host."""
+        from reconciler.services import gitops
+
+        return gitops.PullConfig(
+            url=url,
+            branch=self.branch,
+            path=self.subdir,
+            state_dir=Path(self.state_dir),
+            host=ctx.hostname,
+            templates=tuple(ctx.user_templates),
+            verify_signatures=self.verify_signatures,
+            gpg_home=self.gpg_home,
+            interval=interval,
+            timeout=self.git_timeout,
+        )
+
+
+def pull_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Which repository state to follow and how it is trusted: one declaration for `mtd pull`
+    and `mtd run --pull`, handed to the command as one `pull: PullOptions` argument."""
+
+    @wraps(fn)
+    def command(
+        *args: Any,
+        branch: str,
+        subdir: str,
+        state_dir: str,
+        verify_signatures: bool,
+        gpg_home: str | None,
+        git_timeout: float,
+        **kwargs: Any,
+    ) -> Any:
+        options = PullOptions(branch, subdir, state_dir, verify_signatures, gpg_home, git_timeout)
+        return fn(*args, pull=options, **kwargs)
+
+    for option in reversed(_PULL_OPTIONS):
+        command = option(command)
+    return command
+
+
+@cli.command(
+    epilog=examples(
+        "mtd pull --repo https://git.example/ops/mtd-state.git --path mtd --once",
+        "mtd pull --repo /srv/git/mtd-state.git --check --host web1",
+    )
+)
 @click.option("--repo", "url", required=True, metavar="URL", help="The state repository.")
-@click.option("--branch", default=defaults.BRANCH, show_default=True, help="The branch to follow.")
-@click.option("--path", "subdir", default="", metavar="SUBDIR", help="State directory in it.")
-@STATE_DIR_OPTION
+@pull_options
 @click.option("--once", is_flag=True, help="One round, then exit (1: rejected or unreachable).")
 @click.option("--check", is_flag=True, help="One round that only shows what would change.")
 @click.option(
@@ -36,38 +123,17 @@ from reconciler.errors import MtdError
     show_default=True,
     help="Seconds between rounds (longer, with backoff, while the remote is unreachable).",
 )
-@click.option(
-    "--verify-signatures",
-    is_flag=True,
-    help="Apply only commits whose signature `git verify-commit` accepts.",
-)
-@click.option(
-    "--gpg-home",
-    type=click.Path(file_okay=False),
-    help="GNUPGHOME whose keyring holds the keys allowed to sign (--verify-signatures).",
-)
-@click.option(
-    "--git-timeout",
-    type=click.FloatRange(min=1),
-    default=defaults.GIT_TIMEOUT,
-    show_default=True,
-    help="Seconds allowed to each git command.",
-)
+@template_options
 @host_option
 @pass_ctx
 @friendly
 def pull(
     ctx: Ctx,
     url: str,
-    branch: str,
-    subdir: str,
-    state_dir: str,
     once: bool,
     check: bool,
     interval: float,
-    verify_signatures: bool,
-    gpg_home: str | None,
-    git_timeout: float,
+    pull: PullOptions,
 ) -> None:
     """Converge to the desired state kept in a git repository (GitOps).
 
@@ -77,21 +143,8 @@ def pull(
     """
     from reconciler.services import gitops
 
-    puller = gitops.Puller(
-        gitops.PullConfig(
-            url=url,
-            branch=branch,
-            path=subdir,
-            state_dir=Path(state_dir),
-            host=ctx.hostname,
-            templates=tuple(ctx.user_templates),
-            verify_signatures=verify_signatures,
-            gpg_home=gpg_home,
-            interval=interval,
-            timeout=git_timeout,
-        )
-    )
-    nft = ctx.nft(cache_dir=Path(state_dir) / defaults.CACHE)
+    puller = gitops.Puller(pull.config(ctx, url, interval))
+    nft = ctx.nft(cache_dir=Path(pull.state_dir) / defaults.CACHE)
     if once or check:
         outcome = puller.round(nft, check=check, show=click.echo)
         _pull_report(outcome, again=True)

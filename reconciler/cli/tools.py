@@ -11,19 +11,22 @@ import yaml
 
 from reconciler.cli.common import (
     cli,
+    examples,
     friendly,
 )
 from reconciler.core.state import schema
 from reconciler.errors import MtdError
 
 
-@cli.command("schema")
+@cli.command("schema", epilog=examples("mtd schema > mtd.schema.json"))
 def schema_cmd() -> None:
     """Print the JSON Schema of the desired state."""
     click.echo(json.dumps(schema(), indent=2))
 
 
-@cli.command("import-seed")
+@cli.command(
+    "import-seed", epilog=examples("mtd import-seed configuration.json > desired_state/mtd.yaml")
+)
 @click.argument("config", type=click.Path(dir_okay=False))
 @friendly
 def import_seed(config: str) -> None:

@@ -1,0 +1,79 @@
+"""The libnftables Python bindings, whichever copy is installed, loaded at first use.
+
+Debian's `python3-nftables` matches the system's libnftables; `pip install 'mtd[nftables]'`
+brings `pip-nftables` instead, a packaged copy of the same module that lacks `set_dry_run`
+and the JSON schema file. Both load the system's `libnftables.so.1`. When the module or the
+library is missing, the user gets one line saying what to install, not a traceback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+from reconciler.errors import NftError
+
+SONAME = "libnftables.so.1"
+INSTALL_BINDINGS = (
+    "apt install python3-nftables (for the system's python3), or pip install 'mtd[nftables]' "
+    "(any venv; needs the libnftables1 package)"
+)
+INSTALL_LIBRARY = "apt install libnftables1 (dnf install nftables on Fedora/RHEL)"
+
+
+@cache
+def module() -> ModuleType:
+    """The `nftables` module, once it is known to load the system's libnftables."""
+    try:
+        import nftables
+    except ModuleNotFoundError as exc:
+        if exc.name != "nftables":
+            raise
+        raise NftError(
+            f"the libnftables Python bindings (module nftables) are missing: {INSTALL_BINDINGS}"
+        ) from None
+    if not hasattr(nftables, "Nftables"):
+        raise NftError(
+            f"module nftables at {getattr(nftables, '__file__', '?')} is not the libnftables "
+            f"bindings: {INSTALL_BINDINGS}"
+        )
+    try:
+        ctypes.CDLL(SONAME)
+    except OSError as exc:
+        raise NftError(f"cannot load {SONAME} ({exc}): {INSTALL_LIBRARY}") from None
+    return nftables
+
+
+def context() -> Any:
+    """A new libnftables context; `set_dry_run` added where the bindings lack it."""
+    ctx = module().Nftables(sofile=SONAME)
+    if not hasattr(ctx, "set_dry_run"):  # pip-nftables 1.0.2: the library has it
+        set_dry_run = ctypes.CDLL(SONAME).nft_ctx_set_dry_run
+        set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        set_dry_run.restype = None
+        handle = ctx._Nftables__ctx  # the context pointer both copies keep
+        ctx.set_dry_run = lambda on: set_dry_run(handle, bool(on))
+    return ctx
+
+
+def json_validate(doc: dict[str, Any]) -> None:
+    """libnftables' JSON schema check, with the bindings' validator when they ship the schema
+    file; otherwise the same rule, which is all that schema says: an object whose `nftables`
+    is an array of objects."""
+    nft = module()
+    if os.path.exists(os.path.join(os.path.dirname(nft.__file__ or ""), "schema.json")):
+        _validator().json_validate(doc)
+        return
+    commands = doc.get("nftables") if isinstance(doc, dict) else None
+    if not isinstance(commands, list) or not all(isinstance(c, dict) for c in commands):
+        raise ValueError(f"{json.dumps(doc)[:80]}: expected {{'nftables': [objects]}}")
+
+
+@cache
+def _validator() -> Any:
+    """A context used only for `json_validate` (it never runs a command, so caches nothing)."""
+    return context()

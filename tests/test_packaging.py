@@ -1,0 +1,97 @@
+"""Installing mtd the way Python users do: the built wheel in a plain venv, with or without
+the `nftables` extra, and one line saying what to install when the bindings are missing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconciler.adapters import files
+from reconciler.lab.netns import Lab
+from tests.conftest import ROOT, write_state
+
+# Runs the CLI with the bindings or the library made unloadable, as on a machine without them.
+WITHOUT = """
+import sys
+from reconciler.adapters import bindings
+if sys.argv[1] == "module":
+    sys.modules["nftables"] = None
+else:
+    bindings.SONAME = "libnftables.so.0-not-installed"
+sys.argv[0:2] = ["mtd"]
+from reconciler.cli import main
+main()
+"""
+
+
+def one_error_line(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 1 and out.stdout == "", out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("mtd: error: "), out.stderr
+    return out.stderr
+
+
+@pytest.mark.parametrize("command", ["apply", "diff", "status", "down"])
+def test_missing_bindings_say_what_to_install(state_file: Path, command: str):
+    files.load_secret(state_file.parent / "secret", create=True)  # diff, status only read it
+    out = subprocess.run(
+        [sys.executable, "-c", WITHOUT, "module", command, "-s", str(state_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    line = one_error_line(out)
+    assert "apt install python3-nftables" in line and "pip install 'mtd[nftables]'" in line
+
+
+def test_a_missing_libnftables_says_what_to_install(state_file: Path):
+    out = subprocess.run(
+        [sys.executable, "-c", WITHOUT, "library", "apply", "-s", str(state_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    line = one_error_line(out)
+    assert "cannot load libnftables.so.0-not-installed" in line and "libnftables1" in line
+
+
+def pip(*args: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.netns
+def test_the_wheel_in_a_plain_venv_validates_and_applies(tmp_path: Path):
+    pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT))
+    (wheel,) = tmp_path.glob("mtd-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python, cli = str(venv / "bin" / "python"), str(venv / "bin" / "mtd")
+    state = write_state(tmp_path / "state.yaml", table="mtdwheel")
+    pip("--python", python, "install", "-q", "--no-compile", str(wheel))
+    with Lab(prefix="mtdpkg") as lab:
+        lab.add_server()
+
+        def run(*args: str) -> subprocess.CompletedProcess:
+            return lab.run("srv", [cli, *args, "-s", str(state)], cwd=tmp_path, timeout=120)
+
+        # no system site packages: the venv sees no bindings until the extra brings them
+        assert run("validate").returncode == 0
+        line = one_error_line(run("apply"))
+        assert "pip install 'mtd[nftables]'" in line and "python3-nftables" in line
+        pip("--python", python, "install", "-q", "--no-compile", f"{wheel}[nftables]")
+        out = run("apply")
+        assert out.returncode == 0 and out.stdout.startswith("changed: table inet mtdwheel")
+        assert run("apply", "--check").stdout.startswith("ok: table inet mtdwheel")
+        assert run("diff").returncode == 0
+        assert run("down").stdout.startswith("changed: table inet mtdwheel removed")

@@ -1,0 +1,130 @@
+"""README's reference tables against the code, so they cannot drift: the commands and their
+options (click), the metrics (the daemon's Prometheus registry), the template variables (the
+render context), the layout (the package's folders) and the desired state's keys (schema.json).
+Each failure names the row to add or fix."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli import main  # noqa: F401  (registers every command)
+from reconciler.cli.common import cli
+from reconciler.core import render, shuffle
+from reconciler.core.state import parse
+from reconciler.services.daemon import Metrics
+from tests.conftest import ROOT, write_state
+
+README = (ROOT / "README.md").read_text()
+CODE = re.compile(r"`((?:[^`\\]|\\.)+)`")  # a code span; `\|` is a pipe inside a table
+
+
+def table(header: str) -> list[list[str]]:
+    """The rows of the table whose header row is `header`, as lists of cells."""
+    lines = [line.strip() for line in README.splitlines()]
+    assert header in lines, f"README: no table with the header {header!r}"
+    start = lines.index(header) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return rows
+
+
+def spans(cell: str) -> list[str]:
+    return [s.replace("\\|", "|") for s in CODE.findall(cell)]
+
+
+def test_every_command_has_a_row_and_each_row_names_real_options():
+    documented: set[str] = set()
+    for row in table("| command | what it does | exit code |"):
+        for usage in (s for s in spans(row[0]) if s.startswith("mtd ")):
+            name, *args = usage.split()[1:]
+            assert name in cli.commands, f"README names `mtd {name}`, which does not exist"
+            documented.add(name)
+            known = {o for p in cli.commands[name].params for o in p.opts + p.secondary_opts}
+            for option in re.findall(r"--[a-z][a-z-]*", " ".join(args)):
+                assert option in known, f"README: `mtd {name}` has no option {option}"
+    missing = sorted(set(cli.commands) - documented)
+    assert not missing, "README's command table lacks rows for: " + ", ".join(
+        f"| `mtd {n}` | {cli.commands[n].get_short_help_str(60)} | exit codes |" for n in missing
+    )
+
+
+def exported_metrics() -> dict[str, tuple[str, dict[str, set[str]]]]:
+    """Name as scraped -> (type, label -> values created at start)."""
+    out = {}
+    for family in Metrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels: dict[str, set[str]] = {}
+        for sample in family.samples:
+            for key, value in sample.labels.items():
+                if key != "le":
+                    labels.setdefault(key, set()).add(value)
+        out[name] = (family.type, labels)
+    return out
+
+
+def test_the_metrics_table_is_the_registry():
+    rows = {}
+    for row in table("| metric | type | meaning |"):
+        (span,) = spans(row[0])
+        name, _, labels = span.partition("{")
+        rows[name] = (row[1], set(filter(None, labels.rstrip("}").split(","))), row[2])
+    exported = exported_metrics()
+    for name, (kind, labels) in exported.items():
+        row = f"| `{name}{{{','.join(labels)}}}` | {kind} | ... |".replace("{}", "")
+        assert name in rows, f"README's metrics table lacks {row}"
+        assert rows[name][:2] == (kind, set(labels)), f"README's metrics row should be {row}"
+        for label, values in labels.items():
+            for value in values:
+                assert f"`{value}`" in rows[name][2], f"README: {name}: {label} `{value}`?"
+    extra = sorted(set(rows) - set(exported))
+    assert not extra, f"README lists metrics the daemon does not export: {extra}"
+
+
+def test_the_template_variables_table_is_the_render_context(tmp_path: Path):
+    state = parse([("s.yaml", write_state(tmp_path / "s.yaml").read_text())])
+    context = render.context(state, shuffle.compute(state, b"\0" * 32, 0))
+    rows = {spans(row[0])[0]: row[1] for row in table("| variable | content |")}
+    assert set(rows) == set(context), (
+        f"README's template variables table: add rows for {sorted(set(context) - set(rows))}, "
+        f"remove {sorted(set(rows) - set(context))}"
+    )
+    for key in context["elements"]:
+        assert f"`{key}`" in rows["elements"] or f"`elements.{key}`" in rows["elements"], key
+    for key in context["sources"]:
+        assert f'`sources["{key}"]`' in rows["sources"], key
+
+
+def test_the_layout_table_is_the_package():
+    folders = {
+        p.parent.name for p in (ROOT / "reconciler").glob("*/__init__.py") if p.parent.is_dir()
+    }
+    rows = {spans(row[0])[0].rstrip("/") for row in table("| folder | role | may import |")}
+    assert rows == folders, f"README's layout table: folders {sorted(folders)}, rows {rows}"
+
+
+def schema_keys(node: dict, path: str = "") -> list[str]:
+    keys = []
+    for key, sub in node.get("properties", {}).items():
+        keys.append(f"{path}{key}")
+        keys += schema_keys(sub, f"{path}{key}.")
+    if isinstance(node.get("items"), dict):
+        keys += schema_keys(node["items"], f"{path}[].")
+    return keys
+
+
+@pytest.mark.parametrize(
+    "key", schema_keys(json.loads((ROOT / "reconciler/core/schema.json").read_text()))
+)
+def test_every_key_of_the_schema_is_documented(key: str):
+    """As `key`, `parent.key` or a `key:` line of an example."""
+    leaf = key.rsplit(".", 1)[-1]
+    assert re.search(rf"`([\w.\[\]]*\.)?{leaf}`|^\s*(- )?{leaf}:", README, re.M), (
+        f"README does not document the desired state key {key}"
+    )
