@@ -36,6 +36,7 @@ def inventory(root: Path) -> Path:
     (root / "groups" / "web.yaml").write_text("hosts: [web1, web2]\n")
     (root / "hosts").mkdir()
     (root / "hosts" / "web2.yaml").write_text("watched: [{source: 203.0.113.9}]\n")
+    files.load_secret(root / "secret", create=True)  # provisioned: diff only reads it
     return root
 
 
