@@ -187,3 +187,30 @@ def file_lock(path: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def use_template_cache(directory: Path, *, write: bool) -> None:
+    """Compiled templates kept in `directory` for the next process (`render` reads them).
+
+    Cached bytecode is code: only a directory this user owns and nobody else may write is
+    used, and `write=False` (read-only commands) reads it but never adds to it.
+    """
+    import jinja2
+
+    from reconciler.core import render
+
+    class Cache(jinja2.FileSystemBytecodeCache):
+        def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            if write:
+                with contextlib.suppress(OSError):  # a cache that cannot be written costs time
+                    super().dump_bytecode(bucket)
+
+    try:
+        if write:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = directory.stat()
+    except OSError:
+        render.use_bytecode_cache(None)
+        return
+    private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    render.use_bytecode_cache(Cache(str(directory)) if private else None)

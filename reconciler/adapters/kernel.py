@@ -77,10 +77,11 @@ class Nft:
 
     KEEP_BYTES = 1 << 20  # calls moving more text than this free their context
 
-    def __init__(self, cache_dir: str | Path | None = None) -> None:
+    def __init__(self, cache_dir: str | Path | None = None, *, write_cache: bool = True) -> None:
         bindings.module()  # at first use: one line saying what to install, if missing
         self._ctx: Any = None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.write_cache = write_cache
         self._canonical: dict[str, list[dict[str, Any]]] = {}
 
     def _context(self) -> Any:
@@ -206,7 +207,7 @@ class Nft:
     def _write_cache(self, key: str, listing: list[dict[str, Any]]) -> None:
         """Best effort: a cache that cannot be written only costs the next process time."""
         path = self._cache_file(key)
-        if path is None:
+        if path is None or not self.write_cache:
             return
         from reconciler.adapters import files
 

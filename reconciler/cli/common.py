@@ -57,14 +57,19 @@ class Ctx:
     def state(self) -> State:
         return files.load_state(self.state_path, self.hostname)
 
-    def nft(self, state: State | None = None, cache_dir: Path | None = None) -> Any:
-        """The real kernel backend. Its canonical-form cache is `cache_dir`, or sits next to
-        the state's epoch file (by default /var/lib/mtd/cache)."""
+    def nft(
+        self, state: State | None = None, cache_dir: Path | None = None, *, write: bool = True
+    ) -> Any:
+        """The real kernel backend. Its caches (the kernel's canonical form, compiled
+        templates) are in `cache_dir`, or next to the state's epoch file (by default
+        /var/lib/mtd/cache); read-only commands (`write=False`) read them, never add."""
         from reconciler.adapters.kernel import Nft
 
         if cache_dir is None and state is not None:
             cache_dir = Path(state.epoch_file).parent / defaults.CACHE
-        return Nft(cache_dir=cache_dir)
+        if cache_dir is not None:
+            files.use_template_cache(cache_dir / "templates", write=write)
+        return Nft(cache_dir=cache_dir, write_cache=write)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

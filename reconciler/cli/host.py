@@ -103,7 +103,7 @@ def _pass(
         result = reconcile(
             state,
             current if epoch is None else epoch,
-            ctx.nft(state),
+            ctx.nft(state, write=creates and not check),
             secret=secret,
             check=check,
             templates=ctx.templates,
