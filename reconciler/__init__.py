@@ -1,7 +1,9 @@
 """mtd: hides a host's services from untrusted sources on shifting ports with nftables.
 
-`core/` takes data and returns data; `adapters/` are the only modules that touch the kernel,
-Redis, git or disk; `services/` combine them; `cli/` is the command line (see README).
+`core/` takes data and returns data (it reads only files that ship with mtd or that the user
+names as templates: the schema, and template sources through Jinja2's loader); `adapters/`
+are the only modules that touch the kernel, Redis, git or the host's files; `services/`
+combine them; `cli/` is the command line (see README).
 """
 
 __version__ = "0.1.0"

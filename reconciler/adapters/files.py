@@ -1,6 +1,7 @@
 """Local files: desired-state YAML, the shuffle secret, the epoch, the reconcile lock.
 
-Shell module: the only place (besides the CLI) that reads or writes the host's files.
+Adapter: with `auditlog` (the audit log), `git` (the clone) and the kernel adapter (its
+cache, sysctls), the only code that reads or writes the host's files.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from reconciler.core import inventory
 from reconciler.core.state import State, parse
@@ -169,6 +173,31 @@ def write_atomic(path: str | Path, text: str, mode: int = 0o644) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, p)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A file only this user can reach (its directories made 0700)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value; None when it is missing or unreadable (callers start fresh)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
+    """A private temporary directory under `parent`, removed when the block ends."""
+    Path(parent).mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def reconcile_lock(epoch_file: str | Path) -> contextlib.AbstractContextManager[None]:

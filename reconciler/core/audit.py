@@ -4,7 +4,7 @@ answer.
 Each line holds the time, host, commit, epoch, trigger origin, result and the mapping's keyed
 fingerprint (`PortMap.fingerprint`): it proves which mapping was live without revealing it.
 With the secret, `mapping_of` recomputes the mapping itself and the fingerprint confirms it.
-The file is mode 0600.
+The file (written by `adapters.auditlog`) is mode 0600.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Render the nftables JSON command document from a Jinja2 template.
 
-Pure: the template sees plain data (documented in README, "Template variables") and must
+Pure but for reading the template files (through Jinja2's loader and, when the caller set
+one, its bytecode cache): the template sees plain data (README, "Template variables") and must
 produce `{"nftables": [...]}` holding only `add` commands for the owned table. A sandboxed
 environment with StrictUndefined turns template mistakes into one-line errors.
 """

@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -236,8 +234,13 @@ class Puller:
         """`with puller.candidate(sha) as (state, templates)`: the commit's desired state for
         this host, from a private scratch copy; errors name files as in the repository."""
         cfg = self.config
-        Path(cfg.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".candidate-", dir=cfg.state_dir))
+        with files.scratch_dir(cfg.state_dir, ".candidate-") as tmp:
+            yield from self._candidate(commit, host, tmp)
+
+    def _candidate(
+        self, commit: str, host: str | None, tmp: Path
+    ) -> Iterator[tuple[State, list[Path]]]:
+        cfg = self.config
         try:
             export(self.repo, commit, cfg.path, tmp)
             state = files.load_state(tmp, host or cfg.host)
@@ -249,8 +252,6 @@ class Puller:
                 p.replace(f"{tmp}/", prefix).replace(str(tmp), prefix or ".") for p in exc.problems
             ]
             raise exc.reworded(lines) from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def state_at(self, commit: str, host: str | None = None) -> State:
         """The desired state a host had at `commit` (for `mtd history --mapping-at`)."""
@@ -290,9 +291,7 @@ def export(repo: Repo, commit: str, path: str, dest: Path) -> None:
         where = f"{base}/" if base else "the repository root"
         raise MtdError(f"{where}: no *.yaml files: expected the desired state here")
     for (rel, _), blob in zip(wanted, repo.blobs([e.oid for _, e in wanted]), strict=True):
-        target = dest / rel
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        target.write_bytes(blob)
+        files.write_private(dest / rel, blob)
 
 
 def _is_template(rel: str) -> bool:
@@ -310,10 +309,7 @@ def check_path(path: str) -> str:
 
 def read_record(path: str | Path) -> dict[str, Any]:
     """pull.json; a missing or unreadable one is a fresh start (the next round re-applies)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
+    data = files.read_json(path)
     return data if isinstance(data, dict) else {}
 
 
