@@ -172,12 +172,22 @@ def skeleton_commands(commands: Iterable[Mapping[str, Any]]) -> list[dict[str, A
     for cmd in commands:
         (verb, body), *_ = cmd.items()
         (kind, obj), *_ = body.items()
-        if kind == "element":
+        if _is_element(cmd):
             continue
         if "elem" in obj:
             obj = {k: v for k, v in obj.items() if k != "elem"}
         out.append({verb: {kind: obj}})
     return out
+
+
+def skeleton_positions(commands: Iterable[Mapping[str, Any]]) -> list[int]:
+    """Where each command of `skeleton_commands(commands)` sits in `commands`."""
+    return [i for i, cmd in enumerate(commands) if not _is_element(cmd)]
+
+
+def _is_element(cmd: Mapping[str, Any]) -> bool:
+    (_, body), *_ = cmd.items()
+    return "element" in body
 
 
 def desired(canonical_skeleton: Table, commands: Iterable[Mapping[str, Any]]) -> Table:

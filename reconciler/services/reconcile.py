@@ -125,5 +125,4 @@ def _canonical(
     try:
         return backend.canonical(skeleton, table)
     except KernelError as exc:
-        positions = [i for i, c in enumerate(commands) if "element" not in next(iter(c.values()))]
-        raise exc.renumbered(positions) from None
+        raise exc.renumbered(diff.skeleton_positions(commands)) from None
