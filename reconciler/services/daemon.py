@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from reconciler import defaults
 from reconciler.adapters import auditlog, bus, files
+from reconciler.adapters.kernel import Backend
 from reconciler.core import diff, render, shuffle
 from reconciler.core.state import State
 from reconciler.errors import MtdError
@@ -145,7 +146,7 @@ class Daemon:
     def __init__(
         self,
         load: Callable[[], State],
-        nft: Any,
+        nft: Backend,
         *,
         templates: list[Path] | None = None,
         host: str,

@@ -26,6 +26,7 @@ from typing import Any
 from reconciler import defaults
 from reconciler.adapters import auditlog, files
 from reconciler.adapters.git import GitError, Repo, redact
+from reconciler.adapters.kernel import Backend
 from reconciler.core import audit, inventory, render
 from reconciler.core.state import State
 from reconciler.errors import MtdError
@@ -120,7 +121,7 @@ class Puller:
 
     def round(
         self,
-        nft: Any,
+        nft: Backend,
         *,
         check: bool = False,
         show: Callable[[str], None] | None = None,
@@ -130,7 +131,7 @@ class Puller:
         with files.file_lock(self.config.state_dir / "pull.lock"):
             return self._round(nft, check=check, show=show)
 
-    def _round(self, nft: Any, *, check: bool, show: Callable[[str], None] | None) -> Outcome:
+    def _round(self, nft: Backend, *, check: bool, show: Callable[[str], None] | None) -> Outcome:
         cfg = self.config
         rec = read_record(cfg.record_path)
         rec["remote"] = {"url": redact(cfg.url), "branch": cfg.branch, "path": cfg.path}
@@ -202,7 +203,7 @@ class Puller:
         )
 
     def _apply(
-        self, commit: str, nft: Any, *, check: bool, show: Callable[[str], None] | None
+        self, commit: str, nft: Backend, *, check: bool, show: Callable[[str], None] | None
     ) -> tuple[State, Any]:
         from reconciler.services.reconcile import reconcile  # late: imports the nftables bindings
 
