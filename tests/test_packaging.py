@@ -19,6 +19,9 @@ import sys
 from reconciler.adapters import bindings
 if sys.argv[1] == "module":
     sys.modules["nftables"] = None
+elif sys.argv[1] == "impostor":  # another package's module of the same name
+    import types
+    sys.modules["nftables"] = types.ModuleType("nftables")
 else:
     bindings.SONAME = "libnftables.so.0-not-installed"
 sys.argv[0:2] = ["mtd"]
@@ -46,16 +49,25 @@ def test_missing_bindings_say_what_to_install(state_file: Path, command: str):
     assert "apt install python3-nftables" in line and "pip install 'mtd[nftables]'" in line
 
 
-def test_a_missing_libnftables_says_what_to_install(state_file: Path):
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("library", "cannot load libnftables.so.0-not-installed"),
+        ("impostor", "module nftables at ? is not the libnftables bindings"),
+    ],
+)
+def test_a_missing_libnftables_or_other_module_says_what_to_install(
+    state_file: Path, case: str, expected: str
+):
     out = subprocess.run(
-        [sys.executable, "-c", WITHOUT, "library", "apply", "-s", str(state_file)],
+        [sys.executable, "-c", WITHOUT, case, "apply", "-s", str(state_file)],
         capture_output=True,
         text=True,
         check=False,
         timeout=60,
     )
     line = one_error_line(out)
-    assert "cannot load libnftables.so.0-not-installed" in line and "libnftables1" in line
+    assert expected in line and "install" in line
 
 
 # Kept between runs, as pip's own cache is: installs then need no index.
