@@ -16,21 +16,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.adapters.credentials import redact
 from reconciler.errors import MtdError
 
 TIMEOUT = 120.0
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _FOREGROUND = ("-c", "gc.autoDetach=false", "-c", "maintenance.autoDetach=false")
 _SHA = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
 
 
 class GitError(MtdError):
     """git failed or timed out; the message is one line."""
-
-
-def redact(text: str) -> str:
-    """`https://user:token@host/x` -> `https://***@host/x`: credentials never reach a log."""
-    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 @dataclass(frozen=True)

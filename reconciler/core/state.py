@@ -42,6 +42,7 @@ REDIS_DEFAULTS: dict[str, Any] = {
     "epoch_key": "mtd:epoch",
     "min_interval": 0.0,
     "max_message_bytes": 1024,
+    "max_epoch_step": 10_000,
 }
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -173,6 +173,10 @@ class Daemon:
         with self._lock:
             return self._known
 
+    def applied_epoch(self) -> int:
+        with self._lock:
+            return self.applied
+
     def trigger(self, trigger: bus.Trigger) -> None:
         with self._lock:
             self._known = max(self._known, trigger.epoch)
@@ -222,6 +226,17 @@ class Daemon:
                 min_interval=self.min_interval,
                 signed=self.bus_config.signing_key is not None,
             )
+            if self.bus_config.signing_key is None and not self.bus_config.local:
+                event(
+                    self.log,
+                    logging.WARNING,
+                    "start",
+                    f"redis.url {self.bus_config.where} is not on this host and "
+                    "redis.signing_key_file is not set: anyone who can publish on "
+                    f"{self.bus_config.channel} can rotate this host (set a signing key)",
+                    redis=self.bus_config.where,
+                    signed=False,
+                )
             self.metrics.redis_up.set(0)
             self.metrics.epoch.set(self.applied)
             self.subscriber = bus.start_subscriber(
@@ -362,8 +377,8 @@ class Daemon:
             return
         took = time.monotonic() - start
         drift = result.status == "changed" and self._clean and epoch == previous
-        self.applied, self.target, self._clean = epoch, max(self.target, epoch), True
         with self._lock:
+            self.applied, self.target, self._clean = epoch, max(self.target, epoch), True
             self._known = max(self._known, epoch)
         self._report(result, origin, took, drift, pending)
 

@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reconciler.adapters import auditlog, files
-from reconciler.adapters.git import GitError, Repo, redact
+from reconciler.adapters.credentials import redact
+from reconciler.adapters.git import GitError, Repo
 from reconciler.core import audit, inventory, render
 from reconciler.core.state import State
 from reconciler.errors import MtdError
