@@ -403,7 +403,12 @@ def test_daemon_survives_a_hostile_channel(tmp_path: Path):
             proc.send_signal(15)
             assert proc.wait(timeout=15) == 0
             ignored = [e for e in events() if e.get("event") in ("rejected", "stale")]
-            assert sum(e.get("suppressed", 1) for e in ignored) == len(CORPUS) + 20_000
+            rejected = sum(e["event"] == "rejected" and "suppressed" not in e for e in ignored)
+            for e in ignored:
+                rejected += sum(n for k, n in e.get("counts", {}).items() if k[:9] == "rejected:")
+            # (the good trigger may be caught up from the key before its message arrives,
+            # which is then stale: not counted here)
+            assert rejected == len(CORPUS) + 20_000
             assert len(ignored) < 50, len(ignored)
             assert not [e for e in events() if "signing_key_file is not set" in e["message"]]
             no_password(log.read_text())
