@@ -56,7 +56,7 @@ def _first_pull(ctx: Ctx, nft: Any, config: Any, logger: logging.Logger) -> Any:
 
     puller = gitops.Puller(config)
     outcome = puller.round(nft)
-    level = logging.INFO if outcome.ok else logging.ERROR
+    level = logging.INFO if outcome.ok and not outcome.audit_error else logging.ERROR
     logs.event(logger, level, "pull", outcome.message, result=outcome.status, commit=outcome.commit)
     if puller.repo.head() is None:
         raise MtdError(f"--pull: no commit applied yet: {outcome.message}")

@@ -87,6 +87,11 @@ class Metrics:
         self.pull_head_rejected = Gauge(
             "mtd_pull_head_rejected", "1 while the branch head is a commit not applied", registry=r
         )
+        self.audit_failures = Counter(
+            "mtd_audit_failures",
+            "Changes applied whose audit line could not be written",
+            registry=r,
+        )
         self.pull_fetch_failures = Gauge(
             "mtd_pull_fetch_failures",
             "Consecutive failed fetches of the state repository",
@@ -151,6 +156,7 @@ class Daemon:
         self.state = load()
         self.bus_config = bus.BusConfig.from_state(self.state, **options.bus_timers())
         bus.connect(self.bus_config)  # a bad URL fails at start, not in the thread
+        auditlog.check_writable(self.state.audit_log)  # as does an audit log it cannot write
         self._queue: queue.Queue[_Event] = queue.Queue()
         self._lock = threading.Lock()
         self.applied = files.read_epoch(self.state.epoch_file)
@@ -339,10 +345,12 @@ class Daemon:
         self.metrics.pulls.labels(outcome.status).inc()
         if outcome.status != "unreachable":
             self.metrics.pull_head_rejected.set(1 if outcome.status == "rejected" else 0)
+        if outcome.audit_error:
+            self.metrics.audit_failures.inc()
         if outcome.new:
             event(
                 self.log,
-                logging.INFO if outcome.ok else logging.ERROR,
+                logging.INFO if outcome.ok and not outcome.audit_error else logging.ERROR,
                 "pull",
                 outcome.message,
                 result=outcome.status,
@@ -434,10 +442,22 @@ class Daemon:
                 self._log_mapping(result.epoch)
 
     def _audit(self, result: Result, origin: str) -> None:
+        """After a change: a failure to record it is reported, never undone or retried (the
+        change is what the desired state asks for)."""
         try:
             auditlog.log_result(self.state, result, origin=origin, host=self.host)
         except (MtdError, ValueError) as exc:
-            event(self.log, logging.ERROR, "error", str(exc), error=str(exc))
+            self.metrics.audit_failures.inc()
+            problem = "; ".join(getattr(exc, "problems", [str(exc)]))
+            event(
+                self.log,
+                logging.ERROR,
+                "audit",
+                problem,
+                result="audit failed",
+                epoch=result.epoch,
+                error=problem,
+            )
 
     def _log_mapping(self, epoch: int) -> None:
         """Only with --log-mapping: the ports each watched source sees (sensitive)."""
