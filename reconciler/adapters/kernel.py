@@ -38,6 +38,7 @@ class Nft:
     def __init__(self) -> None:
         bindings.module()  # at first use: one line saying what to install, if missing
         self._ctx: Any = None
+        self.commits = 0  # transactions committed: the monitor tells them from others'
 
     def _cmd(self, text: str, *, dry_run: bool = False) -> tuple[int, str, str]:
         """One libnftables call: a command line or a JSON document."""
@@ -104,6 +105,8 @@ class Nft:
         rc, _, err = self._cmd(dumps(doc), dry_run=check)
         if rc != 0:
             raise NftError(self._blame(commands, err, first))
+        if not check:
+            self.commits += 1
 
     def _blame(self, commands: Sequence[dict[str, Any]], err: str, first: int) -> str:
         """Bisect with dry runs for the first command whose prefix fails: errors from the

@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "ownership": "table",
     "secret_file": "/var/lib/mtd/secret",
     "mark": 0x01000000,
-    "drift_interval": 30,
+    "drift_interval": 3600,
 }
 REDIS_DEFAULTS: dict[str, Any] = {
     "url": "redis://127.0.0.1:6379/0",
