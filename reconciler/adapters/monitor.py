@@ -271,7 +271,7 @@ class Monitor:
             if sock is None:
                 return
             try:
-                ready, _, _ = select.select([sock, self._wake_r], [], [])
+                select.select([sock, self._wake_r], [], [])
                 if self._stop.is_set():
                     return
                 data = sock.recv(1 << 17)
