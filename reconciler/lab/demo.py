@@ -77,7 +77,7 @@ class Daemon:
     def __init__(self, lab: Lab, state: Path, log: Path) -> None:
         self.log = log
         argv = [sys.executable, "-m", "reconciler", "-s", str(state), "run", "--log-json",
-                "--drift-interval", "1", "--redis-check", "0.5"]  # fmt: skip
+                "--redis-check", "0.5"]  # fmt: skip
         with log.open("w") as out:
             self.proc = lab.spawn("srv", argv, stdout=subprocess.DEVNULL, stderr=out)
         self.seen = 0
@@ -135,7 +135,8 @@ def run_demo(workdir: Path) -> None:
         took = f" ({ev['latency'] * 1000:.0f} ms after the publish)" if "latency" in ev else ""
         say(f"   mtd run: {ev['message']}{took}")
         show_views(lab)
-        step(6, "Drift: someone deletes mtd's table by hand; mtd run restores it within a second.")
+        step(6, "Drift: someone deletes mtd's table by hand; mtd run, which follows the kernel's")
+        say("   nftables events, restores it at once and names who did it.")
         lab.sh("srv", "nft delete table inet mtd")
         say("   mtd run: " + daemon.wait_for("drift")["message"])
         step(7, "mtd diff and mtd status agree that the host is in sync:")

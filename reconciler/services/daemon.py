@@ -579,8 +579,8 @@ class Daemon:
                 "repair_seconds": round(took, 6),
             }
             message = (
-                f"table inet {result.table} was changed by {', '.join(by)}: {seen}; "
-                f"restored in {took:.3f} s ({what})"
+                f"table inet {result.table} was changed outside mtd by {', '.join(by)}: "
+                f"{seen}; restored in {took:.3f} s ({what})"
             )
         else:
             missed = self.monitor is not None and compared
