@@ -467,7 +467,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> st
             "`mtd apply` again (reads and diffs the whole table); `full`, `mtd apply` at a "
             "new epoch (YAML to applied: read, diff, replace); `rotate`, `mtd rotate` (a new "
             "epoch, replaced without reading back). `daemon rotation`: the same pass in a "
-            "process that has the state loaded, as `mtd run --rotate-without-diff` runs it "
+            "process that has the state loaded, as `mtd run` runs it on a trigger "
             "(phases.py). RSS: the highest peak of the `mtd apply` runs.",
             "",
             "| size | mappings | first | no change | full | rotate | daemon rotation | RSS apply |",
@@ -674,13 +674,13 @@ def main() -> None:
                 if n <= CLASSIC_MAX:
                     results["classic"].append(classic(work, n, min(runs, 3)))
         if "latency" in parts:
-            # The default daemon reads the whole table back on every trigger: at 10,000
+            # --full-compare reads the whole table back on every trigger: at 10,000
             # sources that is 2-3 s a trigger, so fewer of them (see the table).
             triggers, big = (50, 1_000) if args.quick else (200, 10_000)
             results["latency"] = [
                 latency(work, 10, triggers),
-                latency(work, big, triggers, "--rotate-without-diff"),
-                latency(work, big, triggers // 4),
+                latency(work, big, triggers),
+                latency(work, big, triggers // 4, "--full-compare"),
             ]
         if "fleet" in parts:
             results["fleet"] = [

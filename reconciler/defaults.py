@@ -20,7 +20,7 @@ YAML_SUFFIXES = (".yaml", ".yml")
 # The desired state's optional keys.
 TABLE = "mtd"
 TEMPLATE = "maps"
-DRIFT_INTERVAL = 30
+DRIFT_INTERVAL = 3600  # a safety net: the daemon follows the kernel's change events
 MARK = 0x01000000
 STATE: dict[str, Any] = {
     "table": TABLE,
@@ -31,12 +31,14 @@ STATE: dict[str, Any] = {
     "drift_interval": DRIFT_INTERVAL,
 }
 MAX_MESSAGE_BYTES = 1024
+MAX_EPOCH_STEP = 10_000  # a trigger further ahead of the applied epoch is rejected
 REDIS: dict[str, Any] = {
     "url": "redis://127.0.0.1:6379/0",
     "channel": "mtd:rotate",
     "epoch_key": "mtd:epoch",
     "min_interval": 0.0,
     "max_message_bytes": MAX_MESSAGE_BYTES,
+    "max_epoch_step": MAX_EPOCH_STEP,
 }
 
 # `mtd run`'s Redis timers, seconds.

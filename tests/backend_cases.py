@@ -14,7 +14,7 @@ from typing import Any
 
 from reconciler.adapters import files
 from reconciler.adapters.kernel import Backend
-from reconciler.core import diff, render, shuffle
+from reconciler.core import diff, render, repair, shuffle
 from reconciler.core.state import State
 from reconciler.errors import KernelError
 from reconciler.services.reconcile import reconcile
@@ -97,6 +97,17 @@ def canonical_refusal_names_the_command(backend: Backend, state: State) -> None:
         raise AssertionError("a rule into a missing chain was accepted")
 
 
+def a_repair_batch_restores_chains(backend: Backend, state: State) -> None:
+    """What an event-driven repair sends (core.repair.plan): the chain comes back whole."""
+    commands = rendered(state)
+    backend.replace_table(TABLE, commands)
+    chain = next(c["add"]["rule"]["chain"] for c in commands if "rule" in c["add"])
+    batch = repair.plan(TABLE, diff.skeleton_commands(commands), [("-", "rule", chain)])
+    assert batch is not None
+    backend.run(batch)
+    assert pending(backend, state, commands) == []
+
+
 def reconcile_converges_then_is_ok(backend: Backend, state: State) -> None:
     first = reconcile(state, 0, backend, secret=SECRET)
     assert first.status == "changed", first.line()
@@ -117,6 +128,7 @@ CASES: dict[str, Callable[[Backend, State], None]] = {
         check_changes_nothing,
         canonical_refusal_names_the_command,
         reconcile_converges_then_is_ok,
+        a_repair_batch_restores_chains,
     )
 }
 

@@ -24,7 +24,7 @@ def test_demo_tells_the_whole_story_and_cleans_up():
     stdout, stderr = proc.communicate(timeout=240)
     out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr
-    for expected in ("trigger start", "trigger redis", "was changed outside mtd: restored",
+    for expected in ("trigger start", "trigger redis", "was changed outside mtd by nft",
                      "epoch 1, in sync", "Lab removed"):  # fmt: skip
         assert expected in out.stdout, out.stdout
     views = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("trusted   192.0.2.2  ")]

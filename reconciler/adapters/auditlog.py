@@ -17,8 +17,30 @@ from reconciler.core.state import State
 from reconciler.errors import MtdError
 
 
+class AuditFailed(MtdError):
+    """The change is live but its audit line could not be written: not a failed change, so
+    it is reported apart ("applied, audit failed") and never retried or rolled back."""
+
+    def __init__(self, result: Any, *problems: str) -> None:
+        super().__init__(*(f"applied, audit failed: {p}" for p in problems))
+        self.result = result
+
+
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def check_writable(path: str | Path) -> None:
+    """Before a change: the log can be opened for appending (created private when missing),
+    so that a change that could not be recorded is refused rather than made."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise MtdError(
+            f"{p}: cannot write the audit log: {exc.strerror}: nothing changed"
+        ) from None
 
 
 def record(
@@ -65,16 +87,20 @@ def record(
 def log_result(
     state: State, result: Any, *, origin: str, host: str, commit: str | None = None
 ) -> dict[str, Any]:
-    """Record a reconcile `Result` in the state's audit log (call it after a change)."""
-    return record(
-        state.audit_log,
-        host=host,
-        origin=origin,
-        epoch=result.epoch,
-        result=result.status,
-        fingerprint=result.fingerprint,
-        commit=commit,
-    )
+    """Record a reconcile `Result` in the state's audit log (call it after a change);
+    `AuditFailed` when it cannot be written."""
+    try:
+        return record(
+            state.audit_log,
+            host=host,
+            origin=origin,
+            epoch=result.epoch,
+            result=result.status,
+            fingerprint=result.fingerprint,
+            commit=commit,
+        )
+    except MtdError as exc:
+        raise AuditFailed(result, *exc.problems) from None
 
 
 def entries(path: str | Path) -> list[dict[str, Any]]:

@@ -16,6 +16,11 @@ The only module that imports redis-py. It knows:
 
 A replay is a message whose epoch is not newer than the one the daemon knows, or whose
 signature does not match: the signature covers the epoch, and epochs only move forward.
+
+Anyone who can publish on the channel (or write the keys) is untrusted: an epoch beyond
+`MAX_EPOCH`, or more than `redis.max_epoch_step` ahead of the epoch this host last applied,
+is rejected and never put back into Redis; rejections are logged a few at a time, then as
+one summary line per `LOG_WINDOW` with counts by reason, so a flood cannot flood the log.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
@@ -38,12 +47,16 @@ from redis.retry import Retry
 
 from reconciler import defaults
 from reconciler.adapters import files
-from reconciler.core.redact import redact
-from reconciler.core.state import State
+from reconciler.adapters.credentials import redact
+from reconciler.core.shuffle import MAX_EPOCH
+from reconciler.core.state import REDIS_DEFAULTS, State
 from reconciler.errors import BusError, MtdError
 from reconciler.logs import LOGGER, event
 
-MAX_EPOCH = 2**53 - 1  # exact in JSON numbers and in Redis' Lua
+MAX_EPOCH_STEP = int(REDIS_DEFAULTS["max_epoch_step"])
+LOG_BURST = 5  # rejected or stale triggers logged in full per window, then only counted
+LOG_WINDOW = 60.0  # seconds between summary lines of a flood
+RECOVER = "see README, Recovering the fleet epoch"
 MESSAGE_KEYS = frozenset({"epoch", "time", "sig"})
 FORMAT = '{"epoch": N, "time": UNIX_SECONDS[, "sig": HEX]}'
 LOG = logging.getLogger(f"{LOGGER}.bus")
@@ -68,7 +81,12 @@ return 1
 
 
 class BadMessage(Exception):
-    """A message that is not a valid trigger; `str()` is the one line to log."""
+    """A message that is not a valid trigger; `str()` is the one line to log, `kind` the
+    reason it is counted under in a flood's summary."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -91,11 +109,13 @@ class Published:
 class BusConfig:
     """Where the fleet's epoch lives and how hard to try reaching it."""
 
-    url: str
+    url: str = field(repr=False)  # may hold a password: `where` is what is shown
     channel: str
     epoch_key: str
     signing_key: bytes | None = field(default=None, repr=False)
     max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
+    max_epoch_step: int = MAX_EPOCH_STEP
+    log_window: float = LOG_WINDOW
     reconnect_min: float = defaults.RECONNECT_MIN  # first backoff step, seconds
     reconnect_max: float = defaults.RECONNECT_MAX  # backoff cap, seconds
     check_interval: float = defaults.REDIS_CHECK  # between epoch key reads while connected
@@ -120,8 +140,21 @@ class BusConfig:
             epoch_key=r["epoch_key"],
             signing_key=read_signing_key(key_file) if key_file else None,
             max_message_bytes=int(r["max_message_bytes"]),
+            max_epoch_step=int(r.get("max_epoch_step", MAX_EPOCH_STEP)),
             **timers,
         )
+
+    @property
+    def local(self) -> bool:
+        """A unix socket or a loopback address: only this host's users can publish."""
+        parts = urlsplit(self.url)
+        host = (parts.hostname or "localhost").lower()
+        if parts.scheme == "unix" or host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
 
 def read_signing_key(path: str | Path) -> bytes:
@@ -160,28 +193,37 @@ def decode(data: bytes | str, config: BusConfig) -> Trigger:
     """A trigger from a message, or `BadMessage` saying what is wrong with it."""
     raw = data.encode() if isinstance(data, str) else data
     if len(raw) > config.max_message_bytes:
-        raise BadMessage(f"{len(raw)} bytes: expected at most {config.max_message_bytes}")
+        raise BadMessage(
+            f"{len(raw)} bytes: expected at most {config.max_message_bytes}", "too large"
+        )
     try:
         msg = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError):
-        raise BadMessage(f"{_preview(raw)}: not JSON: expected {FORMAT}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadMessage(f"{_preview(raw)}: not JSON: expected {FORMAT}", "not JSON") from None
     if not isinstance(msg, dict):
-        raise BadMessage(f"{_preview(raw)}: expected a JSON object {FORMAT}")
+        raise BadMessage(f"{_preview(raw)}: expected a JSON object {FORMAT}", "not an object")
     unknown = sorted(set(msg) - MESSAGE_KEYS)
     if unknown:
-        raise BadMessage(f"unknown key {unknown[0]!r}: expected {FORMAT}")
+        raise BadMessage(f"unknown key {unknown[0]!r:.40}: expected {FORMAT}", "unknown key")
     epoch, published = msg.get("epoch"), msg.get("time")
     if type(epoch) is not int or not 1 <= epoch <= MAX_EPOCH:
-        raise BadMessage(f"epoch {epoch!r}: expected an integer from 1 to {MAX_EPOCH}")
+        raise BadMessage(
+            f"epoch {_short(epoch)}: expected an integer from 1 to {MAX_EPOCH} (2**40)",
+            "bad epoch",
+        )
     if type(published) not in (int, float) or not math.isfinite(published) or published < 0:
-        raise BadMessage(f"time {published!r}: expected the publish time in unix seconds")
+        raise BadMessage(
+            f"time {_short(published)}: expected the publish time in unix seconds", "bad time"
+        )
     if config.signing_key is not None:
         sig = msg.get("sig")
         if sig is None:
-            raise BadMessage(f"epoch {epoch}: unsigned: expected a signature (sig)")
+            raise BadMessage(f"epoch {epoch}: unsigned: expected a signature (sig)", "unsigned")
         want = signature(config.signing_key, config.channel, epoch, float(published))
         if not isinstance(sig, str) or not hmac.compare_digest(sig, want):
-            raise BadMessage(f"epoch {epoch}: bad signature: expected one made with the key")
+            raise BadMessage(
+                f"epoch {epoch}: bad signature: expected one made with the key", "bad signature"
+            )
     return Trigger(epoch, float(published), "message")
 
 
@@ -189,19 +231,28 @@ def _preview(raw: bytes) -> str:
     return repr(raw[:32]) + ("..." if len(raw) > 32 else "")
 
 
+def _short(value: object) -> str:
+    """A value from a message, shown in at most ~40 characters (a nested object can be big)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def connect(config: BusConfig) -> redis.Redis:
     """A client that fails fast (no hidden retries): the caller owns backoff and catch-up."""
+    tcp: dict[str, Any] = {}
+    if urlsplit(config.url).scheme != "unix":  # keepalive is a TCP option (TypeError on unix)
+        tcp["socket_keepalive"] = True
     try:
         return redis.Redis.from_url(
             config.url,
             socket_timeout=config.timeout,
             socket_connect_timeout=config.timeout,
-            socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
             client_name="mtd",
+            **tcp,
         )
-    except ValueError as exc:
-        raise BusError(f"redis.url {config.where!r}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise BusError(f"redis.url {config.where!r}: {redact(_one_line(exc))}") from None
 
 
 def _epoch_value(raw: bytes | None, config: BusConfig) -> int:
@@ -214,7 +265,7 @@ def _epoch_value(raw: bytes | None, config: BusConfig) -> int:
     except ValueError:
         raise MtdError(
             f"{config.where}: key {config.epoch_key} holds {_preview(raw)}: expected an "
-            f"integer epoch from 0 to {MAX_EPOCH}"
+            f"integer epoch from 0 to {MAX_EPOCH} (2**40; {RECOVER})"
         ) from None
     return value
 
@@ -228,10 +279,13 @@ def publish_rotation(config: BusConfig, client: redis.Redis | None = None) -> Pu
         with client.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(config.epoch_key)
-                    epoch = _epoch_value(pipe.get(config.epoch_key), config) + 1
+                    pipe.watch(config.epoch_key, config.last_key)
+                    epoch = _publisher_base(pipe, config) + 1
                     if epoch > MAX_EPOCH:
-                        raise BusError(f"{config.where}: epoch {epoch}: past {MAX_EPOCH}")
+                        raise MtdError(
+                            f"{config.where}: epoch {epoch}: past the ceiling {MAX_EPOCH} "
+                            f"(2**40; {RECOVER})"
+                        )
                     published = round(time.time(), 6)
                     msg = encode(config, epoch, published)
                     pipe.multi()
@@ -247,6 +301,22 @@ def publish_rotation(config: BusConfig, client: redis.Redis | None = None) -> Pu
     finally:
         if own:
             client.close()
+
+
+def _publisher_base(client: Any, config: BusConfig) -> int:
+    """The epoch a new rotation increments. With signing on, the signed last trigger's (the
+    key is only trusted as far as subscribers trust it): a key someone raised or garbled by
+    hand cannot stop the fleet's rotations; a bad last trigger counts as none (the daemons
+    put back a signed one when the new epoch turns out to be behind theirs)."""
+    raw, last = client.mget([config.epoch_key, config.last_key])
+    if config.signing_key is None:
+        return _epoch_value(raw, config)
+    if last is None:
+        return 0
+    try:
+        return decode(last, config).epoch
+    except BadMessage:
+        return 0
 
 
 def read_epoch(client: redis.Redis, config: BusConfig) -> int:
@@ -281,13 +351,80 @@ def _one_line(exc: BaseException) -> str:
 class Sink(Protocol):
     """What the subscriber reports to (the daemon)."""
 
-    def known_epoch(self) -> int: ...
+    def known_epoch(self) -> int:
+        """The highest epoch heard of: a trigger not beyond it is stale."""
+        ...
+
+    def applied_epoch(self) -> int:
+        """The epoch live on this host: triggers move at most `max_epoch_step` beyond it,
+        and it is what is put back into Redis when Redis is behind."""
+        ...
 
     def trigger(self, trigger: Trigger) -> None: ...
 
     def connection(self, up: bool) -> None: ...
 
     def ignored(self, outcome: str) -> None: ...
+
+
+class LogBudget:
+    """Ignored triggers in the log: the first `burst` of each window in full, the rest
+    counted by reason and summarised in one line when the window ends (`flush`)."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        channel: str,
+        burst: int = LOG_BURST,
+        window: float = LOG_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log, self.channel = logger, channel
+        self.burst, self.window, self.clock = burst, window, clock
+        self.started: float | None = None
+        self.logged = 0
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def note(self, outcome: str, kind: str, log: Callable[[], None]) -> None:
+        """One ignored trigger: `log()` writes its own line while the budget lasts."""
+        self.flush()
+        if self.started is None:
+            self.started = self.clock()
+        if self.logged < self.burst:
+            self.logged += 1
+            log()
+        else:
+            self.counts[(outcome, kind)] += 1
+
+    def flush(self, force: bool = False) -> None:
+        """At the end of a window (or `force`): one summary line if anything was held back."""
+        if self.started is None:
+            return
+        took = self.clock() - self.started
+        if not force and took < self.window:
+            return
+        if self.counts:
+            total = sum(self.counts.values())
+            outcomes: dict[str, Counter[str]] = {}
+            for (outcome, kind), n in sorted(self.counts.items()):
+                outcomes.setdefault(outcome, Counter())[kind] += n
+            parts = [
+                f"{o} {sum(c.values())} ({', '.join(f'{k} {n}' for k, n in sorted(c.items()))})"
+                for o, c in outcomes.items()
+            ]
+            event(
+                self.log,
+                logging.WARNING,
+                "rejected",
+                f"{total} more triggers on {self.channel} ignored in {took:.3g} s: "
+                + "; ".join(parts),
+                channel=self.channel,
+                suppressed=total,
+                counts={f"{o}:{k}": n for (o, k), n in sorted(self.counts.items())},
+                seconds=round(took, 3),
+            )
+        self.started, self.logged = None, 0
+        self.counts.clear()
 
 
 class Subscriber:
@@ -304,6 +441,7 @@ class Subscriber:
         self._backoff = EqualJitterBackoff(cap=config.reconnect_max, base=config.reconnect_min)
         self._thread: threading.Thread | None = None
         self._reported: str | None = None  # last problem with the key, logged once
+        self.budget = LogBudget(logger, config.channel, window=config.log_window)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="mtd-redis", daemon=True)
@@ -313,6 +451,8 @@ class Subscriber:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self.budget.flush(force=True)  # a flood's counts are not lost at exit
 
     def delay(self, failures: int) -> float:
         """Capped exponential backoff with jitter: base * 2**(n-1), at most the cap."""
@@ -401,6 +541,7 @@ class Subscriber:
             msg = pubsub.get_message(timeout=wait)
             if msg is not None and msg.get("type") == "message":
                 self._on_message(msg["data"])
+            self.budget.flush()
             if time.monotonic() >= next_check:
                 self._catch_up(client)  # a GET with a timeout: a dead link raises here
                 next_check = time.monotonic() + self.config.check_interval
@@ -408,29 +549,26 @@ class Subscriber:
     def _on_message(self, data: bytes) -> None:
         try:
             trigger = decode(data, self.config)
+            self._check_step(trigger)
         except BadMessage as exc:
-            self.sink.ignored("rejected")
-            event(
-                self.log,
-                logging.WARNING,
-                "rejected",
-                f"trigger on {self.config.channel} ignored: {exc}",
-                channel=self.config.channel,
-                reason=str(exc),
-            )
+            self._rejected(exc)
             return
         known = self.sink.known_epoch()
         if trigger.epoch <= known:
             self.sink.ignored("stale")
-            event(
-                self.log,
-                logging.WARNING,
+            self.budget.note(
                 "stale",
-                f"trigger on {self.config.channel} ignored: epoch {trigger.epoch} is not newer "
-                f"than epoch {known} (stale, duplicate or replayed)",
-                channel=self.config.channel,
-                epoch=trigger.epoch,
-                known=known,
+                "not newer",
+                lambda: event(
+                    self.log,
+                    logging.WARNING,
+                    "stale",
+                    f"trigger on {self.config.channel} ignored: epoch {trigger.epoch} is not "
+                    f"newer than epoch {known} (stale, duplicate or replayed)",
+                    channel=self.config.channel,
+                    epoch=trigger.epoch,
+                    known=known,
+                ),
             )
             return
         event(
@@ -444,14 +582,55 @@ class Subscriber:
         )
         self.sink.trigger(trigger)
 
+    def _rejected(self, exc: BadMessage) -> None:
+        self.sink.ignored("rejected")
+        self.budget.note(
+            "rejected",
+            exc.kind,
+            lambda: event(
+                self.log,
+                logging.WARNING,
+                "rejected",
+                f"trigger on {self.config.channel} ignored: {exc}",
+                channel=self.config.channel,
+                reason=str(exc),
+                kind=exc.kind,
+            ),
+        )
+
+    def _check_step(self, trigger: Trigger) -> None:
+        """An epoch at most `max_epoch_step` ahead of the one live here. Before its first
+        pass a host joins at the fleet's epoch (`known`, from the catch-up) instead."""
+        base = self.sink.applied_epoch() or self.sink.known_epoch()
+        step = self.config.max_epoch_step
+        if trigger.epoch - base > step:
+            raise BadMessage(
+                f"epoch {trigger.epoch} is {trigger.epoch - base} ahead of epoch {base} on "
+                f"this host: expected at most redis.max_epoch_step {step} ahead",
+                "too far ahead",
+            )
+
     def _catch_up(self, client: redis.Redis) -> int:
-        """Read the fleet's epoch: move to it if newer, put back ours if Redis is behind."""
+        """Read the fleet's epoch: move to it if newer, put back ours if Redis is behind.
+
+        A host that never applied an epoch joins at the fleet's, whatever it is (up to
+        `MAX_EPOCH`); any other host follows it only `max_epoch_step` at a time (an epoch
+        further ahead is reported once, with the command to follow it on purpose)."""
         try:
             epoch = read_epoch(client, self.config)
         except (MtdError, BadMessage) as exc:
             self._report(f"cannot read the fleet epoch: {exc}")
             epoch = 0
         known = self.sink.known_epoch()
+        applied = self.sink.applied_epoch()
+        if epoch > known and applied and epoch - applied > self.config.max_epoch_step:
+            self._report(
+                f"catch-up: {self.config.epoch_key} is at epoch {epoch}, {epoch - applied} "
+                f"ahead of epoch {applied} on this host: expected at most redis.max_epoch_step "
+                f"{self.config.max_epoch_step}: not followed (if the fleet really moved that "
+                f'far, write {{"epoch": {epoch}}} to this host\'s epoch file; {RECOVER})'
+            )
+            return epoch
         if epoch > known:
             event(
                 self.log,
@@ -464,22 +643,25 @@ class Subscriber:
             )
             self.sink.trigger(Trigger(epoch, None, "catch-up"))
             return epoch
-        if epoch < known:
+        if epoch < applied:
             try:
-                raised = put_back(client, self.config, known)
+                raised = put_back(client, self.config, applied)
             except MtdError as exc:
                 self._report(str(exc))
                 return epoch
             if raised:
+                self._reported = None
                 event(
                     self.log,
                     logging.WARNING,
                     "redis",
                     f"{self.config.epoch_key} was at epoch {epoch}, behind this host: "
-                    f"put back epoch {known}",
-                    epoch=known,
+                    f"put back epoch {applied}",
+                    epoch=applied,
                     was=epoch,
                 )
+            return applied
+        if epoch < known:
             return known
         self._reported = None
         return epoch

@@ -56,6 +56,7 @@ class FakeKernel:
     sysctls: dict[str, str] = field(default_factory=dict)
     list_calls: int = 0
     canonical_calls: int = 0
+    commits: int = 0  # transactions that changed something, as `Nft.commits` counts them
     _refusals: list[_Refusal] = field(default_factory=list)
 
     # -- what tests tell it ---------------------------------------------------------------
@@ -125,6 +126,7 @@ class FakeKernel:
         if flush_ruleset:
             self.tables.clear()
         self.tables[name] = listing
+        self.commits += 1
 
     def delete_table(self, name: str) -> bool:
         tx = Transaction("delete", name, [])
@@ -135,6 +137,7 @@ class FakeKernel:
             )
             return False
         del self.tables[name]
+        self.commits += 1
         return True
 
     def canonical(self, commands: Sequence[dict[str, Any]], name: str) -> Listing:
@@ -144,7 +147,56 @@ class FakeKernel:
     def set_sysctls(self, values: Mapping[str, str]) -> None:
         self.sysctls.update(values)
 
+    def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
+        """The verbs an event-driven repair sends: add/flush/delete chain, add rule, delete
+        set, all in one existing table; anything else is refused, as is a rule into a
+        chain that is not there. Nothing changes unless every command applies."""
+        commands = list(commands)
+        tx = Transaction("run", "", commands, check=check)
+        self.transactions.append(tx)
+        try:
+            tables = self._run(commands)
+        except KernelError as exc:
+            tx.error = exc
+            raise
+        if not check:
+            self.tables = tables
+            self.commits += 1
+
     # -- internals ------------------------------------------------------------------------
+
+    def _run(self, commands: Listing) -> dict[str, Listing]:
+        tables = copy.deepcopy(self.tables)
+        for i, cmd in enumerate(commands):
+            for r in self._refusals:
+                if r.when is not None and r.when(cmd):
+                    raise KernelError(r.reason, index=i, command=describe(cmd))
+            (verb, body), *_ = cmd.items()
+            (kind, obj), *_ = body.items()
+            listing = tables.get(obj.get("table", ""))
+            if listing is None:
+                raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
+            name = obj.get("name")
+            chains = {o["chain"]["name"] for o in listing if "chain" in o}
+            if (verb, kind) == ("add", "chain"):
+                if name not in chains:
+                    listing.append({"chain": copy.deepcopy(obj)})
+            elif (verb, kind) in (("flush", "chain"), ("delete", "chain")):
+                if name not in chains:
+                    raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
+                gone = [o for o in listing if "rule" in o and o["rule"]["chain"] == name]
+                if verb == "delete":
+                    gone += [o for o in listing if "chain" in o and o["chain"]["name"] == name]
+                listing[:] = [o for o in listing if not any(o is g for g in gone)]
+            elif (verb, kind) == ("add", "rule"):
+                if obj["chain"] not in chains:
+                    raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
+                listing.append({"rule": copy.deepcopy(obj)})
+            elif (verb, kind) == ("delete", "set"):
+                listing[:] = [o for o in listing if o.get("set", {}).get("name") != name]
+            else:
+                raise KernelError(f"fake kernel: unsupported {verb} {kind}", index=i, command=verb)
+        return tables
 
     def _load(self, name: str, commands: Listing, *, by_index: bool) -> Listing:
         """The listing of `commands`, or the first refusal (nothing stored either way)."""

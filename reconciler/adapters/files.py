@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.core import inventory
+from reconciler.core.shuffle import MAX_EPOCH
 from reconciler.core.state import State, parse
 from reconciler.defaults import YAML_SUFFIXES
 from reconciler.errors import MtdError
@@ -149,17 +150,25 @@ def read_epoch(path: str | Path) -> int:
     try:
         data = json.loads(p.read_text())
         epoch = data["epoch"]
-        if not isinstance(epoch, int) or epoch < 0:
+        if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
             raise ValueError
         return epoch
     except FileNotFoundError:
         return 0
-    except (OSError, ValueError, KeyError, TypeError):
-        raise MtdError(f'{p}: unreadable epoch file: expected {{"epoch": N}} with N >= 0') from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise MtdError(
+            f'{p}: unreadable epoch file: expected {{"epoch": N}} with 0 <= N <= {MAX_EPOCH} '
+            "(2**40; see README, Recovering the fleet epoch)"
+        ) from None
 
 
 def write_epoch(path: str | Path, epoch: int) -> None:
     """Atomically (write then rename), so a crash never leaves a torn epoch file."""
+    if not 0 <= epoch <= MAX_EPOCH:
+        raise MtdError(
+            f"{path}: epoch {epoch}: past the ceiling {MAX_EPOCH} (2**40; see README, "
+            "Recovering the fleet epoch)"
+        )
     write_atomic(path, json.dumps({"epoch": epoch}) + "\n")
 
 

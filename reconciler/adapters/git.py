@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler import defaults
-from reconciler.core.redact import redact
+from reconciler.adapters.credentials import redact
 from reconciler.errors import GitError
 
 TIMEOUT = defaults.GIT_TIMEOUT

@@ -62,6 +62,11 @@ class Backend(Protocol):
         """Network sysctls the ruleset relies on, in the backend's namespace."""
         ...
 
+    def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
+        """Any batch inside the owned table, in one transaction (an event-driven repair);
+        a refusal changes nothing."""
+        ...
+
 
 class Nft:
     """libnftables with JSON output, bound to the caller's network namespace.
@@ -82,6 +87,7 @@ class Nft:
         self._ctx: Any = None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.write_cache = write_cache
+        self.commits = 0  # transactions committed: the monitor tells them from others'
         self._canonical: dict[str, list[dict[str, Any]]] = {}
 
     def _context(self) -> Any:
@@ -155,6 +161,8 @@ class Nft:
         rc, _, err = self._cmd(dumps(doc), dry_run=check)
         if rc != 0:
             raise self._blame(commands, err, first)
+        if not check:
+            self.commits += 1
 
     def _blame(self, commands: Sequence[dict[str, Any]], err: str, first: int) -> KernelError:
         """Bisect with dry runs for the first command whose prefix fails: errors from the

@@ -21,6 +21,7 @@ from reconciler.errors import MtdError
 
 EXIT_ERROR = 1
 EXIT_PENDING = 2
+EXIT_AUDIT_FAILED = 3  # apply/rotate: the table changed, its audit line could not be written
 
 
 DEFAULT_STATE = "desired_state"

@@ -58,7 +58,7 @@ def _first_pull(ctx: Ctx, nft: Any, config: Any, logger: logging.Logger) -> Any:
 
     puller = gitops.Puller(config)
     outcome = puller.round(nft)
-    level = logging.INFO if outcome.ok else logging.ERROR
+    level = logging.INFO if outcome.ok and not outcome.audit_error else logging.ERROR
     logs.event(logger, level, "pull", outcome.message, result=outcome.status, commit=outcome.commit)
     if puller.repo.head() is None:
         raise MtdError(f"--pull: no commit applied yet: {outcome.message}")
@@ -109,7 +109,8 @@ def trigger_loop(ctx: Any, every: str | None, count: int | None) -> None:
 @click.option(
     "--drift-interval",
     type=click.FloatRange(min=0.05),
-    help="Seconds between drift checks; default: the state's drift_interval (30).",
+    help="Seconds between full drift compares (a backstop to the change events); "
+    "default: the state's drift_interval (3600).",
 )
 @click.option(
     "--reconnect-min",
@@ -147,10 +148,10 @@ def trigger_loop(ctx: Any, every: str | None, count: int | None) -> None:
     "--metrics", metavar="ADDR:PORT", help="Serve Prometheus metrics here, e.g. 127.0.0.1:9108."
 )
 @click.option(
-    "--rotate-without-diff",
+    "--full-compare",
     is_flag=True,
-    help="Apply a new epoch without reading the live table first (states with very "
-    "many mappings); drift checks still compare in full.",
+    help="Read and diff the live table on every pass (by default a pass trusts the "
+    "kernel's change events and replaces the table unread; the drift timer compares).",
 )
 @click.option(
     "--down-on-exit",
@@ -186,7 +187,7 @@ def run(
     log_json: bool,
     log_mapping: bool,
     metrics: str | None,
-    rotate_without_diff: bool,
+    full_compare: bool,
     down_on_exit: bool,
     pull_url: str | None,
     pull_interval: float,
@@ -199,6 +200,7 @@ def run(
     on SIGTERM/SIGINT leaving the table in place (unless --down-on-exit).
     """
     from reconciler import logs
+    from reconciler.adapters.monitor import Monitor
     from reconciler.services.daemon import Daemon, Options
 
     logs.setup(log_json)
@@ -223,10 +225,11 @@ def run(
             redis_timeout=redis_timeout,
             log_mapping=log_mapping,
             down_on_exit=down_on_exit,
-            rotate_without_diff=rotate_without_diff,
+            full_compare=full_compare,
         ),
         logger=logger,
         puller=puller,
+        monitor=Monitor(),
     )
     if metrics:
         daemon.metrics.serve(metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import click
 
 from reconciler.adapters import auditlog, files
 from reconciler.cli.common import (
+    EXIT_AUDIT_FAILED,
     EXIT_PENDING,
     STATE_DIR_OPTION,
     Ctx,
@@ -93,6 +95,8 @@ def _pass(
     from reconciler.services.reconcile import reconcile
 
     state = ctx.state()
+    if not check:  # a change that could not be recorded is not made
+        auditlog.check_writable(state.audit_log)
     secret = files.load_secret(state.secret_file, create=creates and not check)
     with files.reconcile_lock(state.epoch_file):
         current = files.read_epoch(state.epoch_file)
@@ -142,6 +146,19 @@ def diff_cmd(ctx: Ctx, as_json: bool, stat: bool, epoch: int | None) -> None:
     sys.exit(EXIT_PENDING if result.changes else 0)
 
 
+def _applied(run: Callable[[], Any], show_diff: bool) -> None:
+    """Report a pass; a change made but not recorded exits 3 ("applied, audit failed"): the
+    table did change, so neither the usual result nor the usual error would be true."""
+    try:
+        result = run()
+    except auditlog.AuditFailed as exc:
+        _report(exc.result, show_diff)
+        for line in exc.problems:
+            click.echo(f"mtd: error: {line}", err=True)
+        sys.exit(EXIT_AUDIT_FAILED)
+    _report(result, show_diff)
+
+
 def _report(result: Any, show_diff: bool) -> None:
     if show_diff:
         for c in result.changes:
@@ -158,7 +175,7 @@ def _report(result: Any, show_diff: bool) -> None:
 @friendly
 def apply(ctx: Ctx, check: bool, show_diff: bool) -> None:
     """Make the live table match the desired state at the current epoch."""
-    _report(_pass(ctx, check=check, creates=True), show_diff)
+    _applied(lambda: _pass(ctx, check=check, creates=True), show_diff)
 
 
 @cli.command(epilog=examples("mtd rotate -s /etc/mtd --diff", "mtd rotate -s /etc/mtd --publish"))
@@ -186,8 +203,8 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
         return
     # A new epoch moves every port: the table is replaced without reading it back first
     # (a minute at a million mappings) unless the changes are to be shown.
-    _report(
-        _pass(ctx, check=check, advance=True, read_live=check or show_diff, creates=True),
+    _applied(
+        lambda: _pass(ctx, check=check, advance=True, read_live=check or show_diff, creates=True),
         show_diff,
     )
 

@@ -14,6 +14,7 @@ import click
 
 from reconciler import defaults
 from reconciler.cli.common import (
+    EXIT_AUDIT_FAILED,
     EXIT_ERROR,
     STATE_DIR_OPTION,
     Ctx,
@@ -148,7 +149,7 @@ def pull(
     if once or check:
         outcome = puller.round(nft, check=check, show=click.echo)
         _pull_report(outcome, again=True)
-        sys.exit(0 if outcome.ok else EXIT_ERROR)
+        sys.exit(EXIT_AUDIT_FAILED if outcome.audit_error else 0 if outcome.ok else EXIT_ERROR)
     try:
         while True:
             try:  # the changes hold the mapping: not for a long-running log
@@ -165,7 +166,9 @@ def _pull_report(outcome: Any, again: bool) -> None:
     """Applied commits always; problems once (or every time with `again`)."""
     if outcome.ok:
         if outcome.new or again:
-            click.echo(outcome.message)
+            click.echo(outcome.message.split("; applied, audit failed: ")[0])
+            if outcome.audit_error:
+                click.echo(f"mtd: error: {outcome.audit_error}", err=True)
     elif outcome.new or again:
         for line in outcome.problems or [outcome.message]:
             click.echo(f"mtd: error: {line}", err=True)

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 from reconciler.core.state import PROTOCOLS, State
 
+# The hard ceiling of epochs, everywhere (local file, Redis, messages): 2**40 rotations last
+# 34,000 years at one a second, and stay far below every integer limit on the way (Lua's
+# and JSON's 2**53, int64), so no epoch mtd accepts can ever make the next one unusable.
+MAX_EPOCH = 2**40
 _WORDS = struct.Struct(">8I")  # one SHA-256 block gives eight 32-bit draws
 _SPAN = 1 << 32
 

@@ -94,10 +94,7 @@ def run_demo(workdir: Path) -> None:
         say(textwrap.indent(mtd(lab, state, "diff", "--stat"), "   "))
         step(3, "mtd run starts on the server: it applies the desired state in one transaction,")
         say("   then follows Redis triggers and repairs drift.")
-        daemon = MtdRun(
-            lab, "srv", state, "--drift-interval", "1", "--redis-check", "0.5",
-            log=workdir / "mtd-run.log",
-        )  # fmt: skip
+        daemon = MtdRun(lab, "srv", state, "--redis-check", "0.5", log=workdir / "mtd-run.log")
         say("   mtd run: " + daemon.wait_for("reconcile", origin="start")["message"])
         step(4, "The untrusted client finds the services at shuffled ports, in every scan mode;")
         say("   the trusted client still sees the real ones.")
@@ -113,7 +110,8 @@ def run_demo(workdir: Path) -> None:
         took = f" ({ev['latency'] * 1000:.0f} ms after the publish)" if "latency" in ev else ""
         say(f"   mtd run: {ev['message']}{took}")
         show_views(lab)
-        step(6, "Drift: someone deletes mtd's table by hand; mtd run restores it within a second.")
+        step(6, "Drift: someone deletes mtd's table by hand; mtd run, which follows the kernel's")
+        say("   nftables events, restores it at once and names who did it.")
         lab.sh("srv", "nft delete table inet mtd")
         say("   mtd run: " + daemon.wait_for("drift")["message"])
         step(7, "mtd diff and mtd status agree that the host is in sync:")

@@ -1,12 +1,19 @@
 """`mtd run`: keep this host converged, forever, to the desired state at the fleet's epoch.
 
 Triggers only decide when `reconcile.reconcile` runs: at start, on a Redis trigger or a
-catch-up after a reconnect, on the drift timer, on SIGHUP. They are fed to one worker loop
-(this thread) through a queue, so passes never overlap; a burst of triggers costs one pass
-per `redis.min_interval` and the highest epoch wins. The epoch is max(local epoch file,
-fleet epoch); the file is written after each successful pass, so an epoch is applied once
-and survives restarts. Redis being down changes nothing here: the last desired state keeps
-being enforced by the drift timer.
+catch-up after a reconnect, on a change to the owned table by another process (the kernel's
+nftables events, `adapters.monitor`), on the drift timer, on SIGHUP. They are fed to one
+worker loop (this thread) through a queue, so passes never overlap; a burst of triggers
+costs one pass per `redis.min_interval` and the highest epoch wins (repairs do not wait).
+The epoch is max(local epoch file, fleet epoch); the file is written after each successful
+pass, so an epoch is applied once and survives restarts. Redis being down changes nothing
+here: the last desired state keeps being enforced.
+
+While the events are followed, the table is known to be as the last pass left it, so a new
+epoch replaces it without reading it back, and a change by someone else is repaired from
+what its events said (chains and rules in one small transaction, anything else by replacing
+the table). A full compare (read, diff) runs at start, after a reload, when events were lost,
+on the drift timer (a backstop: it reports what the events missed) and with `--full-compare`.
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from reconciler.core import diff, render, shuffle
 from reconciler.core.state import State
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
-from reconciler.services.reconcile import Result, reconcile
+from reconciler.services.reconcile import Result, reconcile, repair_chains
 
 LOG = logging.getLogger(f"{LOGGER}.daemon")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RETRY = 30.0  # seconds before a failed pass is tried again (at most)
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -49,7 +57,7 @@ class Options:
     start_wait: float = defaults.START_WAIT
     log_mapping: bool = False
     down_on_exit: bool = False
-    rotate_without_diff: bool = False  # new epochs replace the table unread (huge states)
+    full_compare: bool = False  # read and diff the table on every pass, events or not
 
     def bus_timers(self) -> dict[str, float]:
         return {
@@ -89,9 +97,33 @@ class Metrics:
         self.pull_head_rejected = Gauge(
             "mtd_pull_head_rejected", "1 while the branch head is a commit not applied", registry=r
         )
+        self.audit_failures = Counter(
+            "mtd_audit_failures",
+            "Changes applied whose audit line could not be written",
+            registry=r,
+        )
         self.pull_fetch_failures = Gauge(
             "mtd_pull_fetch_failures",
             "Consecutive failed fetches of the state repository",
+            registry=r,
+        )
+        self.events_up = Gauge(
+            "mtd_events_up", "1 while the kernel's nftables change events are followed", registry=r
+        )
+        self.events_lost = Counter(
+            "mtd_events_lost",
+            "Times nftables events were lost (or unavailable): a full compare ran instead",
+            registry=r,
+        )
+        self.drift_missed = Counter(
+            "mtd_drift_missed_by_events",
+            "Drift found by a full compare that no event had reported",
+            registry=r,
+        )
+        self.repair = Histogram(
+            "mtd_drift_repair_seconds",
+            "From the event of someone else's change to the owned table to its repair",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         for result in ("changed", "ok", "error"):
@@ -123,8 +155,11 @@ def parse_address(text: str) -> tuple[str, int]:
 
 @dataclass
 class _Event:
-    kind: str  # trigger | reload | stop
+    kind: str  # trigger | reload | stop | foreign | lost
     trigger: bus.Trigger | None = None
+    change: Any = None  # monitor.Change of `foreign`
+    reason: str = ""  # of `lost`
+    at: float = 0.0  # monotonic time the event arrived
 
 
 class Subscribe(Protocol):
@@ -154,6 +189,7 @@ class Daemon:
         metrics: Metrics | None = None,
         logger: logging.Logger = LOG,
         puller: Any = None,  # gitops.Puller of `--pull`: its rounds run in this loop
+        monitor: Any = None,  # monitor.Monitor (or a fake): the owned table's change events
         subscribe: Subscribe | None = None,
     ) -> None:
         self.load = load
@@ -166,6 +202,7 @@ class Daemon:
         self.state = load()
         self.bus_config = bus.BusConfig.from_state(self.state, **options.bus_timers())
         bus.connect(self.bus_config)  # a bad URL fails at start, not in the thread
+        auditlog.check_writable(self.state.audit_log)  # as does an audit log it cannot write
         self._queue: queue.Queue[_Event] = queue.Queue()
         self._lock = threading.Lock()
         self.applied = files.read_epoch(self.state.epoch_file)
@@ -180,14 +217,23 @@ class Daemon:
         self._stopping = False
         self.subscriber: bus.Subscriber | None = None
         self.puller = puller
-        self._subscribe: Subscribe = subscribe or bus.start_subscriber
         self._next_pull = float("inf") if puller is None else time.monotonic() + puller.next_delay()
+        self.monitor = monitor
+        self._subscribe: Subscribe = subscribe or bus.start_subscriber
+        self._trusted = False  # the table is as the last pass left it (events say so)
+        self._foreign: list[_Event] = []  # changes by others, not yet repaired
+        self._covered = -1  # generation up to which a pass replaced or compared the table
+        self._last: Result | None = None
 
     # -- the bus reports here (from its thread) ------------------------------------------
 
     def known_epoch(self) -> int:
         with self._lock:
             return self._known
+
+    def applied_epoch(self) -> int:
+        with self._lock:
+            return self.applied
 
     def trigger(self, trigger: bus.Trigger) -> None:
         with self._lock:
@@ -201,6 +247,14 @@ class Daemon:
 
     def ignored(self, outcome: str) -> None:
         self.metrics.triggers.labels(outcome).inc()
+
+    # -- the monitor reports here (from its thread) --------------------------------------
+
+    def changed(self, change: Any) -> None:
+        self._queue.put(_Event("foreign", change=change, at=time.monotonic()))
+
+    def lost(self, reason: str) -> None:
+        self._queue.put(_Event("lost", reason=reason, at=time.monotonic()))
 
     # -- requests (signal handlers, tests) -----------------------------------------------
 
@@ -242,8 +296,20 @@ class Daemon:
             min_interval=self.min_interval,
             signed=self.bus_config.signing_key is not None,
         )
+        if self.bus_config.signing_key is None and not self.bus_config.local:
+            event(
+                self.log,
+                logging.WARNING,
+                "start",
+                f"redis.url {self.bus_config.where} is not on this host and "
+                "redis.signing_key_file is not set: anyone who can publish on "
+                f"{self.bus_config.channel} can rotate this host (set a signing key)",
+                redis=self.bus_config.where,
+                signed=False,
+            )
         self.metrics.redis_up.set(0)
         self.metrics.epoch.set(self.applied)
+        self._follow_events()
         self.subscriber = self._subscribe(
             self.bus_config, self, wait=self.options.start_wait, logger=self.log
         )
@@ -251,7 +317,32 @@ class Daemon:
             self._loop()
         finally:
             self.subscriber.stop(timeout=0.5)
+            if self.monitor is not None:
+                self.monitor.stop()
             self._exit()
+
+    def _follow_events(self) -> None:
+        """Without events mtd still works: every pass then compares in full."""
+        if self.monitor is None:
+            self.metrics.events_up.set(0)
+            return
+        try:
+            self.monitor.set_table(self.state.table)
+            self.monitor.start(self.changed, self.lost)
+        except OSError as exc:
+            self.metrics.events_up.set(0)
+            self.metrics.events_lost.inc()
+            event(
+                self.log,
+                logging.WARNING,
+                "events",
+                f"cannot follow nftables events ({exc.strerror or exc}): every pass compares "
+                f"the table in full, drift is found by the timer",
+                error=str(exc),
+            )
+            self.monitor = None
+            return
+        self.metrics.events_up.set(1)
 
     def _loop(self) -> None:
         while True:
@@ -263,14 +354,14 @@ class Daemon:
             now = time.monotonic()
             if now >= self._next_drift and not self._dirty:
                 self._dirty, self._origin = True, "drift"
-            if self._dirty and now >= self._last_run + self.min_interval:
+            if self._dirty and (self._foreign or now >= self._last_run + self.min_interval):
                 self._pass()
 
     def _wait(self) -> float:
         now = time.monotonic()
         until = min(self._next_drift, self._next_pull)
         if self._dirty:
-            until = min(until, self._last_run + self.min_interval)
+            until = now if self._foreign else min(until, self._last_run + self.min_interval)
         return max(0.0, until - now)
 
     def _drain(self, timeout: float) -> None:
@@ -298,6 +389,22 @@ class Daemon:
             self._dirty = True
             if self._origin != "start":
                 self._origin = "redis"
+        elif ev.kind == "foreign" and ev.change.generation > self._covered:
+            self._foreign.append(ev)
+            self._dirty = True
+            if self._origin == "drift":
+                self._origin = "events"
+        elif ev.kind == "lost":
+            self._trusted = False
+            self._dirty = True
+            self.metrics.events_lost.inc()
+            event(
+                self.log,
+                logging.WARNING,
+                "events",
+                f"nftables events lost ({ev.reason}): comparing the table in full",
+                error=ev.reason,
+            )
 
     def _reload(self) -> None:
         """SIGHUP: a new state is taken only if it validates and renders; else kept."""
@@ -316,8 +423,11 @@ class Daemon:
                 errors=exc.problems,
             )
             return
+        if state.table != self.state.table and self.monitor is not None:
+            self.monitor.set_table(state.table)
         self.state = state
         self._clean = False
+        self._trusted = False
         self._dirty = True
         self._origin = "manual"
         event(self.log, logging.INFO, "reload", "desired state reloaded", result="reloaded")
@@ -332,7 +442,8 @@ class Daemon:
         reconciles and audits (origin pull) by itself; an applied commit is then reloaded
         as on SIGHUP (new Redis settings included)."""
         try:
-            outcome = self.puller.round(self.nft)
+            with self._quiet():
+                outcome = self.puller.round(self.nft)
         except MtdError as exc:  # the commit is live but not recorded: the next round retries
             self.metrics.pulls.labels("error").inc()
             event(self.log, logging.ERROR, "pull", "; ".join(exc.problems), result="error")
@@ -344,10 +455,12 @@ class Daemon:
         self.metrics.pulls.labels(outcome.status).inc()
         if outcome.status != "unreachable":
             self.metrics.pull_head_rejected.set(1 if outcome.status == "rejected" else 0)
+        if outcome.audit_error:
+            self.metrics.audit_failures.inc()
         if outcome.new:
             event(
                 self.log,
-                logging.INFO if outcome.ok else logging.ERROR,
+                logging.INFO if outcome.ok and not outcome.audit_error else logging.ERROR,
                 "pull",
                 outcome.message,
                 result=outcome.status,
@@ -357,49 +470,76 @@ class Daemon:
         if outcome.status == "applied":
             self._reload()
 
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[Any]:
+        """Around mtd's own commits: their events are not read (see `monitor.quiet`)."""
+        if self.monitor is None:
+            yield None
+            return
+        with self.monitor.quiet(lambda: getattr(self.nft, "commits", 0)) as window:
+            yield window
+
     def _pass(self) -> None:
         state, origin, pending = self.state, self._origin, self._pending
+        foreign, self._foreign = self._foreign, []
         self._dirty, self._pending, self._origin = False, None, "drift"
         self._last_run = start = time.monotonic()
         self._next_drift = start + self.drift_interval
         previous = self.applied
+        # A full compare unless the events vouch for the table; the drift timer always does.
+        compare = not self._trusted or self.options.full_compare or origin == "drift"
         try:
-            with files.reconcile_lock(state.epoch_file):
+            with files.reconcile_lock(state.epoch_file), self._quiet() as window:
                 local = files.read_epoch(state.epoch_file)
                 epoch = max(self.target, local)
-                blind = self.options.rotate_without_diff and epoch != previous
-                secret = files.load_secret(state.secret_file, create=True)
-                result = reconcile(
-                    state,
-                    epoch,
-                    self.nft,
-                    secret=secret,
-                    templates=self.templates,
-                    read_live=not blind,
-                )
+                result = None
+                if foreign and not compare and epoch == previous and self._last is not None:
+                    events = [w for ev in foreign for w in ev.change.what]
+                    result = repair_chains(self._last, self.nft, events, state)
+                if result is None:
+                    blind = not compare and (bool(foreign) or epoch != previous)
+                    result = reconcile(
+                        state,
+                        epoch,
+                        self.nft,
+                        secret=files.load_secret(state.secret_file, create=True),
+                        templates=self.templates,
+                        read_live=not blind,
+                    )
+                    if window is not None:
+                        self._covered = max(self._covered, window.before)
                 if epoch != local:
                     files.write_epoch(state.epoch_file, epoch)
         except MtdError as exc:
+            self._trusted = False
+            self._foreign = foreign + self._foreign
             self._failed(origin, "; ".join(exc.problems), time.monotonic() - start)
             return
         except Exception as exc:  # a bug must not stop the enforcement of the others
+            self._trusted = False
             problem = f"internal error: {type(exc).__name__}: {exc}"
             self._failed(origin, problem, time.monotonic() - start)
             return
         took = time.monotonic() - start
         drift = result.status == "changed" and self._clean and epoch == previous
-        self.applied, self.target, self._clean = epoch, max(self.target, epoch), True
+        self._trusted, self._last = self.monitor is not None, result
         with self._lock:
+            self.applied, self.target, self._clean = epoch, max(self.target, epoch), True
             self._known = max(self._known, epoch)
-        self._report(result, origin, took, drift, pending)
+        if foreign:
+            origin = "events" if origin == "drift" else origin
+        self._report(result, origin, took, drift, pending, foreign, compare)
 
     def _failed(self, origin: str, problem: str, took: float) -> None:
+        """The next try comes with the drift timer, sooner when that is an hour away."""
+        retry = min(self.drift_interval, RETRY)
+        self._next_drift = self._last_run + retry
         self.metrics.reconciles.labels("error").inc()
         event(
             self.log,
             logging.ERROR,
             "reconcile",
-            f"failed (trigger {origin}): {problem}: retrying in {self.drift_interval:g} s",
+            f"failed (trigger {origin}): {problem}: retrying in {retry:g} s",
             result="error",
             origin=origin,
             epoch=self.target,
@@ -408,7 +548,14 @@ class Daemon:
         )
 
     def _report(
-        self, result: Result, origin: str, took: float, drift: bool, pending: bus.Trigger | None
+        self,
+        result: Result,
+        origin: str,
+        took: float,
+        drift: bool,
+        pending: bus.Trigger | None,
+        foreign: list[_Event],
+        compared: bool,
     ) -> None:
         m = self.metrics
         m.reconciles.labels(result.status).inc()
@@ -430,25 +577,65 @@ class Daemon:
         event(self.log, level, "reconcile", f"{result.line()}, trigger {origin}", **fields)
         if drift:
             m.drift.inc()
-            event(
-                self.log,
-                logging.WARNING,
-                "drift",
-                f"table inet {result.table} was changed outside mtd: restored "
-                f"({', '.join(f'{k} {n}' for k, n in sorted(_summary(result).items()))})",
-                epoch=result.epoch,
-                summary=_summary(result),
-            )
+            self._drift(result, foreign, compared)
         if result.status == "changed":
             self._audit(result, "drift" if drift else origin)
             if self.options.log_mapping:
                 self._log_mapping(result.epoch)
 
+    def _drift(self, result: Result, foreign: list[_Event], compared: bool) -> None:
+        """Who changed the table (from the events) and how long until it was repaired; or,
+        from a full compare that no event announced, that the events missed it."""
+        now = time.monotonic()
+        summary = _summary(result)
+        fields: dict[str, Any] = {"epoch": result.epoch, "summary": summary}
+        what = ", ".join(f"{k} {n}" for k, n in sorted(summary.items()))
+        if foreign:
+            first = foreign[0]
+            took = now - first.at
+            self.metrics.repair.observe(took)
+            by = sorted({f"{e.change.process or '?'} (pid {e.change.pid})" for e in foreign})
+            seen = "; ".join(e.change.text() for e in foreign)
+            fields |= {
+                "found_by": "events",
+                "by": [e.change.process for e in foreign],
+                "pids": [e.change.pid for e in foreign],
+                "generations": [e.change.generation for e in foreign],
+                "changes": seen,
+                "repair_seconds": round(took, 6),
+            }
+            message = (
+                f"table inet {result.table} was changed outside mtd by {', '.join(by)}: "
+                f"{seen}; restored in {took:.3f} s ({what})"
+            )
+        else:
+            missed = self.monitor is not None and compared
+            if missed:
+                self.metrics.drift_missed.inc()
+            fields["found_by"] = "compare"
+            fields["missed_by_events"] = missed
+            message = f"table inet {result.table} was changed outside mtd: restored ({what})"
+            if missed:
+                message += "; no nftables event had reported it"
+        event(self.log, logging.WARNING, "drift", message, **fields)
+
     def _audit(self, result: Result, origin: str) -> None:
+        """After a change: a failure to record it is reported, never undone or retried (the
+        change is what the desired state asks for)."""
         try:
             auditlog.log_result(self.state, result, origin=origin, host=self.host)
         except (MtdError, ValueError) as exc:
-            event(self.log, logging.ERROR, "error", str(exc), error=str(exc))
+            self.metrics.audit_failures.inc()
+            problem = "; ".join(getattr(exc, "problems", [str(exc)]))
+            event(
+                self.log,
+                logging.ERROR,
+                "audit",
+                problem,
+                result="audit failed",
+                epoch=result.epoch,
+                error=problem,
+            )
 
     def _log_mapping(self, epoch: int) -> None:
         """Only with --log-mapping: the ports each watched source sees (sensitive)."""
@@ -470,6 +657,7 @@ class Daemon:
 
     def _exit(self) -> None:
         removed = ""
+        self.monitor = None  # stopped: the removal below is ours
         if self.options.down_on_exit:
             try:
                 with files.reconcile_lock(self.state.epoch_file):

@@ -25,7 +25,8 @@ from typing import Any
 
 from reconciler import defaults
 from reconciler.adapters import auditlog, files
-from reconciler.adapters.git import GitError, Repo, redact
+from reconciler.adapters.credentials import redact
+from reconciler.adapters.git import GitError, Repo
 from reconciler.adapters.kernel import Backend
 from reconciler.core import audit, inventory, render
 from reconciler.core.state import State
@@ -37,7 +38,13 @@ BACKOFF_FACTOR = 32  # an unreachable remote is retried at most every 32 interva
 
 
 class AfterApplyError(MtdError):
-    """The commit is live but recording it failed: not the commit's fault, so not rejected."""
+    """The commit is live but checking it out failed: not the commit's fault, so not
+    rejected."""
+
+
+class NotApplied(MtdError):
+    """This host cannot take a commit now (its audit log is not writable): nothing changed,
+    not the commit's fault, so not rejected; the next round retries."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     result: Any = None  # reconcile.Result of an applied (or checked) commit
     state: State | None = None  # the desired state now applied
+    audit_error: str | None = None  # applied, but its audit line could not be written
 
     @property
     def ok(self) -> bool:
@@ -168,8 +176,8 @@ class Puller:
                 problems=list(rejected.get("problems") or []),
             )
         try:
-            state, result = self._apply(head, nft, check=check, show=show)
-        except AfterApplyError:
+            state, result, audit_error = self._apply(head, nft, check=check, show=show)
+        except (AfterApplyError, NotApplied):
             raise
         except MtdError as exc:
             problems = [f"commit {head[:12]}: {p}" for p in exc.problems] or [
@@ -196,15 +204,28 @@ class Puller:
             "epoch": result.epoch,
             "result": result.status,
             "fingerprint": result.fingerprint,
+            "audit_error": audit_error,
         }
         _write_record(cfg.record_path, rec)
+        message = f"{result.line()} commit {head[:12]}"
         return Outcome(
-            "applied", head, f"{result.line()} commit {head[:12]}", result=result, state=state
+            "applied",
+            head,
+            f"{message}; {audit_error}" if audit_error else message,
+            result=result,
+            state=state,
+            audit_error=audit_error,
+            problems=[audit_error] if audit_error else [],
         )
 
     def _apply(
         self, commit: str, nft: Backend, *, check: bool, show: Callable[[str], None] | None
-    ) -> tuple[State, Any]:
+    ) -> tuple[State, Any, str | None]:
+        """The commit's state and pass result, and why its audit line failed, if it did.
+
+        The order keeps a commit either rejected, not applied, or live and checked out:
+        never live but not checked out because of the audit log (the daemon's next pass
+        would then restore the previous commit, and the next round re-apply this one)."""
         from reconciler.services.reconcile import reconcile  # late: imports the nftables bindings
 
         cfg = self.config
@@ -214,21 +235,32 @@ class Puller:
             self.candidate(commit) as (state, templates),
             files.reconcile_lock(state.epoch_file),
         ):
+            if not check:
+                try:
+                    auditlog.check_writable(state.audit_log)
+                except MtdError as exc:
+                    raise NotApplied(
+                        *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
+                    ) from None
             epoch = files.read_epoch(state.epoch_file)
             secret = files.load_secret(state.secret_file, create=not check)
             result = reconcile(state, epoch, nft, secret=secret, check=check, templates=templates)
+            audit_error = None
             if not check:
                 try:
-                    auditlog.log_result(state, result, origin="pull", host=cfg.host, commit=commit)
                     self.repo.checkout(commit)
                 except MtdError as exc:
                     raise AfterApplyError(
                         *exc.problems, f"commit {commit[:12]} is live; the next round retries"
                     ) from None
+                try:
+                    auditlog.log_result(state, result, origin="pull", host=cfg.host, commit=commit)
+                except auditlog.AuditFailed as exc:
+                    audit_error = "; ".join(exc.problems)
         if show:
             for c in result.changes:
                 show(f"{c.op} {c.text}")
-        return state, result
+        return state, result, audit_error
 
     @contextlib.contextmanager
     def candidate(self, commit: str, host: str | None = None) -> Iterator[tuple[State, list[Path]]]:
@@ -265,16 +297,19 @@ class Puller:
             state = files.load_state(self.config.state_path, self.config.host)
         except MtdError:
             return
-        auditlog.record(
-            state.audit_log,
-            host=self.config.host,
-            origin="pull",
-            epoch=None,
-            result="rejected",
-            fingerprint=None,
-            commit=commit,
-            error=message,
-        )
+        try:
+            auditlog.record(
+                state.audit_log,
+                host=self.config.host,
+                origin="pull",
+                epoch=None,
+                result="rejected",
+                fingerprint=None,
+                commit=commit,
+                error=message,
+            )
+        except MtdError:
+            return  # the rejection is in pull.json and the log line: nothing changed
 
 
 def export(repo: Repo, commit: str, path: str, dest: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.adapters.kernel import Backend
-from reconciler.core import diff, render, shuffle
+from reconciler.core import diff, render, repair, shuffle
 from reconciler.core.bulk import gc_paused
 from reconciler.core.state import State
 from reconciler.errors import KernelError
@@ -36,6 +36,8 @@ class Result:
     changes: list[diff.Change]
     fingerprint: str
     phases: dict[str, float] = field(default_factory=dict)
+    # The rendered document without its elements: what an event-driven repair re-creates.
+    skeleton: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def in_sync(self) -> bool:
@@ -90,7 +92,8 @@ def reconcile(
     `read_live=False` skips reading the table back (a rotation at a million mappings, where
     listing alone costs a minute): the table is then replaced without a diff. That loses no
     drift: the replacement overwrites whatever changed, and the full compare (apply, diff,
-    status, the daemon's drift timer) reports drift between rotations.
+    status, the daemon's drift timer) reports drift between rotations; the daemon, which
+    follows the kernel's change events, knows the table is as it left it.
     """
     t = _Phases()
     with t("shuffle"):
@@ -114,7 +117,9 @@ def reconcile(
             backend.replace_table(
                 state.table, commands, flush_ruleset=state.ownership == "ruleset", check=check
             )
-    return Result(status, state.table, epoch, changes, mapping.fingerprint(secret), dict(t))
+    skeleton = diff.skeleton_commands(commands)
+    fingerprint = mapping.fingerprint(secret)
+    return Result(status, state.table, epoch, changes, fingerprint, dict(t), skeleton)
 
 
 def _canonical(
@@ -126,3 +131,32 @@ def _canonical(
         return backend.canonical(skeleton, table)
     except KernelError as exc:
         raise exc.renumbered(diff.skeleton_positions(commands)) from None
+
+
+def repair_chains(
+    previous: Result, backend: Backend, events: list[repair.Event], state: State
+) -> Result | None:
+    """Put back the chains and rules the events say someone else changed, in one small
+    transaction (no listing, no elements: the same cost at any table size). None when the
+    events touched more than chains and rules, or the kernel refused: replace the table."""
+    if previous.skeleton is None:
+        return None
+    batch = repair.plan(state.table, previous.skeleton, events)
+    if batch is None:
+        return None
+    t = _Phases()
+    try:
+        with t("apply"):
+            backend.run(batch)
+    except KernelError:
+        return None
+    changes = [diff.Change(op, kind, name, f"{op}{kind} {name}") for op, kind, name in events]
+    return Result(
+        "changed",
+        state.table,
+        previous.epoch,
+        changes,
+        previous.fingerprint,
+        dict(t),
+        previous.skeleton,
+    )

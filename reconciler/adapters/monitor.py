@@ -1,0 +1,306 @@
+"""The kernel's nftables change notifications, as the daemon needs them: who changed the
+owned table, in which generation, and what kind of object.
+
+Why a raw netlink socket (NETLINK_NETFILTER, group NFNLGRP_NFTABLES) and not the others:
+- `nft -j monitor` decodes every element of every transaction into JSON in another process:
+  at a million mappings, a rotation would cost a second process seconds of CPU, and it has no
+  table filter. Here a message is skipped after reading its 20-byte header and first
+  attribute (the table name), so other tables cost a comparison, and nothing is decoded.
+- libnftables' `monitor` command blocks in C and hands its output back only when it ends.
+- pyroute2 has no nf_tables notification parser; the few fields needed here are fixed.
+
+Each transaction ends with a NEWGEN message naming its generation and the process that made
+it (`# new generation N by process PID (NAME)` in `nft monitor`); the events before it are
+that transaction's, so they are attributed then. mtd's own commits are never read: around
+them the daemon leaves the group (`quiet`), and compares the generation before and after,
+so a commit by anyone else inside that window is still noticed (as `lost`: compare in full).
+A lost netlink buffer (ENOBUFS) is reported the same way. Idle, the reader thread sleeps in
+`recv`: no timer, no CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP, NETLINK_DROP_MEMBERSHIP = 1, 2
+SO_RCVBUFFORCE = 33
+NFNL_SUBSYS_NFTABLES = 10
+NFPROTO_INET = 1
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+RCVBUF = 4 << 20  # events of a few thousand foreign element changes; more: lost -> compare
+
+# NFT_MSG_* (linux/netfilter/nf_tables.h): what each message is about.
+KINDS = {
+    0: ("+", "table"), 2: ("-", "table"), 3: ("+", "chain"), 5: ("-", "chain"),
+    6: ("+", "rule"), 8: ("-", "rule"), 9: ("+", "set"), 11: ("-", "set"),
+    12: ("+", "element"), 14: ("-", "element"), 18: ("+", "object"), 20: ("-", "object"),
+    22: ("+", "flowtable"), 24: ("-", "flowtable"),
+}  # fmt: skip
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
+# The attribute naming the object within its table: chain name, rule's chain, set name...
+_NAME_ATTR = {"chain": 3, "rule": 2, "set": 2, "element": 2, "object": 2, "flowtable": 2}
+_HDR = struct.Struct("=IHHII")  # nlmsghdr
+_NLA = struct.Struct("=HH")
+
+
+@dataclass
+class Change:
+    """One foreign transaction (generation) that touched the owned table."""
+
+    generation: int
+    pid: int
+    process: str
+    what: list[tuple[str, str, str]] = field(default_factory=list)  # (op, kind, name)
+
+    @property
+    def kinds(self) -> set[str]:
+        return {kind for _, kind, _ in self.what}
+
+    def text(self) -> str:
+        """`-rule raw_prerouting, +element tcp4 x3`: what the events said, for the log."""
+        if ("-", "table", "") in self.what:
+            return "-table (and all it held)"
+        counts: dict[str, int] = {}
+        for op, kind, name in self.what:
+            key = f"{op}{kind} {name}".rstrip()
+            counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{k} x{n}" if n > 1 else k for k, n in counts.items())
+
+
+@dataclass
+class Window:
+    """One `quiet` window: the generation when it opened (-1 when not followed)."""
+
+    before: int = -1
+
+
+def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, value start, value end) of each attribute in data[start:end]."""
+    while start + 4 <= end:
+        length, kind = _NLA.unpack_from(data, start)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, start + 4, start + length
+        start += (length + 3) & ~3
+
+
+def _string(data: bytes, lo: int, hi: int) -> str:
+    return data[lo:hi].split(b"\0", 1)[0].decode(errors="replace")
+
+
+class Parser:
+    """Folds a stream of nf_tables messages into `Change`s of foreign generations."""
+
+    def __init__(self, table: str, own: Callable[[int], bool]) -> None:
+        self.table = table.encode()
+        self.own = own  # is this pid one of ours?
+        self.pending: list[tuple[str, str, str]] = []  # events of the current transaction
+        self.generation = 0  # the last generation seen
+
+    def feed(self, data: bytes) -> list[Change]:
+        out = []
+        pos, size = 0, len(data)
+        while pos + 20 <= size:
+            length, mtype, _, _, _ = _HDR.unpack_from(data, pos)
+            if length < 20:
+                break
+            end = pos + length
+            if mtype >> 8 == NFNL_SUBSYS_NFTABLES:
+                change = self._message(data, mtype & 0xFF, pos + 16, min(end, size))
+                if change is not None:
+                    out.append(change)
+            pos = (end + 3) & ~3
+        return out
+
+    def _message(self, data: bytes, msg: int, start: int, end: int) -> Change | None:
+        if msg == NFT_MSG_NEWGEN:
+            gen, pid, name = 0, 0, ""
+            for kind, lo, hi in _attrs(data, start + 4, end):
+                if kind == 1:
+                    gen = struct.unpack_from("!I", data, lo)[0]
+                elif kind == 2:
+                    pid = struct.unpack_from("!I", data, lo)[0]
+                elif kind == 3:
+                    name = _string(data, lo, hi)
+            self.generation = gen
+            what, self.pending = self.pending, []
+            if what and not self.own(pid):
+                return Change(gen, pid, name, what)
+            return None
+        op_kind = KINDS.get(msg)
+        if op_kind is None or data[start] != NFPROTO_INET:
+            return None
+        # The table name is the first attribute of every object message: check it before
+        # anything else, so events of other tables cost this comparison and no more.
+        length, kind = _NLA.unpack_from(data, start + 4)
+        if kind & 0x3FFF != 1 or data[start + 8 : start + 4 + length].rstrip(b"\0") != self.table:
+            return None
+        op, what = op_kind
+        name = ""
+        wanted = _NAME_ATTR.get(what)
+        if wanted is not None:
+            for k, lo, hi in _attrs(data, start + 4, end):
+                if k == wanted:
+                    name = _string(data, lo, hi)
+                    break
+        self.pending.append((op, what, name))
+        return None
+
+
+def _socket() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+
+
+def generation() -> int:
+    """The ruleset's current generation (NFT_MSG_GETGEN), on a socket of its own."""
+    with _socket() as s:
+        s.bind((0, 0))
+        msg = _HDR.pack(20, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, 1, 0)
+        s.send(msg + bytes(4))
+        data = s.recv(65536)
+        length, mtype, _, _, _ = _HDR.unpack_from(data, 0)
+        if mtype == NLMSG_ERROR:
+            code = -struct.unpack_from("=i", data, 16)[0]
+            raise OSError(code, f"nf_tables generation: {os.strerror(code)}")
+        for kind, lo, _ in _attrs(data, 20, length):
+            if kind == 1:
+                return int(struct.unpack_from("!I", data, lo)[0])
+    raise OSError(errno.EPROTO, "nf_tables generation: no NFTA_GEN_ID in the reply")
+
+
+class Monitor:
+    """Follows nf_tables notifications in a thread and reports, through callbacks:
+    `changed(Change)` for a foreign transaction that touched the owned table, and
+    `lost(reason)` when events may have been missed (the caller then compares in full).
+    """
+
+    def __init__(self, table: str = "") -> None:
+        self.table = table
+        self.events = 0  # nf_tables messages read (own commits are not read at all)
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._changed: Callable[[Change], None] = lambda c: None
+        self._lost: Callable[[str], None] = lambda r: None
+        self._own_tids: set[int] = {os.getpid()}
+        self._parser = Parser(table, self._own_tids.__contains__)
+        self._joined = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()  # `stop` wakes the reader with a byte
+
+    def start(self, changed: Callable[[Change], None], lost: Callable[[str], None]) -> None:
+        """Subscribe and start reading. Raises OSError when notifications cannot be had."""
+        self._changed, self._lost = changed, lost
+        self._open()
+        self._thread = threading.Thread(target=self._read, name="mtd-monitor", daemon=True)
+        self._thread.start()
+
+    def set_table(self, table: str) -> None:
+        self.table = table
+        self._parser.table = table.encode()
+
+    def _open(self) -> None:
+        sock = _socket()
+        try:
+            with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; the default is smaller
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+
+    def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    @contextlib.contextmanager
+    def quiet(self, commits: Callable[[], int]) -> Iterator[Window]:
+        """Around mtd's own commits: their events (a million at a million mappings) are not
+        delivered at all. `commits()` counts the transactions this process has committed;
+        if the generation moved by more than that, someone else committed meanwhile."""
+        self._own_tids.add(threading.get_native_id())
+        sock = self._sock
+        if sock is None:
+            yield Window()
+            return
+        with self._joined, contextlib.suppress(OSError):
+            sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
+        first = commits()
+        try:
+            before: int | None = generation()
+        except OSError:
+            before = None
+        try:
+            yield Window(-1 if before is None else before)
+        finally:
+            with self._joined, contextlib.suppress(OSError):
+                sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            try:
+                if before is None:
+                    raise OSError(errno.EPROTO, "no generation before mtd's own commit")
+                others = generation() - before - (commits() - first)
+            except OSError as exc:
+                self._lost(f"cannot read the generation: {exc.strerror or exc}")
+            else:
+                self._parser.pending.clear()
+                if others > 0:
+                    self._lost(f"{others} transaction(s) by other processes during mtd's own")
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            sock = self._sock
+            if sock is None:
+                return
+            try:
+                select.select([sock, self._wake_r], [], [])
+                if self._stop.is_set():
+                    return
+                data = sock.recv(1 << 17)
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                if exc.errno == errno.ENOBUFS:  # the kernel dropped events: the socket is fine
+                    self._parser.pending.clear()
+                    self._lost("netlink buffer overrun (ENOBUFS): events were lost")
+                    continue
+                self._lost(f"notifications stopped: {exc.strerror or exc}")
+                self._reopen()
+                continue
+            if not data:
+                if self._stop.is_set():
+                    return
+                continue
+            self.events += 1
+            for change in self._parser.feed(data):
+                self._changed(change)
+
+    def _reopen(self) -> None:
+        """After a socket error: a new socket, retried until it works or we stop."""
+        old, self._sock = self._sock, None
+        if old is not None:
+            old.close()
+        while not self._stop.wait(0.5):
+            try:
+                self._open()
+                return
+            except OSError:
+                continue
