@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters import files
 from reconciler.lab.netns import Lab
 from reconciler.services import gitops
 from tests.conftest import ROOT, mtd, write_state
@@ -39,6 +40,8 @@ def test_apply_refuses_to_change_what_it_cannot_record(lab: Lab, tmp_path: Path)
         assert out.stderr.endswith(": nothing changed\n") and len(out.stderr.splitlines()) == 1
         assert "absent" in table_text(lab)
     assert not (tmp_path / "epoch").exists()  # rotate did not move the epoch either
+    assert not (tmp_path / "secret").exists()  # nor create a secret for nothing
+    files.load_secret(tmp_path / "secret", create=True)
     out = mtd("-s", str(state), "apply", "--check", ns=lab)  # a preview records nothing
     assert out.returncode == 0, out.stderr
 
