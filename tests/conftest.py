@@ -11,10 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
 from reconciler.lab.netns import Lab, standard_lab
 
 ROOT = Path(__file__).resolve().parent.parent
+# The machine is shared and its load varies: a test never depends on speed, Hypothesis' too.
+settings.register_profile("mtd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mtd")
 MTD = [sys.executable, "-m", "reconciler"]
 
 

@@ -43,6 +43,9 @@ REDIS_DEFAULTS: dict[str, Any] = {
     "min_interval": 0.0,
     "max_message_bytes": 1024,
     "max_epoch_step": 10_000,
+    "pull_channel": "mtd:pull",
+    "heartbeat_key": "mtd:hosts",
+    "heartbeat_ttl": 15.0,
 }
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
