@@ -169,15 +169,6 @@ def test_any_bytes_are_a_pull_notice_or_a_bad_message(data: bytes):
         assert "\n" not in str(exc)
 
 
-def test_rate_limited_lines_count_what_they_drop():
-    limit = bus.RateLimited(every=60)
-    assert limit.allow("pull") == 0
-    assert [limit.allow("pull") for _ in range(5)] == [None] * 5
-    assert limit.allow("other") == 0
-    limit._next["pull"] = 0.0  # the minute is over
-    assert limit.allow("pull") == 5
-
-
 # -- heartbeat records and the status they give ---------------------------------------------
 
 
@@ -258,6 +249,9 @@ class PullSink:
         self.known = 0
 
     def known_epoch(self) -> int:
+        return self.known
+
+    def applied_epoch(self) -> int:
         return self.known
 
     def trigger(self, trigger: bus.Trigger) -> None:

@@ -181,8 +181,11 @@ class BusConfig:
             except ValueError:
                 return False
             return all(_loopback(h) for h in hosts)
-        parts = urlsplit(self.url)
-        return parts.scheme == "unix" or _loopback(parts.hostname or "localhost")
+        try:
+            parts = urlsplit(self.url)
+            return parts.scheme == "unix" or _loopback(parts.hostname or "localhost")
+        except ValueError:  # not a URL urlsplit takes: connect() says what is wrong with it
+            return False
 
 
 def _loopback(host: str) -> bool:
@@ -516,7 +519,7 @@ def connect(config: BusConfig) -> redis.Redis:
         "socket_connect_timeout": config.timeout,
         "retry": Retry(NoBackoff(), 0),
     }
-    if urlsplit(config.url).scheme != "unix":  # keepalive is a TCP option (TypeError on unix)
+    if _split(config.url).scheme != "unix":  # keepalive is a TCP option (TypeError on unix)
         common["socket_keepalive"] = True
     try:
         if not config.sentinel:

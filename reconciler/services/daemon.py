@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from reconciler import __version__
 from reconciler.adapters import auditlog, bus, files
+from reconciler.adapters.credentials import redact
 from reconciler.core import diff, render, shuffle
 from reconciler.core.state import State
 from reconciler.errors import MtdError
@@ -259,6 +260,7 @@ class Daemon:
         """What `mtd fleet status` shows of this host: no secret, no mapping, no URL."""
         known = self.known_epoch()
         pull = self._pull_info
+        error = self._last_error or (pull["error"] if pull else None)
         in_sync = (
             self._last_result in ("ok", "changed")
             and self.applied >= known
@@ -273,7 +275,7 @@ class Daemon:
             "pull_rejected": bool(pull and pull["rejected"]),
             "in_sync": bool(in_sync),
             "result": self._last_result,
-            "error": self._last_error or (pull["error"] if pull else None),
+            "error": redact(error) if error else None,
             "version": __version__,
             "time": round(time.time(), 3),
             "started": round(self._started, 3),
