@@ -389,3 +389,16 @@ def test_a_sentinel_failover_loses_no_acknowledged_rotation(tmp_path: Path):
             p.stop()
     assert not any(t.name == "mtd-redis" and t.is_alive() for t in threading.enumerate())
     assert not subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout
+
+
+def test_a_bad_redis_url_in_the_state_never_shows_its_password(tmp_path: Path):
+    for url, validated in (
+        ("ftp://:hunter2@db/0", True),  # the schema refuses it
+        ("redis+sentinel://u:hunter2@[2001:db8::1/m", False),  # refused when connecting
+    ):
+        state = write_state(tmp_path / "s.yaml", redis={"url": url})
+        commands = [["fleet", "status"], ["rotate", "--publish"]] + [["validate"]] * validated
+        for args in commands:
+            out = mtd("-s", str(state), *args)
+            assert out.returncode == 1 and "hunter2" not in out.stdout + out.stderr, out.stderr
+            assert "***" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

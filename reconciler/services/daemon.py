@@ -253,6 +253,7 @@ class Daemon:
 
     def lost(self, reason: str) -> None:
         self._queue.put(_Event("lost", reason=reason, at=time.monotonic()))
+
     def pull_now(self, reason: str) -> None:
         self._queue.put(_Event("pull", reason=reason))
 
