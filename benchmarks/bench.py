@@ -14,6 +14,7 @@ it to benchmarks/results/latest.md.
 3. Packet path: new TCP connections per second from a watched source to a moved service
    (connrate.py), with 1 and with many watched sources, maps against classic.
 4. Fleet fan-out: N daemons, each in its own namespace, on one Redis.
+5. Sentinel failover: from the master's death to a daemon applying the next rotation.
 
 Addresses: bulk sources are map keys that never send a packet (benchmarks/states.py).
 
@@ -45,13 +46,13 @@ from benchmarks import states  # noqa: E402
 from reconciler.adapters import files, kernel  # noqa: E402
 from reconciler.core import bulk, diff, render, shuffle  # noqa: E402
 from reconciler.lab.mtdrun import MtdRun  # noqa: E402
-from reconciler.lab.netns import Lab  # noqa: E402
+from reconciler.lab.netns import Lab, RedisSentinel, RedisServer, sentinel_url  # noqa: E402
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "latest.md"
 SIZES = (10, 1_000, 10_000, 100_000)
-PARTS = ("cost", "latency", "packets", "fleet")
+PARTS = ("cost", "latency", "packets", "fleet", "failover")
 CLASSIC_MAX = 1_000  # 10,000 sources are 450,000 classic rules: minutes and ~10 GB per apply
 TIMEOUT = 1800  # seconds for any one process; nothing here may hang
 PORT = 3  # the moved service connections go to in the packet test
@@ -382,6 +383,65 @@ def fanout(work: Path, daemons: int, triggers: int) -> Fanout:
 REDIS_LOCAL = "redis://127.0.0.1:6379/0"
 
 
+@dataclass
+class Failover:
+    promotion: list[float]  # master killed -> a Sentinel names the replica
+    applied: list[float]  # master killed -> the daemon has the next rotation live
+
+
+def failover(work: Path, rounds: int) -> Failover:
+    """A master, a replica and three Sentinels (down after 500 ms, failover timeout 2 s)
+    and one `mtd run` in a namespace, fresh each round: the master is killed, a rotation is
+    published at once (the publisher retries until the new master takes it), and the time
+    from the kill to the daemon's log line for that epoch is measured."""
+    say(f"sentinel failover: {rounds} rounds")
+    out = Failover([], [])
+    for i in range(rounds):
+        with Lab(prefix="mtdb") as lab:
+            lab.add_server()
+            promoted, applied = _failover_round(lab, work / f"failover{i}")
+            out.promotion.append(promoted)
+            out.applied.append(applied)
+    return out
+
+
+def _failover_round(lab: Lab, here: Path) -> tuple[float, float]:
+    master = RedisServer(here / "m", lab=lab, role="srv", port=6379)
+    replica = RedisServer(here / "r", lab=lab, role="srv", port=6380, replica_of=master)
+    sentinels = [
+        RedisSentinel(here / f"s{k}", master, lab=lab, role="srv", port=26379 + k) for k in range(3)
+    ]
+    try:
+        master.start()
+        replica.start().wait_synced()
+        for s in sentinels:
+            s.start()
+        path = states.write(here / "state.yaml", 10, redis=sentinel_url(sentinels))
+        daemon = Daemon(lab, "srv", path, "--drift-interval", "3600",
+                        "--reconnect-min", "0.05", "--reconnect-max", "0.2")  # fmt: skip
+        daemon.applied(0)
+        publish = publisher(lab, "srv", path)
+        daemon.applied(publish()[1])
+        published: list[tuple[float, int]] = []
+        thread = threading.Thread(target=lambda: published.append(publish()), daemon=True)
+        killed = time.monotonic()
+        master.stop()
+        thread.start()  # blocks in its retries until the replica is promoted
+        promoted = float("nan")
+        while time.monotonic() - killed < 60:
+            if sentinels[0].master_address() == (replica.host, replica.port):
+                promoted = time.monotonic() - killed
+                break
+            time.sleep(0.01)
+        thread.join(60)
+        if not published:
+            raise RuntimeError("failover: the rotation after the kill was never published")
+        return promoted, daemon.applied(published[0][1]) - killed
+    finally:
+        for p in (master, replica, *sentinels):
+            p.stop()
+
+
 def percentile(values: list[float], p: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
 
@@ -587,6 +647,23 @@ def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> st
                 f"{ms(max(f.samples))} |"
             )
         out.append("")
+    fail: Failover | None = results.get("failover")
+    if fail is not None:
+        out += [
+            "## 5. Sentinel failover",
+            "",
+            "A master, a replica and three Sentinels (`down-after-milliseconds 500`, "
+            "`failover-timeout 2000`) and one `mtd run` (10x5, `--reconnect-max 0.2`) in a "
+            "namespace, fresh each round. The master is killed and a rotation published at "
+            "once (the publisher retries until the new master takes it): from the kill until a "
+            "Sentinel names the replica master, and until the daemon has that rotation live.",
+            "",
+            "| rounds | promotion median | failover to first applied trigger: median | max |",
+            "|--:|--:|--:|--:|",
+            f"| {len(fail.applied)} | {ms(median(fail.promotion))} | "
+            f"{ms(median(fail.applied))} | {ms(max(fail.applied))} |",
+            "",
+        ]
     out += targets(results)
     return "\n".join(out) + "\n"
 
@@ -687,6 +764,8 @@ def main() -> None:
                 fanout(work, n, 3 if args.quick else 10)
                 for n in ((1, 5) if args.quick else (1, 10, 50))
             ]
+        if "failover" in parts:
+            results["failover"] = failover(work, 2 if args.quick else 5)
         if "packets" in parts:
             many = 1_000 if args.quick else 10_000
             results["packets"] = [

@@ -32,6 +32,7 @@ STATE: dict[str, Any] = {
 }
 MAX_MESSAGE_BYTES = 1024
 MAX_EPOCH_STEP = 10_000  # a trigger further ahead of the applied epoch is rejected
+HEARTBEAT_TTL = 15.0  # seconds: a host whose heartbeat is older is silent
 REDIS: dict[str, Any] = {
     "url": "redis://127.0.0.1:6379/0",
     "channel": "mtd:rotate",
@@ -39,6 +40,9 @@ REDIS: dict[str, Any] = {
     "min_interval": 0.0,
     "max_message_bytes": MAX_MESSAGE_BYTES,
     "max_epoch_step": MAX_EPOCH_STEP,
+    "pull_channel": "mtd:pull",
+    "heartbeat_key": "mtd:hosts",
+    "heartbeat_ttl": HEARTBEAT_TTL,
 }
 
 # `mtd run`'s Redis timers, seconds.

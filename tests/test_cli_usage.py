@@ -25,7 +25,25 @@ PULL = {"branch", "subdir", "state_dir", "verify_signatures", "gpg_home", "git_t
 
 
 def params(name: str) -> dict[str, click.Parameter]:
-    return {p.name: p for p in cli.commands[name].params if p.name}
+    return {p.name: p for p in command(name).params if p.name}
+
+
+def command(name: str) -> click.Command:
+    """`apply`, or a group's subcommand as `fleet status`."""
+    group, _, sub = name.partition(" ")
+    found = cli.commands[group]
+    return found.commands[sub] if sub and isinstance(found, click.Group) else found
+
+
+def commands() -> list[str]:
+    """Every command users run: a group's subcommands, not the group itself."""
+    out = []
+    for name, found in cli.commands.items():
+        if isinstance(found, click.Group):
+            out += [f"{name} {sub}" for sub in found.commands]
+        else:
+            out.append(name)
+    return out
 
 
 def inventory(root: Path) -> Path:
@@ -41,7 +59,7 @@ def inventory(root: Path) -> Path:
 
 
 def test_every_command_that_reads_a_state_takes_the_shared_options():
-    for name in cli.commands:
+    for name in commands():
         if name not in NO_STATE:
             assert params(name).keys() >= SHARED, name
             assert "-s" in params(name)["state_path"].opts, name
@@ -102,8 +120,8 @@ def test_templates_and_host_after_the_command(tmp_path: Path):
 
 def test_every_command_shows_an_example():
     runner = CliRunner()
-    for name in [None, *cli.commands]:
-        argv = [name, "--help"] if name else ["--help"]
+    for name in [None, *cli.commands, *commands()]:
+        argv = [*name.split(), "--help"] if name else ["--help"]
         out = runner.invoke(cli, argv, prog_name="mtd")
         assert out.exit_code == 0, name
         assert re.search(rf"Examples:\n +mtd {name or ''}", out.output), name

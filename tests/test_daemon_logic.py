@@ -76,6 +76,9 @@ class NoBus:
     def stop(self, timeout: float = 0) -> None:
         self.stopped = True
 
+    def beat(self) -> None:
+        """Heartbeats go nowhere: there is no Redis."""
+
 
 class Run:
     """One daemon on a FakeKernel, its loop in a thread."""

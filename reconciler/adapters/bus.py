@@ -12,7 +12,11 @@ The only module that imports redis-py. It knows:
   after Redis lost its data the next trigger still moves every host forward;
 - `Subscriber`: a thread that subscribes, reads the key on every (re)connect and every
   `check_interval` (which also notices a silently dead link), and reconnects with capped
-  exponential backoff. It only reports; what to do is the daemon's business.
+  exponential backoff. It only reports; what to do is the daemon's business. It also
+  follows the pull channel (`redis.pull_channel`: "fetch the state repository now") and
+  keeps this host's heartbeat record (`redis.heartbeat_key`) for `mtd fleet status`;
+- `connect`: the one place a client is made, for a plain URL or a Sentinel deployment
+  (`redis+sentinel://`), so every caller follows a failover by reconnecting.
 
 A replay is a message whose epoch is not newer than the one the daemon knows, or whose
 signature does not match: the signature covers the epoch, and epochs only move forward.
@@ -25,6 +29,7 @@ one summary line per `LOG_WINDOW` with counts by reason, so a flood cannot flood
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -32,6 +37,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import Counter
@@ -39,11 +45,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
+import redis.connection
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from reconciler import defaults
 from reconciler.adapters import files
@@ -57,6 +65,12 @@ MAX_EPOCH_STEP = int(REDIS_DEFAULTS["max_epoch_step"])
 LOG_BURST = 5  # rejected or stale triggers logged in full per window, then only counted
 LOG_WINDOW = 60.0  # seconds between summary lines of a flood
 RECOVER = "see README, Recovering the fleet epoch"
+SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
+SENTINEL_PORT = 26379
+SENTINEL_FORM = "redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER[/DB]"
+SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")  # query: the Sentinels' own login
+REPLICA_WAIT = 1.0  # seconds a sentinel publish waits for one replica to acknowledge it
+FAILOVER_WAIT = 15.0  # seconds a sentinel publish keeps retrying while a failover runs
 MESSAGE_KEYS = frozenset({"epoch", "time", "sig"})
 FORMAT = '{"epoch": N, "time": UNIX_SECONDS[, "sig": HEX]}'
 LOG = logging.getLogger(f"{LOGGER}.bus")
@@ -103,6 +117,7 @@ class Published:
     epoch: int
     published: float
     receivers: int
+    replicas: int | None = None  # Sentinel deployments: replicas that acknowledged it
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,11 @@ class BusConfig:
     max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
     max_epoch_step: int = MAX_EPOCH_STEP
     log_window: float = LOG_WINDOW
+    pull_channel: str | None = None  # "fetch now" notices; None: not followed
+    heartbeat_key: str | None = None  # hash of last records; per-host keys `<key>:<host>`
+    heartbeat_ttl: float = (
+        defaults.HEARTBEAT_TTL
+    )  # a host whose record is older than this is silent
     reconnect_min: float = defaults.RECONNECT_MIN  # first backoff step, seconds
     reconnect_max: float = defaults.RECONNECT_MAX  # backoff cap, seconds
     check_interval: float = defaults.REDIS_CHECK  # between epoch key reads while connected
@@ -130,31 +150,153 @@ class BusConfig:
         """The URL without its password: what messages and logs show."""
         return redact(self.url)
 
+    @property
+    def sentinel(self) -> bool:
+        return is_sentinel(self.url)
+
     @classmethod
     def from_state(cls, state: State, **timers: float) -> BusConfig:
         r = state.redis
         key_file = r.get("signing_key_file")
+        url = r["url"]
+        if r.get("sentinels"):
+            url = sentinel_url(url, r["sentinels"], r.get("master_name") or "")
         return cls(
-            url=r["url"],
+            url=url,
             channel=r["channel"],
             epoch_key=r["epoch_key"],
             signing_key=read_signing_key(key_file) if key_file else None,
             max_message_bytes=int(r["max_message_bytes"]),
             max_epoch_step=int(r.get("max_epoch_step", MAX_EPOCH_STEP)),
+            pull_channel=r["pull_channel"],
+            heartbeat_key=r["heartbeat_key"],
+            heartbeat_ttl=float(r["heartbeat_ttl"]),
             **timers,
         )
 
     @property
     def local(self) -> bool:
-        """A unix socket or a loopback address: only this host's users can publish."""
-        parts = urlsplit(self.url)
-        host = (parts.hostname or "localhost").lower()
-        if parts.scheme == "unix" or host == "localhost":
-            return True
+        """A unix socket or loopback addresses (every Sentinel's, for a Sentinel URL): only
+        this host's users can publish."""
+        if self.sentinel:
+            try:
+                hosts = [h for h, _ in parse_sentinel_url(self.url).sentinels]
+            except ValueError:
+                return False
+            return all(_loopback(h) for h in hosts)
         try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
+            parts = urlsplit(self.url)
+            return parts.scheme == "unix" or _loopback(parts.hostname or "localhost")
+        except ValueError:  # not a URL urlsplit takes: connect() says what is wrong with it
             return False
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split(url: str) -> SplitResult:
+    """urlsplit, without its checks of one host (a Sentinel URL lists several, some in
+    brackets); a URL it cannot split at all comes back whole as the path."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^?#]*)(?:\?([^#]*))?(?:#(.*))?$", url)
+    if m is None:
+        return SplitResult("", "", url, "", "")
+    return SplitResult(m[1].lower(), m[2], m[3], m[4] or "", m[5] or "")
+
+
+def is_sentinel(url: str) -> bool:
+    return url.partition("://")[0] in SENTINEL_SCHEMES
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """A parsed `redis+sentinel://` URL: where to ask, for which master, with which login."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    master_kwargs: dict[str, Any] = field(repr=False)
+    sentinel_kwargs: dict[str, Any] = field(repr=False)
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """`redis+sentinel://[user:pw@]h1:26379,h2:26379/MASTER/DB[?query]` (rediss+sentinel: TLS
+    to the Sentinels and the master). The user info and the query (ssl_* options...) are the
+    master's, as in a plain URL; `sentinel_username`/`sentinel_password` in the query log in
+    to the Sentinels. Raises `ValueError` saying what is wrong, never showing a password."""
+    parts = _split(url)
+    base = SENTINEL_SCHEMES.get(parts.scheme)
+    if base is None:
+        raise ValueError(f"expected {SENTINEL_FORM}")
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    sentinels = tuple(_host_port(h) for h in hostlist.split(","))
+    names = [unquote(p) for p in parts.path.split("/")[1:]]
+    if not names or not names[0] or len(names) > 2:
+        raise ValueError(f"no master name: expected {SENTINEL_FORM}")
+    db = names[1] if len(names) == 2 else "0"
+    if not db.isdigit():
+        raise ValueError(f"database {db!r}: expected a number, as in {SENTINEL_FORM}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    own = {k: v for k, v in query if k in SENTINEL_PARAMS}
+    rest = urlencode([(k, v) for k, v in query if k not in SENTINEL_PARAMS])
+    plain = f"{base}://{userinfo}{at}localhost/{db}" + (f"?{rest}" if rest else "")
+    master = redis.connection.parse_url(plain)
+    for key in ("host", "port", "connection_class"):
+        master.pop(key, None)
+    tls = {k: v for k, v in master.items() if k.startswith("ssl_")}
+    sentinel: dict[str, Any] = dict(tls)
+    if base == "rediss":
+        master["ssl"] = True
+        sentinel["ssl"] = True
+    if own.get("sentinel_username"):
+        sentinel["username"] = own["sentinel_username"]
+    if own.get("sentinel_password"):
+        sentinel["password"] = own["sentinel_password"]
+    return SentinelTarget(sentinels, names[0], master, sentinel)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, port = text, str(SENTINEL_PORT)
+    if text.startswith("["):
+        host, bracket, tail = text[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"sentinel {text!r}: expected [ADDRESS]:PORT")
+        if tail:
+            if not tail.startswith(":"):
+                raise ValueError(f"sentinel {text!r}: expected [ADDRESS]:PORT")
+            port = tail[1:]
+    elif ":" in text:
+        host, port = text.rsplit(":", 1)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"sentinel {text!r}: expected HOST:PORT such as 192.0.2.7:26379")
+    return host, int(port)
+
+
+def sentinel_url(url: str, sentinels: list[str], master_name: str) -> str:
+    """The `redis.sentinels` + `redis.master_name` keys as a Sentinel URL: the hosts from
+    the list, the login, TLS (rediss://), database and query from `redis.url` (whose own
+    host is then not used)."""
+    if not master_name:
+        raise MtdError("redis.sentinels: expected redis.master_name too (the monitored master)")
+    parts = _split(url)
+    scheme = parts.scheme if parts.scheme in SENTINEL_SCHEMES else f"{parts.scheme}+sentinel"
+    if scheme not in SENTINEL_SCHEMES:
+        raise MtdError(
+            f"redis.url {redact(url)!r}: with redis.sentinels, expected redis:// or rediss://"
+        )
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    db = parts.path.strip("/").split("/")[-1] or "0"
+    for entry in sentinels:
+        try:
+            _host_port(entry)
+        except ValueError as exc:
+            raise MtdError(f"redis.sentinels: {exc}") from None
+    netloc = f"{userinfo}{at}{','.join(sentinels)}"
+    return urlunsplit((scheme, netloc, f"/{quote(master_name, safe='')}/{db}", parts.query, ""))
 
 
 def read_signing_key(path: str | Path) -> bytes:
@@ -227,6 +369,124 @@ def decode(data: bytes | str, config: BusConfig) -> Trigger:
     return Trigger(epoch, float(published), "message")
 
 
+PULL_KEYS = frozenset({"time", "sig"})
+PULL_FORMAT = '{"time": UNIX_SECONDS[, "sig": HEX]}'
+
+
+def pull_signature(key: bytes, channel: str, published: float) -> str:
+    """Its own domain, so a rotation's signature is never a pull's (and the reverse)."""
+    text = f"mtd/pull/v1\n{channel}\n{published:.6f}"
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def encode_pull(config: BusConfig, channel: str, published: float) -> bytes:
+    msg: dict[str, Any] = {"time": published}
+    if config.signing_key is not None:
+        msg["sig"] = pull_signature(config.signing_key, channel, published)
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def decode_pull(data: bytes | str, config: BusConfig, channel: str) -> float:
+    """The publish time of a "fetch now" notice, or `BadMessage`. It carries no repository,
+    branch or commit: the daemon fetches what it is configured to follow, nothing else."""
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > config.max_message_bytes:
+        raise BadMessage(
+            f"{len(raw)} bytes: expected at most {config.max_message_bytes}", "too large"
+        )
+    try:
+        msg = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadMessage(f"{_preview(raw)}: not JSON: expected {PULL_FORMAT}", "not JSON") from None
+    if not isinstance(msg, dict):
+        raise BadMessage(f"{_preview(raw)}: expected a JSON object {PULL_FORMAT}", "not an object")
+    unknown = sorted(set(msg) - PULL_KEYS)
+    if unknown:
+        raise BadMessage(f"unknown key {unknown[0]!r:.40}: expected {PULL_FORMAT}", "unknown key")
+    published = msg.get("time")
+    if type(published) not in (int, float) or not math.isfinite(published) or published < 0:
+        raise BadMessage(
+            f"time {_short(published)}: expected the publish time in unix seconds", "bad time"
+        )
+    if config.signing_key is not None:
+        sig = msg.get("sig")
+        if sig is None:
+            raise BadMessage("unsigned: expected a signature (sig)", "unsigned")
+        want = pull_signature(config.signing_key, channel, float(published))
+        if not isinstance(sig, str) or not hmac.compare_digest(sig, want):
+            raise BadMessage("bad signature: expected one made with the key", "bad signature")
+    return float(published)
+
+
+def publish_pull(config: BusConfig, channel: str | None = None) -> int:
+    """Tell every `mtd run --pull` on the pull channel to fetch now; returns the receivers."""
+    channel = channel or config.pull_channel
+    if not channel:
+        raise MtdError("redis.pull_channel: expected a channel name")
+    client = connect(config)
+    try:
+        return int(client.publish(channel, encode_pull(config, channel, round(time.time(), 6))))
+    except redis.RedisError as exc:
+        raise MtdError(f"{config.where}: cannot publish a pull notice: {_one_line(exc)}") from None
+    finally:
+        client.close()
+
+
+def heartbeat_host_key(config: BusConfig, host: str) -> str:
+    return f"{config.heartbeat_key}:{host}"
+
+
+def write_heartbeat(client: redis.Redis, config: BusConfig, record: dict[str, Any]) -> None:
+    """This host's record: a key that expires when the host goes silent, and its last value
+    in a hash that does not, so a silent host is still listed (as silent)."""
+    if not config.heartbeat_key:
+        return
+    data = json.dumps(record, separators=(",", ":"), sort_keys=True)
+    host = str(record["host"])
+    ttl_ms = max(1, int(config.heartbeat_ttl * 1000))
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(heartbeat_host_key(config, host), data, px=ttl_ms)
+        pipe.hset(config.heartbeat_key, host, data)
+        pipe.execute()
+
+
+def read_heartbeats(
+    client: redis.Redis, config: BusConfig
+) -> tuple[dict[str, bytes], dict[str, bytes | None]]:
+    """(last record of every host ever seen, live record of each or None when expired)."""
+    assert config.heartbeat_key
+    last = {
+        (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v
+        for k, v in client.hgetall(config.heartbeat_key).items()
+    }
+    hosts = sorted(last)
+    live = client.mget([heartbeat_host_key(config, h) for h in hosts]) if hosts else []
+    return last, dict(zip(hosts, live, strict=True))
+
+
+def forget_host(client: redis.Redis, config: BusConfig, host: str) -> bool:
+    """Drop a decommissioned host from the fleet's records."""
+    assert config.heartbeat_key
+    removed = client.hdel(config.heartbeat_key, host)
+    client.delete(heartbeat_host_key(config, host))
+    return bool(removed)
+
+
+def read_fleet_epoch(config: BusConfig, client: redis.Redis | None = None) -> int:
+    """The fleet's epoch for a reader such as `mtd fleet status` (as a subscriber trusts it)."""
+    own = client is None
+    client = client or connect(config)
+    try:
+        return read_epoch(client, config)
+    except BadMessage as exc:
+        raise MtdError(f"{config.where}: {config.last_key}: {exc}") from None
+    except redis.RedisError as exc:
+        raise MtdError(f"{config.where}: cannot read the fleet epoch: {_one_line(exc)}") from None
+    finally:
+        if own:
+            client.close()
+
+
 def _preview(raw: bytes) -> str:
     return repr(raw[:32]) + ("..." if len(raw) > 32 else "")
 
@@ -237,20 +497,47 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:40] + "..."
 
 
+class _SentinelRedis(redis.Redis):
+    """A master client that also closes the Sentinel clients it asks for the master."""
+
+    sentinel: Sentinel | None = None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.sentinel is not None:
+                self.sentinel.close()
+
+
 def connect(config: BusConfig) -> redis.Redis:
-    """A client that fails fast (no hidden retries): the caller owns backoff and catch-up."""
-    tcp: dict[str, Any] = {}
-    if urlsplit(config.url).scheme != "unix":  # keepalive is a TCP option (TypeError on unix)
-        tcp["socket_keepalive"] = True
+    """A client that fails fast (no hidden retries): the caller owns backoff and catch-up.
+
+    The one place a client is made. For a Sentinel URL each new connection asks the
+    Sentinels for the current master, so a reconnect after a failover reaches the new one.
+    Nothing connects here: a bad URL fails, an unreachable server only at the first command.
+    """
+    common: dict[str, Any] = {
+        "socket_timeout": config.timeout,
+        "socket_connect_timeout": config.timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if _split(config.url).scheme != "unix":  # keepalive is a TCP option (TypeError on unix)
+        common["socket_keepalive"] = True
     try:
-        return redis.Redis.from_url(
-            config.url,
-            socket_timeout=config.timeout,
-            socket_connect_timeout=config.timeout,
-            retry=Retry(NoBackoff(), 0),
+        if not config.sentinel:
+            return redis.Redis.from_url(config.url, client_name="mtd", **common)
+        target = parse_sentinel_url(config.url)
+        sentinel = Sentinel(target.sentinels, sentinel_kwargs={**common, **target.sentinel_kwargs})
+        client = sentinel.master_for(
+            target.master,
+            redis_class=_SentinelRedis,
             client_name="mtd",
-            **tcp,
+            **common,
+            **target.master_kwargs,
         )
+        client.sentinel = sentinel
+        return client
     except (ValueError, TypeError) as exc:
         raise BusError(f"redis.url {config.where!r}: {redact(_one_line(exc))}") from None
 
@@ -270,32 +557,28 @@ def _epoch_value(raw: bytes | None, config: BusConfig) -> int:
     return value
 
 
-def publish_rotation(config: BusConfig, client: redis.Redis | None = None) -> Published:
+def publish_rotation(
+    config: BusConfig, client: redis.Redis | None = None, failover_wait: float | None = None
+) -> Published:
     """Increment the fleet's epoch and publish it, atomically (WATCH/MULTI, retried when
-    another publisher or a daemon's put-back got in between)."""
+    another publisher or a daemon's put-back got in between).
+
+    With Sentinel, the publish then waits (up to REPLICA_WAIT) for a replica to hold it, so
+    an acknowledged rotation survives the master's loss, and a connection error is retried
+    against the new master for up to `failover_wait` seconds (default FAILOVER_WAIT). A
+    retry after a lost reply may skip an epoch; it never reuses or lowers one."""
     own = client is None
     client = client or connect(config)
+    wait = (FAILOVER_WAIT if config.sentinel else 0.0) if failover_wait is None else failover_wait
+    deadline = time.monotonic() + wait
     try:
-        with client.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(config.epoch_key, config.last_key)
-                    epoch = _publisher_base(pipe, config) + 1
-                    if epoch > MAX_EPOCH:
-                        raise MtdError(
-                            f"{config.where}: epoch {epoch}: past the ceiling {MAX_EPOCH} "
-                            f"(2**40; {RECOVER})"
-                        )
-                    published = round(time.time(), 6)
-                    msg = encode(config, epoch, published)
-                    pipe.multi()
-                    pipe.set(config.epoch_key, epoch)
-                    pipe.set(config.last_key, msg)
-                    pipe.publish(config.channel, msg)
-                    receivers = pipe.execute()[-1]
-                    return Published(epoch, published, int(receivers))
-                except redis.WatchError:
-                    continue
+        while True:
+            try:
+                return _publish_once(config, client)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
     except redis.RedisError as exc:
         raise BusError(f"{config.where}: cannot publish a rotation: {_one_line(exc)}") from None
     finally:
@@ -317,6 +600,39 @@ def _publisher_base(client: Any, config: BusConfig) -> int:
         return decode(last, config).epoch
     except BadMessage:
         return 0
+
+
+def _publish_once(config: BusConfig, client: redis.Redis) -> Published:
+    with client.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(config.epoch_key, config.last_key)
+                epoch = _publisher_base(pipe, config) + 1
+                if epoch > MAX_EPOCH:
+                    raise MtdError(
+                        f"{config.where}: epoch {epoch}: past the ceiling {MAX_EPOCH} "
+                        f"(2**40; {RECOVER})"
+                    )
+                published = round(time.time(), 6)
+                msg = encode(config, epoch, published)
+                pipe.multi()
+                pipe.set(config.epoch_key, epoch)
+                pipe.set(config.last_key, msg)
+                pipe.publish(config.channel, msg)
+                receivers = int(pipe.execute()[-1])
+                break
+            except redis.WatchError:
+                continue
+    replicas = _replicated(client) if config.sentinel else None
+    return Published(epoch, published, receivers, replicas)
+
+
+def _replicated(client: redis.Redis) -> int:
+    """How many replicas hold the writes so far (WAIT), when the master has any."""
+    role = client.execute_command("ROLE")
+    if not role or len(role) < 3 or not role[2]:
+        return 0
+    return int(client.execute_command("WAIT", 1, int(REPLICA_WAIT * 1000)))
 
 
 def read_epoch(client: redis.Redis, config: BusConfig) -> int:
@@ -343,7 +659,14 @@ def put_back(client: redis.Redis, config: BusConfig, epoch: int) -> bool:
     return bool(done)
 
 
+def describe(exc: BaseException) -> str:
+    """A Redis error as one line for the user (no password: redis-py never puts one there)."""
+    return _one_line(exc)
+
+
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, MasterNotFoundError):  # its text lists every Sentinel client's repr
+        return str(exc).split(" : ", 1)[0] + ": the Sentinels know no live master"
     text = str(exc).strip().splitlines()
     return text[0].rstrip(".") if text else type(exc).__name__
 
@@ -366,6 +689,13 @@ class Sink(Protocol):
 
     def ignored(self, outcome: str) -> None: ...
 
+    def pull_now(self, reason: str) -> None:
+        """A "fetch now" notice arrived (or a reconnect may have missed one)."""
+
+    def heartbeat(self) -> dict[str, Any] | None:
+        """This host's record for `mtd fleet status`; None: keep none."""
+        return None
+
 
 class LogBudget:
     """Ignored triggers in the log: the first `burst` of each window in full, the rest
@@ -378,8 +708,9 @@ class LogBudget:
         burst: int = LOG_BURST,
         window: float = LOG_WINDOW,
         clock: Callable[[], float] = time.monotonic,
+        what: str = "triggers",
     ) -> None:
-        self.log, self.channel = logger, channel
+        self.log, self.channel, self.what = logger, channel, what
         self.burst, self.window, self.clock = burst, window, clock
         self.started: float | None = None
         self.logged = 0
@@ -416,7 +747,7 @@ class LogBudget:
                 self.log,
                 logging.WARNING,
                 "rejected",
-                f"{total} more triggers on {self.channel} ignored in {took:.3g} s: "
+                f"{total} more {self.what} on {self.channel} ignored in {took:.3g} s: "
                 + "; ".join(parts),
                 channel=self.channel,
                 suppressed=total,
@@ -442,6 +773,23 @@ class Subscriber:
         self._thread: threading.Thread | None = None
         self._reported: str | None = None  # last problem with the key, logged once
         self.budget = LogBudget(logger, config.channel, window=config.log_window)
+        self.pull_budget = LogBudget(
+            logger, config.pull_channel or "", window=config.log_window, what="pull notices"
+        )
+        self._beat_now = threading.Event()
+        self._next_beat = 0.0
+        self._connects = 0
+        self._notices: collections.deque[float] = collections.deque(maxlen=256)
+
+    @property
+    def pull_channel(self) -> str | None:
+        """Followed only for a sink that pulls (`mtd run --pull`)."""
+        wants = getattr(self.sink, "pulls", False)
+        return self.config.pull_channel if wants else None
+
+    def beat(self) -> None:
+        """Write the heartbeat at the next turn of the loop (after a pass, a pull)."""
+        self._beat_now.set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="mtd-redis", daemon=True)
@@ -453,6 +801,7 @@ class Subscriber:
             self._thread.join(timeout)
         if self._thread is None or not self._thread.is_alive():
             self.budget.flush(force=True)  # a flood's counts are not lost at exit
+            self.pull_budget.flush(force=True)
 
     def delay(self, failures: int) -> float:
         """Capped exponential backoff with jitter: base * 2**(n-1), at most the cap."""
@@ -512,15 +861,24 @@ class Subscriber:
 
     def _subscribe(self, client: redis.Redis, pubsub: Any) -> None:
         """Subscribe first, then read the key: nothing published in between is missed."""
-        pubsub.subscribe(self.config.channel)
+        channels = [self.config.channel]
+        if self.pull_channel and self.pull_channel != self.config.channel:
+            channels.append(self.pull_channel)
+        pubsub.subscribe(*channels)
         deadline = time.monotonic() + self.config.timeout
-        while True:
+        confirmed = 0
+        while confirmed < len(channels):
             msg = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
             if msg is not None and msg.get("type") == "subscribe":
-                break
-            if time.monotonic() >= deadline:
+                confirmed += 1
+            elif time.monotonic() >= deadline:
                 raise redis.TimeoutError("no reply to SUBSCRIBE")
         epoch = self._catch_up(client)
+        self._connects += 1
+        if self.pull_channel and self._connects > 1:
+            self.sink.pull_now("reconnect")  # a notice may have been sent while we were away
+        self._next_beat = 0.0
+        self._heartbeat(client)
         self.sink.connection(True)
         event(
             self.log,
@@ -540,11 +898,66 @@ class Subscriber:
             wait = min(self.POLL, max(0.0, next_check - time.monotonic()))
             msg = pubsub.get_message(timeout=wait)
             if msg is not None and msg.get("type") == "message":
-                self._on_message(msg["data"])
+                channel = msg.get("channel")
+                if isinstance(channel, bytes):
+                    channel = channel.decode("utf-8", "replace")
+                if channel == self.pull_channel and channel != self.config.channel:
+                    self._on_pull(msg["data"])
+                else:
+                    self._on_message(msg["data"])
             self.budget.flush()
+            self.pull_budget.flush()
+            self._heartbeat(client)
             if time.monotonic() >= next_check:
                 self._catch_up(client)  # a GET with a timeout: a dead link raises here
                 next_check = time.monotonic() + self.config.check_interval
+
+    def _heartbeat(self, client: redis.Redis) -> None:
+        """Refresh the record every third of its lifetime, or at once after a `beat()`."""
+        now = time.monotonic()
+        if not self.config.heartbeat_key or (now < self._next_beat and not self._beat_now.is_set()):
+            return
+        self._beat_now.clear()
+        self._next_beat = now + max(0.1, self.config.heartbeat_ttl / 3)
+        beat = getattr(self.sink, "heartbeat", None)
+        record = beat() if beat is not None else None
+        if record is None:
+            return
+        try:
+            write_heartbeat(client, self.config, record)
+        except redis.ResponseError as exc:  # an ACL without SET/HSET: say so once, go on
+            key = self.config.heartbeat_key
+            self._report(f"cannot write the heartbeat {key}: {_one_line(exc)}")
+
+    def _on_pull(self, data: bytes) -> None:
+        channel = self.pull_channel or ""
+        try:
+            published = decode_pull(data, self.config, channel)
+            if published in self._notices:  # the same notice again: a replay costs nothing
+                raise BadMessage(
+                    f"time {published}: already received (duplicate or replayed)", "replayed"
+                )
+            self._notices.append(published)
+        except BadMessage as exc:
+            self._pull_rejected(exc, channel)
+            return
+        self.sink.pull_now("notice")
+
+    def _pull_rejected(self, exc: BadMessage, channel: str) -> None:
+        self.sink.ignored("rejected")
+        self.pull_budget.note(
+            "rejected",
+            exc.kind,
+            lambda: event(
+                self.log,
+                logging.WARNING,
+                "rejected",
+                f"pull notice on {channel} ignored: {exc}",
+                channel=channel,
+                reason=str(exc),
+                kind=exc.kind,
+            ),
+        )
 
     def _on_message(self, data: bytes) -> None:
         try:

@@ -4,7 +4,7 @@ errors, `mtd status`, pull.json and the audit log.
 It errs on the side of masking: the whole user-info part of a URL (a token is often the
 user name), up to the LAST `@` of the URL (a password may contain `@`, `/`, `?` or `#`
 unencoded), and the value of any password-like query parameter (`?password=` is a form
-redis-py accepts).
+redis-py accepts; `&sentinel_password=` a Sentinel URL's).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ MASK = "***"
 # scheme://userinfo@ where userinfo runs to the last `@` before whitespace or a quote.
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s'\"<>]*@")
 _QUERY = re.compile(
-    r"(?P<key>[?&;](?:password|passwd|pass|pwd|token|secret|auth)=)[^&;#\s'\"<>]*",
+    r"(?P<key>[?&;](?:[a-z]+_)?(?:password|passwd|pass|pwd|token|secret|auth)=)[^&;#\s'\"<>]*",
     re.IGNORECASE,
 )
 

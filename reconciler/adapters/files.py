@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from reconciler.adapters.credentials import redact
 from reconciler.core import inventory
 from reconciler.core.shuffle import MAX_EPOCH
 from reconciler.core.state import State, parse
@@ -52,11 +53,15 @@ def state_documents(path: str | Path, host: str | None = None) -> list[tuple[str
 
 
 def load_state(path: str | Path, host: str | None = None) -> State:
-    """The desired state; of `host` (default: this machine's name) in an inventory."""
-    docs = inventory_documents(path)
-    if docs is not None:
-        return inventory.state_for(docs, _host(host), str(path))
-    return parse(state_documents(path))
+    """The desired state; of `host` (default: this machine's name) in an inventory. Errors
+    quote bad values, which may be a URL with a password (`redis.url`): masked here."""
+    try:
+        docs = inventory_documents(path)
+        if docs is not None:
+            return inventory.state_for(docs, _host(host), str(path))
+        return parse(state_documents(path))
+    except MtdError as exc:
+        raise type(exc)(*(redact(p) for p in exc.problems)) from None
 
 
 def inventory_documents(path: str | Path) -> list[tuple[str, str]] | None:

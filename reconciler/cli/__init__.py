@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import signal
 
-from reconciler.cli import fleet, history, host, pull, tools  # noqa: F401  (registers commands)
+from reconciler.cli import (  # noqa: F401  (registers commands)
+    fleet,
+    fleet_status,
+    history,
+    host,
+    pull,
+    tools,
+)
 from reconciler.cli.common import cli
 
 

@@ -30,9 +30,12 @@ def publish(ctx: Any) -> None:
 
 
 def _published(config: bus.BusConfig, p: bus.Published) -> str:
+    replicas = ""
+    if p.replicas is not None:
+        replicas = f", {p.replicas} replica{'' if p.replicas == 1 else 's'}"
     return (
         f"published: epoch {p.epoch} on {config.channel} at {config.where} "
-        f"({p.receivers} subscriber{'' if p.receivers == 1 else 's'})"
+        f"({p.receivers} subscriber{'' if p.receivers == 1 else 's'}{replicas})"
     )
 
 

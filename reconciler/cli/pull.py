@@ -113,10 +113,15 @@ def pull_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "mtd pull --repo /srv/git/mtd-state.git --check --host web1",
     )
 )
-@click.option("--repo", "url", required=True, metavar="URL", help="The state repository.")
+@click.option("--repo", "url", metavar="URL", help="The state repository (all but --notify).")
 @pull_options
 @click.option("--once", is_flag=True, help="One round, then exit (1: rejected or unreachable).")
 @click.option("--check", is_flag=True, help="One round that only shows what would change.")
+@click.option(
+    "--notify",
+    is_flag=True,
+    help="Only tell every `mtd run --pull` to fetch now, through Redis (from CI, after a merge).",
+)
 @click.option(
     "--interval",
     type=click.FloatRange(min=0.1),
@@ -133,6 +138,7 @@ def pull(
     url: str,
     once: bool,
     check: bool,
+    notify: bool,
     interval: float,
     pull: PullOptions,
 ) -> None:
@@ -142,6 +148,13 @@ def pull(
     shown and it is applied, then recorded. A commit that fails is never applied: the host
     keeps the last good state until the next commit.
     """
+    if notify:
+        from reconciler.cli.fleet_status import notify_pull
+
+        notify_pull(ctx)
+        return
+    if not url:
+        raise MtdError("--repo: expected the state repository's URL (or --notify)")
     from reconciler.services import gitops
 
     puller = gitops.Puller(pull.config(ctx, url, interval))

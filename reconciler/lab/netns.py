@@ -201,11 +201,13 @@ class RedisServer:
         role: str | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
+        replica_of: RedisServer | None = None,
     ) -> None:
         self.workdir = workdir
         self.lab, self.role = lab, role
         self.host = host
         self.port = port or (6379 if lab else free_port())
+        self.replica_of = replica_of
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -230,7 +232,10 @@ class RedisServer:
             "--daemonize", "no",
             "--protected-mode", "no",
             "--dir", str(self.workdir),
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
+        if self.replica_of is not None:
+            argv += ["--replicaof", self.replica_of.host, str(self.replica_of.port)]
         self.proc = subprocess.Popen(
             self._argv(argv),
             stdout=subprocess.DEVNULL,
@@ -246,6 +251,14 @@ class RedisServer:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def wait_synced(self, timeout: float = 20.0) -> None:
+        """A replica: until its link to the master is up (the first sync is done)."""
+        deadline = time.monotonic() + timeout
+        while "master_link_status:up" not in self.cli("INFO", "replication", check=False):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica on port {self.port} never synced")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -271,6 +284,65 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RedisSentinel(RedisServer):
+    """A `redis-server --sentinel` watching `master` under `name`, with fast lab timers
+    (down after `down_after` ms, failover timeout `failover_timeout` ms)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        master: RedisServer,
+        *,
+        name: str = "mtd",
+        quorum: int = 2,
+        down_after: int = 500,
+        failover_timeout: int = 2000,
+        **kw: object,
+    ) -> None:
+        super().__init__(workdir, **kw)  # type: ignore[arg-type]
+        self.master, self.name, self.quorum = master, name, quorum
+        self.down_after, self.failover_timeout = down_after, failover_timeout
+
+    def start(self, timeout: float = 10.0) -> RedisSentinel:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind {self.host}\ndaemonize no\nprotected-mode no\n"
+            f"dir {self.workdir}\n"
+            f"sentinel monitor {self.name} {self.master.host} {self.master.port} {self.quorum}\n"
+            f"sentinel down-after-milliseconds {self.name} {self.down_after}\n"
+            f"sentinel failover-timeout {self.name} {self.failover_timeout}\n"
+            f"sentinel parallel-syncs {self.name} 1\n"
+        )
+        self.proc = subprocess.Popen(
+            self._argv(["redis-server", str(conf), "--sentinel"]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis sentinel exited with {self.proc.returncode}")
+            if self.cli("PING", check=False) == "PONG":
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis sentinel on port {self.port} did not start")
+
+    def master_address(self) -> tuple[str, int] | None:
+        out = self.cli("SENTINEL", "get-master-addr-by-name", self.name, check=False).split()
+        return (out[0], int(out[1])) if len(out) == 2 else None
+
+
+def sentinel_url(sentinels: Sequence[RedisServer], name: str = "mtd", db: int = 0) -> str:
+    """`redis+sentinel://h1:p1,h2:p2/NAME/DB` for these Sentinels."""
+    hosts = ",".join(
+        f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}" for s in sentinels
+    )
+    return f"redis+sentinel://{hosts}/{name}/{db}"
 
 
 def _ip(*args: str) -> None:

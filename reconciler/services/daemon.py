@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import random
 import signal
 import threading
 import time
@@ -32,8 +33,9 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from reconciler import defaults
+from reconciler import __version__, defaults
 from reconciler.adapters import auditlog, bus, files
+from reconciler.adapters.credentials import redact
 from reconciler.adapters.kernel import Backend
 from reconciler.core import diff, render, shuffle
 from reconciler.core.state import State
@@ -44,6 +46,8 @@ from reconciler.services.reconcile import Result, reconcile, repair_chains
 LOG = logging.getLogger(f"{LOGGER}.daemon")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RETRY = 30.0  # seconds before a failed pass is tried again (at most)
+NOTICE_GAP = 1.0  # at most one notice-driven pull per this many seconds (bursts coalesce)
+RECONNECT_SPREAD = 10.0  # seconds over which a fleet's pulls after a Redis outage spread
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -155,10 +159,10 @@ def parse_address(text: str) -> tuple[str, int]:
 
 @dataclass
 class _Event:
-    kind: str  # trigger | reload | stop | foreign | lost
+    kind: str  # trigger | pull | reload | stop | foreign | lost
     trigger: bus.Trigger | None = None
     change: Any = None  # monitor.Change of `foreign`
-    reason: str = ""  # of `lost`
+    reason: str = ""  # of `lost`, `pull`
     at: float = 0.0  # monotonic time the event arrived
 
 
@@ -224,6 +228,16 @@ class Daemon:
         self._foreign: list[_Event] = []  # changes by others, not yet repaired
         self._covered = -1  # generation up to which a pass replaced or compared the table
         self._last: Result | None = None
+        self._last_pull = float("-inf")
+        self._last_result: str | None = None  # of the last pass: changed, ok or error
+        self._last_error: str | None = None
+        self._started = time.time()
+        self._pull_info = self._read_pull_info()
+
+    @property
+    def pulls(self) -> bool:
+        """Follow the pull channel only with `--pull`."""
+        return self.puller is not None
 
     # -- the bus reports here (from its thread) ------------------------------------------
 
@@ -255,6 +269,52 @@ class Daemon:
 
     def lost(self, reason: str) -> None:
         self._queue.put(_Event("lost", reason=reason, at=time.monotonic()))
+
+    def pull_now(self, reason: str) -> None:
+        self._queue.put(_Event("pull", reason=reason))
+
+    def heartbeat(self) -> dict[str, Any]:
+        """What `mtd fleet status` shows of this host: no secret, no mapping, no URL."""
+        known = self.known_epoch()
+        pull = self._pull_info
+        error = self._last_error or (pull["error"] if pull else None)
+        in_sync = (
+            self._last_result in ("ok", "changed")
+            and self.applied >= known
+            and (pull is None or (pull["commit"] is not None and pull["head"] == pull["commit"]))
+        )
+        return {
+            "host": self.host,
+            "epoch": self.applied,
+            "fleet_epoch": known,
+            "commit": pull["commit"] if pull else None,
+            "head": pull["head"] if pull else None,
+            "pull_rejected": bool(pull and pull["rejected"]),
+            "in_sync": bool(in_sync),
+            "result": self._last_result,
+            "error": redact(error) if error else None,
+            "version": __version__,
+            "time": round(time.time(), 3),
+            "started": round(self._started, 3),
+            "ttl": self.bus_config.heartbeat_ttl,
+        }
+
+    def _read_pull_info(self) -> dict[str, Any] | None:
+        if self.puller is None:
+            return None
+        from reconciler.services import gitops  # only with --pull
+
+        s = gitops.summary(gitops.read_record(self.puller.config.record_path))
+        return {
+            "commit": s["applied"],
+            "head": s["head"],
+            "rejected": bool(s["error"]),
+            "error": s["error"],
+        }
+
+    def _beat(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.beat()
 
     # -- requests (signal handlers, tests) -----------------------------------------------
 
@@ -383,6 +443,15 @@ class Daemon:
             self._stopping = True
         elif ev.kind == "reload":
             self._reload()
+        elif ev.kind == "pull" and self.puller is not None:
+            # Coalesced: at most one notice-driven round per NOTICE_GAP (or pull interval).
+            # After a reconnect (a notice may have been missed) the fleet does not all fetch
+            # at the same moment: each host waits a random part of RECONNECT_SPREAD.
+            gap = min(NOTICE_GAP, self.puller.config.interval)
+            soon = max(time.monotonic(), self._last_pull + gap)
+            if ev.reason == "reconnect":
+                soon += random.uniform(0, min(RECONNECT_SPREAD, self.puller.config.interval))
+            self._next_pull = min(self._next_pull, soon)
         elif ev.kind == "trigger" and ev.trigger and ev.trigger.epoch > self.target:
             self.target = ev.trigger.epoch
             self._pending = ev.trigger
@@ -441,6 +510,7 @@ class Daemon:
         """One git pull round, in this loop: never at the same time as a pass. A round
         reconciles and audits (origin pull) by itself; an applied commit is then reloaded
         as on SIGHUP (new Redis settings included)."""
+        self._last_pull = time.monotonic()
         try:
             with self._quiet():
                 outcome = self.puller.round(self.nft)
@@ -449,6 +519,8 @@ class Daemon:
             event(self.log, logging.ERROR, "pull", "; ".join(exc.problems), result="error")
             outcome = None
         self._next_pull = time.monotonic() + self.puller.next_delay()
+        self._pull_info = self._read_pull_info()
+        self._beat()
         self.metrics.pull_fetch_failures.set(self.puller.failures)
         if outcome is None:
             return
@@ -534,6 +606,8 @@ class Daemon:
         """The next try comes with the drift timer, sooner when that is an hour away."""
         retry = min(self.drift_interval, RETRY)
         self._next_drift = self._last_run + retry
+        self._last_result, self._last_error = "error", problem
+        self._beat()
         self.metrics.reconciles.labels("error").inc()
         event(
             self.log,
@@ -557,6 +631,8 @@ class Daemon:
         foreign: list[_Event],
         compared: bool,
     ) -> None:
+        self._last_result, self._last_error = result.status, None
+        self._beat()
         m = self.metrics
         m.reconciles.labels(result.status).inc()
         m.duration.observe(took)
