@@ -121,6 +121,18 @@ def test_state_validation_of_the_new_keys(tmp_path: Path):
     bad = write_state(tmp_path / "b.yaml", redis={"heartbeat_ttl": 0})
     out = mtd("-s", str(bad), "validate")
     assert out.returncode == 1 and "redis.heartbeat_ttl" in out.stderr
+    for redis, why in (
+        ({"pull_channel": "mtd:rotate"}, "expected a channel other than redis.channel"),
+        ({"heartbeat_key": "mtd:epoch:last"}, "expected a key apart from redis.epoch_key"),
+        ({"heartbeat_key": "mtd"}, "expected a key apart from redis.epoch_key"),
+    ):
+        bad = write_state(tmp_path / "b.yaml", redis=redis)
+        with pytest.raises(MtdError, match=why):
+            bus.BusConfig.from_state(files.load_state(bad))
+    url = "redis+sentinel://127.0.0.1:1/m/0?socket_timeout=9&client_name=x"
+    client = bus.connect(config(url))  # the URL's options win, no clash with mtd's
+    assert client.connection_pool.connection_kwargs["socket_timeout"] == 9.0
+    client.close()
 
 
 # -- pull notices ---------------------------------------------------------------------------

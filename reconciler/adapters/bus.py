@@ -69,6 +69,7 @@ SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
 SENTINEL_PORT = 26379
 SENTINEL_FORM = "redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER[/DB]"
 SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")  # query: the Sentinels' own login
+MAX_HOSTS = 100_000  # heartbeat records `mtd fleet status` reads at most
 REPLICA_WAIT = 1.0  # seconds a sentinel publish waits for one replica to acknowledge it
 FAILOVER_WAIT = 15.0  # seconds a sentinel publish keeps retrying while a failover runs
 MESSAGE_KEYS = frozenset({"epoch", "time", "sig"})
@@ -161,6 +162,17 @@ class BusConfig:
         url = r["url"]
         if r.get("sentinels"):
             url = sentinel_url(url, r["sentinels"], r.get("master_name") or "")
+        if r["pull_channel"] == r["channel"]:
+            raise MtdError(
+                f"redis.pull_channel {r['pull_channel']!r}: expected a channel other than "
+                "redis.channel (rotations and pull notices are different messages)"
+            )
+        taken = {r["epoch_key"], f"{r['epoch_key']}:last"}
+        if r["heartbeat_key"] in taken or r["epoch_key"].startswith(f"{r['heartbeat_key']}:"):
+            raise MtdError(
+                f"redis.heartbeat_key {r['heartbeat_key']!r}: expected a key apart from "
+                f"redis.epoch_key {r['epoch_key']!r} and the keys next to it"
+            )
         return cls(
             url=url,
             channel=r["channel"],
@@ -455,6 +467,12 @@ def read_heartbeats(
 ) -> tuple[dict[str, bytes], dict[str, bytes | None]]:
     """(last record of every host ever seen, live record of each or None when expired)."""
     assert config.heartbeat_key
+    count = client.hlen(config.heartbeat_key)
+    if count > MAX_HOSTS:
+        raise MtdError(
+            f"{config.where}: {config.heartbeat_key} lists {count} hosts: expected at most "
+            f"{MAX_HOSTS} (written by something else than mtd run? --forget the extra ones)"
+        )
     last = {
         (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v
         for k, v in client.hgetall(config.heartbeat_key).items()
@@ -529,13 +547,9 @@ def connect(config: BusConfig) -> redis.Redis:
             return redis.Redis.from_url(config.url, client_name="mtd", **common)
         target = parse_sentinel_url(config.url)
         sentinel = Sentinel(target.sentinels, sentinel_kwargs={**common, **target.sentinel_kwargs})
-        client = sentinel.master_for(
-            target.master,
-            redis_class=_SentinelRedis,
-            client_name="mtd",
-            **common,
-            **target.master_kwargs,
-        )
+        # The URL's own options (?socket_timeout=...) win, as with a plain URL.
+        kwargs = {**common, "client_name": "mtd", **target.master_kwargs}
+        client = sentinel.master_for(target.master, redis_class=_SentinelRedis, **kwargs)
         client.sentinel = sentinel
         return client
     except (ValueError, TypeError) as exc:
