@@ -131,13 +131,22 @@ class Puller:
         *,
         check: bool = False,
         show: Callable[[str], None] | None = None,
+        secret: bytes | None = None,
     ) -> Outcome:
         """Fetch; when the branch moved, validate, apply (or only report with `check`) and
-        record the new commit. Takes the reconcile lock for the apply: do not hold it."""
+        record the new commit. Takes the reconcile lock for the apply: do not hold it.
+        `secret`: the one `mtd run` loaded (default: read, or created, from the state's)."""
         with files.file_lock(self.config.state_dir / "pull.lock"):
-            return self._round(nft, check=check, show=show)
+            return self._round(nft, check=check, show=show, secret=secret)
 
-    def _round(self, nft: Any, *, check: bool, show: Callable[[str], None] | None) -> Outcome:
+    def _round(
+        self,
+        nft: Any,
+        *,
+        check: bool,
+        show: Callable[[str], None] | None,
+        secret: bytes | None = None,
+    ) -> Outcome:
         cfg = self.config
         rec = read_record(cfg.record_path)
         rec["remote"] = {"url": redact(cfg.url), "branch": cfg.branch, "path": cfg.path}
@@ -174,7 +183,9 @@ class Puller:
                 problems=list(rejected.get("problems") or []),
             )
         try:
-            state, result, audit_error = self._apply(head, nft, check=check, show=show)
+            state, result, audit_error = self._apply(
+                head, nft, check=check, show=show, secret=secret
+            )
         except (AfterApplyError, NotApplied):
             raise
         except MtdError as exc:
@@ -217,7 +228,13 @@ class Puller:
         )
 
     def _apply(
-        self, commit: str, nft: Any, *, check: bool, show: Callable[[str], None] | None
+        self,
+        commit: str,
+        nft: Any,
+        *,
+        check: bool,
+        show: Callable[[str], None] | None,
+        secret: bytes | None = None,
     ) -> tuple[State, Any, str | None]:
         """The commit's state and pass result, and why its audit line failed, if it did.
 
@@ -241,7 +258,7 @@ class Puller:
                         *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
                     ) from None
             epoch = files.read_epoch(state.epoch_file)
-            result = reconcile(state, epoch, nft, check=check, templates=templates)
+            result = reconcile(state, epoch, nft, check=check, templates=templates, secret=secret)
             audit_error = None
             if not check:
                 try:

@@ -84,6 +84,7 @@ def reconcile(
     check: bool = False,
     templates: list[Path] | None = None,
     read_live: bool = True,
+    secret: bytes | None = None,
 ) -> Result:
     """Make the owned table match `state` at `epoch`; with `check`, only report.
 
@@ -95,7 +96,8 @@ def reconcile(
     """
     t = _Phases()
     with t("shuffle"):
-        secret = files.load_or_create_secret(state.secret_file)
+        if secret is None:  # the daemon passes the secret it loaded at start
+            secret = files.load_or_create_secret(state.secret_file)
         mapping = shuffle.compute(state, secret, epoch)
     with t("render"):
         commands = render.render(state, mapping, templates)
