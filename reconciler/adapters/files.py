@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hmac
 import json
 import os
 import secrets
@@ -122,6 +123,30 @@ def load_secret(path: str | Path, *, create: bool = False) -> bytes:
     elif not p.exists():
         raise MtdError(f"{p}: no secret file yet: `mtd apply` creates it (this command only reads)")
     return read_private_key(p, "secret file")
+
+
+def secret_problem(path: str | Path, loaded: bytes) -> str | None:
+    """Why the secret file no longer holds the secret a daemon loaded; None when it does."""
+    try:
+        current = read_private_key(path, "secret file")
+    except MtdError as exc:
+        return exc.problems[0]
+    if not hmac.compare_digest(current, loaded):
+        return f"{path}: the secret file changed since it was loaded"
+    return None
+
+
+def daemon_status_path(epoch_file: str | Path) -> Path:
+    """What a running `mtd run` wants `mtd status` to show (next to the epoch file)."""
+    return Path(epoch_file).with_name("daemon.json")
+
+
+def read_daemon_status(epoch_file: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(daemon_status_path(epoch_file).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def read_private_key(path: str | Path, what: str, *, strip: bool = False) -> bytes:

@@ -221,7 +221,22 @@ def status(ctx: Ctx, as_json: bool, state_dir: str) -> None:
     from reconciler.services import gitops
 
     pulled = gitops.read_record(Path(state_dir) / "pull.json")
-    result = _pass(ctx, check=True)
+    daemon = files.read_daemon_status(ctx.state().epoch_file)
+    problem = daemon.get("secret_problem")
+    lines = (
+        [
+            f"mtd run (pid {daemon.get('pid')}): {problem}: still using the secret loaded at "
+            "start; restore the file, or reload it to take a new one"
+        ]
+        if problem
+        else []
+    )
+    try:
+        result = _pass(ctx, check=True)
+    except MtdError:
+        for line in lines:  # what the daemon knows helps most when the check cannot run
+            click.echo(line)
+        raise
     out = {
         "epoch": result.epoch,
         "table": result.table,
@@ -231,12 +246,14 @@ def status(ctx: Ctx, as_json: bool, state_dir: str) -> None:
     }
     if pulled:
         out["pull"] = gitops.summary(pulled)
+    if daemon:
+        out["daemon"] = daemon
     if as_json:
         click.echo(json.dumps(out))
     else:
         state = "in sync" if result.in_sync else "out of sync"
         click.echo(f"table inet {result.table}: epoch {result.epoch}, {state}")
-        for line in gitops.summary_lines(pulled) if pulled else []:
+        for line in [*lines, *(gitops.summary_lines(pulled) if pulled else [])]:
             click.echo(line)
 
 

@@ -19,7 +19,9 @@ on the drift timer (a backstop: it reports what the events missed) and with `--f
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import queue
 import random
 import signal
@@ -207,6 +209,11 @@ class Daemon:
         self.bus_config = bus.BusConfig.from_state(self.state, **options.bus_timers())
         bus.connect(self.bus_config)  # a bad URL fails at start, not in the thread
         auditlog.check_writable(self.state.audit_log)  # as does an audit log it cannot write
+        # The secret is read (created at the first start) once: a file that later disappears
+        # or changes never silently becomes a new mapping; only a reload (SIGHUP) takes it.
+        self.secret = files.load_secret(self.state.secret_file, create=True)
+        self.secret_file = self.state.secret_file
+        self.secret_problem: str | None = None
         self._queue: queue.Queue[_Event] = queue.Queue()
         self._lock = threading.Lock()
         self.applied = files.read_epoch(self.state.epoch_file)
@@ -369,6 +376,7 @@ class Daemon:
             )
         self.metrics.redis_up.set(0)
         self.metrics.epoch.set(self.applied)
+        self._write_status(running=False)  # what a daemon killed before left behind
         self._follow_events()
         self.subscriber = self._subscribe(
             self.bus_config, self, wait=self.options.start_wait, logger=self.log
@@ -442,7 +450,7 @@ class Daemon:
         if ev.kind == "stop":
             self._stopping = True
         elif ev.kind == "reload":
-            self._reload()
+            self._reload(secret=True)
         elif ev.kind == "pull" and self.puller is not None:
             # Coalesced: at most one notice-driven round per NOTICE_GAP (or pull interval).
             # After a reconnect (a notice may have been missed) the fleet does not all fetch
@@ -475,8 +483,10 @@ class Daemon:
                 error=ev.reason,
             )
 
-    def _reload(self) -> None:
-        """SIGHUP: a new state is taken only if it validates and renders; else kept."""
+    def _reload(self, secret: bool = False) -> None:
+        """SIGHUP (`secret`): a new state is taken only if it validates and renders, and the
+        secret file is read again (a missing or unreadable one: the loaded secret is kept).
+        After a pulled commit: the state only."""
         try:
             state = self.load()
             render.check(state, self.templates)
@@ -500,11 +510,31 @@ class Daemon:
         self._dirty = True
         self._origin = "manual"
         event(self.log, logging.INFO, "reload", "desired state reloaded", result="reloaded")
+        if secret:
+            self._reload_secret(state)
+        self._check_secret()
         if config != self.bus_config:
             self.bus_config = config
             if self.subscriber is not None:
                 self.subscriber.stop(timeout=0.5)
             self.subscriber = self._subscribe(config, self, logger=self.log)
+
+    def _reload_secret(self, state: State) -> None:
+        """The secret file again (SIGHUP); a missing or unreadable one keeps the loaded
+        secret (`_check_secret` keeps reporting it)."""
+        try:
+            new = files.read_private_key(state.secret_file, "secret file")
+        except MtdError:
+            return
+        if new != self.secret or state.secret_file != self.secret_file:
+            self.secret, self.secret_file = new, state.secret_file
+            event(
+                self.log,
+                logging.WARNING,
+                "secret",
+                f"{state.secret_file}: new secret loaded: a new mapping at the same epoch",
+                secret_file=state.secret_file,
+            )
 
     def _pull(self) -> None:
         """One git pull round, in this loop: never at the same time as a pass. A round
@@ -513,7 +543,7 @@ class Daemon:
         self._last_pull = time.monotonic()
         try:
             with self._quiet():
-                outcome = self.puller.round(self.nft)
+                outcome = self.puller.round(self.nft, secret=self.secret)
         except MtdError as exc:  # the commit is live but not recorded: the next round retries
             self.metrics.pulls.labels("error").inc()
             event(self.log, logging.ERROR, "pull", "; ".join(exc.problems), result="error")
@@ -560,6 +590,7 @@ class Daemon:
         previous = self.applied
         # A full compare unless the events vouch for the table; the drift timer always does.
         compare = not self._trusted or self.options.full_compare or origin == "drift"
+        self._check_secret()
         try:
             with files.reconcile_lock(state.epoch_file), self._quiet() as window:
                 local = files.read_epoch(state.epoch_file)
@@ -574,7 +605,7 @@ class Daemon:
                         state,
                         epoch,
                         self.nft,
-                        secret=files.load_secret(state.secret_file, create=True),
+                        secret=self.secret,
                         templates=self.templates,
                         read_live=not blind,
                     )
@@ -601,6 +632,38 @@ class Daemon:
         if foreign:
             origin = "events" if origin == "drift" else origin
         self._report(result, origin, took, drift, pending, foreign, compare)
+
+    def _check_secret(self) -> None:
+        """The secret file still holds the loaded secret? A change is logged once (and
+        cleared once), kept for `mtd status` in daemon.json, and changes nothing else."""
+        problem = files.secret_problem(self.secret_file, self.secret)
+        if problem == self.secret_problem:
+            return
+        self.secret_problem = problem
+        if problem:
+            event(
+                self.log,
+                logging.ERROR,
+                "secret",
+                f"{problem}: still using the secret loaded at start (the mapping does not "
+                "change); restore the file, or reload (SIGHUP, systemctl reload mtd) to take "
+                "a new one",
+                error=problem,
+            )
+        else:
+            event(self.log, logging.INFO, "secret", f"{self.secret_file}: holds the loaded secret")
+        self._write_status()
+
+    def _write_status(self, running: bool = True) -> None:
+        path = files.daemon_status_path(self.state.epoch_file)
+        try:
+            if running:
+                status = {"pid": os.getpid(), "secret_problem": self.secret_problem}
+                files.write_atomic(path, json.dumps(status) + "\n", mode=0o600)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            event(self.log, logging.ERROR, "error", f"{path}: {exc.strerror}", error=str(exc))
 
     def _failed(self, origin: str, problem: str, took: float) -> None:
         """The next try comes with the drift timer, sooner when that is an hour away."""
@@ -715,9 +778,8 @@ class Daemon:
 
     def _log_mapping(self, epoch: int) -> None:
         """Only with --log-mapping: the ports each watched source sees (sensitive)."""
-        secret = files.load_secret(self.state.secret_file, create=True)
         for (source, proto), moves in sorted(
-            shuffle.compute(self.state, secret, epoch).moves.items()
+            shuffle.compute(self.state, self.secret, epoch).moves.items()
         ):
             pairs = " ".join(f"{real}->{hidden}" for real, hidden in sorted(moves.items()))
             event(
@@ -732,6 +794,7 @@ class Daemon:
             )
 
     def _exit(self) -> None:
+        self._write_status(running=False)
         removed = ""
         self.monitor = None  # stopped: the removal below is ours
         if self.options.down_on_exit:

@@ -133,13 +133,22 @@ class Puller:
         *,
         check: bool = False,
         show: Callable[[str], None] | None = None,
+        secret: bytes | None = None,
     ) -> Outcome:
         """Fetch; when the branch moved, validate, apply (or only report with `check`) and
-        record the new commit. Takes the reconcile lock for the apply: do not hold it."""
+        record the new commit. Takes the reconcile lock for the apply: do not hold it.
+        `secret`: the one `mtd run` loaded (default: read, or created, from the state's)."""
         with files.file_lock(self.config.state_dir / "pull.lock"):
-            return self._round(nft, check=check, show=show)
+            return self._round(nft, check=check, show=show, secret=secret)
 
-    def _round(self, nft: Backend, *, check: bool, show: Callable[[str], None] | None) -> Outcome:
+    def _round(
+        self,
+        nft: Backend,
+        *,
+        check: bool,
+        show: Callable[[str], None] | None,
+        secret: bytes | None = None,
+    ) -> Outcome:
         cfg = self.config
         rec = read_record(cfg.record_path)
         rec["remote"] = {"url": redact(cfg.url), "branch": cfg.branch, "path": cfg.path}
@@ -176,7 +185,9 @@ class Puller:
                 problems=list(rejected.get("problems") or []),
             )
         try:
-            state, result, audit_error = self._apply(head, nft, check=check, show=show)
+            state, result, audit_error = self._apply(
+                head, nft, check=check, show=show, secret=secret
+            )
         except (AfterApplyError, NotApplied):
             raise
         except MtdError as exc:
@@ -219,7 +230,13 @@ class Puller:
         )
 
     def _apply(
-        self, commit: str, nft: Backend, *, check: bool, show: Callable[[str], None] | None
+        self,
+        commit: str,
+        nft: Backend,
+        *,
+        check: bool,
+        show: Callable[[str], None] | None,
+        secret: bytes | None = None,
     ) -> tuple[State, Any, str | None]:
         """The commit's state and pass result, and why its audit line failed, if it did.
 
@@ -243,7 +260,8 @@ class Puller:
                         *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
                     ) from None
             epoch = files.read_epoch(state.epoch_file)
-            secret = files.load_secret(state.secret_file, create=not check)
+            if secret is None:  # `mtd run` passes the secret it loaded at start
+                secret = files.load_secret(state.secret_file, create=not check)
             result = reconcile(state, epoch, nft, secret=secret, check=check, templates=templates)
             audit_error = None
             if not check:
