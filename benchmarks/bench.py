@@ -532,7 +532,7 @@ def events(work: Path, n: int, idle: float, repeats: int, kinds: tuple[str, ...]
                 mark = len(daemon.lines)
                 start = time.monotonic()  # the daemon may repair before `nft` has exited
                 lab.sh("srv", f"nft '{script}'")
-                arrived, _ = daemon.next("drift", mark, timeout=TIMEOUT)
+                arrived, _ = daemon.next("drift", mark, timeout=600 if n >= 100_000 else 120)
                 repairs.setdefault(kind, []).append(arrived - start)
         mappings = n * len(states.SERVICES) * 2
         return Events(n, mappings, took, used / took, repairs)
