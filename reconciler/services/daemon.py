@@ -291,7 +291,6 @@ class Daemon:
         self._last_error: str | None = None
         self._started = time.time()
         self._pull_info = self._read_pull_info()
-
         self._scrape_nft: Any = None
         self.packets = Packets(self._read_counters)
         self.metrics.registry.register(self.packets)  # type: ignore[arg-type]
