@@ -138,6 +138,8 @@ class Metrics:
             self.pulls.labels(outcome)
         for outcome in ("accepted", "rejected", "stale"):
             self.triggers.labels(outcome)
+        self.packets = Packets(lambda: None)  # the daemon gives it the kernel to read
+        r.register(self.packets)  # type: ignore[arg-type]
 
     def serve(self, address: str) -> None:
         """In a background thread, for as long as the process lives."""
@@ -292,8 +294,8 @@ class Daemon:
         self._started = time.time()
         self._pull_info = self._read_pull_info()
         self._scrape_nft: Any = None
-        self.packets = Packets(self._read_counters)
-        self.metrics.registry.register(self.packets)  # type: ignore[arg-type]
+        self.packets = self.metrics.packets
+        self.packets.read = self._read_counters
 
     @property
     def pulls(self) -> bool:
