@@ -15,6 +15,8 @@ it to benchmarks/results/latest.md.
    (connrate.py), with 1 and with many watched sources, maps against classic.
 4. Fleet fan-out: N daemons, each in its own namespace, on one Redis.
 5. Sentinel failover: from the master's death to a daemon applying the next rotation.
+6. Drift by events: idle CPU of `mtd run` (it follows nftables events, drift timer at an
+   hour), and the time from a change made by hand with `nft` to the daemon's repair.
 
 Addresses: bulk sources are map keys that never send a packet (benchmarks/states.py).
 
@@ -52,7 +54,7 @@ PY = sys.executable
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "latest.md"
 SIZES = (10, 1_000, 10_000, 100_000)
-PARTS = ("cost", "latency", "packets", "fleet", "failover")
+PARTS = ("cost", "latency", "packets", "fleet", "failover", "events")
 CLASSIC_MAX = 1_000  # 10,000 sources are 450,000 classic rules: minutes and ~10 GB per apply
 TIMEOUT = 1800  # seconds for any one process; nothing here may hang
 PORT = 3  # the moved service connections go to in the packet test
@@ -284,6 +286,22 @@ class Daemon(MtdRun):
     def __init__(self, lab: Lab, role: str, state: Path, *args: str) -> None:
         super().__init__(lab, role, state, *args, cwd=ROOT)
 
+    def next(self, event: str, since: int, timeout: float = 600) -> tuple[float, dict[str, Any]]:
+        """The first log line of `event` from line `since` on, with when it arrived."""
+        end = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for arrived, e in self.lines[since:]:
+                    if e.get("event") == event:
+                        return arrived, e
+                if self.proc.poll() is not None or not self.changed.wait(end - time.monotonic()):
+                    raise RuntimeError(f"daemon: no {event} event")
+
+    def cpu(self) -> float:
+        """CPU seconds the daemon has used so far, all threads (ip execs argv: same pid)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def applied(self, epoch: int, timeout: float = 120) -> float:
         """When the daemon reported `epoch` applied."""
         arrived, e = self.arrival(
@@ -331,10 +349,12 @@ class Latency:
     n: int
     mode: str
     samples: list[float]
+    floor: float = float("nan")  # json_cmd of the same document, same namespace and run
 
 
-def latency(work: Path, n: int, triggers: int, *args: str) -> Latency:
-    """One daemon, one trigger at a time: publish, wait until applied, again."""
+def latency(work: Path, n: int, triggers: int, *args: str, floor: bool = False) -> Latency:
+    """One daemon, one trigger at a time: publish, wait until applied, again. With `floor`,
+    then the kernel's floor for the same size in the same namespace (the daemon stopped)."""
     mode = " ".join(args) or "default"
     say(f"latency {n}x5 ({mode}): {triggers} triggers")
     with Lab(prefix="mtdb") as lab:
@@ -349,7 +369,15 @@ def latency(work: Path, n: int, triggers: int, *args: str) -> Latency:
         for _ in range(triggers):
             start, epoch = publish()
             samples.append(daemon.applied(epoch) - start)
-        return Latency(n, mode, samples)
+        took = float("nan")
+        if floor:
+            daemon.proc.terminate()
+            daemon.proc.wait(timeout=60)
+            docs, _ = _floor_documents(path.parent, files.load_state(path))
+            runs = [run(lab, "srv", [PY, str(HERE / "floor.py"), "apply", docs[i % 2]])
+                    for i in range(5)]  # fmt: skip
+            took = median([float(r.out) for r in runs])
+        return Latency(n, mode, samples, took)
 
 
 @dataclass
@@ -440,6 +468,53 @@ def _failover_round(lab: Lab, here: Path) -> tuple[float, float]:
     finally:
         for p in (master, replica, *sentinels):
             p.stop()
+
+
+# --- 6. drift by events --------------------------------------------------------------------
+
+
+@dataclass
+class Events:
+    n: int
+    mappings: int
+    idle_seconds: float
+    idle_cpu: float  # share of one core while idle
+    repairs: dict[str, list[float]]  # hand change -> seconds from `nft` returning to repaired
+
+
+HAND = {  # what an operator might do by hand, and what mtd does about it
+    "rule deleted": "flush chain inet mtd raw_output",
+    "chain policy": "add chain inet mtd nat_prerouting {{ policy drop ; }}",
+    "element deleted": "delete element inet mtd tcp4 {{ {source} . 3 }}",
+}
+
+
+def events(work: Path, n: int, idle: float, repeats: int, kinds: tuple[str, ...]) -> Events:
+    """One `mtd run` at n sources: its CPU over `idle` seconds with nothing happening, then
+    hand changes with `nft`, each timed from the moment `nft` started to the daemon's log
+    line for the repair (written right after the repairing transaction returned)."""
+    say(f"events {n}x5: idle {idle:g} s, repairs {', '.join(kinds)}")
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        redis_server(lab, "srv", "127.0.0.1")
+        path = states.write(work / f"e{n}" / "state.yaml", n, redis=REDIS_LOCAL)
+        daemon = Daemon(lab, "srv", path, "--drift-interval", "3600")
+        daemon.applied(0, timeout=TIMEOUT)
+        time.sleep(2)  # let the start pass's garbage settle before measuring idle
+        cpu0, t0 = daemon.cpu(), time.monotonic()
+        time.sleep(idle)
+        used, took = daemon.cpu() - cpu0, time.monotonic() - t0
+        repairs: dict[str, list[float]] = {}
+        for kind in kinds:
+            script = HAND[kind].format(source=states.UNDER_TEST)
+            for _ in range(repeats):
+                mark = len(daemon.lines)
+                start = time.monotonic()  # the daemon may repair before `nft` has exited
+                lab.sh("srv", f"nft '{script}'")
+                arrived, _ = daemon.next("drift", mark, timeout=600 if n >= 100_000 else 120)
+                repairs.setdefault(kind, []).append(arrived - start)
+        mappings = n * len(states.SERVICES) * 2
+        return Events(n, mappings, took, used / took, repairs)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -601,14 +676,14 @@ def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> st
             "from just before the publish to the daemon's log line for the new epoch, written "
             "as soon as its kernel transaction returns. Drift checks off during the run.",
             "",
-            "| size | daemon options | triggers | p50 | p99 | max |",
-            "|---|---|--:|--:|--:|--:|",
+            "| size | daemon options | triggers | p50 | p99 | max | json_cmd floor |",
+            "|---|---|--:|--:|--:|--:|--:|",
         ]
         for lat in lats:
             out.append(
                 f"| {size(lat.n)} | {lat.mode} | {len(lat.samples)} | "
                 f"{ms(median(lat.samples))} | {ms(percentile(lat.samples, 99))} | "
-                f"{ms(max(lat.samples))} |"
+                f"{ms(max(lat.samples))} | {ms(lat.floor) if lat.floor == lat.floor else '-'} |"
             )
         out.append("")
     rates: list[Rate] = results.get("packets", [])
@@ -664,6 +739,31 @@ def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> st
             f"{ms(median(fail.applied))} | {ms(max(fail.applied))} |",
             "",
         ]
+    evs: list[Events] = results.get("events", [])
+    if evs:
+        kinds = list(dict.fromkeys(k for e in evs for k in e.repairs))
+        out += [
+            "## 6. Drift by events",
+            "",
+            "One `mtd run` (drift timer at an hour) and a real redis-server in one namespace. "
+            "Idle: CPU of the whole daemon (all threads) while nothing happens. Repair: from "
+            "starting `nft` for a hand change to the daemon's `drift` log line (written "
+            "when the repairing transaction returned); median (max) of the runs. A rule or "
+            "a chain policy is repaired from the events alone (one small transaction); an "
+            "element by replacing the table.",
+            "",
+            "| size | mappings | idle CPU | " + " | ".join(kinds) + " |",
+            "|---|--:|--:|" + "--:|" * len(kinds),
+        ]
+        for e in evs:
+            cells = [
+                f"{ms(median(e.repairs[k]))} ({ms(max(e.repairs[k]))})" if k in e.repairs else "-"
+                for k in kinds
+            ]
+            idle = f"{e.idle_cpu:.2%} of a core over {e.idle_seconds:.0f} s"
+            idle = idle if e.idle_seconds else "-"
+            out.append(f"| {size(e.n)} | {e.mappings:,} | {idle} | " + " | ".join(cells) + " |")
+        out.append("")
     out += targets(results)
     return "\n".join(out) + "\n"
 
@@ -699,6 +799,18 @@ def targets(results: dict[str, Any]) -> list[str]:
         if lat.n == 10 and lat.mode == "default":
             p99 = percentile(lat.samples, 99)
             rows.append(("10x5: trigger to applied p99 < 20 ms", ms(p99), p99 < 0.020))
+        if lat.floor == lat.floor and lat.mode == "default":  # measured (not NaN)
+            ratio = median(lat.samples) / lat.floor
+            what = f"{size(lat.n)}: trigger to applied (default daemon) <= 1.3x json_cmd"
+            value = f"{ratio:.2f}x ({ms(median(lat.samples))} against {ms(lat.floor)})"
+            rows.append((what, value, ratio <= 1.3))
+    for e in results.get("events", []):
+        if e.idle_seconds:
+            what = f"{size(e.n)}: idle CPU of mtd run < 1% of a core"
+            rows.append((what, f"{e.idle_cpu:.2%}", e.idle_cpu < 0.01))
+        for kind, values in e.repairs.items():
+            what = f"{size(e.n)}: hand change ({kind}) to repair < 1 s"
+            rows.append((what, ms(median(values)), median(values) < 1))
     rates = {(r.template, r.sources): r.per_second for r in results.get("packets", [])}
     many = max((s for t, s in rates if t == "maps"), default=1)
     if ("maps", 1) in rates and many > 1:
@@ -756,9 +868,18 @@ def main() -> None:
             triggers, big = (50, 1_000) if args.quick else (200, 10_000)
             results["latency"] = [
                 latency(work, 10, triggers),
-                latency(work, big, triggers),
+                latency(work, big, triggers, floor=True),
                 latency(work, big, triggers // 4, "--full-compare"),
             ]
+        if "events" in parts:
+            # Idle over a minute (10 s quick); repairs at 1k, 100k and 1M mappings.
+            idle, repeats = (10.0, 3) if args.quick else (60.0, 5)
+            sizes = (100, 10_000) if args.quick else (100, 10_000, 100_000)
+            results["events"] = [
+                events(work, n, idle if n >= 10_000 else 0.0, repeats if n < 100_000 else 2,
+                       tuple(HAND))
+                for n in sizes
+            ]  # fmt: skip
         if "fleet" in parts:
             results["fleet"] = [
                 fanout(work, n, 3 if args.quick else 10)

@@ -96,3 +96,53 @@ def test_own_rotations_are_not_taken_for_drift_and_read_nothing_back(tmp_path: P
         time.sleep(0.3)
         assert not [e for e in d.events()[mark:] if e.get("event") in ("drift", "events")]
         assert [e["epoch"] for e in d.passes(mark) if is_pass(e)] == [1, 2, 3]
+
+
+def _packets(f) -> dict[tuple[str, str], float]:
+    out = {}
+    for line in _metrics(f).splitlines():
+        if line.startswith("mtd_packets_total{"):
+            labels, value = line.split("} ")
+            fields = dict(kv.split("=") for kv in labels.split("{", 1)[1].split(","))
+            out[(fields["kind"].strip('"'), fields["family"].strip('"'))] = float(value)
+    return out
+
+
+def test_packet_counters_move_with_scans_and_survive_rotations(tmp_path: Path):
+    from reconciler.lab.netns import nmap_open
+
+    with fleet(tmp_path) as f:
+        d = f.start("srv", "--drift-interval", "3600", "--metrics", "127.0.0.1:9108")
+        d.wait(started)
+        zero = _packets(f)
+        assert set(zero) == {(k, fam) for k in ("moved", "stateless", "real_port")
+                             for fam in ("ip", "ip6")} and not any(zero.values())  # fmt: skip
+
+        nmap_open(f.lab, "unt", "192.0.2.1", "-sS")  # SYNs: new connections, moved by NAT
+        nmap_open(f.lab, "unt", "192.0.2.1", "-sF")  # stateless probes, moved in raw
+        scanned = _packets(f)
+        assert scanned[("moved", "ip")] > 0 and scanned[("stateless", "ip")] > 0, scanned
+        assert scanned[("moved", "ip6")] == 0 and scanned[("stateless", "ip6")] == 0
+
+        # The leak signal: a connection to the real port 3 (moved for unt) from unt; the
+        # trusted client's connections to it count nowhere.
+        before = _packets(f)[("real_port", "ip")]
+        assert f.probe("tru", 3) == "port 3"
+        assert _packets(f)[("real_port", "ip")] == before
+        f.probe("unt", 3)
+        leaked = _packets(f)
+        assert leaked[("real_port", "ip")] == before + 1, leaked
+
+        assert f.publish() == 1  # a rotation replaces the table and its counters...
+        d.applied(1)
+        after = _packets(f)
+        assert all(after[k] >= leaked[k] for k in leaked), (leaked, after)  # ...not the totals
+        f.probe("unt", 3)
+        assert _packets(f)[("real_port", "ip")] == leaked[("real_port", "ip")] + 1
+
+        status = mtd("-s", str(f.states["srv"]), "status", "--json", ns=f.lab)
+        assert status.returncode == 0, status.stderr
+        import json
+
+        assert json.loads(status.stdout)["packets"]["real_port_ip"] == 1  # since the rotation
+        assert d.proc.poll() is None

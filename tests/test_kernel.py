@@ -29,13 +29,15 @@ def test_apply_then_in_sync_then_ok(lab: Lab, state_file: Path):
     diff = apply(lab, state_file, cmd="diff")
     assert diff.returncode == 0, diff.stdout + diff.stderr
     status = json.loads(apply(lab, state_file, "--json", cmd="status").stdout)
-    assert status | {"summary": None, "fingerprint": None} == {
+    assert status | {"summary": None, "fingerprint": None, "packets": None} == {
         "epoch": 0,
         "table": "mtd",
         "in_sync": True,
         "summary": None,
         "fingerprint": None,
+        "packets": None,
     }
+    assert set(status["packets"].values()) == {0}  # the ruleset's counters, none hit yet
     assert Path(files.load_state(state_file).secret_file).stat().st_mode & 0o777 == 0o600
 
 

@@ -31,11 +31,10 @@ def objects(commands, kind):
 
 
 def test_maps_rule_count_is_constant_whatever_the_number_of_sources():
-    many = "ports: {range: [1000, 60000], services: {tcp: [22, 80, 443]}}\nwatched:\n" + "".join(
-        f"  - source: 192.0.2.{i}\n" for i in range(1, 200)
-    )
+    ports = "ports: {range: [1000, 60000], services: {tcp: [22, 80, 443], udp: [53]}}\n"
+    many = ports + "watched:\n" + "".join(f"  - source: 192.0.2.{i}\n" for i in range(1, 200))
     few = sum("rule" in c["add"] for c in rendered()[2])
-    assert sum("rule" in c["add"] for c in rendered(many)[2]) == few == 16
+    assert sum("rule" in c["add"] for c in rendered(many)[2]) == few == 24  # 8 count leaks
 
 
 def test_maps_hold_both_directions_of_every_swap():
@@ -62,7 +61,17 @@ def test_most_specific_source_wins():
 def test_template_variables_documented_shape():
     state, mapping, _ = rendered()
     ctx = render.context(state, mapping)
-    assert set(ctx) == {"table", "family", "epoch", "mark", "state", "elements", "sources", "pairs"}
+    assert set(ctx) == {
+        "table",
+        "family",
+        "epoch",
+        "mark",
+        "state",
+        "elements",
+        "sources",
+        "services",
+        "pairs",
+    }
     assert ctx["epoch"] == 7 and ctx["table"] == "mtd"
     assert {"source", "family", "proto", "port", "to"} == set(ctx["pairs"][0])
 

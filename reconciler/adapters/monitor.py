@@ -252,6 +252,9 @@ class Monitor:
         try:
             yield Window(-1 if before is None else before)
         finally:
+            # Events of a transaction cut in two by the window are dropped (the count below
+            # reports that transaction), before any event after the window can arrive.
+            self._parser.pending.clear()
             with self._joined, contextlib.suppress(OSError):
                 sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
             try:
@@ -261,7 +264,6 @@ class Monitor:
             except OSError as exc:
                 self._lost(f"cannot read the generation: {exc.strerror or exc}")
             else:
-                self._parser.pending.clear()
                 if others > 0:
                     self._lost(f"{others} transaction(s) by other processes during mtd's own")
 

@@ -244,6 +244,9 @@ def status(ctx: Ctx, as_json: bool, state_dir: str) -> None:
         "summary": diff.summary(result.changes),
         "fingerprint": result.fingerprint,
     }
+    counters = ctx.nft().counters(result.table) or {}
+    if counters:  # since the table was last replaced; `mtd run --metrics` keeps the totals
+        out["packets"] = counters
     if pulled:
         out["pull"] = gitops.summary(pulled)
     if daemon:
@@ -253,6 +256,9 @@ def status(ctx: Ctx, as_json: bool, state_dir: str) -> None:
     else:
         state = "in sync" if result.in_sync else "out of sync"
         click.echo(f"table inet {result.table}: epoch {result.epoch}, {state}")
+        if counters:
+            counts = ", ".join(f"{name} {n}" for name, n in counters.items())
+            click.echo(f"packets since the table was last replaced: {counts}")
         for line in [*lines, *(gitops.summary_lines(pulled) if pulled else [])]:
             click.echo(line)
 

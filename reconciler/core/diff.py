@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-OBJECT_KINDS = ("table", "chain", "set", "map")
-_VOLATILE = ("handle", "family", "table")
+OBJECT_KINDS = ("table", "chain", "set", "map", "counter")
+# Dropped from every object: kernel bookkeeping, and a counter's values (packets move them;
+# they are telemetry, never drift).
+_VOLATILE = ("handle", "family", "table", "packets", "bytes")
 _FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 

@@ -191,6 +191,7 @@ def context(state: State, mapping: PortMap) -> dict[str, Any]:
         "state": state.doc,
         "elements": elements,
         "sources": sources,
+        "services": {proto: list(state.services[proto]) for proto in PROTOCOLS},
         "pairs": Lazy(lambda: _pairs(ordered, mapping)),
     }
 

@@ -34,6 +34,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 from reconciler import __version__, defaults
 from reconciler.adapters import auditlog, bus, files
@@ -138,6 +139,8 @@ class Metrics:
             self.pulls.labels(outcome)
         for outcome in ("accepted", "rejected", "stale"):
             self.triggers.labels(outcome)
+        self.packets = Packets(lambda: None)  # the daemon gives it the kernel to read
+        r.register(self.packets)  # type: ignore[arg-type]
 
     def serve(self, address: str) -> None:
         """In a background thread, for as long as the process lives."""
@@ -146,6 +149,72 @@ class Metrics:
             start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
             raise MtdError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from None
+
+
+PACKET_KINDS = ("moved", "stateless", "real_port")
+PACKET_FAMILIES = ("ip", "ip6")
+
+
+class Packets:
+    """`mtd_packets_total{kind,family}`: the ruleset's named counters (`KIND_FAMILY`), kept
+    monotonic although every rotation replaces the table and its counters with it: the
+    values read just before a replacement are carried, and nothing exported ever goes down.
+    Read from the kernel at each scrape (a listing of counter objects only: no elements)."""
+
+    def __init__(self, read: Callable[[], dict[str, int] | None]) -> None:
+        self.read = read  # the live counters, callable from the HTTP thread
+        self.carried: dict[str, int] = {}
+        self.last: dict[str, int] = {}  # the last live values seen (the table may vanish)
+        self.exported: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def snapshot(self, live: dict[str, int] | None) -> dict[str, int]:
+        """The live values (or the last ones seen, when the table is gone)."""
+        with self._lock:
+            if live is not None:
+                self.last = dict(live)
+            return dict(self.last)
+
+    def replaced(self, before: dict[str, int]) -> None:
+        with self._lock:
+            for name, packets in before.items():
+                self.carried[name] = self.carried.get(name, 0) + packets
+            self.last = {}
+
+    def totals(self) -> dict[str, int]:
+        try:
+            live = self.read()
+        except MtdError:
+            live = None
+        with self._lock:
+            if live is not None:
+                self.last = dict(live)
+            for kind in PACKET_KINDS:
+                for family in PACKET_FAMILIES:
+                    name = f"{kind}_{family}"
+                    now = self.carried.get(name, 0) + self.last.get(name, 0)
+                    self.exported[name] = max(self.exported.get(name, 0), now)
+            return dict(self.exported)
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = self._family()
+        for name, value in sorted(self.totals().items()):
+            kind, fam = name.rsplit("_", 1)
+            family.add_metric([kind, fam], value)
+        return [family]
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "mtd_packets",
+            "Packets counted by the ruleset: moved (new connections from watched sources to "
+            "a moved port), stateless (probes rewritten), real_port (new connections from a "
+            "watched source to the real port of a service moved for it: a leak signal)",
+            labels=["kind", "family"],
+        )
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -240,6 +309,9 @@ class Daemon:
         self._last_error: str | None = None
         self._started = time.time()
         self._pull_info = self._read_pull_info()
+        self._scrape_nft: Any = None
+        self.packets = self.metrics.packets
+        self.packets.read = self._read_counters
 
     @property
     def pulls(self) -> bool:
@@ -330,6 +402,24 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._queue.put(_Event("stop"))
+
+    def _read_counters(self) -> dict[str, int] | None:
+        """From the metrics thread: a libnftables context of its own (one is not shared)."""
+        if self._scrape_nft is None:
+            self._scrape_nft = type(self.nft)()
+        counters: Callable[[str], dict[str, int] | None] | None = getattr(
+            self._scrape_nft, "counters", None
+        )
+        return None if counters is None else counters(self.state.table)
+
+    def _counters_before(self) -> dict[str, int]:
+        """The live counters, read before a pass that may replace the table."""
+        counters = getattr(self.nft, "counters", None)
+        try:
+            live = counters(self.state.table) if counters is not None else None
+        except MtdError:
+            live = None
+        return self.packets.snapshot(live)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -601,6 +691,7 @@ class Daemon:
                     result = repair_chains(self._last, self.nft, events, state)
                 if result is None:
                     blind = not compare and (bool(foreign) or epoch != previous)
+                    counted = self._counters_before()
                     result = reconcile(
                         state,
                         epoch,
@@ -609,6 +700,8 @@ class Daemon:
                         templates=self.templates,
                         read_live=not blind,
                     )
+                    if result.status == "changed":  # replaced: its counters start at zero
+                        self.packets.replaced(counted)
                     if window is not None:
                         self._covered = max(self._covered, window.before)
                 if epoch != local:
