@@ -8,6 +8,7 @@ from pathlib import Path
 
 from reconciler.adapters import files
 from reconciler.adapters.fake import FakeKernel
+from reconciler.core import render, shuffle
 from reconciler.services import gitops
 from tests.test_gitops import Remote, state_doc
 
@@ -31,8 +32,12 @@ def test_a_round_applies_good_commits_rejects_bad_ones_and_never_retries_them(tm
     kernel.refuse(when=lambda c: "map" in c["add"], reason="Could not process rule: Nope")
     second = remote.commit({"state.yaml": state_doc(tmp_path, drift_interval=5)})
     out = p.round(kernel)
+    # Numbered as in the rendered document: the template's own place of `add map tcp4`.
+    state = files.load_state(p.config.clone_dir / "state.yaml")
+    doc = render.render(state, shuffle.compute(state, b"k" * 32, 0))
+    index = next(i for i, c in enumerate(doc) if c["add"].get("map", {}).get("name") == "tcp4")
     assert out.status == "rejected" and out.message.startswith(
-        f"commit {second[:12]}: nftables refused rendered command 5 (add map tcp4): "
+        f"commit {second[:12]}: nftables refused rendered command {index} (add map tcp4): "
     )
     listed = len(kernel.transactions)
     again = p.round(kernel)

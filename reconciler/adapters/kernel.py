@@ -123,9 +123,10 @@ class Nft:
         libnftables fetches no set elements for this, so it costs the same at any size."""
         rc, out, err = self._cmd(f"list counters table {FAMILY} {name}")
         if rc != 0:
-            if "No such file or directory" in err:
+            exc = kernel_error(err, context=f"list counters table {FAMILY} {name}")
+            if exc.not_found:
                 return None
-            raise NftError(f"list counters table {FAMILY} {name}: {_first_error(err)}")
+            raise exc
         return {
             o["counter"]["name"]: int(o["counter"].get("packets", 0))
             for o in json.loads(out)["nftables"]
