@@ -7,8 +7,13 @@ environment with StrictUndefined turns template mistakes into one-line errors.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -117,17 +122,122 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+# Bounds of one rendering: a template may come from a repository (see README, Security).
+RENDER_SECONDS = 30.0  # wall time, enforced in any thread (the daemon's too)
+MAX_RENDERED_CHARS = 128 << 20  # the shipped templates write elements as placeholders
+MAX_SIZE_ARG = 1 << 20  # widths and repeat counts: "x" * 10**10 must not allocate first
+_SIZED_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_SIZED_FILTERS = ("center", "indent", "wordwrap", "truncate", "batch", "slice")
+_HUGE_WIDTH = re.compile(r"\d{7,}")  # a format width of a million characters or more
+
+
+class RenderTimeout(BaseException):
+    """Raised inside the rendering thread when its time is up (a template cannot catch it)."""
+
+
+class _Sandbox(jinja2.sandbox.SandboxedEnvironment):
+    """Jinja2's sandbox, plus bounds on what one operation may allocate: repeating,
+    padding, formatting and powers are checked before they run, since a C-level
+    allocation cannot be interrupted by the time limit."""
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and _number(left) and _number(right):
+            if abs(right) > 64 and abs(left) > 1:
+                raise jinja2.sandbox.SecurityError(f"power {left} ** {right} is too large")
+        elif operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if hasattr(seq, "__len__") and _number(n) and len(seq) * n > MAX_RENDERED_CHARS:
+                    raise jinja2.sandbox.SecurityError("repetition too large")
+        elif operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
+            if len(left) + len(right) > MAX_RENDERED_CHARS:
+                raise jinja2.sandbox.SecurityError("concatenation too large")
+        elif operator == "%" and isinstance(left, str) and _HUGE_WIDTH.search(left):
+            raise jinja2.sandbox.SecurityError("format width too large")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        name, owner = getattr(method, "__name__", ""), getattr(method, "__self__", None)
+        if isinstance(owner, str):
+            if name in _SIZED_METHODS:
+                _check_sizes(name, args, kwargs)
+            elif name in ("format", "format_map") and _HUGE_WIDTH.search(owner):
+                raise jinja2.sandbox.SecurityError("format width too large")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_sizes(name: str, args: Iterable[Any], kwargs: Mapping[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if _number(value) and abs(value) > MAX_SIZE_ARG:
+            raise jinja2.sandbox.SecurityError(
+                f"{name}: {value} is too large (at most {MAX_SIZE_ARG})"
+            )
+
+
+def _sized_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)  # keeps the pass_context/pass_environment mark
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_sizes(name, args[1:], kwargs)
+        return fn(*args, **kwargs)
+
+    return bounded
+
+
 def environment(search: Iterable[Path]) -> jinja2.Environment:
-    env = jinja2.sandbox.SandboxedEnvironment(
+    env = _Sandbox(
         loader=jinja2.FileSystemLoader([str(p) for p in search]),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
+        optimized=False,  # no constant folding: nothing of a template runs while compiling
     )
+    for name in _SIZED_FILTERS:
+        env.filters[name] = _sized_filter(name, env.filters[name])
+    env.filters["format"] = _format_filter(env.filters["format"])
     # Plain compact JSON, with element lists left as placeholders (see `Elements`).
     env.policies["json.dumps_function"] = _dumps
     env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}
     return env
+
+
+def _format_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str) and _HUGE_WIDTH.search(value):
+            raise jinja2.sandbox.SecurityError("format width too large")
+        return fn(value, *args, **kwargs)
+
+    return bounded
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise `RenderTimeout` in this thread (any thread, unlike SIGALRM) once `seconds`
+    have passed, at the next Python instruction it runs."""
+    target, lock, active = threading.get_ident(), threading.Lock(), [True]
+    set_async = ctypes.pythonapi.PyThreadState_SetAsyncExc
+
+    def fire() -> None:
+        with lock:
+            if active[0]:
+                set_async(ctypes.c_ulong(target), ctypes.py_object(RenderTimeout))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            active[0] = False
+            timer.cancel()
+            set_async(ctypes.c_ulong(target), None)  # one set just now must not fire later
 
 
 @lru_cache(maxsize=8)
@@ -231,12 +341,17 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
     dirs = list(search) if search is not None else template_dirs()
     name = state.template + SUFFIX
     env = _cached_environment(tuple(dirs))
-    where = _template_path(env, name)
+    where = next((str(d / name) for d in dirs if (d / name).is_file()), name)
     ctx = context(state, mapping)
     try:
-        text = env.get_template(name).render(ctx)
-    except jinja2.TemplateNotFound:
+        with deadline(RENDER_SECONDS):
+            template = env.get_template(name)
+            where = template.filename or name
+            text = _bounded_text(template.generate(ctx), where)
+    except jinja2.TemplateNotFound as exc:
         dirs_text = ", ".join(str(d) for d in dirs) or "(no template directory)"
+        if exc.name != name:  # an {% include %} or {% import %} of a missing template
+            raise MtdError(f"{where}: template {exc.name!r} not found in {dirs_text}") from None
         raise MtdError(f"template {state.template!r}: no {name} in {dirs_text}") from None
     except jinja2.TemplateSyntaxError as exc:
         where = f"{exc.filename or name}:{exc.lineno}"
@@ -245,8 +360,19 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
         raise MtdError(f"{where}: undefined in template: {exc.message}") from None
     except jinja2.sandbox.SecurityError as exc:
         raise MtdError(f"{where}: refused by the template sandbox: {exc}") from None
-    except (TypeError, ValueError, ArithmeticError) as exc:
-        raise MtdError(f"{where}: template failed: {exc}") from None
+    except RenderTimeout:
+        raise MtdError(
+            f"{where}: rendering took longer than {RENDER_SECONDS:g} s: expected a template "
+            "without huge loops"
+        ) from None
+    except RecursionError:
+        raise MtdError(f"{where}: template recursion too deep: expected macros that end") from None
+    except MemoryError:
+        raise MtdError(f"{where}: template used too much memory") from None
+    except MtdError:
+        raise
+    except Exception as exc:  # a template's own error is the template's, never a crash
+        raise MtdError(f"{where}: template failed: {type(exc).__name__}: {exc}") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -259,6 +385,20 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
     return _commands(doc, state, where)
 
 
+def _bounded_text(chunks: Iterable[str], where: str) -> str:
+    """Join the rendered chunks, refusing more than `MAX_RENDERED_CHARS` of them."""
+    out, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_RENDERED_CHARS:
+            raise MtdError(
+                f"{where}: rendered output over {MAX_RENDERED_CHARS} characters: expected a "
+                "smaller document (element lists belong in `| tojson`)"
+            )
+        out.append(chunk)
+    return "".join(out)
+
+
 def _splice(node: dict | list, bulk: dict[str, Elements]) -> None:
     """Replace, in place, each element-list placeholder by its list."""
     for k, v in node.items() if isinstance(node, dict) else enumerate(node):
@@ -267,13 +407,6 @@ def _splice(node: dict | list, bulk: dict[str, Elements]) -> None:
                 node[k] = bulk[v]  # type: ignore[index]
         elif isinstance(v, dict | list):
             _splice(v, bulk)
-
-
-def _template_path(env: jinja2.Environment, name: str) -> str:
-    try:
-        return env.get_template(name).filename or name
-    except jinja2.TemplateError:
-        return name
 
 
 # What a template may ask for: `add` only (mtd itself adds the delete of its table), and
