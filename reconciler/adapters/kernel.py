@@ -77,6 +77,17 @@ class Nft:
             if "counter" in o
         }
 
+    def list_tables(self) -> list[tuple[str, str]]:
+        """(family, name) of every table in this namespace (not their content)."""
+        rc, out, err = self._cmd("list tables")
+        if rc != 0:
+            raise NftError(f"list tables: {_first_error(err)}")
+        return [
+            (o["table"]["family"], o["table"]["name"])
+            for o in json.loads(out)["nftables"]
+            if "table" in o
+        ]
+
     def replace_table(
         self,
         name: str,

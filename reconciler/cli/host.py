@@ -15,7 +15,6 @@ from reconciler.adapters import auditlog, files
 from reconciler.cli.common import (
     EXIT_AUDIT_FAILED,
     EXIT_PENDING,
-    STATE_DIR_OPTION,
     Ctx,
     cli,
     examples,
@@ -205,16 +204,15 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
 
 @cli.command(epilog=examples("mtd status -s /etc/mtd --json"))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@STATE_DIR_OPTION
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def status(ctx: Ctx, as_json: bool, state_dir: str) -> None:
+def status(ctx: Ctx, as_json: bool) -> None:
     """Epoch, table, whether the live table matches the desired state, and the last pull."""
     from reconciler.services import gitops
 
-    pulled = gitops.read_record(Path(state_dir) / "pull.json")
+    pulled = gitops.read_record(Path(ctx.state_dir) / "pull.json")
     daemon = files.read_daemon_status(ctx.state().epoch_file)
     problem = daemon.get("secret_problem")
     lines = (
