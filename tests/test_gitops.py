@@ -154,8 +154,8 @@ def test_a_bad_commit_is_named_by_its_paths_in_the_repository(tmp_path: Path, re
     with pytest.raises(MtdError) as exc, puller.candidate(sha):
         pass
     assert exc.value.problems == [
-        "fleet/mtd/base.yaml:3: ports: missing key: 'services' is a required property",
-        "fleet/mtd/base.yaml:4: ports.range: [1]: expected [low, high]",
+        "fleet/mtd/base.yaml:2: ports: missing key: 'services' is a required property",
+        "fleet/mtd/base.yaml:3: ports.range: [1]: expected [low, high]",
     ]
     assert [p.name for p in (tmp_path / "sd").iterdir()] == ["repo"]  # scratch copy removed
     empty = remote.commit({"fleet/mtd/base.yaml": None, "fleet/other.txt": "x"})
@@ -220,7 +220,7 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     bad_schema = remote.commit({"mtd/state.yaml": ranged.replace("- 40", "- 99999")}, "bad schema")
     out = step(1, third, changed=False)
     assert out.stderr.splitlines() == [
-        f"mtd: error: commit {bad_schema[:12]}: mtd/state.yaml:5: ports.range[1]: 99999: "
+        f"mtd: error: commit {bad_schema[:12]}: mtd/state.yaml:4: ports.range[1]: 99999: "
         "expected at most 65535"
     ]
     status = json.loads(

@@ -344,7 +344,7 @@ HOSTILE_TEMPLATES = {
     "deeply nested expression": ("{{ " + "(" * 100_000 + "1" + ")" * 100_000 + " }}", "too deep"),
     "huge output": (
         '{% for i in range(100000) %}{{ "x" * 100000 }}{% endfor %}',
-        "rendered output over 134217728 characters",
+        "rendered output over 4194304 characters",
     ),
     "string repetition": ('{{ "x" * 10000000000 }}', "repetition too large"),
     "list repetition": ("{{ [1] * 10000000000 }}", "repetition too large"),
@@ -352,6 +352,25 @@ HOSTILE_TEMPLATES = {
         "{% set ns = namespace(s='xx') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
         "{% endfor %}",
         "concatenation too large",
+    ),
+    "doubling by ~": (
+        "{% set ns = namespace(s='xx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+        "{% endfor %}",
+        "concatenation too large",
+    ),
+    "doubling by join": (
+        "{% set ns = namespace(s='xx') %}{% for i in range(64) %}"
+        "{% set ns.s = [ns.s, ns.s]|join %}{% endfor %}",
+        "result too large",
+    ),
+    "squaring by replace": (
+        "{% set ns = namespace(s='x' * 1000) %}{% for i in range(8) %}"
+        "{% set ns.s = ns.s.replace('x', ns.s) %}{% endfor %}",
+        "replace result too large",
+    ),
+    "doubling a list in place": (
+        "{% set l = [1, 2] %}{% for i in range(64) %}{{ l.extend(l) }}{% endfor %}",
+        "refused by the template sandbox",
     ),
     "a huge power": ("{{ 10 ** 100000000 }}", "power 10 ** 100000000 is too large"),
     "center filter": ('{{ "a"|center(2000000000) }}', "center: 2000000000 is too large"),
@@ -369,6 +388,7 @@ from reconciler.core import render, shuffle
 from reconciler.core.state import parse
 from reconciler.errors import MtdError
 render.RENDER_SECONDS = 2.0
+render.MAX_RENDERED_CHARS = 1 << 22  # quicker to reach on a busy machine; same code paths
 tmp, state_text = sys.argv[1], sys.argv[2]
 for name in json.loads(sys.stdin.read()):
     state = parse([("s.yaml", state_text + "template: " + name + "\\n")])

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.compiler
+import jinja2.nodes
 import jinja2.sandbox
 
 from reconciler.core.shuffle import PortMap
@@ -135,10 +137,30 @@ class RenderTimeout(BaseException):
     """Raised inside the rendering thread when its time is up (a template cannot catch it)."""
 
 
-class _Sandbox(jinja2.sandbox.SandboxedEnvironment):
-    """Jinja2's sandbox, plus bounds on what one operation may allocate: repeating,
-    padding, formatting and powers are checked before they run, since a C-level
-    allocation cannot be interrupted by the time limit."""
+class _Codegen(jinja2.compiler.CodeGenerator):
+    """`a ~ b` through `_Sandbox.concat`, so doubling a string in a loop is bounded too."""
+
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame: Any) -> None:
+        self.write("environment.concat_bounded((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja2's sandbox (immutable: no list.append or dict.update, which could double a
+    list in a loop), plus bounds on what one operation may allocate: repeating, joining,
+    padding, replacing, formatting and powers are checked before or right after they run,
+    since a C-level allocation cannot be interrupted by the time limit."""
+
+    code_generator_class = _Codegen
+
+    def concat_bounded(self, parts: Iterable[Any]) -> str:
+        texts = [str(p) for p in parts]
+        if sum(map(len, texts)) > MAX_RENDERED_CHARS:
+            raise jinja2.sandbox.SecurityError("concatenation too large")
+        return "".join(texts)
 
     intercepted_binops = frozenset({"*", "**", "%", "+"})
 
@@ -165,7 +187,23 @@ class _Sandbox(jinja2.sandbox.SandboxedEnvironment):
                 _check_sizes(name, args, kwargs)
             elif name in ("format", "format_map") and _HUGE_WIDTH.search(owner):
                 raise jinja2.sandbox.SecurityError("format width too large")
-        return super().call(__context, __obj, *args, **kwargs)
+            elif (
+                name == "replace"
+                and len(args) > 1
+                and isinstance(args[1], str)
+                and len(owner) * max(1, len(args[1])) > MAX_RENDERED_CHARS
+            ):
+                raise jinja2.sandbox.SecurityError("replace result too large")
+        out = super().call(__context, __obj, *args, **kwargs)
+        _check_result(out)
+        return out
+
+
+def _check_result(value: Any) -> None:
+    """After an operation whose size is only known once done (a join): at most twice the
+    bound was allocated, and the next doubling is refused."""
+    if isinstance(value, str | list | tuple) and len(value) > MAX_RENDERED_CHARS:
+        raise jinja2.sandbox.SecurityError("result too large")
 
 
 def _number(value: Any) -> bool:
@@ -189,6 +227,16 @@ def _sized_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return bounded
 
 
+def _checked_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        _check_result(out)
+        return out
+
+    return checked
+
+
 def environment(search: Iterable[Path]) -> jinja2.Environment:
     env = _Sandbox(
         loader=jinja2.FileSystemLoader([str(p) for p in search]),
@@ -199,6 +247,8 @@ def environment(search: Iterable[Path]) -> jinja2.Environment:
     )
     for name in _SIZED_FILTERS:
         env.filters[name] = _sized_filter(name, env.filters[name])
+    for name in ("join", "replace", "list", "string"):
+        env.filters[name] = _checked_filter(env.filters[name])
     env.filters["format"] = _format_filter(env.filters["format"])
     # Plain compact JSON, with element lists left as placeholders (see `Elements`).
     env.policies["json.dumps_function"] = _dumps
