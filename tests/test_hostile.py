@@ -604,3 +604,16 @@ def test_the_daemon_outlives_hostile_commits(host_lab: Lab, remote: Remote, tmp_
 
 def _rejected(sd: Path) -> str | None:
     return (gitops.read_record(sd / "pull.json").get("rejected") or {}).get("commit")
+
+
+def test_validate_repository_checks_a_checkout_as_hosts_will(tmp_path: Path):
+    """A state repository's CI sees the rejection before any host does."""
+    (tmp_path / "base.yaml").write_text(GOOD + "audit_log: /root/.bashrc\n")
+    (tmp_path / "hosts").mkdir()
+    (tmp_path / "hosts" / "h1.yaml").write_text("watched: [{source: 192.0.2.9}]\n")
+    assert mtd("-s", str(tmp_path), "validate").returncode == 0  # a local file may
+    out = mtd("-s", str(tmp_path), "validate", "--repository")
+    assert out.returncode == 1 and out.stderr == (
+        f"mtd: error: h1: {tmp_path}/base.yaml:3: audit_log: a host-local setting: expected it "
+        "only in the host's local configuration (--config), never in the repository\n"
+    )

@@ -28,18 +28,28 @@ from reconciler.errors import MtdError
 
 
 @cli.command(
-    epilog=examples("mtd validate -s desired_state/", "mtd validate -s fleet/ --host web1")
+    epilog=examples(
+        "mtd validate -s desired_state/",
+        "mtd validate -s fleet/ --host web1",
+        "mtd validate -s checkout/fleet --repository   # in the state repository's CI",
+    )
+)
+@click.option(
+    "--repository",
+    is_flag=True,
+    help="Check it as a pulled commit: a host-local key (README: Security) is an error.",
 )
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def validate(ctx: Ctx) -> None:
+def validate(ctx: Ctx, repository: bool) -> None:
     """Check the desired state (schema and meaning) and that it renders.
 
     An inventory is checked for every host it names (or only --host), each error line
     prefixed with the host.
     """
+    ctx.untrusted = ctx.untrusted or repository
     hosts = files.inventory_hosts(ctx.state_path)
     if hosts is not None:
         _validate_inventory(ctx, [ctx.host] if ctx.host else hosts)
@@ -57,7 +67,7 @@ def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
     problems = []
     for host in hosts:
         try:
-            state = files.load_state(ctx.state_path, host)
+            state = files.load_state(ctx.state_path, host, ctx.local())
             render.render(state, shuffle.compute(state, b"\0" * 32, 0), ctx.templates)
         except MtdError as exc:
             problems += [f"{host}: {line}" for line in exc.problems]
