@@ -372,6 +372,14 @@ HOSTILE_TEMPLATES = {
         "{% set l = [1, 2] %}{% for i in range(64) %}{{ l.extend(l) }}{% endfor %}",
         "refused by the template sandbox",
     ),
+    "deeply nested JSON": (
+        '{"nftables": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "rendered JSON nested more than 64 levels deep",
+    ),
+    "nested JSON just deep enough to hurt": (
+        '{"nftables": ' + "[" * 900 + "]" * 900 + "}",
+        "rendered JSON nested more than 64 levels deep",
+    ),
     "a huge power": ("{{ 10 ** 100000000 }}", "power 10 ** 100000000 is too large"),
     "center filter": ('{{ "a"|center(2000000000) }}', "center: 2000000000 is too large"),
     "ljust method": ('{{ "a".ljust(2000000000) }}', "ljust: 2000000000 is too large"),

@@ -430,9 +430,33 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
             f"{where}: rendered output is not JSON: {exc.msg} "
             f"at rendered line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        doc = None
+    if doc is None or _too_deep(doc):
+        raise MtdError(
+            f"{where}: rendered JSON nested more than {MAX_JSON_DEPTH} levels deep: expected "
+            "a libnftables document (about 12 levels)"
+        )
     if _TOKEN_JSON in text:
         _splice(doc, {e.token: e for e in ctx["elements"].values()})
     return _commands(doc, state, where)
+
+
+MAX_JSON_DEPTH = 64  # real documents nest about 12 deep; the diff and libnftables recurse
+
+
+def _too_deep(doc: Any) -> bool:
+    """Iteratively, so the check itself cannot overflow the stack."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
 
 
 def _bounded_text(chunks: Iterable[str], where: str) -> str:
