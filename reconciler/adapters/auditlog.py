@@ -37,12 +37,14 @@ def check_writable(path: str | Path) -> None:
     so that a change that could not be recorded is refused rather than made."""
     p = Path(path)
     try:
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-    except OSError as exc:
-        raise MtdError(
-            f"{p}: cannot write the audit log: {exc.strerror}: nothing changed"
-        ) from None
+        fd = files.open_own(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "audit log")
+        try:
+            _check_own(p, os.fstat(fd))
+        finally:
+            os.close(fd)
+    except MtdError as exc:
+        why = str(exc).removeprefix(f"{p}: ")
+        raise MtdError(f"{p}: cannot write the audit log: {why}: nothing changed") from None
 
 
 def record(
