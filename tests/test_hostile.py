@@ -114,6 +114,7 @@ def host_lab() -> Iterator[Lab]:
             "srv",
             "nft add table inet filter && nft add chain inet filter input "
             "'{ type filter hook input priority 0; policy drop; }' && "
+            "nft add rule inet filter input iif lo accept && "
             "nft add rule inet filter input tcp dport 22 accept",
         )
         yield lab
@@ -573,7 +574,8 @@ def test_the_daemon_outlives_hostile_commits(host_lab: Lab, remote: Remote, tmp_
     lab, sd = host_lab, tmp_path / "sd"
     first = remote.commit({"state.yaml": GOOD})
     argv = [*MTD, "--state-dir", str(sd), "run", "--pull", str(remote.bare), "--pull-interval",
-            "0.2", "--drift-interval", "0.5", "--reconnect-max", "0.5", "--log-json"]  # fmt: skip
+            "0.2", "--drift-interval", "0.5", "--reconnect-max", "0.5", "--log-json",
+            "--metrics", "127.0.0.1:9108"]  # fmt: skip
     with (tmp_path / "err").open("w") as err:
         proc = lab.spawn("srv", argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     try:
@@ -599,6 +601,7 @@ def test_the_daemon_outlives_hostile_commits(host_lab: Lab, remote: Remote, tmp_
         )
         assert status["pull"]["applied"] == first and status["pull"]["rejected"] == sha
         assert not status["pull"]["healthy"] and status["in_sync"]
+        assert "mtd_pull_head_rejected 1.0" in _metrics(lab)
         good = remote.commit({"state.yaml": GOOD + "# fixed\n", "templates/evil.json.j2": None})
         wait_for(lambda: Repo(sd / "repo").head() == good)
         assert proc.poll() is None
@@ -625,3 +628,11 @@ def test_validate_repository_checks_a_checkout_as_hosts_will(tmp_path: Path):
         f"mtd: error: h1: {tmp_path}/base.yaml:3: audit_log: a host-local setting: expected it "
         "only in the host's local configuration (--config), never in the repository\n"
     )
+
+
+def _metrics(lab: Lab) -> str:
+    """The daemon's Prometheus page, read from inside its namespace."""
+    read = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9108').read().decode())"
+    out = lab.run("srv", [sys.executable, "-c", read])
+    assert out.returncode == 0, out.stderr
+    return out.stdout
