@@ -7,12 +7,14 @@ clear line, the owned table as before, other tables and host files byte-identica
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -457,6 +459,29 @@ def test_the_time_limit_works_in_any_thread(tmp_path: Path, monkeypatch: pytest.
     # The shipped template still renders, and no timeout fires later.
     good = parse([("s.yaml", STATE)])
     render.render(good, shuffle.compute(good, SECRET, 0))
+
+
+def test_a_timeout_swallowed_by_a_gc_callback_is_raised_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """An exception raised inside a gc callback or `__del__` is ignored by Python: the
+    watchdog keeps raising until the rendering ends (seen with hypothesis's gc callback)."""
+    monkeypatch.setattr(render, "RENDER_SECONDS", 0.3)
+    (tmp_path / "slow.json.j2").write_text(HOSTILE_TEMPLATES["nested loops"][0])
+    state = parse([("s.yaml", STATE + "template: slow\n")])
+    swallowed = []
+
+    def busy_callback(phase: str, info: dict) -> None:
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:  # the timeout lands in here, and is lost
+            swallowed.append(1)
+
+    gc.callbacks.append(busy_callback)
+    try:
+        with pytest.raises(MtdError, match=r"rendering took longer than 0\.3 s"):
+            render.render(state, shuffle.compute(state, SECRET, 0), [tmp_path])
+    finally:
+        gc.callbacks.remove(busy_callback)
 
 
 # --- hostile commits: rejected before anything is applied ---------------------------------------

@@ -269,25 +269,38 @@ def _format_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
 @contextmanager
 def deadline(seconds: float) -> Iterator[None]:
     """Raise `RenderTimeout` in this thread (any thread, unlike SIGALRM) once `seconds`
-    have passed, at the next Python instruction it runs."""
-    target, lock, active = threading.get_ident(), threading.Lock(), [True]
+    have passed, at the next Python instruction it runs; again every 50 ms until it ends,
+    since an exception raised inside a gc callback or a `__del__` is swallowed."""
+    target, lock, timers = threading.get_ident(), threading.Lock(), []
     set_async = ctypes.pythonapi.PyThreadState_SetAsyncExc
+
+    def arm(delay: float) -> None:
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        timers[:] = [timer]  # the previous one has fired
+        timer.start()
 
     def fire() -> None:
         with lock:
-            if active[0]:
+            if timers:
                 set_async(ctypes.c_ulong(target), ctypes.py_object(RenderTimeout))
+                arm(0.05)
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
+    with lock:
+        arm(seconds)
     try:
         yield
     finally:
-        with lock:
-            active[0] = False
-            timer.cancel()
-            set_async(ctypes.c_ulong(target), None)  # one set just now must not fire later
+        while True:  # the timeout may land in here too: retry until the watchdog is off
+            try:
+                with lock:
+                    for timer in timers:
+                        timer.cancel()
+                    timers.clear()
+                    set_async(ctypes.c_ulong(target), None)  # a pending one must not fire later
+                break
+            except RenderTimeout:
+                continue
 
 
 @lru_cache(maxsize=8)
