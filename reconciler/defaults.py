@@ -26,7 +26,6 @@ STATE: dict[str, Any] = {
     "table": TABLE,
     "template": TEMPLATE,
     "ownership": "table",
-    "secret_file": str(SECRET_FILE),
     "mark": MARK,
     "drift_interval": DRIFT_INTERVAL,
 }

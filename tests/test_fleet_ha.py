@@ -114,17 +114,26 @@ def test_daemons_follow_a_sentinel_failover_and_lose_no_rotation(tmp_path: Path)
 
 
 def inventory(tmp_path: Path, url: str, **base: object) -> dict[str, str]:
+    """The fleet's repository: desired state only. What each host sets itself (its secret,
+    its Redis) is in its own configuration file (`host_config`): a commit may not set it."""
     doc = {
         "ports": {"range": [1, 20], "services": {"tcp": [1, 2, 3, 4, 5], "udp": [53]}},
         "watched": [{"source": "192.0.2.3", "ignore": {"tcp": [1, 2]}}],
-        "redis": {"url": url, "heartbeat_ttl": 5},
     } | base
     files = {"base.yaml": yaml.safe_dump(doc)}
     for host in ("web1", "web2"):
-        files[f"hosts/{host}.yaml"] = yaml.safe_dump(
-            {"secret_file": str(tmp_path / host / "secret")}
-        )
+        files[f"hosts/{host}.yaml"] = "{}\n"
     return files
+
+
+def host_config(tmp_path: Path, host: str, url: str) -> Path:
+    path = tmp_path / host / "mtd.yaml"
+    config = {
+        "secret_file": str(tmp_path / host / "secret"),
+        "redis": {"url": url, "heartbeat_ttl": 5},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def test_a_merge_reaches_the_fleet_in_seconds_and_fleet_status_tracks_it(tmp_path: Path):
@@ -146,7 +155,8 @@ def test_a_merge_reaches_the_fleet_in_seconds_and_fleet_status_tracks_it(tmp_pat
             for role, host in roles.items():
                 (tmp_path / host).mkdir()
                 args = ["--pull", str(remote.bare), "--pull-interval", "300", "--host", host,
-                        "--state-dir", str(tmp_path / host / "sd")]  # fmt: skip
+                        "--state-dir", str(tmp_path / host / "sd"),
+                        "--config", str(host_config(tmp_path, host, server.url))]  # fmt: skip
                 log = tmp_path / host / "run.log"
                 daemons[host] = Daemon(lab, role, tmp_path / host / "sd" / "repo", log, args)
             for d in daemons.values():

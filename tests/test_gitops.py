@@ -78,7 +78,6 @@ def git(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
 
 def state_doc(tmp_path: Path, **overrides: object) -> str:
     doc: dict[str, object] = {
-        "secret_file": str(tmp_path / "host" / "secret"),
         "ports": {"range": [1, 20], "services": {"tcp": [1, 2, 3, 4, 5], "udp": [53]}},
         "watched": [{"source": "192.0.2.3", "ignore": {"tcp": [1, 2]}}],
     }
@@ -101,7 +100,11 @@ def applied_commit(state_dir: Path) -> str:
 
 
 def in_sync(lab: Lab, state_path: Path, *args: str, role: str = "srv") -> bool:
-    out = mtd("-s", str(state_path), "diff", "--stat", *args, ns=lab, role=role)
+    """`mtd diff` of the applied commit, with the pull's state directory (its secret)."""
+    sd = next(p.parent for p in (state_path, *state_path.parents) if p.name == "repo")
+    out = mtd(
+        "--state-dir", str(sd), "-s", str(state_path), "diff", "--stat", *args, ns=lab, role=role
+    )
     assert out.returncode in (0, 2), out.stderr
     return out.returncode == 0
 
@@ -156,8 +159,8 @@ def test_a_bad_commit_is_named_by_its_paths_in_the_repository(tmp_path: Path, re
     with pytest.raises(MtdError) as exc, puller.candidate(sha):
         pass
     assert exc.value.problems == [
-        "fleet/mtd/base.yaml:3: ports: missing key: 'services' is a required property",
-        "fleet/mtd/base.yaml:4: ports.range: [1]: expected [low, high]",
+        "fleet/mtd/base.yaml:2: ports: missing key: 'services' is a required property",
+        "fleet/mtd/base.yaml:3: ports.range: [1]: expected [low, high]",
     ]
     assert [p.name for p in (tmp_path / "sd").iterdir()] == ["repo"]  # scratch copy removed
     empty = remote.commit({"fleet/mtd/base.yaml": None, "fleet/other.txt": "x"})
@@ -222,7 +225,7 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     bad_schema = remote.commit({"mtd/state.yaml": ranged.replace("- 40", "- 99999")}, "bad schema")
     out = step(1, third, changed=False)
     assert out.stderr.splitlines() == [
-        f"mtd: error: commit {bad_schema[:12]}: mtd/state.yaml:5: ports.range[1]: 99999: "
+        f"mtd: error: commit {bad_schema[:12]}: mtd/state.yaml:4: ports.range[1]: 99999: "
         "expected at most 65535"
     ]
     status = json.loads(
@@ -250,7 +253,7 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     step(0, fixed, changed=False)  # same desired state as `third`: applied, nothing to change
 
     git(remote.work, "reset", "-q", "--hard", first)
-    rewritten = remote.commit({"mtd/state.yaml": state_doc(tmp_path, drift_interval=5)}, "force")
+    rewritten = remote.commit({"mtd/state.yaml": state_doc(tmp_path) + "# rewritten\n"}, "force")
     step(0, rewritten, changed=True)
     assert "192.0.2.2" not in table_text(lab)
 
@@ -261,7 +264,7 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     assert step(0, rewritten, changed=False).stdout.startswith("ok: ")
     assert gitops.read_record(sd / "pull.json")["unreachable"] is None
 
-    entries = auditlog.entries(tmp_path / "host" / "audit.jsonl")
+    entries = auditlog.entries(sd / "audit.jsonl")
     assert [(e["commit"], e["result"]) for e in entries] == [
         (first, "changed"),
         (second, "changed"),
@@ -273,7 +276,7 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
         (rewritten, "changed"),
     ]
     assert {e["origin"] for e in entries} == {"pull"}
-    history = mtd("-s", str(applied), "history", ns=lab)
+    history = mtd("--state-dir", str(sd), "-s", str(applied), "history", ns=lab)
     assert history.returncode == 0 and len(history.stdout.splitlines()) == 8
     # What 192.0.2.2 saw while `third` was live, from that commit's state (it is not in the
     # current one), confirmed by the recorded fingerprint.
@@ -304,7 +307,7 @@ def test_the_pull_loop_follows_the_branch(lab: Lab, remote: Remote, tmp_path: Pa
     wait_for(
         lambda: (gitops.read_record(sd / "pull.json").get("rejected") or {}).get("commit") == bad
     )
-    good = remote.commit({"state.yaml": state_doc(tmp_path, drift_interval=3)})
+    good = remote.commit({"state.yaml": state_doc(tmp_path) + "# good\n"})
     wait_for(lambda: applied_commit(sd) == good)
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGTERM)
@@ -364,9 +367,8 @@ def test_two_hosts_get_their_own_merged_state(lab: Lab, remote: Remote, tmp_path
         {
             "base.yaml": base,
             "groups/edge.yaml": "hosts: [h2]\nwatched: [{source: 2001:db8::3}]\n",
-            "hosts/h1.yaml": f"secret_file: {tmp_path}/h1/secret\n"
-            "watched: [{source: 192.0.2.3}, {source: 198.51.100.0/24}]\n",
-            "hosts/h2.yaml": f"secret_file: {tmp_path}/h2/secret\nports: {{range: [1, 30]}}\n",
+            "hosts/h1.yaml": "watched: [{source: 192.0.2.3}, {source: 198.51.100.0/24}]\n",
+            "hosts/h2.yaml": "ports: {range: [1, 30]}\n",
         }
     )
     for host, role in (("h1", "srv"), ("h2", "srv2")):
@@ -379,7 +381,7 @@ def test_two_hosts_get_their_own_merged_state(lab: Lab, remote: Remote, tmp_path
     for host, role in (("h1", "srv"), ("h2", "srv2")):
         assert in_sync(lab, tmp_path / host / "sd" / "repo", "--host", host, role=role)
     assert not in_sync(lab, tmp_path / "h1" / "sd" / "repo", "--host", "h2", role="srv")
-    assert auditlog.entries(tmp_path / "h2" / "audit.jsonl")[0]["host"] == "h2"
+    assert auditlog.entries(tmp_path / "h2" / "sd" / "audit.jsonl")[0]["host"] == "h2"
 
 
 @contextlib.contextmanager
@@ -442,7 +444,7 @@ def test_only_signed_commits_are_applied_when_asked(lab: Lab, remote: Remote, tm
             "from the keyring\n"
         )
         assert "absent" in table_text(lab)
-        (remote.work / "state.yaml").write_text(state_doc(tmp_path, drift_interval=7))
+        (remote.work / "state.yaml").write_text(state_doc(tmp_path) + "# signed\n")
         git(remote.work, "commit", "-q", "-S", "-am", "signed", env=sign_env)
         git(remote.work, "push", "-q", str(remote.bare), "HEAD:main")
         signed = git(remote.work, "rev-parse", "HEAD").strip()

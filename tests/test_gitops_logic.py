@@ -30,7 +30,7 @@ def test_a_round_applies_good_commits_rejects_bad_ones_and_never_retries_them(tm
 
     # The kernel refuses the next commit's table: rejected once, named, never retried.
     kernel.refuse(when=lambda c: "map" in c["add"], reason="Could not process rule: Nope")
-    second = remote.commit({"state.yaml": state_doc(tmp_path, drift_interval=5)})
+    second = remote.commit({"state.yaml": state_doc(tmp_path, watched=[{"source": "192.0.2.4"}])})
     out = p.round(kernel)
     # Numbered as in the rendered document: the template's own place of `add map tcp4`.
     state = files.load_state(p.config.clone_dir / "state.yaml")
@@ -53,7 +53,7 @@ def test_a_round_applies_good_commits_rejects_bad_ones_and_never_retries_them(tm
     assert len(kernel.transactions) == listed
 
     # The next good commit is applied; the record says so.
-    fourth = remote.commit({"state.yaml": state_doc(tmp_path, drift_interval=7)})
+    fourth = remote.commit({"state.yaml": state_doc(tmp_path, watched=[{"source": "192.0.2.5"}])})
     out = p.round(kernel)
     assert (out.status, out.commit) == ("applied", fourth)
     record = json.loads((tmp_path / "sd" / "pull.json").read_text())
@@ -63,14 +63,14 @@ def test_a_round_applies_good_commits_rejects_bad_ones_and_never_retries_them(tm
         ("pull", "changed"),
         ("pull", "rejected"),
         ("pull", "rejected"),
-        ("pull", "ok"),
+        ("pull", "changed"),  # another watched source: its elements are added
     ]
 
 
 def test_check_applies_and_records_nothing(tmp_path: Path):
     remote, kernel = Remote(tmp_path), FakeKernel()
     remote.commit({"state.yaml": state_doc(tmp_path)})
-    files.load_secret(tmp_path / "host" / "secret", create=True)  # --check only reads it
+    files.load_secret(tmp_path / "sd" / "secret", create=True)  # --check only reads it
     out = puller(tmp_path, remote).round(kernel, check=True)
     assert (out.status, out.result.status) == ("applied", "would change")
     assert kernel.applied == [] and kernel.tables == {}

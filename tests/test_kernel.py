@@ -104,9 +104,16 @@ def test_other_tables_untouched_across_applies_and_rotations(lab: Lab, state_fil
 def test_ownership_ruleset_flushes_other_tables_only_when_asked(lab: Lab, tmp_path: Path):
     state = write_state(tmp_path / "s.yaml", ownership="ruleset")
     nft(lab, "add table inet filter")
+    nft(lab, "add table ip nat")
+    for cmd, args in (("diff", ()), ("apply", ("--check", "--diff"))):
+        out = apply(lab, state, *args, cmd=cmd)
+        assert "- table inet filter (ownership: ruleset flushes it)" in out.stdout, out.stdout
+        assert "- table ip nat (ownership: ruleset flushes it)" in out.stdout
+    assert "inet filter" in lab.sh("srv", "nft list tables")  # a preview changes nothing
     assert apply(lab, state).returncode == 0
     tables = lab.sh("srv", "nft list tables")
     assert "inet filter" not in tables and "inet mtd" in tables
+    assert apply(lab, state).stdout.startswith("ok: ")  # nothing foreign left: in sync
 
 
 def test_rotation_moves_ports_and_keeps_established_connections(lab: Lab, state_file: Path):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from reconciler.adapters import files
 from reconciler.core.audit import ORIGINS, parse_time, timestamp
 from reconciler.core.state import State
 from reconciler.errors import MtdError
@@ -35,12 +37,14 @@ def check_writable(path: str | Path) -> None:
     so that a change that could not be recorded is refused rather than made."""
     p = Path(path)
     try:
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-    except OSError as exc:
-        raise MtdError(
-            f"{p}: cannot write the audit log: {exc.strerror}: nothing changed"
-        ) from None
+        fd = files.open_own(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "audit log")
+        try:
+            _check_own(p, os.fstat(fd))
+        finally:
+            os.close(fd)
+    except MtdError as exc:
+        why = str(exc).removeprefix(f"{p}: ")
+        raise MtdError(f"{p}: cannot write the audit log: {why}: nothing changed") from None
 
 
 def record(
@@ -71,17 +75,26 @@ def record(
         entry["error"] = error
     p = Path(path)
     line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+    fd = files.open_own(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "audit log")
     try:
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, line)  # one write with O_APPEND: lines of concurrent writers never mix
-        finally:
-            os.close(fd)
+        _check_own(p, os.fstat(fd))
+        os.write(fd, line)  # one write with O_APPEND: lines of concurrent writers never mix
     except OSError as exc:
         raise MtdError(f"{p}: cannot write the audit log: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     return entry
+
+
+def _check_own(p: Path, st: os.stat_result) -> None:
+    """Append only to a log mtd created: a private regular file of its own user. Anything
+    else (a shell profile, a file of another user) is refused, never re-moded."""
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise MtdError(
+            f"{p}: not an audit log mtd created (mode {stat.S_IMODE(st.st_mode):04o}, owner "
+            f"{st.st_uid}): expected a private regular file (0600) of user {os.geteuid()}; "
+            "mtd never changes a file it did not create"
+        )
 
 
 def log_result(

@@ -128,6 +128,9 @@ class FakeKernel:
         self.tables[name] = listing
         self.commits += 1
 
+    def list_tables(self) -> list[tuple[str, str]]:
+        return [(FAMILY, name) for name in sorted(self.tables)]
+
     def delete_table(self, name: str) -> bool:
         tx = Transaction("delete", name, [])
         self.transactions.append(tx)

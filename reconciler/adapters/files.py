@@ -7,6 +7,7 @@ cache, sysctls), the only code that reads or writes the host's files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hmac
 import json
@@ -23,11 +24,12 @@ from typing import Any
 from reconciler.adapters.credentials import redact
 from reconciler.core import inventory
 from reconciler.core.shuffle import MAX_EPOCH
-from reconciler.core.state import State, parse
+from reconciler.core.state import Local, State, parse
 from reconciler.defaults import YAML_SUFFIXES
 from reconciler.errors import MtdError
 
 SECRET_BYTES = 32
+DEFAULT_CONFIG = "/etc/mtd/mtd.yaml"
 
 
 def state_documents(path: str | Path, host: str | None = None) -> list[tuple[str, str]]:
@@ -53,16 +55,34 @@ def state_documents(path: str | Path, host: str | None = None) -> list[tuple[str
     return [(str(f), _read_text(f)) for f in files]
 
 
-def load_state(path: str | Path, host: str | None = None) -> State:
-    """The desired state; of `host` (default: this machine's name) in an inventory. Errors
-    quote bad values, which may be a URL with a password (`redis.url`): masked here."""
+def load_state(path: str | Path, host: str | None = None, local: Local | None = None) -> State:
+    """The desired state; of `host` (default: this machine's name) in an inventory; with
+    the host's own settings `local` (see `local_config`). Errors quote bad values, which may
+    be a URL with a password (`redis.url`): masked here."""
     try:
         docs = inventory_documents(path)
         if docs is not None:
-            return inventory.state_for(docs, _host(host), str(path))
-        return parse(state_documents(path))
+            return inventory.state_for(docs, _host(host), str(path), local)
+        return parse(state_documents(path), local)
     except MtdError as exc:
         raise type(exc)(*(redact(p) for p in exc.problems)) from None
+
+
+def local_config(path: str | Path | None) -> list[tuple[str, str]]:
+    """The host's configuration file as documents for `state.Local`. `None` is the default
+    file (`DEFAULT_CONFIG`), which may be absent; a file named explicitly must exist."""
+    p = Path(path or DEFAULT_CONFIG)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        if path is None:
+            return []
+        raise MtdError(f"{p}: no such configuration file (--config)") from None
+    except OSError as exc:
+        raise MtdError(f"{p}: cannot read the configuration: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MtdError(f"{p}: not a regular file: expected the host's YAML configuration")
+    return [(str(p), _read_text(p))]
 
 
 def inventory_documents(path: str | Path) -> list[tuple[str, str]] | None:
@@ -104,6 +124,29 @@ def _read_text(path: Path) -> str:
         raise MtdError(f"{path}: cannot read: {exc}") from None
 
 
+def open_own(path: str | Path, flags: int, what: str, mode: int = 0o600) -> int:
+    """Open one of mtd's own files: never through a symbolic link (the file itself or its
+    directory), its directory created private when missing; a failure is one line (but
+    `FileExistsError` of an `O_EXCL` create is the caller's to handle)."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MtdError(f"{p}: cannot create its directory: {exc.strerror or exc}") from None
+    if os.path.islink(p.parent):
+        raise MtdError(f"{p}: {p.parent} is a symbolic link: expected a directory")
+    try:
+        return os.open(p, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        if flags & os.O_EXCL:
+            raise
+        raise MtdError(f"{p}: cannot open the {what}: it exists") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MtdError(f"{p}: {what} is a symbolic link: expected a regular file") from None
+        raise MtdError(f"{p}: cannot open the {what}: {exc.strerror or exc}") from None
+
+
 def load_secret(path: str | Path, *, create: bool = False) -> bytes:
     """The shuffle key. With `create` (only `apply`, `rotate` and `run`: the commands that
     change the table) a missing one is made with 32 random bytes and mode 0600; read-only
@@ -111,16 +154,13 @@ def load_secret(path: str | Path, *, create: bool = False) -> bytes:
     p = Path(path)
     if create:
         try:
-            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = open_own(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "secret file")
         except FileExistsError:
             pass
-        except OSError as exc:
-            raise MtdError(f"{p}: cannot create the secret file: {exc.strerror}") from None
         else:
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(SECRET_BYTES))
-    elif not p.exists():
+    elif not p.exists() and not p.is_symlink():
         raise MtdError(f"{p}: no secret file yet: `mtd apply` creates it (this command only reads)")
     return read_private_key(p, "secret file")
 
@@ -153,21 +193,31 @@ def read_private_key(path: str | Path, what: str, *, strip: bool = False) -> byt
     """A key file only its owner may read, holding at least 16 bytes; never echoed.
 
     A key readable by anyone else is refused rather than silently fixed, so that a leak is
-    noticed. With `strip`, surrounding whitespace is not part of the key.
+    noticed. Never read through a symbolic link. With `strip`, surrounding whitespace is
+    not part of the key.
     """
     p = Path(path)
     try:
-        st = p.stat()
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MtdError(f"{p}: no such {what}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MtdError(f"{p}: {what} is a symbolic link: expected a regular file") from None
+        raise MtdError(f"{p}: cannot read the {what}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise MtdError(f"{p}: {what} is not a regular file")
         if st.st_mode & 0o077:
             raise MtdError(
                 f"{p}: {what} has mode {stat.S_IMODE(st.st_mode):04o}: expected 0600 "
                 f"(run: chmod 600 {p})"
             )
-        key = p.read_bytes()
-    except FileNotFoundError:
-        raise MtdError(f"{p}: no such {what}") from None
-    except OSError as exc:
-        raise MtdError(f"{p}: cannot read the {what}: {exc.strerror}") from None
+        try:
+            key = f.read(1 << 16)
+        except OSError as exc:
+            raise MtdError(f"{p}: cannot read the {what}: {exc.strerror}") from None
     key = key.strip() if strip else key
     if len(key) < 16:
         raise MtdError(f"{p}: {what} holds {len(key)} bytes: expected at least 16")
@@ -178,7 +228,8 @@ def read_epoch(path: str | Path) -> int:
     """The local epoch; 0 before the first rotation."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        with os.fdopen(os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
+            data = json.loads(f.read(4096))
         epoch = data["epoch"]
         if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
             raise ValueError
@@ -203,15 +254,20 @@ def write_epoch(path: str | Path, epoch: int) -> None:
 
 
 def write_atomic(path: str | Path, text: str, mode: int = 0o644) -> None:
+    """Write a temporary file of our own (never through a link), then rename it over."""
     p = Path(path)
-    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a crash; unlink never follows a link
+    fd = open_own(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "file", mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except OSError as exc:
+        raise MtdError(f"{p}: cannot write: {exc.strerror or exc}") from None
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -247,9 +303,7 @@ def reconcile_lock(epoch_file: str | Path) -> contextlib.AbstractContextManager[
 @contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """An exclusive flock on `path`, released when the block ends or the process dies."""
-    p = Path(path)
-    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_own(path, os.O_RDWR | os.O_CREAT, "lock file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

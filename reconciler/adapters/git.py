@@ -32,6 +32,7 @@ class Entry:
     path: str
     mode: str
     oid: str
+    size: int | None = None  # bytes of a blob, when listed with sizes
 
     @property
     def is_file(self) -> bool:
@@ -108,6 +109,8 @@ class Repo:
         """Fetch `branch` (forced: a rewritten history replaces the old one); its commit."""
         ref = f"refs/remotes/origin/{branch}"
         self.git(
+            "-c",
+            "fetch.fsckObjects=true",  # malformed trees (`..` names, `.git`) are refused
             "fetch",
             "--quiet",
             "--prune",
@@ -139,7 +142,7 @@ class Repo:
 
     def files(self, commit: str, under: str = "") -> list[Entry]:
         """Every file of `commit` below `under` (the whole tree when empty)."""
-        args = ["ls-tree", "-r", "-z", "--full-tree", commit]
+        args = ["ls-tree", "-r", "-l", "-z", "--full-tree", commit]
         if under:
             args += ["--", under.rstrip("/") + "/"]
         out = self.git(*args, what=f"git ls-tree {commit[:12]}")
@@ -147,9 +150,23 @@ class Repo:
         for item in out.decode(errors="surrogateescape").split("\0"):
             if item:
                 meta, path = item.split("\t", 1)
-                mode, _, oid = meta.split(" ")
-                entries.append(Entry(path, mode, oid))
+                mode, _, oid, size = meta.split()
+                entries.append(Entry(path, mode, oid, int(size) if size.isdigit() else None))
         return entries
+
+    def entry(self, commit: str, path: str) -> Entry | None:
+        """The tree entry at `path` itself (not its content); None when absent."""
+        out = self.git(
+            "ls-tree", "-z", "--full-tree", commit, "--", path.rstrip("/"),
+            what=f"git ls-tree {commit[:12]}",
+        )  # fmt: skip
+        for item in out.decode(errors="surrogateescape").split("\0"):
+            if item:
+                meta, name = item.split("\t", 1)
+                mode, _, oid = meta.split(" ")
+                if name == path.rstrip("/"):
+                    return Entry(name, mode, oid)
+        return None
 
     def blobs(self, oids: Sequence[str]) -> list[bytes]:
         """The content of each object, in order, from one `git cat-file --batch`."""

@@ -53,6 +53,10 @@ class Backend(Protocol):
         """Remove the owned table; False when it was not there."""
         ...
 
+    def list_tables(self) -> list[tuple[str, str]]:
+        """(family, name) of every table (`ownership: ruleset` says what it flushes)."""
+        ...
+
     def canonical(self, commands: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
         """The listing `commands` (element-free) would have once loaded: the kernel's one
         form of every expression, which the diff compares against."""
@@ -132,6 +136,17 @@ class Nft:
             for o in json.loads(out)["nftables"]
             if "counter" in o
         }
+
+    def list_tables(self) -> list[tuple[str, str]]:
+        """(family, name) of every table in this namespace (not their content)."""
+        rc, out, err = self._cmd("list tables")
+        if rc != 0:
+            raise kernel_error(err, context="list tables")
+        return [
+            (o["table"]["family"], o["table"]["name"])
+            for o in json.loads(out)["nftables"]
+            if "table" in o
+        ]
 
     def replace_table(
         self,

@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from reconciler import defaults
 from reconciler.adapters import files
 from reconciler.core import render
-from reconciler.core.state import State
+from reconciler.core.state import STATE_DIR, Local, State
 from reconciler.errors import MtdError
 
 EXIT_ERROR = 1
@@ -38,6 +38,9 @@ class Ctx:
         self.debug = debug
         self.host: str | None = None  # --host: which host of an inventory; None: this machine
         self._templates: list[Path] | None = None  # set once the state comes from a pull
+        self.config: str | None = None  # --config; None: the default file, if present
+        self.state_dir = STATE_DIR  # --state-dir: mtd's own files, the pull's clone
+        self.untrusted = False  # True when the state path is a repository's (mtd run --pull)
 
     @property
     def templates(self) -> list[Path]:
@@ -55,8 +58,17 @@ class Ctx:
     def hostname(self) -> str:
         return self.host or socket.gethostname()
 
+    def local(self, *, untrusted: bool | None = None) -> Local:
+        """The host's own settings: its configuration file and state directory."""
+        return Local(
+            documents=files.local_config(self.config),
+            state_dir=self.state_dir,
+            untrusted=self.untrusted if untrusted is None else untrusted,
+            forbidden=(str(Path(self.state_dir) / "repo"),),
+        )
+
     def state(self) -> State:
-        return files.load_state(self.state_path, self.hostname)
+        return files.load_state(self.state_path, self.hostname, self.local())
 
     def nft(
         self, state: State | None = None, cache_dir: Path | None = None, *, write: bool = True
@@ -148,6 +160,16 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         ctx.ensure_object(Ctx).debug = True
 
 
+def _set_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None and _on_command_line(ctx, param):
+        ctx.ensure_object(Ctx).config = value
+
+
+def _set_state_dir(ctx: click.Context, param: click.Parameter, value: str) -> None:
+    if _on_command_line(ctx, param):
+        ctx.ensure_object(Ctx).state_dir = value
+
+
 _SHARED_OPTIONS = [
     click.option(
         "-s",
@@ -178,6 +200,30 @@ _SHARED_OPTIONS = [
         callback=_set_debug,
         help="Show tracebacks of internal errors.",
     ),
+    click.option(
+        "--config",
+        envvar="MTD_CONFIG",
+        show_envvar=True,
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        expose_value=False,
+        callback=_set_config,
+        help="The host's local configuration: host-local keys only (README: Security)."
+        "  [default: /etc/mtd/mtd.yaml when present]",
+    ),
+    click.option(
+        "--state-dir",
+        envvar="MTD_STATE_DIR",
+        default=STATE_DIR,
+        show_default=True,
+        show_envvar=True,
+        metavar="DIR",
+        type=click.Path(file_okay=False),
+        expose_value=False,
+        callback=_set_state_dir,
+        help="mtd's own files: secret, epoch, audit log (unless the configuration names "
+        "them), the pull's clone (repo/) and pull.json.",
+    ),
 ]
 
 
@@ -191,7 +237,8 @@ def state_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def template_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`--templates` and `--debug` alone, for commands whose state comes from elsewhere."""
+    """`--templates`, `--debug`, `--config`, `--state-dir`: for commands whose state comes
+    from elsewhere (a repository)."""
     for option in reversed(_SHARED_OPTIONS[1:]):
         fn = option(fn)
     return fn
@@ -211,13 +258,3 @@ def template_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def cli(ctx: click.Context) -> None:
     """mtd: hide this host's services from untrusted sources on shifting ports."""
     ctx.ensure_object(Ctx)
-
-
-STATE_DIR_OPTION = click.option(
-    "--state-dir",
-    envvar="MTD_STATE_DIR",
-    default=str(defaults.STATE_DIR),
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Where the pull keeps its clone (repo/) and pull.json.",
-)

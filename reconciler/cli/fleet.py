@@ -66,6 +66,7 @@ def _first_pull(ctx: Ctx, nft: Any, config: Any, logger: logging.Logger) -> Any:
     if puller.repo.head() is None:
         raise MtdError(f"--pull: no commit applied yet: {outcome.message}")
     ctx.state_path = str(puller.config.state_path)
+    ctx.untrusted = True  # the clone holds what commits wrote: no host-local key there
     ctx.templates = puller.config.template_dirs()
     return puller
 

@@ -12,7 +12,6 @@ import click
 
 from reconciler.adapters import auditlog, files
 from reconciler.cli.common import (
-    STATE_DIR_OPTION,
     Ctx,
     cli,
     examples,
@@ -46,7 +45,6 @@ from reconciler.errors import MtdError
     help="Recompute the mapping live at TIME (2024-05-01T12:00:00Z): needs the secret.",
 )
 @click.option("--source", metavar="ADDR", help="With --mapping-at: whose mapping to print.")
-@STATE_DIR_OPTION
 @state_options
 @host_option
 @pass_ctx
@@ -57,7 +55,6 @@ def history(
     log_path: str | None,
     at: str | None,
     source: str | None,
-    state_dir: str,
 ) -> None:
     """Every applied change: time, host, origin, commit, epoch, result, keyed fingerprint.
 
@@ -80,7 +77,7 @@ def history(
     if entry is None:
         raise MtdError(f"{path}: no applied change at or before {at}: mtd was not live then")
     assert state is not None
-    view = _mapping_then(state, entry, source, Path(state_dir))
+    view = _mapping_then(state, entry, source, Path(ctx.state_dir), ctx)
     origin = f"{entry.get('origin')}" + (
         f" of commit {entry['commit'][:12]}" if entry.get("commit") else ""
     )
@@ -97,7 +94,7 @@ def history(
             click.echo(f"{proto} {real} -> {hidden}")
 
 
-def _mapping_then(state: State, entry: Any, source: str, state_dir: Path) -> Any:
+def _mapping_then(state: State, entry: Any, source: str, state_dir: Path, ctx: Ctx) -> Any:
     """The source's view, from the state whose fingerprint matches the recorded one."""
     from reconciler.services import gitops
 
@@ -111,6 +108,7 @@ def _mapping_then(state: State, entry: Any, source: str, state_dir: Path) -> Any
                 path=remote.get("path", ""),
                 state_dir=state_dir,
                 host=entry.get("host") or socket.gethostname(),
+                config=tuple(ctx.local().documents),
             )
         )
         if puller.repo.is_commit(entry["commit"]):

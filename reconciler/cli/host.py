@@ -15,7 +15,6 @@ from reconciler.adapters import auditlog, files
 from reconciler.cli.common import (
     EXIT_AUDIT_FAILED,
     EXIT_PENDING,
-    STATE_DIR_OPTION,
     Ctx,
     cli,
     examples,
@@ -29,18 +28,28 @@ from reconciler.errors import MtdError
 
 
 @cli.command(
-    epilog=examples("mtd validate -s desired_state/", "mtd validate -s fleet/ --host web1")
+    epilog=examples(
+        "mtd validate -s desired_state/",
+        "mtd validate -s fleet/ --host web1",
+        "mtd validate -s checkout/fleet --repository   # in the state repository's CI",
+    )
+)
+@click.option(
+    "--repository",
+    is_flag=True,
+    help="Check it as a pulled commit: a host-local key (README: Security) is an error.",
 )
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def validate(ctx: Ctx) -> None:
+def validate(ctx: Ctx, repository: bool) -> None:
     """Check the desired state (schema and meaning) and that it renders.
 
     An inventory is checked for every host it names (or only --host), each error line
     prefixed with the host.
     """
+    ctx.untrusted = ctx.untrusted or repository
     hosts = files.inventory_hosts(ctx.state_path)
     if hosts is not None:
         _validate_inventory(ctx, [ctx.host] if ctx.host else hosts)
@@ -58,7 +67,7 @@ def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
     problems = []
     for host in hosts:
         try:
-            state = files.load_state(ctx.state_path, host)
+            state = files.load_state(ctx.state_path, host, ctx.local())
             render.check(state, ctx.templates)
         except MtdError as exc:
             problems += [f"{host}: {line}" for line in exc.problems]
@@ -211,16 +220,15 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
 
 @cli.command(epilog=examples("mtd status -s /etc/mtd --json"))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@STATE_DIR_OPTION
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def status(ctx: Ctx, as_json: bool, state_dir: str) -> None:
+def status(ctx: Ctx, as_json: bool) -> None:
     """Epoch, table, whether the live table matches the desired state, and the last pull."""
     from reconciler.services import gitops
 
-    pulled = gitops.read_record(Path(state_dir) / "pull.json")
+    pulled = gitops.read_record(Path(ctx.state_dir) / "pull.json")
     daemon = files.read_daemon_status(ctx.state().epoch_file)
     problem = daemon.get("secret_problem")
     lines = (

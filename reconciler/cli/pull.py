@@ -16,7 +16,6 @@ from reconciler import defaults
 from reconciler.cli.common import (
     EXIT_AUDIT_FAILED,
     EXIT_ERROR,
-    STATE_DIR_OPTION,
     Ctx,
     cli,
     examples,
@@ -34,7 +33,6 @@ _PULL_OPTIONS = [
     click.option(
         "--path", "subdir", default="", metavar="SUBDIR", help="State directory in the repository."
     ),
-    STATE_DIR_OPTION,
     click.option(
         "--verify-signatures",
         is_flag=True,
@@ -61,7 +59,6 @@ class PullOptions:
 
     branch: str
     subdir: str
-    state_dir: str
     verify_signatures: bool
     gpg_home: str | None
     git_timeout: float
@@ -74,13 +71,14 @@ class PullOptions:
             url=url,
             branch=self.branch,
             path=self.subdir,
-            state_dir=Path(self.state_dir),
+            state_dir=Path(ctx.state_dir),
             host=ctx.hostname,
             templates=tuple(ctx.user_templates),
             verify_signatures=self.verify_signatures,
             gpg_home=self.gpg_home,
             interval=interval,
             timeout=self.git_timeout,
+            config=tuple(ctx.local().documents),
         )
 
 
@@ -93,13 +91,12 @@ def pull_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         *args: Any,
         branch: str,
         subdir: str,
-        state_dir: str,
         verify_signatures: bool,
         gpg_home: str | None,
         git_timeout: float,
         **kwargs: Any,
     ) -> Any:
-        options = PullOptions(branch, subdir, state_dir, verify_signatures, gpg_home, git_timeout)
+        options = PullOptions(branch, subdir, verify_signatures, gpg_home, git_timeout)
         return fn(*args, pull=options, **kwargs)
 
     for option in reversed(_PULL_OPTIONS):

@@ -8,18 +8,25 @@ environment with StrictUndefined turns template mistakes into one-line errors.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.compiler
+import jinja2.nodes
 import jinja2.sandbox
 
 from reconciler.core.shuffle import PortMap
 from reconciler.core.state import PROTOCOLS, Network, State, Watched
-from reconciler.errors import TemplateError
+from reconciler.errors import MtdError, TemplateError
 
 SUFFIX = ".json.j2"
 FAMILIES = {4: "ip", 6: "ip6"}
@@ -118,6 +125,119 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+# Bounds of one rendering: a template may come from a repository (see README, Security).
+RENDER_SECONDS = 30.0  # wall time, enforced in any thread (the daemon's too)
+MAX_RENDERED_CHARS = 128 << 20  # the shipped templates write elements as placeholders
+MAX_SIZE_ARG = 1 << 20  # widths and repeat counts: "x" * 10**10 must not allocate first
+_SIZED_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_SIZED_FILTERS = ("center", "indent", "wordwrap", "truncate", "batch", "slice")
+_HUGE_WIDTH = re.compile(r"\d{7,}")  # a format width of a million characters or more
+
+
+class RenderTimeout(BaseException):
+    """Raised inside the rendering thread when its time is up (a template cannot catch it)."""
+
+
+class _Codegen(jinja2.compiler.CodeGenerator):
+    """`a ~ b` through `_Sandbox.concat`, so doubling a string in a loop is bounded too."""
+
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame: Any) -> None:
+        self.write("environment.concat_bounded((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja2's sandbox (immutable: no list.append or dict.update, which could double a
+    list in a loop), plus bounds on what one operation may allocate: repeating, joining,
+    padding, replacing, formatting and powers are checked before or right after they run,
+    since a C-level allocation cannot be interrupted by the time limit."""
+
+    code_generator_class = _Codegen
+
+    def concat_bounded(self, parts: Iterable[Any]) -> str:
+        texts = [str(p) for p in parts]
+        if sum(map(len, texts)) > MAX_RENDERED_CHARS:
+            raise jinja2.sandbox.SecurityError("concatenation too large")
+        return "".join(texts)
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and _number(left) and _number(right):
+            if abs(right) > 64 and abs(left) > 1:
+                raise jinja2.sandbox.SecurityError(f"power {left} ** {right} is too large")
+        elif operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if hasattr(seq, "__len__") and _number(n) and len(seq) * n > MAX_RENDERED_CHARS:
+                    raise jinja2.sandbox.SecurityError("repetition too large")
+        elif operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
+            if len(left) + len(right) > MAX_RENDERED_CHARS:
+                raise jinja2.sandbox.SecurityError("concatenation too large")
+        elif operator == "%" and isinstance(left, str) and _HUGE_WIDTH.search(left):
+            raise jinja2.sandbox.SecurityError("format width too large")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        name, owner = getattr(method, "__name__", ""), getattr(method, "__self__", None)
+        if isinstance(owner, str):
+            if name in _SIZED_METHODS:
+                _check_sizes(name, args, kwargs)
+            elif name in ("format", "format_map") and _HUGE_WIDTH.search(owner):
+                raise jinja2.sandbox.SecurityError("format width too large")
+            elif (
+                name == "replace"
+                and len(args) > 1
+                and isinstance(args[1], str)
+                and len(owner) * max(1, len(args[1])) > MAX_RENDERED_CHARS
+            ):
+                raise jinja2.sandbox.SecurityError("replace result too large")
+        out = super().call(__context, __obj, *args, **kwargs)
+        _check_result(out)
+        return out
+
+
+def _check_result(value: Any) -> None:
+    """After an operation whose size is only known once done (a join): at most twice the
+    bound was allocated, and the next doubling is refused."""
+    if isinstance(value, str | list | tuple) and len(value) > MAX_RENDERED_CHARS:
+        raise jinja2.sandbox.SecurityError("result too large")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_sizes(name: str, args: Iterable[Any], kwargs: Mapping[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if _number(value) and abs(value) > MAX_SIZE_ARG:
+            raise jinja2.sandbox.SecurityError(
+                f"{name}: {value} is too large (at most {MAX_SIZE_ARG})"
+            )
+
+
+def _sized_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)  # keeps the pass_context/pass_environment mark
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_sizes(name, args[1:], kwargs)
+        return fn(*args, **kwargs)
+
+    return bounded
+
+
+def _checked_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        _check_result(out)
+        return out
+
+    return checked
+
+
 _BYTECODE: jinja2.BytecodeCache | None = None
 
 
@@ -133,17 +253,70 @@ def use_bytecode_cache(cache: jinja2.BytecodeCache | None) -> None:
 
 
 def environment(search: Iterable[Path]) -> jinja2.Environment:
-    env = jinja2.sandbox.SandboxedEnvironment(
+    env = _Sandbox(
         loader=jinja2.FileSystemLoader([str(p) for p in search]),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
+        optimized=False,  # no constant folding: nothing of a template runs while compiling
         bytecode_cache=_BYTECODE,
     )
+    for name in _SIZED_FILTERS:
+        env.filters[name] = _sized_filter(name, env.filters[name])
+    for name in ("join", "replace", "list", "string"):
+        env.filters[name] = _checked_filter(env.filters[name])
+    env.filters["format"] = _format_filter(env.filters["format"])
     # Plain compact JSON, with element lists left as placeholders (see `Elements`).
     env.policies["json.dumps_function"] = _dumps
     env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}
     return env
+
+
+def _format_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str) and _HUGE_WIDTH.search(value):
+            raise jinja2.sandbox.SecurityError("format width too large")
+        return fn(value, *args, **kwargs)
+
+    return bounded
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise `RenderTimeout` in this thread (any thread, unlike SIGALRM) once `seconds`
+    have passed, at the next Python instruction it runs; again every 50 ms until it ends,
+    since an exception raised inside a gc callback or a `__del__` is swallowed."""
+    target, lock, timers = threading.get_ident(), threading.Lock(), []
+    set_async = ctypes.pythonapi.PyThreadState_SetAsyncExc
+
+    def arm(delay: float) -> None:
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        timers[:] = [timer]  # the previous one has fired
+        timer.start()
+
+    def fire() -> None:
+        with lock:
+            if timers:
+                set_async(ctypes.c_ulong(target), ctypes.py_object(RenderTimeout))
+                arm(0.05)
+
+    with lock:
+        arm(seconds)
+    try:
+        yield
+    finally:
+        while True:  # the timeout may land in here too: retry until the watchdog is off
+            try:
+                with lock:
+                    for timer in timers:
+                        timer.cancel()
+                    timers.clear()
+                    set_async(ctypes.c_ulong(target), None)  # a pending one must not fire later
+                break
+            except RenderTimeout:
+                continue
 
 
 @lru_cache(maxsize=8)
@@ -255,12 +428,19 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
     dirs = list(search) if search is not None else template_dirs()
     name = state.template + SUFFIX
     env = _cached_environment(tuple(dirs))
-    where = _template_path(env, name)
+    where = next((str(d / name) for d in dirs if (d / name).is_file()), name)
     ctx = context(state, mapping)
     try:
-        text = env.get_template(name).render(ctx)
-    except jinja2.TemplateNotFound:
+        with deadline(RENDER_SECONDS):
+            template = env.get_template(name)
+            where = template.filename or name
+            text = _bounded_text(template.generate(ctx), where)
+    except jinja2.TemplateNotFound as exc:
         dirs_text = ", ".join(str(d) for d in dirs) or "(no template directory)"
+        if exc.name != name:  # an {% include %} or {% import %} of a missing template
+            raise TemplateError(
+                f"{where}: template {exc.name!r} not found in {dirs_text}"
+            ) from None
         raise TemplateError(f"template {state.template!r}: no {name} in {dirs_text}") from None
     except jinja2.TemplateSyntaxError as exc:
         where = f"{exc.filename or name}:{exc.lineno}"
@@ -269,8 +449,21 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
         raise TemplateError(f"{where}: undefined in template: {exc.message}") from None
     except jinja2.sandbox.SecurityError as exc:
         raise TemplateError(f"{where}: refused by the template sandbox: {exc}") from None
-    except (TypeError, ValueError, ArithmeticError) as exc:
-        raise TemplateError(f"{where}: template failed: {exc}") from None
+    except RenderTimeout:
+        raise TemplateError(
+            f"{where}: rendering took longer than {RENDER_SECONDS:g} s: expected a template "
+            "without huge loops"
+        ) from None
+    except RecursionError:
+        raise TemplateError(
+            f"{where}: template recursion too deep: expected macros that end"
+        ) from None
+    except MemoryError:
+        raise TemplateError(f"{where}: template used too much memory") from None
+    except MtdError:
+        raise
+    except Exception as exc:  # a template's own error is the template's, never a crash
+        raise TemplateError(f"{where}: template failed: {type(exc).__name__}: {exc}") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -278,9 +471,47 @@ def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None)
             f"{where}: rendered output is not JSON: {exc.msg} "
             f"at rendered line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        doc = None
+    if doc is None or _too_deep(doc):
+        raise TemplateError(
+            f"{where}: rendered JSON nested more than {MAX_JSON_DEPTH} levels deep: expected "
+            "a libnftables document (about 12 levels)"
+        )
     if _TOKEN_JSON in text:
         _splice(doc, {e.token: e for e in ctx["elements"].values()})
     return _commands(doc, state, where)
+
+
+MAX_JSON_DEPTH = 64  # real documents nest about 12 deep; the diff and libnftables recurse
+
+
+def _too_deep(doc: Any) -> bool:
+    """Iteratively, so the check itself cannot overflow the stack."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
+
+
+def _bounded_text(chunks: Iterable[str], where: str) -> str:
+    """Join the rendered chunks, refusing more than `MAX_RENDERED_CHARS` of them."""
+    out, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_RENDERED_CHARS:
+            raise TemplateError(
+                f"{where}: rendered output over {MAX_RENDERED_CHARS} characters: expected a "
+                "smaller document (element lists belong in `| tojson`)"
+            )
+        out.append(chunk)
+    return "".join(out)
 
 
 def _splice(node: dict | list, bulk: dict[str, Elements]) -> None:
@@ -291,13 +522,6 @@ def _splice(node: dict | list, bulk: dict[str, Elements]) -> None:
                 node[k] = bulk[v]  # type: ignore[index]
         elif isinstance(v, dict | list):
             _splice(v, bulk)
-
-
-def _template_path(env: jinja2.Environment, name: str) -> str:
-    try:
-        return env.get_template(name).filename or name
-    except jinja2.TemplateError:
-        return name
 
 
 # What a template may ask for: `add` only (mtd itself adds the delete of its table), and

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,21 @@ except ImportError:  # pragma: no cover
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
 
 PROTOCOLS = ("tcp", "udp")
+STATE_DIR = str(defaults.STATE_DIR)  # where mtd keeps its own files unless told otherwise
 DEFAULTS: dict[str, Any] = defaults.STATE
+# Keys only the host itself may set (its local configuration, or a local `-s` file): every
+# path mtd reads or writes, and whatever acts beyond the mapping inside the owned table.
+# A state from a repository may set only the fleet's desired state (the other keys).
+HOST_LOCAL = (
+    "table",
+    "ownership",
+    "mark",
+    "secret_file",
+    "epoch_file",
+    "audit_log",
+    "drift_interval",
+    "redis",
+)
 REDIS_DEFAULTS: dict[str, Any] = defaults.REDIS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -254,17 +269,42 @@ def _key(name: str, frame: _Frame, ev: yaml.Event, value: str | None) -> None:
     frame.key_next = not frame.key_next
 
 
-def parse(documents: Sequence[tuple[str, str]]) -> State:
+@dataclass(frozen=True)
+class Local:
+    """What the host itself says: its configuration documents (trusted, host-local keys
+    only), where mtd keeps its files, and whether the state documents come from a
+    repository (then they may not set a host-local key)."""
+
+    documents: Sequence[tuple[str, str]] = ()
+    state_dir: str = STATE_DIR
+    untrusted: bool = False
+    forbidden: Sequence[str] = ()  # directories no host-local path may point into (the clone)
+
+
+def parse(documents: Sequence[tuple[str, str]], local: Local | None = None) -> State:
     """Merge documents in the given order, validate the result and build the `State`."""
     if not documents:
         raise StateError("no desired state: expected at least one YAML file")
     parsed = [(name, load_yaml(name, text)) for name, text in documents]
-    return build(parsed, {name: text for name, text in documents})
+    return build(parsed, {name: text for name, text in documents}, local)
 
 
 @gc_paused()
-def build(parsed: Sequence[tuple[str, dict[str, Any]]], texts: Mapping[str, str]) -> State:
-    """Validate merged, already-loaded documents; `texts` lets errors point at a line."""
+def build(
+    parsed: Sequence[tuple[str, dict[str, Any]]],
+    texts: Mapping[str, str],
+    local: Local | None = None,
+) -> State:
+    """Validate merged, already-loaded documents; `texts` lets errors point at a line.
+
+    The host's configuration is merged first, so a local state file may still override it;
+    a state from a repository may not set a host-local key at all.
+    """
+    local = local or Local()
+    configs = [(name, load_yaml(name, text)) for name, text in local.documents]
+    texts = {**texts, **dict(local.documents)}
+    _check_origin(configs, parsed, texts, local)
+    parsed = [*configs, *parsed]
     doc: dict[str, Any] = {}
     for _, data in parsed:
         doc = merge(doc, data)
@@ -273,7 +313,40 @@ def build(parsed: Sequence[tuple[str, dict[str, Any]]], texts: Mapping[str, str]
     if errors:
         first = [locate(path, message) for path, message in errors[:MAX_PROBLEMS]]
         raise limited(first, more=len(errors) - len(first))
-    return _semantic(doc, locate)
+    return _semantic(doc, locate, local)
+
+
+def _check_origin(
+    configs: Sequence[tuple[str, dict[str, Any]]],
+    parsed: Sequence[tuple[str, dict[str, Any]]],
+    texts: Mapping[str, str],
+    local: Local,
+) -> None:
+    """Host-local keys only in the host's configuration; none from a repository."""
+    problems = []
+    for name, data in configs:
+        problems += [
+            _Locator([(name, data)], texts)(
+                [key],
+                "not a host setting: expected only "
+                f"{', '.join(HOST_LOCAL)} in the local configuration",
+            )
+            for key in data
+            if key not in HOST_LOCAL
+        ]
+    if local.untrusted:
+        for name, data in parsed:
+            problems += [
+                _Locator([(name, data)], texts)(
+                    [key],
+                    "a host-local setting: expected it only in the host's local configuration "
+                    "(--config), never in the repository",
+                )
+                for key in data
+                if key in HOST_LOCAL
+            ]
+    if problems:
+        raise limited(problems)
 
 
 def _schema_errors(doc: dict[str, Any]) -> list[tuple[list[str | int], str]]:
@@ -313,9 +386,10 @@ def _plain_entry(entry: Any) -> bool:
     )
 
 
-def _semantic(doc: dict[str, Any], locate: _Locator) -> State:
+def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
     problems: list[str] = []
     full = merge(DEFAULTS, doc)
+    secret_file = full.get("secret_file") or str(PurePath(local.state_dir, "secret"))
     lo, hi = doc["ports"]["range"]
     if lo > hi:
         problems.append(
@@ -363,24 +437,54 @@ def _semantic(doc: dict[str, Any], locate: _Locator) -> State:
         table=full["table"],
         template=full["template"],
         ownership=full["ownership"],
-        secret_file=full["secret_file"],
-        epoch_file=full.get("epoch_file") or str(PurePath(full["secret_file"]).with_name("epoch")),
+        secret_file=secret_file,
+        epoch_file=full.get("epoch_file") or str(PurePath(secret_file).with_name("epoch")),
         mark=full["mark"],
         port_range=(lo, hi),
         services=services,
         watched=tuple(watched),
         redis=merge(REDIS_DEFAULTS, doc.get("redis") or {}),
         drift_interval=float(full["drift_interval"]),
-        audit_log=full.get("audit_log")
-        or str(PurePath(full["secret_file"]).with_name("audit.jsonl")),
+        audit_log=full.get("audit_log") or str(PurePath(secret_file).with_name("audit.jsonl")),
         doc=full,
     )
+    problems += _forbidden_paths(state, local, locate)
     if not problems:
         problems += _capacity_problems(state, locate)
         problems += _template_problems(state, locate)
     if problems:
         raise limited(problems)
     return state
+
+
+def _forbidden_paths(state: State, local: Local, locate: _Locator) -> list[str]:
+    """No file of mtd's inside the repository clone: a secret committed there would make
+    the mapping predictable, an epoch or audit file there could be rewritten by a commit."""
+    paths = {
+        ("secret_file",): state.secret_file,
+        ("epoch_file",): state.epoch_file,
+        ("audit_log",): state.audit_log,
+        ("redis", "signing_key_file"): state.redis.get("signing_key_file"),
+    }
+    out = []
+    for key, path in paths.items():
+        if not path:
+            continue
+        for top in local.forbidden:
+            if _inside(path, top):
+                out.append(
+                    locate(
+                        list(key),
+                        f"{path} is inside {top}, the repository clone: expected a path "
+                        "outside it (files there come from commits)",
+                    )
+                )
+    return out
+
+
+def _inside(path: str, top: str) -> bool:
+    p, t = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(top))
+    return p == t or p.startswith(t.rstrip("/") + "/")
 
 
 def _network(text: str) -> Network:

@@ -582,14 +582,19 @@ class Daemon:
             render.check(state, self.templates)
             config = bus.BusConfig.from_state(state, **self.options.bus_timers())
             bus.connect(config)
-        except MtdError as exc:
+        except Exception as exc:  # MtdError, or a bug: either way the old state stays
+            problems = (
+                exc.problems
+                if isinstance(exc, MtdError)
+                else [f"internal error: {type(exc).__name__}: {exc}"]
+            )
             event(
                 self.log,
                 logging.ERROR,
                 "reload",
-                "new desired state rejected, keeping the previous one: " + "; ".join(exc.problems),
+                "new desired state rejected, keeping the previous one: " + "; ".join(problems),
                 result="rejected",
-                errors=exc.problems,
+                errors=problems,
             )
             return
         if state.table != self.state.table and self.monitor is not None:
@@ -637,6 +642,11 @@ class Daemon:
         except MtdError as exc:  # the commit is live but not recorded: the next round retries
             self.metrics.pulls.labels("error").inc()
             event(self.log, logging.ERROR, "pull", "; ".join(exc.problems), result="error")
+            outcome = None
+        except Exception as exc:  # a bug must not stop triggers and drift repair
+            self.metrics.pulls.labels("error").inc()
+            problem = f"internal error: {type(exc).__name__}: {exc}"
+            event(self.log, logging.ERROR, "pull", problem, result="error")
             outcome = None
         self._next_pull = time.monotonic() + self.puller.next_delay()
         self._pull_info = self._read_pull_info()

@@ -29,10 +29,11 @@ from reconciler.adapters.credentials import redact
 from reconciler.adapters.git import GitError, Repo
 from reconciler.adapters.kernel import Backend
 from reconciler.core import audit, inventory, render
-from reconciler.core.state import State
+from reconciler.core.state import MAX_DOCUMENT_BYTES, Local, State
+from reconciler.core.state import STATE_DIR as DEFAULT_STATE_DIR
 from reconciler.errors import MtdError
 
-STATE_DIR = defaults.STATE_DIR
+STATE_DIR = Path(DEFAULT_STATE_DIR)
 TEMPLATES = "templates"
 BACKOFF_FACTOR = 32  # an unreachable remote is retried at most every 32 intervals
 
@@ -61,6 +62,7 @@ class PullConfig:
     gpg_home: str | None = None
     interval: float = defaults.PULL_INTERVAL
     timeout: float = defaults.GIT_TIMEOUT  # per git command
+    config: tuple[tuple[str, str], ...] = ()  # the host's local configuration documents
 
     @property
     def clone_dir(self) -> Path:
@@ -74,6 +76,15 @@ class PullConfig:
     def state_path(self) -> Path:
         """The applied desired state (exists once a first commit has been applied)."""
         return self.clone_dir / self.path if self.path else self.clone_dir
+
+    def local(self) -> Local:
+        """The host's own settings; what comes from the repository may set none of them."""
+        return Local(
+            documents=self.config,
+            state_dir=str(self.state_dir),
+            untrusted=True,
+            forbidden=(str(self.clone_dir),),
+        )
 
     def template_dirs(self) -> list[Path]:
         """Template search path of passes between pulls: --templates, the applied commit's
@@ -184,6 +195,7 @@ class Puller:
                 new=False,
                 problems=list(rejected.get("problems") or []),
             )
+        problems: list[str] = []
         try:
             state, result, audit_error = self._apply(
                 head, nft, check=check, show=show, secret=secret
@@ -194,6 +206,9 @@ class Puller:
             problems = [f"commit {head[:12]}: {p}" for p in exc.problems] or [
                 f"commit {head[:12]}: rejected"
             ]
+        except Exception as exc:  # nothing in a commit may crash the puller (or the daemon)
+            problems = [f"commit {head[:12]}: internal error: {type(exc).__name__}: {exc}"]
+        if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             message = problems[0] + more
             if check:
@@ -294,7 +309,7 @@ class Puller:
         cfg = self.config
         try:
             export(self.repo, commit, cfg.path, tmp)
-            state = files.load_state(tmp, host or cfg.host)
+            state = files.load_state(tmp, host or cfg.host, cfg.local())
             templates = [*cfg.templates, *files.state_templates(tmp), *render.template_dirs()]
             yield state, templates
         except MtdError as exc:
@@ -312,7 +327,7 @@ class Puller:
     def _audit_rejection(self, commit: str, message: str) -> None:
         """A rejected commit goes to the audit log of the state still applied, if any."""
         try:
-            state = files.load_state(self.config.state_path, self.config.host)
+            state = files.load_state(self.config.state_path, self.config.host, self.config.local())
         except MtdError:
             return
         try:
@@ -333,13 +348,36 @@ class Puller:
 def export(repo: Repo, commit: str, path: str, dest: Path) -> None:
     """Write the commit's state files (and its templates/ directory) below `path` to `dest`."""
     base = path.strip("/")
+    parts = PurePosixPath(base).parts if base else ()
+    for i in range(len(parts)):  # the state directory itself, and each one above it
+        above = "/".join(parts[: i + 1])
+        entry = repo.entry(commit, above)
+        if entry is not None and entry.mode != "040000":
+            raise MtdError(
+                f"{above}: not a directory (mode {entry.mode}): expected the state directory "
+                "(symbolic links are refused: the checkout would differ from what was validated)"
+            )
     wanted = []
     for entry in repo.files(commit, base):
         rel = entry.path[len(base) + 1 :] if base else entry.path
+        if entry.mode in ("120000", "160000"):
+            # A link (to a directory, too) or a submodule: the checkout would show other
+            # content than the blobs validated here.
+            raise MtdError(
+                f"{entry.path}: a {'symbolic link' if entry.mode == '120000' else 'submodule'} "
+                f"(mode {entry.mode}): expected only regular files in the state directory"
+            )
+        if {"..", ".", ""} & set(rel.split("/")):  # git's fsck refuses these too
+            raise MtdError(f"{entry.path!r}: a path out of the state directory: expected a name")
         if not (inventory.kind(rel) or _is_template(rel)):
             continue
         if not entry.is_file:
             raise MtdError(f"{entry.path}: not a regular file (mode {entry.mode}): expected one")
+        if entry.size is not None and entry.size > MAX_DOCUMENT_BYTES:
+            raise MtdError(
+                f"{entry.path}: {entry.size} bytes: expected at most {MAX_DOCUMENT_BYTES} "
+                "in a state file or template"
+            )
         wanted.append((rel, entry))
     if not any(inventory.kind(rel) for rel, _ in wanted):
         where = f"{base}/" if base else "the repository root"

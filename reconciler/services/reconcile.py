@@ -108,6 +108,16 @@ def reconcile(
         with t("diff"):
             changes = diff.diff(diff.desired(skeleton, commands), have)
             del have  # up to a million elements: not kept through the apply
+    if state.ownership == "ruleset":
+        # The host's configuration asked mtd to own the whole ruleset: every other table
+        # goes with the flush, and the preview says which.
+        changes += [
+            diff.Change(
+                "-", "table", name, f"table {family} {name} (ownership: ruleset flushes it)"
+            )
+            for family, name in backend.list_tables()
+            if (family, name) != ("inet", state.table)
+        ]
     status = "ok"
     if not check:
         backend.set_sysctls(SYSCTLS)
