@@ -351,7 +351,7 @@ def test_the_daemon_pulls_alongside_its_other_triggers(lab: Lab, remote: Remote,
 def test_check_shows_the_change_and_applies_nothing(lab: Lab, remote: Remote, tmp_path: Path):
     sd = tmp_path / "sd"
     remote.commit({"state.yaml": state_doc(tmp_path)})
-    files.load_secret(tmp_path / "host" / "secret", create=True)  # --check only reads it
+    files.load_secret(sd / "secret", create=True)  # --check only reads it
     out = pull(lab, remote, sd, "--check")
     assert out.returncode == 0, out.stderr
     assert "+ table mtd" in out.stdout and out.stdout.splitlines()[-1].startswith("would change")

@@ -210,7 +210,7 @@ def run(
     logs.setup(log_json)
     logger = logging.getLogger(f"{logs.LOGGER}.daemon")
     if pull_url is not None:  # the state comes from the clone under --state-dir
-        nft = ctx.nft(cache_dir=Path(pull.state_dir) / defaults.CACHE)
+        nft = ctx.nft(cache_dir=Path(ctx.state_dir) / defaults.CACHE)
     else:
         nft = ctx.nft(ctx.state())
     puller = None

@@ -155,7 +155,7 @@ def pull(
     from reconciler.services import gitops
 
     puller = gitops.Puller(pull.config(ctx, url, interval))
-    nft = ctx.nft(cache_dir=Path(pull.state_dir) / defaults.CACHE, write=not check)
+    nft = ctx.nft(cache_dir=Path(ctx.state_dir) / defaults.CACHE, write=not check)
     if once or check:
         outcome = puller.round(nft, check=check, show=click.echo)
         _pull_report(outcome, again=True)
