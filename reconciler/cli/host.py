@@ -100,12 +100,14 @@ def _pass(
     advance: bool = False,
     read_live: bool = True,
 ) -> Any:
-    from reconciler.services.reconcile import reconcile
+    from reconciler.services.reconcile import provision_secret, reconcile
 
     state = ctx.state()
     if not check:  # a change that could not be recorded is not made
         auditlog.check_writable(state.audit_log)
+    nft = ctx.nft()
     with files.reconcile_lock(state.epoch_file):
+        secret = provision_secret(state, nft) if not check else None
         current = files.read_epoch(state.epoch_file)
         if advance:
             current += 1
@@ -114,10 +116,11 @@ def _pass(
         result = reconcile(
             state,
             current if epoch is None else epoch,
-            ctx.nft(),
+            nft,
             check=check,
             templates=ctx.templates,
             read_live=read_live,
+            secret=secret,
         )
         if result.status == "changed":
             auditlog.log_result(state, result, origin="manual", host=ctx.hostname)

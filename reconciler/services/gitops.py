@@ -256,7 +256,10 @@ class Puller:
         The order keeps a commit either rejected, not applied, or live and checked out:
         never live but not checked out because of the audit log (the daemon's next pass
         would then restore the previous commit, and the next round re-apply this one)."""
-        from reconciler.services.reconcile import reconcile  # late: imports the nftables bindings
+        from reconciler.services.reconcile import (  # late: imports the nftables bindings
+            provision_secret,
+            reconcile,
+        )
 
         cfg = self.config
         if cfg.verify_signatures:
@@ -268,6 +271,13 @@ class Puller:
             if not check:
                 try:
                     auditlog.check_writable(state.audit_log)
+                except MtdError as exc:
+                    raise NotApplied(
+                        *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
+                    ) from None
+            if secret is None and not check:
+                try:
+                    secret = provision_secret(state, nft)
                 except MtdError as exc:
                     raise NotApplied(
                         *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
