@@ -110,6 +110,7 @@ def test_lost_events_mean_a_full_compare_and_say_so(tmp_path, caplog):
     from tests.conftest import write_state
 
     state = write_state(tmp_path / "state.yaml")
+    files.load_or_create_secret(tmp_path / "secret")  # provisioned: start asks no kernel
     d = Daemon(lambda: files.load_state(state), object(), host="h", options=Options())
     d._trusted, d._dirty, d._covered = True, False, 10
     stale = monitor.Change(9, 1, "nft", [("-", "rule", "c")])  # before the last replacement
