@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,7 +364,17 @@ def test_daemon_survives_a_hostile_channel(tmp_path: Path):
             with log.open("ab") as out:
                 proc = lab.spawn(
                     "srv",
-                    [*MTD, "-s", str(state), "run", "--log-json", "--redis-check", "0.3"],
+                    [
+                        *MTD,
+                        "-s",
+                        str(state),
+                        "run",
+                        "--log-json",
+                        "--redis-check",
+                        "0.3",
+                        "--metrics",
+                        "127.0.0.1:9108",
+                    ],
                     stdout=out,
                     stderr=out,
                     cwd=ROOT,
@@ -400,6 +411,19 @@ def test_daemon_survives_a_hostile_channel(tmp_path: Path):
             applied = wait(lambda e: e.get("event") == "reconcile" and e.get("epoch") == 1)
             assert applied["result"] == "changed" and applied["origin"] == "redis"
             assert files.read_epoch(tmp_path / "srv" / "epoch") == 1
+            # The flood is read after the good trigger may have been caught up from the key:
+            # wait until the daemon has counted every message before stopping it.
+            want = f'mtd_triggers_total{{outcome="rejected"}} {len(CORPUS) + 20_000}.0'
+            url = "http://127.0.0.1:9108/metrics"
+            read = [
+                sys.executable,
+                "-c",
+                f"import urllib.request as u; print(u.urlopen({url!r}).read().decode())",
+            ]
+            deadline = time.monotonic() + 60
+            while want not in lab.run("srv", read).stdout.splitlines():
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.2)
             proc.send_signal(15)
             assert proc.wait(timeout=15) == 0
             ignored = [e for e in events() if e.get("event") in ("rejected", "stale")]

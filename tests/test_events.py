@@ -3,6 +3,7 @@ table at once, from the kernel's nftables notifications, and ignores other table
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -146,3 +147,46 @@ def test_packet_counters_move_with_scans_and_survive_rotations(tmp_path: Path):
 
         assert json.loads(status.stdout)["packets"]["real_port_ip"] == 1  # since the rotation
         assert d.proc.poll() is None
+
+
+LOSE_EVENTS = r"""
+import socket, subprocess, sys, time
+from reconciler.adapters import monitor
+got = []
+m = monitor.Monitor("mtd")
+m.start(lambda c: got.append(("changed", c.text())), lambda r: got.append(("lost", r)))
+m._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the smallest buffer there is
+feed = m._parser.feed
+def slow(data, first=[True]):  # a reader that falls behind once, as under load
+    if first:
+        first.clear()
+        time.sleep(1)
+    return feed(data)
+m._parser.feed = slow
+elems = ", ".join(f"10.0.{i // 250}.{i % 250}" for i in range(3000))
+script = f"add table inet mtd\nadd set inet mtd s {{ type ipv4_addr; elements = {{ {elems} }} }}\n"
+subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True)
+deadline = time.monotonic() + 10
+while not any(k == "lost" for k, _ in got) and time.monotonic() < deadline:
+    time.sleep(0.01)
+m._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+subprocess.run(["nft", "delete table inet mtd"], check=True)  # still followed afterwards
+while not any("-table" in t for k, t in got if k == "changed") and time.monotonic() < deadline:
+    time.sleep(0.01)
+m.stop()
+print(got)
+"""
+
+
+def test_a_netlink_overrun_is_reported_and_events_go_on(tmp_path: Path):
+    from reconciler.lab.netns import Lab
+    from tests.conftest import ROOT
+
+    with Lab() as lab:
+        lab.add_server()
+        out = lab.run("srv", ["prlimit", "--as=1000000000", "timeout", "30", sys.executable,
+                              "-c", LOSE_EVENTS], cwd=ROOT)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        got = out.stdout
+        assert "('lost', 'netlink buffer overrun (ENOBUFS): events were lost')" in got, got
+        assert "-table (and all it held)" in got, got

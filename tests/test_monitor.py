@@ -83,3 +83,46 @@ def test_anything_else_means_replacing_the_table():
     for event in (("-", "table", ""), ("-", "element", "tcp4"), ("-", "set", "tcp4"),
                   ("+", "object", "c"), ("+", "table", "")):  # fmt: skip
         assert repair.plan("mtd", SKELETON, [("-", "rule", "nat"), event]) is None
+
+
+def test_packet_totals_never_go_down_across_replacements():
+    from reconciler.services.daemon import Packets
+
+    live: dict[str, int] | None = {"moved_ip": 5, "real_port_ip": 1}
+    p = Packets(lambda: live)
+    assert p.totals()["moved_ip"] == 5 and p.totals()["stateless_ip6"] == 0
+    p.replaced(p.snapshot(live))  # a rotation: the new table's counters start at zero
+    live = {"moved_ip": 2, "real_port_ip": 0}
+    assert p.totals()["moved_ip"] == 7 and p.totals()["real_port_ip"] == 1
+    live = None  # the table deleted by hand: the last values seen are kept
+    assert p.totals()["moved_ip"] == 7
+    p.replaced(p.snapshot(None))
+    live = {"moved_ip": 0}  # a scrape between the replacement and the carry never dips
+    assert p.totals()["moved_ip"] == 7
+
+
+def test_lost_events_mean_a_full_compare_and_say_so(tmp_path, caplog):
+    """Root-free: the daemon's bookkeeping only (no pass runs, nothing touches the kernel)."""
+    import logging
+
+    from reconciler.adapters import files
+    from reconciler.services.daemon import Daemon, Options
+    from tests.conftest import write_state
+
+    state = write_state(tmp_path / "state.yaml")
+    files.load_secret(tmp_path / "secret", create=True)  # provisioned: start asks no kernel
+    d = Daemon(lambda: files.load_state(state), object(), host="h", options=Options())
+    d._trusted, d._dirty, d._covered = True, False, 10
+    stale = monitor.Change(9, 1, "nft", [("-", "rule", "c")])  # before the last replacement
+    d.changed(stale)
+    d._drain(0)
+    assert not d._dirty and not d._foreign  # already overwritten: nothing to do
+    d.changed(monitor.Change(11, 1, "nft", [("-", "rule", "c")]))
+    d._drain(0)
+    assert d._dirty and len(d._foreign) == 1 and d._trusted  # repaired from the events
+    with caplog.at_level(logging.WARNING, logger="mtd"):
+        d.lost("netlink buffer overrun (ENOBUFS): events were lost")
+        d._drain(0)
+    assert not d._trusted and d._dirty  # the next pass compares in full
+    assert "comparing the table in full" in caplog.text and "ENOBUFS" in caplog.text
+    assert d.metrics.events_lost._value.get() == 1

@@ -108,3 +108,24 @@ def test_a_daemon_keeps_its_secret_until_told(tmp_path: Path):
         if proc is not None and proc.poll() is None:
             proc.kill()
         lab.close()
+
+
+def test_a_lost_secret_is_not_regenerated_under_a_live_table(lab: Lab, tmp_path: Path):
+    """apply, rotate and run create a secret only where no mapping is live yet."""
+    state = write_state(tmp_path / "s.yaml")
+    secret = tmp_path / "secret"
+    assert mtd("-s", str(state), "apply", ns=lab).returncode == 0
+    before = table_text(lab)
+    secret.unlink()
+    for args in (["apply"], ["rotate"], ["run", "--redis-timeout", "0.1"]):
+        out = mtd("-s", str(state), *args, ns=lab)
+        assert out.returncode == 1, out
+        assert out.stderr == (
+            f"mtd: error: {secret}: no secret file, but table inet mtd is live: the secret was "
+            "lost: restore it from a backup, or start a new mapping on purpose with mtd down, "
+            "then mtd apply\n"
+        )
+        assert not secret.exists() and table_text(lab) == before
+    assert mtd("-s", str(state), "down", ns=lab).returncode == 0
+    out = mtd("-s", str(state), "apply", ns=lab)  # on purpose: a new secret, a new mapping
+    assert out.returncode == 0 and secret.exists(), out.stderr

@@ -101,13 +101,17 @@ def _pass(
     read_live: bool = True,
     creates: bool = False,
 ) -> Any:
-    from reconciler.services.reconcile import reconcile
+    from reconciler.services.reconcile import provision_secret, reconcile
 
     state = ctx.state()
     if not check:  # a change that could not be recorded is not made
         auditlog.check_writable(state.audit_log)
-    secret = files.load_secret(state.secret_file, create=creates and not check)
+    nft = ctx.nft(state, write=creates and not check)
     with files.reconcile_lock(state.epoch_file):
+        if creates and not check:
+            secret = provision_secret(state, nft)
+        else:  # read-only: never creates one
+            secret = files.load_secret(state.secret_file)
         current = files.read_epoch(state.epoch_file)
         if advance:
             current += 1
@@ -116,7 +120,7 @@ def _pass(
         result = reconcile(
             state,
             current if epoch is None else epoch,
-            ctx.nft(state, write=creates and not check),
+            nft,
             secret=secret,
             check=check,
             templates=ctx.templates,

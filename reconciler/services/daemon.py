@@ -44,7 +44,7 @@ from reconciler.core import diff, render, shuffle
 from reconciler.core.state import State
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
-from reconciler.services.reconcile import Result, reconcile, repair_chains
+from reconciler.services.reconcile import Result, provision_secret, reconcile, repair_chains
 
 LOG = logging.getLogger(f"{LOGGER}.daemon")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -280,7 +280,7 @@ class Daemon:
         auditlog.check_writable(self.state.audit_log)  # as does an audit log it cannot write
         # The secret is read (created at the first start) once: a file that later disappears
         # or changes never silently becomes a new mapping; only a reload (SIGHUP) takes it.
-        self.secret = files.load_secret(self.state.secret_file, create=True)
+        self.secret = provision_secret(self.state, nft)
         self.secret_file = self.state.secret_file
         self.secret_problem: str | None = None
         self._queue: queue.Queue[_Event] = queue.Queue()

@@ -258,7 +258,10 @@ class Puller:
         The order keeps a commit either rejected, not applied, or live and checked out:
         never live but not checked out because of the audit log (the daemon's next pass
         would then restore the previous commit, and the next round re-apply this one)."""
-        from reconciler.services.reconcile import reconcile  # late: imports the nftables bindings
+        from reconciler.services.reconcile import (  # late: imports the nftables bindings
+            provision_secret,
+            reconcile,
+        )
 
         cfg = self.config
         if cfg.verify_signatures:
@@ -274,9 +277,16 @@ class Puller:
                     raise NotApplied(
                         *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
                     ) from None
+            if secret is None and not check:
+                try:
+                    secret = provision_secret(state, nft)
+                except MtdError as exc:
+                    raise NotApplied(
+                        *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
+                    ) from None
             epoch = files.read_epoch(state.epoch_file)
-            if secret is None:  # `mtd run` passes the secret it loaded at start
-                secret = files.load_secret(state.secret_file, create=not check)
+            if secret is None:  # --check: read it, never create it
+                secret = files.load_secret(state.secret_file)
             result = reconcile(state, epoch, nft, secret=secret, check=check, templates=templates)
             audit_error = None
             if not check:

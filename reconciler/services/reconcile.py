@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reconciler.adapters import files
 from reconciler.adapters.kernel import Backend
 from reconciler.core import diff, render, repair, shuffle
 from reconciler.core.bulk import gc_paused
 from reconciler.core.state import State
-from reconciler.errors import KernelError
+from reconciler.errors import KernelError, MtdError
 
 # The RSTs the host sends for moved stateless probes must carry the probe's mark, so the
 # output chain rewrites only those (and no other invalid packet).
@@ -170,3 +171,17 @@ def repair_chains(
         dict(t),
         previous.skeleton,
     )
+
+
+def provision_secret(state: State, nft: Backend) -> bytes:
+    """The secret for a pass that may change the table (`apply`, `rotate`, `mtd run` at
+    start): created only where no mapping is live yet. With the owned table in place, a
+    missing secret file was lost, and a new one would silently move every port to a mapping
+    that matches neither the fleet's expectations nor the audit log's fingerprints."""
+    if not Path(state.secret_file).exists() and nft.list_table(state.table) is not None:
+        raise MtdError(
+            f"{state.secret_file}: no secret file, but table inet {state.table} is live: "
+            "the secret was lost: restore it from a backup, or start a new mapping on "
+            "purpose with mtd down, then mtd apply"
+        )
+    return files.load_secret(state.secret_file, create=True)
