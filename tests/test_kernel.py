@@ -103,6 +103,7 @@ def test_other_tables_untouched_across_applies_and_rotations(lab: Lab, state_fil
 
 def test_ownership_ruleset_flushes_other_tables_only_when_asked(lab: Lab, tmp_path: Path):
     state = write_state(tmp_path / "s.yaml", ownership="ruleset")
+    files.load_secret(tmp_path / "secret", create=True)  # diff and --check only read it
     nft(lab, "add table inet filter")
     nft(lab, "add table ip nat")
     for cmd, args in (("diff", ()), ("apply", ("--check", "--diff"))):
