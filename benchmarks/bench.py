@@ -517,7 +517,7 @@ def events(work: Path, n: int, idle: float, repeats: int, kinds: tuple[str, ...]
                 repairs.setdefault(kind, []).append(arrived - start)
                 inner.setdefault(kind, []).append(float(ev.get("repair_seconds", "nan")))
         mappings = n * len(states.SERVICES) * 2
-        return Events(n, mappings, took, used / took, repairs, inner)
+        return Events(n, mappings, took if idle else 0.0, used / took, repairs, inner)
 
 
 def percentile(values: list[float], p: float) -> float:
