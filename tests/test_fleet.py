@@ -275,6 +275,9 @@ class PullSink:
     def ignored(self, outcome: str) -> None:
         self.outcomes.append(outcome)
 
+    def pull_ignored(self) -> None:
+        self.outcomes.append("pull rejected")
+
     def pull_now(self, reason: str) -> None:
         self.notices.append(reason)
 

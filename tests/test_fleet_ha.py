@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -156,7 +157,8 @@ def test_a_merge_reaches_the_fleet_in_seconds_and_fleet_status_tracks_it(tmp_pat
                 (tmp_path / host).mkdir()
                 args = ["--pull", str(remote.bare), "--pull-interval", "300", "--host", host,
                         "--state-dir", str(tmp_path / host / "sd"),
-                        "--config", str(host_config(tmp_path, host, server.url))]  # fmt: skip
+                        "--config", str(host_config(tmp_path, host, server.url)),
+                        "--metrics", "127.0.0.1:9108"]  # fmt: skip
                 log = tmp_path / host / "run.log"
                 daemons[host] = Daemon(lab, role, tmp_path / host / "sd" / "repo", log, args)
             for d in daemons.values():
@@ -175,6 +177,12 @@ def test_a_merge_reaches_the_fleet_in_seconds_and_fleet_status_tracks_it(tmp_pat
                 ev = d.wait(lambda e: e.get("event") == "pull" and e.get("commit") == merged)
                 assert ev["result"] == "applied"
                 assert when(ev) - t0 < 2.0, f"{d.role}: {when(ev) - t0:.2f} s after the notice"
+                metrics = lab.run(
+                    d.role,
+                    [sys.executable, "-c", "import urllib.request as u;"
+                     "print(u.urlopen('http://127.0.0.1:9108/metrics').read().decode())"],
+                ).stdout.splitlines()  # fmt: skip
+                assert 'mtd_pull_notices_total{outcome="accepted"} 1.0' in metrics
             deadline = time.monotonic() + 30
             while not ((doc := status()[1])["converged"] and all(
                 h["commit"] == merged for h in doc["hosts"]

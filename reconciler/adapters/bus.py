@@ -706,6 +706,9 @@ class Sink(Protocol):
     def pull_now(self, reason: str) -> None:
         """A "fetch now" notice arrived (or a reconnect may have missed one)."""
 
+    def pull_ignored(self) -> None:
+        """A pull notice was rejected (garbage, unsigned, forged, replayed)."""
+
     def heartbeat(self) -> dict[str, Any] | None:
         """This host's record for `mtd fleet status`; None: keep none."""
         return None
@@ -958,7 +961,9 @@ class Subscriber:
         self.sink.pull_now("notice")
 
     def _pull_rejected(self, exc: BadMessage, channel: str) -> None:
-        self.sink.ignored("rejected")
+        counted = getattr(self.sink, "pull_ignored", None)
+        if counted is not None:
+            counted()
         self.pull_budget.note(
             "rejected",
             exc.kind,

@@ -101,6 +101,9 @@ class Metrics:
             "mtd_triggers", "Trigger messages by outcome", ["outcome"], registry=r
         )
         self.pulls = Counter("mtd_pulls", "Git pull rounds by outcome", ["outcome"], registry=r)
+        self.notices = Counter(
+            "mtd_pull_notices", "Pull notices received, by outcome", ["outcome"], registry=r
+        )
         self.pull_head_rejected = Gauge(
             "mtd_pull_head_rejected", "1 while the branch head is a commit not applied", registry=r
         )
@@ -135,6 +138,8 @@ class Metrics:
         )
         for result in ("changed", "ok", "error"):
             self.reconciles.labels(result)
+        for outcome in ("accepted", "rejected"):
+            self.notices.labels(outcome)
         for outcome in ("applied", "unchanged", "rejected", "unreachable", "error"):
             self.pulls.labels(outcome)
         for outcome in ("accepted", "rejected", "stale"):
@@ -350,7 +355,12 @@ class Daemon:
         self._queue.put(_Event("lost", reason=reason, at=time.monotonic()))
 
     def pull_now(self, reason: str) -> None:
+        if reason == "notice":
+            self.metrics.notices.labels("accepted").inc()
         self._queue.put(_Event("pull", reason=reason))
+
+    def pull_ignored(self) -> None:
+        self.metrics.notices.labels("rejected").inc()
 
     def heartbeat(self) -> dict[str, Any]:
         """What `mtd fleet status` shows of this host: no secret, no mapping, no URL."""
