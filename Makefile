@@ -8,7 +8,7 @@ HOST ?=
 DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg
 HOST_ARG := $(if $(HOST),--host $(HOST),)
 
-.PHONY: setup deb venv test unit lint diff apply rotate status demo bench clean
+.PHONY: setup deb venv test unit lint diff apply rotate status demo bench bench-quick clean
 
 setup: deb venv
 
@@ -57,8 +57,14 @@ status: setup
 demo: setup
 	$(PY) -m reconciler.lab.demo
 
+# make bench ARGS='--sizes 10,1000 --runs 3' passes options to benchmarks/bench.py
+# (`make bench --quick` would be an option of make itself).
+ARGS ?=
 bench: setup
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py $(ARGS)
+
+bench-quick: setup
+	$(PY) benchmarks/bench.py --quick $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

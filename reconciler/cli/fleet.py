@@ -72,14 +72,12 @@ def _first_pull(ctx: Ctx, nft: Any, config: Any, logger: logging.Logger) -> Any:
 
 
 def trigger_loop(ctx: Any, every: str | None, count: int | None) -> None:
-    if every is None:
-        if count is not None:
-            raise MtdError("--count: expected --every L..U too")
-        publish(ctx)
-        return
     from reconciler.adapters import bus
 
-    low, high = parse_every(every)
+    if every is None and count is None:
+        publish(ctx)
+        return
+    low, high = parse_every(every) if every is not None else (0.0, 0.0)
     config = bus.BusConfig.from_state(ctx.state())
     client = bus.connect(config)
     draw = random.SystemRandom()
@@ -87,7 +85,8 @@ def trigger_loop(ctx: Any, every: str | None, count: int | None) -> None:
     done = failed = 0
     try:
         while count is None or done < count:
-            time.sleep(draw.uniform(low, high))
+            if high > 0:
+                time.sleep(draw.uniform(low, high))
             done += 1
             try:
                 click.echo(_published(config, bus.publish_rotation(config, client)))
@@ -244,18 +243,24 @@ def run(
     epilog=examples(
         "mtd trigger -s /etc/mtd                 # one fleet rotation now",
         "mtd trigger -s /etc/mtd --every 30..90  # again and again, like the proof of concept",
+        "mtd trigger -s /etc/mtd --count 3       # three rotations now",
     )
 )
 @click.option(
     "--every", metavar="L..U", help="Publish after a random wait of L to U seconds, again."
 )
-@click.option("--count", type=click.IntRange(min=1), help="Stop after N rotations (with --every).")
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    help="Publish N rotations (now, or one per --every wait).",
+)
 @state_options
 @host_option
 @pass_ctx
 @friendly
 def trigger(ctx: Ctx, every: str | None, count: int | None) -> None:
-    """Publish fleet rotations: once, or at random intervals of L to U seconds.
+    """Publish fleet rotations: once, N at once (--count), or at random intervals of L to U
+    seconds (--every, forever or --count times).
 
     Each one increments the fleet's epoch in Redis and publishes it (signed when
     redis.signing_key_file is set); every `mtd run` on the channel converges to it.

@@ -85,11 +85,19 @@ def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
 @friendly
 def render_cmd(ctx: Ctx, epoch: int | None) -> None:
     """Print the nftables JSON document (contains the mapping: treat as secret)."""
+    _check_epoch(epoch)
     state = ctx.state()
     secret = files.load_secret(state.secret_file)
     epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
     commands = render.render(state, shuffle.compute(state, secret, epoch), ctx.templates)
     click.echo(json.dumps({"nftables": commands}, indent=1, default=list))  # element lists
+
+
+def _check_epoch(epoch: int | None) -> None:
+    """Epochs count rotations from 0; checked here rather than by click, whose usage errors
+    exit 2, which `diff` uses for "changes pending"."""
+    if epoch is not None and epoch < 0:
+        raise MtdError(f"--epoch {epoch}: expected an epoch of 0 or more")
 
 
 def _pass(
@@ -144,6 +152,7 @@ def _pass(
 @friendly
 def diff_cmd(ctx: Ctx, as_json: bool, stat: bool, epoch: int | None) -> None:
     """Preview: what `mtd apply` would change. Exit 0 in sync, 2 pending, 1 error."""
+    _check_epoch(epoch)
     result = _pass(ctx, check=True, epoch=epoch)
     if as_json:
         out = result.as_dict() | {"changes": [c.as_dict() for c in result.changes]}

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from reconciler import defaults
+from reconciler.adapters.git import redact
 from reconciler.cli.common import (
     EXIT_AUDIT_FAILED,
     EXIT_ERROR,
@@ -160,10 +161,17 @@ def pull(
         outcome = puller.round(nft, check=check, show=click.echo)
         _pull_report(outcome, again=True)
         sys.exit(EXIT_AUDIT_FAILED if outcome.audit_error else 0 if outcome.ok else EXIT_ERROR)
+    cfg = puller.config
+    click.echo(
+        f"mtd pull: following {redact(cfg.url)} branch {cfg.branch}"
+        f"{f' path {cfg.path}' if cfg.path else ''} every {interval:g} s "
+        f"(clone and pull.json in {cfg.state_dir})"
+    )
     try:
         while True:
             try:  # the changes hold the mapping: not for a long-running log
-                _pull_report(puller.round(nft), again=False)
+                outcome = puller.round(nft)
+                _pull_report(outcome, again=False, retry_in=puller.next_delay())
             except MtdError as exc:
                 for line in exc.problems:
                     click.echo(f"mtd: error: {line}", err=True)
@@ -172,13 +180,17 @@ def pull(
         return
 
 
-def _pull_report(outcome: Any, again: bool) -> None:
-    """Applied commits always; problems once (or every time with `again`)."""
+def _pull_report(outcome: Any, again: bool, retry_in: float | None = None) -> None:
+    """Applied commits always; problems once (or every time with `again`). `retry_in`: when
+    the loop tries again after an unreachable remote (a one-round command never does)."""
     if outcome.ok:
         if outcome.new or again:
             click.echo(outcome.message.split("; applied, audit failed: ")[0])
             if outcome.audit_error:
                 click.echo(f"mtd: error: {outcome.audit_error}", err=True)
     elif outcome.new or again:
-        for line in outcome.problems or [outcome.message]:
+        lines = outcome.problems or [outcome.message]
+        if outcome.status == "unreachable" and retry_in is not None:
+            lines = [*lines[:-1], f"{lines[-1]}: next try in {retry_in:.0f} s"]
+        for line in lines:
             click.echo(f"mtd: error: {line}", err=True)

@@ -78,7 +78,8 @@ class Options:
 class Metrics:
     """Prometheus metrics of one daemon (own registry, served by `--metrics`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pull: bool = False) -> None:
+        """`pull`: also the metrics of `--pull` (not exported at 0 by a daemon that never pulls)."""
         r = self.registry = CollectorRegistry()
         self.reconciles = Counter(
             "mtd_reconciles", "Reconcile passes by result", ["result"], registry=r
@@ -100,21 +101,12 @@ class Metrics:
         self.triggers = Counter(
             "mtd_triggers", "Trigger messages by outcome", ["outcome"], registry=r
         )
-        self.pulls = Counter("mtd_pulls", "Git pull rounds by outcome", ["outcome"], registry=r)
         self.notices = Counter(
             "mtd_pull_notices", "Pull notices received, by outcome", ["outcome"], registry=r
-        )
-        self.pull_head_rejected = Gauge(
-            "mtd_pull_head_rejected", "1 while the branch head is a commit not applied", registry=r
         )
         self.audit_failures = Counter(
             "mtd_audit_failures",
             "Changes applied whose audit line could not be written",
-            registry=r,
-        )
-        self.pull_fetch_failures = Gauge(
-            "mtd_pull_fetch_failures",
-            "Consecutive failed fetches of the state repository",
             registry=r,
         )
         self.events_up = Gauge(
@@ -136,12 +128,24 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        if pull:
+            self.pulls = Counter("mtd_pulls", "Git pull rounds by outcome", ["outcome"], registry=r)
+            self.pull_head_rejected = Gauge(
+                "mtd_pull_head_rejected",
+                "1 while the branch head is a commit not applied",
+                registry=r,
+            )
+            self.pull_fetch_failures = Gauge(
+                "mtd_pull_fetch_failures",
+                "Consecutive failed fetches of the state repository",
+                registry=r,
+            )
+            for outcome in ("applied", "unchanged", "rejected", "unreachable", "error"):
+                self.pulls.labels(outcome)
         for result in ("changed", "ok", "error"):
             self.reconciles.labels(result)
         for outcome in ("accepted", "rejected"):
             self.notices.labels(outcome)
-        for outcome in ("applied", "unchanged", "rejected", "unreachable", "error"):
-            self.pulls.labels(outcome)
         for outcome in ("accepted", "rejected", "stale"):
             self.triggers.labels(outcome)
         self.packets = Packets(lambda: None)  # the daemon gives it the kernel to read
@@ -277,7 +281,7 @@ class Daemon:
         self.templates = templates
         self.host = host
         self.options = options
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(pull=puller is not None)
         self.log = logger
         self.state = load()
         self.bus_config = bus.BusConfig.from_state(self.state, **options.bus_timers())
@@ -670,11 +674,13 @@ class Daemon:
         if outcome.audit_error:
             self.metrics.audit_failures.inc()
         if outcome.new:
+            retry = self._next_pull - time.monotonic()
             event(
                 self.log,
                 logging.INFO if outcome.ok and not outcome.audit_error else logging.ERROR,
                 "pull",
-                outcome.message,
+                outcome.message
+                + (f": next try in {retry:.0f} s" if outcome.status == "unreachable" else ""),
                 result=outcome.status,
                 commit=outcome.commit,
                 errors=outcome.problems,

@@ -175,7 +175,7 @@ class Puller:
             return Outcome(
                 "unreachable",
                 None,
-                f"{exc} (keeping the current state; next try in {self.next_delay():.0f} s)",
+                f"{exc} (keeping the current state)",
                 new=self.failures == 1,
             )
         self.failures = 0
