@@ -16,6 +16,11 @@ from hypothesis import strategies as st
 
 from reconciler.lab.netns import Lab, standard_lab
 
+# The suite shares its machine: input generation and examples may be slow without anything
+# being wrong, and no test may depend on speed.
+settings.register_profile("shared", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("shared")
+
 ROOT = Path(__file__).resolve().parent.parent
 # The machine is shared and its load varies: a test never depends on speed, Hypothesis' too.
 # Under CI (`CI` set) the examples are derandomised, so a red run replays exactly.
