@@ -120,8 +120,9 @@ def test_history_lists_and_recomputes_a_mapping_with_the_secret(state_file: Path
     out = mtd("-s", str(state_file), "history")
     assert out.returncode == 0, out.stderr
     assert [ln.split()[2:5] for ln in out.stdout.splitlines()] == [
-        ["redis", "-", "epoch"],
-        ["redis", "-", "epoch"],
+        ["ORIGIN", "COMMIT", "EPOCH"],
+        ["redis", "-", "0"],
+        ["redis", "-", "1"],
     ]
     at = mtd(
         "-s", str(state_file), "history", "--mapping-at", "2024-05-01T12:05:00Z",

@@ -168,3 +168,14 @@ def test_anonymous_set_order_in_rules_does_not_matter():
         }
     ]
     assert diff.diff(table(rules=[rule]), table(rules=[shuffled])) == []
+
+
+def test_one_deleted_rule_is_one_line_whatever_follows_it():
+    rules = [[{"accept": None}], [{"notrack": None}], [{"drop": None}], [{"return": None}]]
+    changes = diff.diff(table(rules=rules[:1] + rules[2:]), table(rules=rules))
+    assert [(c.op, c.name, c.text) for c in changes] == [("-", "c#1", "rule c notrack")]
+    changes = diff.diff(table(rules=rules), table(rules=rules[:1] + rules[2:]))
+    assert [(c.op, c.name, c.text) for c in changes] == [("+", "c#1", "rule c notrack")]
+    changed = [rules[0], [{"continue": None}], *rules[2:]]  # one rule edited: - then +
+    changes = diff.diff(table(rules=changed), table(rules=rules))
+    assert [(c.op, c.text) for c in changes] == [("-", "rule c notrack"), ("+", "rule c continue")]

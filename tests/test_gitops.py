@@ -277,7 +277,7 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     ]
     assert {e["origin"] for e in entries} == {"pull"}
     history = mtd("--state-dir", str(sd), "-s", str(applied), "history", ns=lab)
-    assert history.returncode == 0 and len(history.stdout.splitlines()) == 8
+    assert history.returncode == 0 and len(history.stdout.splitlines()) == 1 + 8  # a header
     # What 192.0.2.2 saw while `third` was live, from that commit's state (it is not in the
     # current one), confirmed by the recorded fingerprint.
     at = mtd(

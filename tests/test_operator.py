@@ -3,17 +3,21 @@ metrics, checked claim by claim (issue 14)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 
+from reconciler.adapters import auditlog, files
+from reconciler.core import render, shuffle
 from reconciler.services.daemon import Metrics
-from tests.conftest import MTD, ROOT, mtd
+from tests.conftest import MTD, ROOT, mtd, write_state
 
 
 @pytest.mark.parametrize(
@@ -79,3 +83,92 @@ def test_a_continuous_pull_says_what_it_follows(tmp_path: Path):
     )
     (line,) = (tmp_path / "err").read_text().splitlines()
     assert "keeping the current state" in line and line.endswith(" s")
+
+
+# -- the desired state: the schema as editors see it, `state` as templates see it ----------
+
+
+def test_the_schema_accepts_group_files_and_documents_comments(tmp_path: Path):
+    import jsonschema
+
+    schema = json.loads(mtd("schema").stdout)
+    group = {"hosts": ["web1", "web2"], "watched": [{"source": "192.0.2.3", "comment": "lab"}]}
+    host = {"ports": {"range": [1, 40]}}  # a host file may change one key of `ports`
+    for doc in (group, host):
+        assert list(jsonschema.Draft202012Validator(schema).iter_errors(doc)) == []
+    entry = schema["properties"]["watched"]["items"]["properties"]
+    assert "description" in entry["comment"] and "description" in schema["properties"]["hosts"]
+    readme = (ROOT / "README.md").read_text()
+    assert "`comment`" in readme and "`hosts`" in readme
+    # Outside an inventory's group files, `hosts:` is still refused, in one line.
+    bad = write_state(tmp_path / "s.yaml", hosts=["web1"])
+    out = mtd("-s", str(bad), "validate")
+    assert out.returncode == 1 and len(out.stderr.splitlines()) == 1
+    assert f"{bad}:" in out.stderr and "hosts: only groups/*.yaml files" in out.stderr
+
+
+def test_the_template_variable_state_has_every_default(tmp_path: Path):
+    state = files.load_state(write_state(tmp_path / "s.yaml"))
+    doc = state.doc
+    for key in json.loads(mtd("schema").stdout)["properties"]:
+        if key != "hosts":
+            assert key in doc, key
+    assert doc["epoch_file"] == state.epoch_file and doc["audit_log"] == state.audit_log
+    assert doc["redis"] == dict(state.redis) and "epoch_key" in doc["redis"]
+    assert set(doc["ports"]["services"]) == {"tcp", "udp"}
+    table = render.context(state, shuffle.compute(state, b"\0" * 32, 0))["state"]
+    assert table is doc
+
+
+# -- mtd history -------------------------------------------------------------------------
+
+
+def test_history_has_a_header_and_a_missing_log_is_an_error(tmp_path: Path, state_file: Path):
+    missing = tmp_path / "nope.jsonl"
+    out = mtd("-s", str(state_file), "history", "--log", str(missing))
+    assert out.returncode == 1 and out.stderr == f"mtd: error: --log {missing}: no such audit log\n"
+    out = mtd("-s", str(state_file), "history")  # nothing applied yet: said, not an error
+    assert out.returncode == 0 and "no audit log yet" in out.stderr and not out.stdout
+    log = files.load_state(state_file).audit_log
+    auditlog.record(log, host="h1", origin="manual", epoch=3, result="changed", fingerprint="ab")
+    auditlog.record(log, host="web-long-name", origin="manual", epoch=None, result="down",
+                    fingerprint=None, table="mtd")  # fmt: skip
+    out = mtd("-s", str(state_file), "history")
+    header, first, second = out.stdout.splitlines()
+    assert header.split() == ["TIME", "HOST", "ORIGIN", "COMMIT", "EPOCH", "RESULT", "FINGERPRINT"]
+    assert first.split()[1:] == ["h1", "manual", "-", "3", "changed", "ab"]
+    assert second.split()[1:] == ["web-long-name", "manual", "-", "-", "down", "-"]
+    assert header.index("RESULT") == first.index("changed") == second.index("down")
+
+
+def test_mapping_at_after_a_down_says_the_table_was_down(state_file: Path):
+    state = files.load_state(state_file)
+    secret = files.load_secret(state.secret_file, create=True)
+    fp = shuffle.compute(state, secret, 0).fingerprint(secret)
+    t0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    for offset, result in [(0.0, "changed"), (60.25, "down"), (120.5, "changed")]:
+        auditlog.record(
+            state.audit_log, host="h", origin="manual", epoch=None if result == "down" else 0,
+            result=result, fingerprint=None if result == "down" else fp, table="mtd",
+            when=t0 + timedelta(seconds=offset),
+        )  # fmt: skip
+
+    def at(when: str) -> subprocess.CompletedProcess:
+        sd = str(state_file.parent / "no")
+        return mtd("-s", str(state_file), "history", "--host", "h", "--mapping-at", when,
+                   "--source", "192.0.2.3", "--state-dir", sd)  # fmt: skip
+
+    out = at("2024-05-01T12:01:30Z")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (
+        "192.0.2.3 at 2024-05-01T12:01:30.000000Z: table inet mtd was down (removed "
+        "2024-05-01T12:01:00.250000Z by manual): every source saw the real ports\n"
+    )
+    assert "verified" in at("2024-05-01T12:00:30Z").stdout
+    # To the whole second, 12:01:00 is before the down at 12:01:00.25: said so; sub-second
+    # precision picks the change that was live.
+    whole = at("2024-05-01T12:01:00Z")
+    assert "verified" in whole.stdout and "within the second after" in whole.stderr
+    sub = at("2024-05-01T12:01:00.3Z")
+    assert "was down" in sub.stdout and not sub.stderr
+    assert "verified" in at("2024-05-01T12:02:00.5Z").stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.adapters import files
-from reconciler.core.audit import ORIGINS, parse_time, timestamp
+from reconciler.core.audit import DOWN, ORIGINS, parse_time, timestamp
 from reconciler.core.state import State
 from reconciler.errors import MtdError
 
@@ -58,6 +58,7 @@ def record(
     commit: str | None = None,
     error: str | None = None,
     when: datetime | None = None,
+    table: str | None = None,
 ) -> dict[str, Any]:
     """Append one line; the file and its directory are created private."""
     if origin not in ORIGINS:
@@ -73,6 +74,8 @@ def record(
     }
     if error:
         entry["error"] = error
+    if table:
+        entry["table"] = table
     p = Path(path)
     line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
     fd = files.open_own(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "audit log")
@@ -101,7 +104,9 @@ def log_result(
     state: State, result: Any, *, origin: str, host: str, commit: str | None = None
 ) -> dict[str, Any]:
     """Record a reconcile `Result` in the state's audit log (call it after a change);
-    `AuditFailed` when it cannot be written."""
+    `AuditFailed` when it cannot be written. Its time is when the change was sent to the
+    kernel, so that a time at which the new mapping was seen live never finds the one before."""
+    sent = getattr(result, "applied_at", None)
     try:
         return record(
             state.audit_log,
@@ -111,9 +116,23 @@ def log_result(
             result=result.status,
             fingerprint=result.fingerprint,
             commit=commit,
+            when=None if sent is None else datetime.fromtimestamp(sent, UTC),
         )
     except MtdError as exc:
         raise AuditFailed(result, *exc.problems) from None
+
+
+def log_down(state: State, *, origin: str, host: str) -> dict[str, Any]:
+    """The owned table was removed on purpose: from now on every source sees the real ports."""
+    return record(
+        state.audit_log,
+        host=host,
+        origin=origin,
+        epoch=None,
+        result=DOWN,
+        fingerprint=None,
+        table=state.table,
+    )
 
 
 def entries(path: str | Path) -> list[dict[str, Any]]:

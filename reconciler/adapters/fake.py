@@ -147,8 +147,12 @@ class FakeKernel:
         self.canonical_calls += 1
         return self._load(name, list(commands), by_index=False)
 
-    def set_sysctls(self, values: Mapping[str, str]) -> None:
+    def set_sysctls(self, values: Mapping[str, str]) -> dict[str, str]:
+        before = {
+            k: self.sysctls[k] for k in values if k in self.sysctls and self.sysctls[k] != values[k]
+        }
         self.sysctls.update(values)
+        return before
 
     def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
         """The verbs an event-driven repair sends: add/flush/delete chain, add rule, delete

@@ -295,9 +295,16 @@ def scratch_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def reconcile_lock(epoch_file: str | Path) -> contextlib.AbstractContextManager[None]:
-    """One reconcile at a time per host (daemon, CLI, pull), even across processes."""
-    return file_lock(Path(epoch_file).with_name("lock"))
+def reconcile_lock(
+    epoch_file: str | Path, *, shared: bool = False
+) -> contextlib.AbstractContextManager[None]:
+    """One reconcile at a time per host (daemon, CLI, pull), even across processes.
+
+    `shared`: for read-only commands, which must write nothing: they wait for a pass in
+    progress, but create no lock file (none means no writer has ever run here).
+    """
+    path = Path(epoch_file).with_name("lock")
+    return read_lock(path) if shared else file_lock(path)
 
 
 @contextlib.contextmanager
@@ -336,3 +343,84 @@ def use_template_cache(directory: Path, *, write: bool) -> None:
         return
     private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
     render.use_bytecode_cache(Cache(str(directory)) if private else None)
+
+
+@contextlib.contextmanager
+def read_lock(path: str | Path) -> Iterator[None]:
+    """A shared flock on `path` if it exists (and can be opened); nothing otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def restore_values(values: dict[str, str], root: str = "/proc/sys") -> None:
+    """Best effort: put sysctls back after a failed command."""
+    for name, value in values.items():
+        with contextlib.suppress(OSError):
+            Path(root, name).write_text(value)
+
+
+def sysctl_record(epoch_file: str | Path) -> Path:
+    """Where the values mtd replaced are kept, so `mtd down` can put them back."""
+    return Path(epoch_file).with_name("sysctls.json")
+
+
+def remember_sysctls(record: Path, previous: dict[str, str]) -> None:
+    """Add the values found before mtd first changed them; a value already kept stays (the
+    first one is the host's own)."""
+    if not previous:
+        return
+    kept = read_sysctl_record(record)
+    if previous.keys() <= kept.keys():
+        return
+    write_atomic(record, json.dumps(previous | kept, sort_keys=True) + "\n", mode=0o600)
+
+
+def read_sysctl_record(record: Path) -> dict[str, str]:
+    try:
+        data = json.loads(record.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        raise MtdError(
+            f'{record}: unreadable: expected {{"net/ipv4/fwmark_reflect": "0", ...}}'
+        ) from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and k.startswith("net/") and ".." not in k and isinstance(v, str)
+        for k, v in data.items()
+    ):
+        raise MtdError(f"{record}: expected net/* sysctl names and their previous values")
+    return data
+
+
+def restore_sysctls(
+    record: Path, values: dict[str, str], root: str = "/proc/sys"
+) -> dict[str, str] | None:
+    """Put back the values `record` kept, where a sysctl still has the value mtd set (else
+    someone else changed it since: left alone). None when there is no record: mtd never
+    changed them here."""
+    kept = read_sysctl_record(record)
+    if not record.exists():
+        return None
+    restored = {}
+    for name, previous in kept.items():
+        p = Path(root, name)
+        try:
+            if p.read_text().strip() == values.get(name):
+                p.write_text(previous)
+                restored[name] = previous
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise MtdError(
+                f"sysctl {name.replace('/', '.')}={previous}: cannot restore: {exc.strerror}"
+            ) from None
+    record.unlink()
+    return restored

@@ -10,6 +10,7 @@ so the live ruleset is either the old table or the new one, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -62,8 +63,9 @@ class Backend(Protocol):
         form of every expression, which the diff compares against."""
         ...
 
-    def set_sysctls(self, values: Mapping[str, str]) -> None:
-        """Network sysctls the ruleset relies on, in the backend's namespace."""
+    def set_sysctls(self, values: Mapping[str, str]) -> dict[str, str]:
+        """Network sysctls the ruleset relies on, in the backend's namespace; returns the
+        previous value of each one changed (so `mtd down` can put it back)."""
         ...
 
     def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
@@ -168,8 +170,8 @@ class Nft:
             raise
         return True
 
-    def set_sysctls(self, values: Mapping[str, str]) -> None:
-        set_sysctls(values)
+    def set_sysctls(self, values: Mapping[str, str]) -> dict[str, str]:
+        return set_sysctls(values)
 
     def run(
         self, commands: Sequence[dict[str, Any]], *, check: bool = False, first: int = 0
@@ -321,19 +323,27 @@ def _first_error(err: str) -> str:
     return lines[0].strip() if lines else "unknown error"
 
 
-def set_sysctls(values: Mapping[str, str], root: str = "/proc/sys") -> None:
-    """Set network sysctls of the caller's namespace; a family the kernel lacks is skipped."""
+def set_sysctls(values: Mapping[str, str], root: str = "/proc/sys") -> dict[str, str]:
+    """Set network sysctls of the caller's namespace; a family the kernel lacks is skipped.
+    Returns the previous value of each one changed; a failure puts those back first."""
+    changed: dict[str, str] = {}
     for name, value in values.items():
         p = Path(root, name)
         try:
-            if p.read_text().strip() != value:
+            before = p.read_text().strip()
+            if before != value:
                 p.write_text(value)
+                changed[name] = before
         except FileNotFoundError:
             continue
         except OSError as exc:
+            for done, old in changed.items():
+                with contextlib.suppress(OSError):
+                    Path(root, done).write_text(old)
             raise KernelError(
                 exc.strerror or str(exc), context=f"sysctl {name.replace('/', '.')}={value}"
             ) from None
+    return changed
 
 
 _LOAD_AND_LIST = 'nft -j -f - && exec nft -j list table inet "$1"'

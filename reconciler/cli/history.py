@@ -63,24 +63,48 @@ def history(
     from the pull clone when the change came from a commit, else the current one; the
     recorded fingerprint confirms it is the right one.
     """
+    if at and not source:
+        raise MtdError("--mapping-at: expected --source ADDR too")
     state = ctx.state() if log_path is None or at else None
     path = log_path or state.audit_log  # type: ignore[union-attr]
+    if not Path(path).exists():
+        if log_path is not None:  # named on purpose: a typo must not read as "no history"
+            raise MtdError(f"--log {log_path}: no such audit log")
+        if not at:
+            click.echo(f"mtd: {path}: no audit log yet: nothing applied on this host", err=True)
+            return
     log = auditlog.entries(path)
     if not at:
-        for entry in log:
-            click.echo(json.dumps(entry) if as_json else audit.line(entry))
+        if as_json:
+            for entry in log:
+                click.echo(json.dumps(entry))
+        else:
+            for line in audit.table(log):
+                click.echo(line)
         return
-    if not source:
-        raise MtdError("--mapping-at: expected --source ADDR too")
+    assert source is not None
     when = audit.parse_time(at)
     entry = audit.live_at(log, when, ctx.host)
     if entry is None:
         raise MtdError(f"{path}: no applied change at or before {at}: mtd was not live then")
-    assert state is not None
-    view = _mapping_then(state, entry, source, Path(ctx.state_dir), ctx)
+    later = audit.next_within(log, when, 1.0, ctx.host) if _whole_second(at) else None
+    if later is not None:
+        click.echo(
+            f"mtd: note: a change was applied at {later['time']}, within the second after "
+            f"{at}: give the time to the microsecond to pick it",
+            err=True,
+        )
     origin = f"{entry.get('origin')}" + (
         f" of commit {entry['commit'][:12]}" if entry.get("commit") else ""
     )
+    if entry.get("result") == audit.DOWN:
+        click.echo(
+            f"{source} at {audit.timestamp(when)}: table inet {entry.get('table', '?')} was "
+            f"down (removed {entry['time']} by {origin}): every source saw the real ports"
+        )
+        return
+    assert state is not None
+    view = _mapping_then(state, entry, source, Path(ctx.state_dir), ctx)
     click.echo(
         f"{source} at {audit.timestamp(when)}: epoch {entry['epoch']}, applied "
         f"{entry['time']} by {origin} (fingerprint {entry['fingerprint']} verified)"
@@ -92,6 +116,11 @@ def history(
     for proto, moves in view.moves.items():
         for real, hidden in sorted(moves.items()):
             click.echo(f"{proto} {real} -> {hidden}")
+
+
+def _whole_second(text: str) -> bool:
+    """A time without a fraction of a second (`12:00:00Z`, `@1714564800`)."""
+    return "." not in text
 
 
 def _mapping_then(state: State, entry: Any, source: str, state_dir: Path, ctx: Ctx) -> Any:

@@ -115,16 +115,12 @@ def _pass(
     if not check:  # a change that could not be recorded is not made
         auditlog.check_writable(state.audit_log)
     nft = ctx.nft(state, write=creates and not check)
-    with files.reconcile_lock(state.epoch_file):
+    with files.reconcile_lock(state.epoch_file, shared=check):
         if creates and not check:
             secret = provision_secret(state, nft)
         else:  # read-only: never creates one
             secret = files.load_secret(state.secret_file)
-        current = files.read_epoch(state.epoch_file)
-        if advance:
-            current += 1
-            if not check:
-                files.write_epoch(state.epoch_file, current)
+        current = files.read_epoch(state.epoch_file) + (1 if advance else 0)
         result = reconcile(
             state,
             current if epoch is None else epoch,
@@ -134,6 +130,9 @@ def _pass(
             templates=ctx.templates,
             read_live=read_live,
         )
+        # Only once the kernel took it: a refused rotation leaves the epoch file as it was.
+        if advance and not check:
+            files.write_epoch(state.epoch_file, current)
         if result.status == "changed":
             auditlog.log_result(state, result, origin="manual", host=ctx.hostname)
         return result
@@ -168,7 +167,7 @@ def diff_cmd(ctx: Ctx, as_json: bool, stat: bool, epoch: int | None) -> None:
     sys.exit(EXIT_PENDING if result.changes else 0)
 
 
-def _applied(run: Callable[[], Any], show_diff: bool) -> None:
+def _applied(run: Callable[[], Any], show_diff: bool) -> Any:
     """Report a pass; a change made but not recorded exits 3 ("applied, audit failed"): the
     table did change, so neither the usual result nor the usual error would be true."""
     try:
@@ -179,6 +178,7 @@ def _applied(run: Callable[[], Any], show_diff: bool) -> None:
             click.echo(f"mtd: error: {line}", err=True)
         sys.exit(EXIT_AUDIT_FAILED)
     _report(result, show_diff)
+    return result
 
 
 def _report(result: Any, show_diff: bool) -> None:
@@ -188,16 +188,33 @@ def _report(result: Any, show_diff: bool) -> None:
     click.echo(result.line())
 
 
-@cli.command(epilog=examples("mtd apply -s desired_state/ --diff", "mtd apply -s /etc/mtd --check"))
+EXIT_CODE_OPTION = click.option(
+    "--exit-code",
+    is_flag=True,
+    help="Exit 2 when the live table differs (changes pending or made, table missing), "
+    "as `mtd diff` does.",
+)
+
+
+@cli.command(
+    epilog=examples(
+        "mtd apply -s desired_state/ --diff",
+        "mtd apply -s /etc/mtd --check",
+        "mtd apply -s /etc/mtd --check --exit-code   # 2 when changes are pending",
+    )
+)
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--diff", "show_diff", is_flag=True, help="Also print the changes.")
+@EXIT_CODE_OPTION
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def apply(ctx: Ctx, check: bool, show_diff: bool) -> None:
+def apply(ctx: Ctx, check: bool, show_diff: bool, exit_code: bool) -> None:
     """Make the live table match the desired state at the current epoch."""
-    _applied(lambda: _pass(ctx, check=check, creates=True), show_diff)
+    result = _applied(lambda: _pass(ctx, check=check, creates=True), show_diff)
+    if exit_code and result.changes:
+        sys.exit(EXIT_PENDING)
 
 
 @cli.command(epilog=examples("mtd rotate -s /etc/mtd --diff", "mtd rotate -s /etc/mtd --publish"))
@@ -234,10 +251,11 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
 @cli.command(epilog=examples("mtd status -s /etc/mtd --json"))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @state_options
+@EXIT_CODE_OPTION
 @host_option
 @pass_ctx
 @friendly
-def status(ctx: Ctx, as_json: bool) -> None:
+def status(ctx: Ctx, as_json: bool, exit_code: bool) -> None:
     """Epoch, table, whether the live table matches the desired state, and the last pull."""
     from reconciler.services import gitops
 
@@ -282,6 +300,8 @@ def status(ctx: Ctx, as_json: bool) -> None:
             click.echo(f"packets since the table was last replaced: {counts}")
         for line in [*lines, *(gitops.summary_lines(pulled) if pulled else [])]:
             click.echo(line)
+    if exit_code and not result.in_sync:
+        sys.exit(EXIT_PENDING)
 
 
 @cli.command(epilog=examples("mtd down -s /etc/mtd"))
@@ -290,11 +310,14 @@ def status(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 @friendly
 def down(ctx: Ctx) -> None:
-    """Remove the owned table on purpose (services are back at their real ports for all)."""
+    """Remove the owned table on purpose (services are back at their real ports for all), and
+    put back the fwmark_reflect sysctls mtd changed."""
+    from reconciler.services.reconcile import take_down
+
     state = ctx.state()
+    auditlog.check_writable(state.audit_log)  # removing the table is a change to record
     with files.reconcile_lock(state.epoch_file):
-        removed = ctx.nft(state).delete_table(state.table)
-    click.echo(
-        f"{'changed' if removed else 'ok'}: table inet {state.table} "
-        f"{'removed' if removed else 'absent'}"
-    )
+        changed, done = take_down(state, ctx.nft(state))
+        if changed:
+            auditlog.log_down(state, origin="manual", host=ctx.hostname)
+    click.echo(f"{'changed' if changed else 'ok'}: {'; '.join(done)}")

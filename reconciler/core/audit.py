@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from reconciler.core import shuffle
@@ -23,6 +23,9 @@ ORIGINS = ("start", "redis", "pull", "drift", "manual")
 # Results after which the recorded mapping is the live one ("ok": a commit applied that
 # changed nothing in the table; "rejected" lines are kept for the record only).
 LIVE = ("changed", "ok")
+# The owned table was removed on purpose (`mtd down`, `mtd run --down-on-exit`): from then
+# on, until the next live entry, every source saw the real ports.
+DOWN = "down"
 
 
 def timestamp(when: datetime) -> str:
@@ -45,14 +48,30 @@ def parse_time(text: str) -> datetime:
 def live_at(
     log: Sequence[Mapping[str, Any]], when: datetime, host: str | None = None
 ) -> Mapping[str, Any] | None:
-    """The entry whose mapping was live at `when`: the last applied one at or before it."""
+    """The entry that decided what was live at `when`: the last applied one (or removal of
+    the table, result `down`) at or before it."""
     found = None
     for entry in log:
         if host is not None and entry.get("host") != host:
             continue
-        if entry.get("result") in LIVE and parse_time(entry["time"]) <= when:
+        if entry.get("result") in (*LIVE, DOWN) and parse_time(entry["time"]) <= when:
             found = entry
     return found
+
+
+def next_within(
+    log: Sequence[Mapping[str, Any]], when: datetime, seconds: float, host: str | None = None
+) -> Mapping[str, Any] | None:
+    """The first change after `when` but within `seconds` of it: a time given to the whole
+    second may stand for a moment after that change."""
+    for entry in log:
+        if host is not None and entry.get("host") != host:
+            continue
+        if entry.get("result") in (*LIVE, DOWN):
+            t = parse_time(entry["time"])
+            if when < t < when + timedelta(seconds=seconds):
+                return entry
+    return None
 
 
 @dataclass(frozen=True)
@@ -81,13 +100,30 @@ def mapping_of(state: State, secret: bytes, epoch: int, source: str) -> SourceVi
     return SourceView(w, moves, portmap.fingerprint(secret))
 
 
-def line(entry: Mapping[str, Any]) -> str:
-    """One history line: time host origin commit epoch result fingerprint."""
-    commit = (entry.get("commit") or "-")[:12]
+COLUMNS = ("TIME", "HOST", "ORIGIN", "COMMIT", "EPOCH", "RESULT", "FINGERPRINT")
+
+
+def table(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """`mtd history`: a header, then one aligned row per entry (an error at the end)."""
+    rows = [COLUMNS] + [_cells(e) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    out = []
+    for row, entry in zip(rows, [None, *entries], strict=True):
+        text = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        if entry is not None and entry.get("error"):
+            text += f"  {entry['error']}"
+        out.append(text.rstrip())
+    return out
+
+
+def _cells(entry: Mapping[str, Any]) -> tuple[str, ...]:
     epoch = entry.get("epoch")
-    text = (
-        f"{entry.get('time')}  {entry.get('host', '-')}  {entry.get('origin', '-'):<6}  "
-        f"{commit:<12}  epoch {'-' if epoch is None else epoch}  {entry.get('result', '-')}"
-        f"  {entry.get('fingerprint') or '-'}"
+    return (
+        str(entry.get("time")),
+        str(entry.get("host") or "-"),
+        str(entry.get("origin") or "-"),
+        (entry.get("commit") or "-")[:12],
+        "-" if epoch is None else str(epoch),
+        str(entry.get("result") or "-"),
+        str(entry.get("fingerprint") or "-"),
     )
-    return text + (f"  {entry['error']}" if entry.get("error") else "")

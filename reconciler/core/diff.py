@@ -13,6 +13,7 @@ import json
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from functools import lru_cache
 from typing import Any
 
@@ -214,19 +215,31 @@ def diff(want: Table, have: Table) -> list[Change]:
             what = _attribute_changes(have.objects[key], want.objects[key])
             changes.append(Change("~", *key.split(" ", 1), f"{key}: {what}"))
     for chain in sorted(want.rules.keys() | have.rules.keys()):
-        old, new = have.rules.get(chain, []), want.rules.get(chain, [])
-        for i in range(max(len(old), len(new))):
-            a = old[i] if i < len(old) else None
-            b = new[i] if i < len(new) else None
-            if a == b:
-                continue
-            if a is not None:
-                changes.append(Change("-", "rule", f"{chain}#{i}", rule_text(chain, a)))
-            if b is not None:
-                changes.append(Change("+", "rule", f"{chain}#{i}", rule_text(chain, b)))
+        changes += _rule_changes(chain, have.rules.get(chain, []), want.rules.get(chain, []))
     for name in sorted(want.elements.keys() | have.elements.keys()):
         changes += _element_changes(name, want.elements.get(name, {}), have.elements.get(name, {}))
     return changes
+
+
+def _rule_changes(chain: str, old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[Change]:
+    """Rules aligned by content (a sequence diff), so that one rule deleted or inserted is one
+    line, not a shift of every rule after it. Names are `chain#position` in the live table
+    for `-`, in the desired one for `+`."""
+    if old == new:
+        return []
+    a = [json.dumps(r, sort_keys=True) for r in old]
+    b = [json.dumps(r, sort_keys=True) for r in new]
+    out = []
+    for tag, i1, i2, j1, j2 in SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        out += [
+            Change("-", "rule", f"{chain}#{i}", rule_text(chain, old[i])) for i in range(i1, i2)
+        ]
+        out += [
+            Change("+", "rule", f"{chain}#{j}", rule_text(chain, new[j])) for j in range(j1, j2)
+        ]
+    return out
 
 
 def _element_changes(

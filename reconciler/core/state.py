@@ -139,6 +139,16 @@ def schema() -> dict[str, Any]:
     return json.loads(resources.files("reconciler.core").joinpath("schema.json").read_text())
 
 
+@cache
+def merged_schema() -> dict[str, Any]:
+    """The schema of the merged state: that of one file, plus what the files must provide
+    between them (each file alone may leave it to another)."""
+    out = json.loads(json.dumps(schema()))
+    out["required"] = ["ports"]
+    out["properties"]["ports"]["required"] = ["range", "services"]
+    return out
+
+
 def key_path(path: Iterable[str | int]) -> str:
     """watched[0].ignore.tcp: the way a user writes a location in a YAML document."""
     out = ""
@@ -362,7 +372,7 @@ def _schema_errors(doc: dict[str, Any]) -> list[tuple[list[str | int], str]]:
         others = [i for i, entry in enumerate(watched) if not _plain_entry(entry)]
         doc = {**doc, "watched": [watched[i] for i in others]}
     out = []
-    for e in jsonschema.Draft202012Validator(schema()).iter_errors(doc):
+    for e in jsonschema.Draft202012Validator(merged_schema()).iter_errors(doc):
         path = list(e.absolute_path)
         if others is not None and path[:1] == ["watched"] and len(path) > 1:
             path[1] = others[int(path[1])]
@@ -388,6 +398,14 @@ def _plain_entry(entry: Any) -> bool:
 
 def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
     problems: list[str] = []
+    if "hosts" in doc:  # allowed by the schema for the group files of an inventory only
+        raise StateError(
+            locate(
+                ["hosts"],
+                "only groups/*.yaml files of an inventory (a directory with groups/ or "
+                "hosts/) list hosts: expected no hosts key here",
+            )
+        )
     full = merge(DEFAULTS, doc)
     secret_file = full.get("secret_file") or str(PurePath(local.state_dir, "secret"))
     lo, hi = doc["ports"]["range"]
@@ -433,19 +451,29 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
                     )
                 )
         watched.append(Watched(source=net, ignore=ignore, index=i))
+    # Every default filled in, derived ones included: templates see it as `state`.
+    full["secret_file"] = secret_file
+    full["epoch_file"] = full.get("epoch_file") or str(PurePath(secret_file).with_name("epoch"))
+    full["audit_log"] = full.get("audit_log") or str(PurePath(secret_file).with_name("audit.jsonl"))
+    full["redis"] = merge(REDIS_DEFAULTS, doc.get("redis") or {})
+    full.setdefault("watched", [])
+    full["ports"] = {
+        **full["ports"],
+        "services": {**{p: [] for p in PROTOCOLS}, **full["ports"]["services"]},
+    }
     state = State(
         table=full["table"],
         template=full["template"],
         ownership=full["ownership"],
-        secret_file=secret_file,
-        epoch_file=full.get("epoch_file") or str(PurePath(secret_file).with_name("epoch")),
+        secret_file=full["secret_file"],
+        epoch_file=full["epoch_file"],
         mark=full["mark"],
         port_range=(lo, hi),
         services=services,
         watched=tuple(watched),
-        redis=merge(REDIS_DEFAULTS, doc.get("redis") or {}),
+        redis=full["redis"],
         drift_interval=float(full["drift_interval"]),
-        audit_log=full.get("audit_log") or str(PurePath(secret_file).with_name("audit.jsonl")),
+        audit_log=full["audit_log"],
         doc=full,
     )
     problems += _forbidden_paths(state, local, locate)

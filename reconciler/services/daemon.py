@@ -44,7 +44,13 @@ from reconciler.core import diff, render, shuffle
 from reconciler.core.state import State
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
-from reconciler.services.reconcile import Result, provision_secret, reconcile, repair_chains
+from reconciler.services.reconcile import (
+    Result,
+    provision_secret,
+    reconcile,
+    repair_chains,
+    take_down,
+)
 
 LOG = logging.getLogger(f"{LOGGER}.daemon")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -919,8 +925,10 @@ class Daemon:
         if self.options.down_on_exit:
             try:
                 with files.reconcile_lock(self.state.epoch_file):
-                    gone = self.nft.delete_table(self.state.table)
-                removed = f", table inet {self.state.table} {'removed' if gone else 'absent'}"
+                    changed, done = take_down(self.state, self.nft)
+                    if changed:
+                        auditlog.log_down(self.state, origin="manual", host=self.host)
+                removed = ", " + "; ".join(done)
             except MtdError as exc:
                 removed = f", table not removed: {'; '.join(exc.problems)}"
         else:

@@ -39,6 +39,8 @@ class Result:
     phases: dict[str, float] = field(default_factory=dict)
     # The rendered document without its elements: what an event-driven repair re-creates.
     skeleton: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    mappings: int = 0  # moved ports of the mapping at `epoch`
+    applied_at: float | None = None  # unix time the transaction was sent (for the audit log)
 
     @property
     def in_sync(self) -> bool:
@@ -51,6 +53,8 @@ class Result:
     def line(self) -> str:
         """`changed: table inet mtd epoch 4: +58 element, -58 element (0.04 s)`."""
         counts = ", ".join(f"{k} {n}" for k, n in sorted(diff.summary(self.changes).items()))
+        if self.changes == [UNREAD]:
+            counts = f"{self.mappings} mappings drawn anew, table replaced without reading it"
         what = f": {counts}" if counts else ""
         took = f"({self.duration:.2f} s)"
         return f"{self.status}: table inet {self.table} epoch {self.epoch}{what} {took}"
@@ -65,6 +69,9 @@ class Result:
             "fingerprint": self.fingerprint,
             "phases": {k: round(v, 6) for k, v in self.phases.items()},
         }
+
+
+UNREAD = diff.Change("~", "table", "", "table replaced without reading it back")
 
 
 class _Phases(dict[str, float]):
@@ -101,7 +108,7 @@ def reconcile(
         mapping = shuffle.compute(state, secret, epoch)
     with t("render"):
         commands = render.render(state, mapping, templates)
-    changes = [diff.Change("~", "table", "", "table replaced without reading it back")]
+    changes = [UNREAD]
     if read_live:
         with t("read"):
             skeleton = diff.from_listing(_canonical(backend, commands, state.table))
@@ -119,18 +126,34 @@ def reconcile(
             for family, name in backend.list_tables()
             if (family, name) != ("inet", state.table)
         ]
-    status = "ok"
-    if not check:
-        backend.set_sysctls(SYSCTLS)
+    status, applied_at = "ok", None
+    previous = {} if check else backend.set_sysctls(SYSCTLS)
     if changes:
         status = "would change" if check else "changed"
         with t("apply"):
-            backend.replace_table(
-                state.table, commands, flush_ruleset=state.ownership == "ruleset", check=check
-            )
+            applied_at = time.time()
+            try:
+                backend.replace_table(
+                    state.table, commands, flush_ruleset=state.ownership == "ruleset", check=check
+                )
+            except BaseException:
+                files.restore_values(previous)  # a failed command changes nothing
+                raise
+    files.remember_sysctls(files.sysctl_record(state.epoch_file), previous)
     skeleton = diff.skeleton_commands(commands)
     fingerprint = mapping.fingerprint(secret)
-    return Result(status, state.table, epoch, changes, fingerprint, dict(t), skeleton)
+    mappings = sum(len(m) for m in mapping.moves.values())
+    return Result(
+        status,
+        state.table,
+        epoch,
+        changes,
+        fingerprint,
+        dict(t),
+        skeleton,
+        mappings=mappings,
+        applied_at=applied_at,
+    )
 
 
 def _canonical(
@@ -185,3 +208,23 @@ def provision_secret(state: State, nft: Backend) -> bytes:
             "purpose with mtd down, then mtd apply"
         )
     return files.load_secret(state.secret_file, create=True)
+    return
+
+
+def take_down(state: State, backend: Backend) -> tuple[bool, list[str]]:
+    """Remove the owned table on purpose and put back the sysctls mtd changed: whether
+    anything changed, and what, in words. The caller holds the reconcile lock and writes the
+    audit line."""
+    removed = backend.delete_table(state.table)
+    out = [f"table inet {state.table} {'removed' if removed else 'absent'}"]
+    restored = files.restore_sysctls(files.sysctl_record(state.epoch_file), SYSCTLS)
+    if restored is None:
+        out.append("fwmark_reflect sysctls left as they are (mtd did not change them here)")
+    elif restored:
+        out.append(
+            "restored "
+            + ", ".join(f"{k.replace('/', '.')}={v}" for k, v in sorted(restored.items()))
+        )
+    else:
+        out.append("fwmark_reflect sysctls left as they are (changed since by someone else)")
+    return bool(removed or restored), out
