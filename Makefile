@@ -8,7 +8,7 @@ HOST ?=
 DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg
 HOST_ARG := $(if $(HOST),--host $(HOST),)
 
-.PHONY: setup deb venv test unit lint diff apply rotate status demo bench bench-quick clean
+.PHONY: setup deb venv test unit lint diff apply rotate status demo bench bench-quick install clean
 
 setup: deb venv
 
@@ -65,6 +65,28 @@ bench: setup
 
 bench-quick: setup
 	$(PY) benchmarks/bench.py --quick $(ARGS)
+
+# Installs mtd on this server: a venv in $(OPT) made from Debian's python3 (it sees
+# python3-nftables), the command in $(BINDIR)/mtd, the example state in $(ETC) unless a state
+# is already there, the unit in $(UNITDIR) (its ExecStart pointing at $(BINDIR)/mtd) and
+# this README in $(DOCDIR). Every directory can be moved, for packaging or a test.
+OPT ?= /opt/mtd
+BINDIR ?= /usr/local/bin
+ETC ?= /etc/mtd
+UNITDIR ?= /etc/systemd/system
+DOCDIR ?= /usr/share/doc/mtd
+install: deb
+	@test -x $(OPT)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(OPT)
+	$(OPT)/bin/python -m pip install -q --disable-pip-version-check .
+	install -d $(BINDIR) $(UNITDIR) $(DOCDIR)
+	ln -sfn $(OPT)/bin/mtd $(BINDIR)/mtd
+	install -d -m 0755 $(ETC)
+	@ls $(ETC)/*.yaml >/dev/null 2>&1 || install -m 0644 desired_state/mtd.yaml $(ETC)/state.yaml
+	sed 's|/usr/local/bin/mtd|$(BINDIR)/mtd|; s|--state /etc/mtd|--state $(ETC)|' \
+	  systemd/mtd.service > $(UNITDIR)/mtd.service
+	install -m 0644 README.md $(DOCDIR)/README.md
+	@echo "installed: $(BINDIR)/mtd, state in $(ETC), unit $(UNITDIR)/mtd.service;" \
+	  "next: edit $(ETC)/state.yaml, mtd validate, systemctl daemon-reload, systemctl enable --now mtd"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

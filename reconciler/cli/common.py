@@ -24,7 +24,14 @@ EXIT_PENDING = 2
 EXIT_AUDIT_FAILED = 3  # apply/rotate: the table changed, its audit line could not be written
 
 
+# The state without -s or $MTD_STATE: the repository's example when run from a checkout,
+# else where `make install` and the systemd unit put it.
 DEFAULT_STATE = "desired_state"
+INSTALLED_STATE = "/etc/mtd"
+
+
+def default_state() -> str:
+    return DEFAULT_STATE if Path(DEFAULT_STATE).exists() else INSTALLED_STATE
 
 
 class Ctx:
@@ -34,6 +41,7 @@ class Ctx:
         self, state_path: str = DEFAULT_STATE, templates: tuple[str, ...] = (), debug: bool = False
     ) -> None:
         self.state_path = state_path
+        self.default_state = False  # no -s or $MTD_STATE: an error says where we looked
         self.user_templates = [Path(t) for t in templates]
         self.debug = debug
         self.host: str | None = None  # --host: which host of an inventory; None: this machine
@@ -68,6 +76,11 @@ class Ctx:
         )
 
     def state(self) -> State:
+        if self.default_state and not Path(self.state_path).exists():
+            raise MtdError(
+                f"no desired state: looked for ./{DEFAULT_STATE} and {INSTALLED_STATE}: expected "
+                f"-s PATH, $MTD_STATE, or the state in {INSTALLED_STATE} (make install)"
+            )
         return files.load_state(self.state_path, self.hostname, self.local())
 
     def nft(
@@ -147,7 +160,9 @@ def _on_command_line(ctx: click.Context, param: click.Parameter) -> bool:
 
 def _set_state(ctx: click.Context, param: click.Parameter, value: str) -> None:
     if _on_command_line(ctx, param):
-        ctx.ensure_object(Ctx).state_path = value
+        obj = ctx.ensure_object(Ctx)
+        obj.state_path = value
+        obj.default_state = ctx.get_parameter_source(param.name or "") is ParameterSource.DEFAULT
 
 
 def _add_templates(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
@@ -176,8 +191,8 @@ _SHARED_OPTIONS = [
         "--state",
         "state_path",
         envvar="MTD_STATE",
-        default=DEFAULT_STATE,
-        show_default=True,
+        default=default_state,
+        show_default=f"./{DEFAULT_STATE} if it exists, else {INSTALLED_STATE}",
         show_envvar=True,
         metavar="PATH",
         expose_value=False,
