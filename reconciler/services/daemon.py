@@ -926,9 +926,9 @@ class Daemon:
             try:
                 with files.reconcile_lock(self.state.epoch_file):
                     changed, done = take_down(self.state, self.nft)
-                    if changed:
-                        auditlog.log_down(self.state, origin="manual", host=self.host)
                 removed = ", " + "; ".join(done)
+                if changed:
+                    self._audit_down()
             except MtdError as exc:
                 removed = f", table not removed: {'; '.join(exc.problems)}"
         else:
@@ -940,6 +940,14 @@ class Daemon:
             f"stopped at epoch {self.applied}{removed}",
             epoch=self.applied,
         )
+
+    def _audit_down(self) -> None:
+        try:
+            auditlog.log_down(self.state, origin="manual", host=self.host)
+        except MtdError as exc:  # the table is gone all the same: say it was not recorded
+            self.metrics.audit_failures.inc()
+            problem = "; ".join(exc.problems)
+            event(self.log, logging.ERROR, "audit", f"removed, audit failed: {problem}")
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
