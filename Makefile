@@ -8,7 +8,7 @@ HOST ?=
 DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg
 HOST_ARG := $(if $(HOST),--host $(HOST),)
 
-.PHONY: setup deb venv test unit lint diff apply rotate status demo bench clean
+.PHONY: setup deb venv test unit lint diff apply rotate status demo bench fuzz clean
 
 setup: deb venv
 
@@ -59,6 +59,13 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench.py
+
+# The differential oracle's long run (tests/test_oracle.py): random probe sequences against
+# mtd and a twin host on the shuffled ports; prints how many it tried.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	MTD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s \
+	  tests/test_oracle.py -k twin_on_the_shuffled --timeout 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info
