@@ -8,7 +8,7 @@ HOST ?=
 DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg
 HOST_ARG := $(if $(HOST),--host $(HOST),)
 
-.PHONY: setup deb venv test unit lint diff apply rotate status demo bench bench-quick install clean
+.PHONY: setup deb venv test unit lint diff apply rotate status demo bench bench-quick install fuzz clean
 
 setup: deb venv
 
@@ -87,6 +87,13 @@ install: deb
 	install -m 0644 README.md $(DOCDIR)/README.md
 	@echo "installed: $(BINDIR)/mtd, state in $(ETC), unit $(UNITDIR)/mtd.service;" \
 	  "next: edit $(ETC)/state.yaml, mtd validate, systemctl daemon-reload, systemctl enable --now mtd"
+
+# The differential oracle's long run (tests/test_oracle.py): random probe sequences against
+# mtd and a twin host on the shuffled ports; prints how many it tried.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	MTD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s \
+	  tests/test_oracle.py -k twin_on_the_shuffled --timeout 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

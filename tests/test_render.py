@@ -34,7 +34,7 @@ def test_maps_rule_count_is_constant_whatever_the_number_of_sources():
     ports = "ports: {range: [1000, 60000], services: {tcp: [22, 80, 443], udp: [53]}}\n"
     many = ports + "watched:\n" + "".join(f"  - source: 192.0.2.{i}\n" for i in range(1, 200))
     few = sum("rule" in c["add"] for c in rendered()[2])
-    assert sum("rule" in c["add"] for c in rendered(many)[2]) == few == 24  # 8 count leaks
+    assert sum("rule" in c["add"] for c in rendered(many)[2]) == few == 59  # 8 count leaks
 
 
 def test_maps_hold_both_directions_of_every_swap():
@@ -62,17 +62,17 @@ def test_template_variables_documented_shape():
     state, mapping, _ = rendered()
     ctx = render.context(state, mapping)
     assert set(ctx) == {
-        "table",
-        "family",
-        "epoch",
-        "mark",
-        "state",
-        "elements",
-        "sources",
-        "services",
-        "pairs",
-    }
+        "table", "family", "epoch", "mark", "state", "elements", "sources", "networks",
+        "services", "pairs",
+    }  # fmt: skip
     assert ctx["epoch"] == 7 and ctx["table"] == "mtd"
+    # Watched prefixes as disjoint pieces (the /24 split around the /25 inside it).
+    assert ctx["networks"]["4"] == [
+        {"prefix": {"addr": "198.51.100.0", "len": 25}},
+        {"prefix": {"addr": "198.51.100.128", "len": 25}},
+    ]
+    assert ctx["networks"]["6"] == [{"prefix": {"addr": "2001:db8:bad::", "len": 48}}]
+    assert ctx["services"] == {"tcp": [1, 2, 3], "udp": [53]}
     assert {"source", "family", "proto", "port", "to"} == set(ctx["pairs"][0])
 
 

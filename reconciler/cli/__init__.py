@@ -11,6 +11,7 @@ from reconciler.cli import (  # noqa: F401  (registers commands)
     fleet_status,
     history,
     host,
+    mapping,
     pull,
     tools,
 )

@@ -336,6 +336,13 @@ def context(state: State, mapping: PortMap) -> dict[str, Any]:
     }
     sources: dict[str, list[str]] = {"4": [], "6": []}
     pieces = _disjoint_prefixes([w.source for w in state.watched if not w.is_host])
+    # Watched prefixes as disjoint pieces: rules that ask "is this source watched at all"
+    # (whatever the port) look them up in one interval set.
+    networks: dict[str, list[dict[str, Any]]] = {"4": [], "6": []}
+    for net_pieces in pieces.values():
+        for p in net_pieces:
+            prefix = {"prefix": {"addr": str(p.network_address), "len": p.prefixlen}}
+            networks[str(p.version)].append(prefix)
     # Most specific first, so per-pair (classic) rules also let the narrower source win.
     ordered = state.most_specific_first
     for w in ordered:
@@ -364,6 +371,7 @@ def context(state: State, mapping: PortMap) -> dict[str, Any]:
         "state": state.doc,
         "elements": elements,
         "sources": sources,
+        "networks": networks,
         "services": {proto: list(state.services[proto]) for proto in PROTOCOLS},
         "pairs": Lazy(lambda: _pairs(ordered, mapping)),
     }

@@ -127,8 +127,16 @@ class Lab:
         self.procs.append(proc)
         return proc
 
-    def serve(self, role: str, tcp: Sequence[int], udp: Sequence[int]) -> subprocess.Popen:
-        """Listeners that answer with the real port they are on: `port 3`."""
+    def serve(
+        self,
+        role: str,
+        tcp: Sequence[int | str],
+        udp: Sequence[int | str],
+        family: int | None = None,
+    ) -> subprocess.Popen:
+        """Listeners that answer with the real port they are on: `port 3`. A port given as
+        `"20=3"` listens on 20 and answers `port 3` (a twin host of the shuffled view);
+        `family` 4 or 6 listens on that family only (default both)."""
         argv = [
             sys.executable,
             "-m",
@@ -136,6 +144,7 @@ class Lab:
             "serve",
             ",".join(map(str, tcp)) or "-",
             ",".join(map(str, udp)) or "-",
+            *([str(family)] if family else []),
         ]
         proc = self.spawn(role, argv, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
@@ -358,21 +367,28 @@ def _kill_netns(ns: str) -> None:
             os.kill(int(pid), signal.SIGKILL)
 
 
-def _serve(tcp: list[int], udp: list[int]) -> None:
-    """Listen on every port given, IPv4 and IPv6; reply `port N` to every client."""
+def _socket(kind: int, port: int, family: int | None) -> socket.socket:
+    """A wildcard socket: dual-stack, or of one family (4, 6)."""
+    s = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family != 4:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(family == 6))
+    s.bind(("0.0.0.0" if family == 4 else "::", port))
+    return s
+
+
+def _serve(
+    tcp: list[tuple[int, int]], udp: list[tuple[int, int]], family: int | None = None
+) -> None:
+    """Listen on every (port, label) given; reply `port LABEL` to every client."""
     sel = selectors.DefaultSelector()
-    for port in tcp:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", port))
+    for listen, port in tcp:
+        s = _socket(socket.SOCK_STREAM, listen, family)
         s.listen(128)
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ, ("tcp", port))
-    for port in udp:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(("::", port))
+    for listen, port in udp:
+        s = _socket(socket.SOCK_DGRAM, listen, family)
         sel.register(s, selectors.EVENT_READ, ("udp", port))
     print("ready", flush=True)
     conns: dict[socket.socket, float] = {}
@@ -438,14 +454,21 @@ def nmap_open(lab: Lab, role: str, target: str, mode: str, ports: str = "1-20") 
     return found
 
 
+def _label(item: str) -> tuple[int, int]:
+    """`20=3`: listen on 20, answer `port 3`; `3`: listen on 3, answer `port 3`."""
+    listen, _, label = item.partition("=")
+    return int(listen), int(label or listen)
+
+
 def main() -> None:
     """`python -m reconciler.lab serve ...|probe ...`: helpers run inside a lab namespace."""
-    if len(sys.argv) == 4 and sys.argv[1] == "serve":
-        ports = [[] if a == "-" else [int(p) for p in a.split(",")] for a in sys.argv[2:]]
-        _serve(*ports)
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "serve":
+        tcp, udp = ([] if a == "-" else [_label(p) for p in a.split(",")] for a in sys.argv[2:4])
+        _serve(tcp, udp, int(sys.argv[4]) if len(sys.argv) == 5 else None)
     elif len(sys.argv) == 5 and sys.argv[1] == "probe":
         print(probe(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     else:
         sys.exit(
-            "usage: python -m reconciler.lab serve TCP,PORTS UDP,PORTS | probe tcp|udp HOST PORT"
+            "usage: python -m reconciler.lab serve TCP,PORTS UDP,PORTS [4|6]"
+            " | probe tcp|udp HOST PORT"
         )

@@ -1,0 +1,76 @@
+"""`mtd mapping --source`: one source's view, as the ruleset gives it; never makes a secret."""
+
+import json
+import os
+from pathlib import Path
+
+from reconciler.core import shuffle
+from reconciler.core.state import parse
+from tests.conftest import mtd, write_state
+
+WATCHED = [
+    {"source": "192.0.2.3", "ignore": {"tcp": [1, 2]}},
+    {"source": "198.51.100.0/24"},
+    {"source": "198.51.100.128/25", "ignore": {"udp": [53]}},
+    {"source": "fe80::/10"},
+]
+
+
+def setup(tmp_path: Path) -> tuple[Path, bytes]:
+    state = write_state(tmp_path / "state.yaml", watched=WATCHED)
+    secret = os.urandom(32)
+    fd = os.open(tmp_path / "secret", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, secret)
+    os.close(fd)
+    return state, secret
+
+
+def view(state: Path, source: str) -> dict:
+    proc = mtd("-s", str(state), "mapping", "--source", source, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_each_source_gets_the_mapping_of_its_most_specific_entry(tmp_path):
+    state, secret = setup(tmp_path)
+    moves = shuffle.compute(parse([("s", state.read_text())]), secret, 0).moves
+    for source, label in [
+        ("192.0.2.3", "192.0.2.3"),
+        ("198.51.100.7", "198.51.100.0/24"),
+        ("198.51.100.200", "198.51.100.128/25"),
+        ("fe80::3%eth0", "fe80::/10"),
+    ]:
+        got = view(state, source)
+        assert got["watched"] == label, got
+        for proto in ("tcp", "udp"):
+            moved = moves.get((label, proto), {})
+            assert got[proto] == {str(p): moved.get(int(p), int(p)) for p in got[proto]}
+    assert view(state, "198.51.100.200")["udp"] == {"53": 53}  # ignored: in place
+    assert view(state, "203.0.113.9") == {
+        "source": "203.0.113.9", "watched": None, "epoch": 0,
+        "tcp": {str(p): p for p in range(1, 6)}, "udp": {"53": 53},
+    }  # fmt: skip
+
+
+def test_mapping_reads_the_secret_and_never_creates_one(tmp_path):
+    state = write_state(tmp_path / "state.yaml")
+    proc = mtd("-s", str(state), "mapping", "--source", "192.0.2.3")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"mtd: error: {tmp_path / 'secret'}: no such secret file"
+    assert not (tmp_path / "secret").exists()
+
+
+def test_a_bad_source_is_one_line(tmp_path):
+    state, _ = setup(tmp_path)
+    proc = mtd("-s", str(state), "mapping", "--source", "192.0.2.300")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("mtd: error: --source '192.0.2.300': expected an IPv4/IPv6")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_text_output_names_the_source_and_each_port(tmp_path):
+    state, _ = setup(tmp_path)
+    proc = mtd("-s", str(state), "mapping", "--source", "192.0.2.3")
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "source 192.0.2.3: watched as 192.0.2.3, epoch 0"
+    assert "tcp 1 -> 1  (in place)" in lines and len(lines) == 1 + 5 + 1
