@@ -345,6 +345,23 @@ def _reject_constant(name: str) -> float:
 
 def decode(data: bytes | str, config: BusConfig) -> Trigger:
     """A trigger from a message, or `BadMessage` saying what is wrong with it."""
+    msg = _envelope(data, config, MESSAGE_KEYS, FORMAT)
+    epoch = msg.get("epoch")
+    if type(epoch) is not int or not 1 <= epoch <= MAX_EPOCH:
+        raise BadMessage(
+            f"epoch {_short(epoch)}: expected an integer from 1 to {MAX_EPOCH} (2**40)",
+            "bad epoch",
+        )
+    published = _publish_time(msg)
+    if config.signing_key is not None:
+        want = signature(config.signing_key, config.channel, epoch, published)
+        _check_signature(msg, want, f"epoch {epoch}: ")
+    return Trigger(epoch, published, "message")
+
+
+def _envelope(data: bytes | str, config: BusConfig, keys: frozenset[str], fmt: str) -> dict:
+    """A message's JSON object, bounded in size and holding only `keys`, or `BadMessage`:
+    what every kind of message (trigger, pull notice) must pass before its fields are read."""
     raw = data.encode() if isinstance(data, str) else data
     if len(raw) > config.max_message_bytes:
         raise BadMessage(
@@ -353,32 +370,30 @@ def decode(data: bytes | str, config: BusConfig) -> Trigger:
     try:
         msg = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BadMessage(f"{_preview(raw)}: not JSON: expected {FORMAT}", "not JSON") from None
+        raise BadMessage(f"{_preview(raw)}: not JSON: expected {fmt}", "not JSON") from None
     if not isinstance(msg, dict):
-        raise BadMessage(f"{_preview(raw)}: expected a JSON object {FORMAT}", "not an object")
-    unknown = sorted(set(msg) - MESSAGE_KEYS)
+        raise BadMessage(f"{_preview(raw)}: expected a JSON object {fmt}", "not an object")
+    unknown = sorted(set(msg) - keys)
     if unknown:
-        raise BadMessage(f"unknown key {unknown[0]!r:.40}: expected {FORMAT}", "unknown key")
-    epoch, published = msg.get("epoch"), msg.get("time")
-    if type(epoch) is not int or not 1 <= epoch <= MAX_EPOCH:
-        raise BadMessage(
-            f"epoch {_short(epoch)}: expected an integer from 1 to {MAX_EPOCH} (2**40)",
-            "bad epoch",
-        )
+        raise BadMessage(f"unknown key {unknown[0]!r:.40}: expected {fmt}", "unknown key")
+    return msg
+
+
+def _publish_time(msg: dict) -> float:
+    published = msg.get("time")
     if type(published) not in (int, float) or not math.isfinite(published) or published < 0:
         raise BadMessage(
             f"time {_short(published)}: expected the publish time in unix seconds", "bad time"
         )
-    if config.signing_key is not None:
-        sig = msg.get("sig")
-        if sig is None:
-            raise BadMessage(f"epoch {epoch}: unsigned: expected a signature (sig)", "unsigned")
-        want = signature(config.signing_key, config.channel, epoch, float(published))
-        if not isinstance(sig, str) or not hmac.compare_digest(sig, want):
-            raise BadMessage(
-                f"epoch {epoch}: bad signature: expected one made with the key", "bad signature"
-            )
-    return Trigger(epoch, float(published), "message")
+    return float(published)
+
+
+def _check_signature(msg: dict, want: str, prefix: str = "") -> None:
+    sig = msg.get("sig")
+    if sig is None:
+        raise BadMessage(f"{prefix}unsigned: expected a signature (sig)", "unsigned")
+    if not isinstance(sig, str) or not hmac.compare_digest(sig, want):
+        raise BadMessage(f"{prefix}bad signature: expected one made with the key", "bad signature")
 
 
 PULL_KEYS = frozenset({"time", "sig"})
@@ -401,33 +416,11 @@ def encode_pull(config: BusConfig, channel: str, published: float) -> bytes:
 def decode_pull(data: bytes | str, config: BusConfig, channel: str) -> float:
     """The publish time of a "fetch now" notice, or `BadMessage`. It carries no repository,
     branch or commit: the daemon fetches what it is configured to follow, nothing else."""
-    raw = data.encode() if isinstance(data, str) else data
-    if len(raw) > config.max_message_bytes:
-        raise BadMessage(
-            f"{len(raw)} bytes: expected at most {config.max_message_bytes}", "too large"
-        )
-    try:
-        msg = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BadMessage(f"{_preview(raw)}: not JSON: expected {PULL_FORMAT}", "not JSON") from None
-    if not isinstance(msg, dict):
-        raise BadMessage(f"{_preview(raw)}: expected a JSON object {PULL_FORMAT}", "not an object")
-    unknown = sorted(set(msg) - PULL_KEYS)
-    if unknown:
-        raise BadMessage(f"unknown key {unknown[0]!r:.40}: expected {PULL_FORMAT}", "unknown key")
-    published = msg.get("time")
-    if type(published) not in (int, float) or not math.isfinite(published) or published < 0:
-        raise BadMessage(
-            f"time {_short(published)}: expected the publish time in unix seconds", "bad time"
-        )
+    msg = _envelope(data, config, PULL_KEYS, PULL_FORMAT)
+    published = _publish_time(msg)
     if config.signing_key is not None:
-        sig = msg.get("sig")
-        if sig is None:
-            raise BadMessage("unsigned: expected a signature (sig)", "unsigned")
-        want = pull_signature(config.signing_key, channel, float(published))
-        if not isinstance(sig, str) or not hmac.compare_digest(sig, want):
-            raise BadMessage("bad signature: expected one made with the key", "bad signature")
-    return float(published)
+        _check_signature(msg, pull_signature(config.signing_key, channel, published))
+    return published
 
 
 def publish_pull(config: BusConfig, channel: str | None = None) -> int:
