@@ -245,6 +245,11 @@ class RedisServer:
         ]  # fmt: skip
         if self.replica_of is not None:
             argv += ["--replicaof", self.replica_of.host, str(self.replica_of.port)]
+        self._launch(argv, "redis-server", timeout)
+        return self
+
+    def _launch(self, argv: list[str], what: str, timeout: float) -> None:
+        """Start the server and wait until it answers PING (stopped again if it never does)."""
         self.proc = subprocess.Popen(
             self._argv(argv),
             stdout=subprocess.DEVNULL,
@@ -254,12 +259,12 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+                raise RuntimeError(f"{what} exited with {self.proc.returncode}")
             if self.cli("PING", check=False) == "PONG":
-                return self
+                return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
+        raise RuntimeError(f"{what} on port {self.port} did not start")
 
     def wait_synced(self, timeout: float = 20.0) -> None:
         """A replica: until its link to the master is up (the first sync is done)."""
@@ -325,21 +330,8 @@ class RedisSentinel(RedisServer):
             f"sentinel failover-timeout {self.name} {self.failover_timeout}\n"
             f"sentinel parallel-syncs {self.name} 1\n"
         )
-        self.proc = subprocess.Popen(
-            self._argv(["redis-server", str(conf), "--sentinel"]),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis sentinel exited with {self.proc.returncode}")
-            if self.cli("PING", check=False) == "PONG":
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis sentinel on port {self.port} did not start")
+        self._launch(["redis-server", str(conf), "--sentinel"], "redis sentinel", timeout)
+        return self
 
     def master_address(self) -> tuple[str, int] | None:
         out = self.cli("SENTINEL", "get-master-addr-by-name", self.name, check=False).split()
