@@ -33,7 +33,6 @@ MAX_MESSAGE_BYTES = 1024
 MAX_EPOCH_STEP = 10_000  # a trigger further ahead of the applied epoch is rejected
 HEARTBEAT_TTL = 15.0  # seconds: a host whose heartbeat is older is silent
 REDIS: dict[str, Any] = {
-    "url": "redis://127.0.0.1:6379/0",
     "channel": "mtd:rotate",
     "epoch_key": "mtd:epoch",
     "min_interval": 0.0,

@@ -387,3 +387,49 @@ def test_a_failing_pass_is_logged_and_retried_not_fatal(tmp_path: Path):
         epoch.rmdir()
         assert d.applied(1, mark)["origin"] == "drift"  # the retry, at the next drift check
         assert d.proc.poll() is None
+
+
+def test_a_local_rotate_raises_the_fleet_epoch_and_says_so(tmp_path: Path):
+    with fleet(tmp_path) as f:
+        d = f.start("srv")
+        d.wait(started)
+        assert f.redis.cli("GET", "mtd:epoch") == ""  # an empty Redis: nothing written to it
+        mark = d.mark()
+        out = mtd("-s", str(f.states["srv"]), "rotate", ns=f.lab)
+        assert out.returncode == 0, out.stderr
+        ev = d.wait(lambda e: e.get("event") == "rotation", mark)
+        assert "local rotation: the epoch file is at 1" in ev["message"]
+        ev = d.wait(lambda e: "raised from epoch 0 to 1" in e.get("message", ""), mark)
+        assert "a local `mtd rotate` moved this host to epoch 1" in ev["message"]
+        assert ev["level"] == "info" and f.redis.cli("GET", "mtd:epoch") == "1"
+        assert not [e for e in d.events()[mark:] if "put back" in e.get("message", "")]
+        assert f.publish() == 2  # the fleet moves on from there
+        d.applied(2, mark)
+
+
+def test_without_redis_url_no_redis_is_used(tmp_path: Path):
+    """A standalone or GitOps-only host: no Redis triggers, no reconnect logs, and a Redis at
+    the usual address is neither read nor written."""
+    lab = Lab()
+    local = RedisServer(tmp_path / "redis", lab=lab, role="srv", host="127.0.0.1", port=6379)
+    try:
+        lab.add_server("srv")
+        lab.serve("srv", (1, 2, 3, 4, 5), (53,))
+        local.start()
+        state = write_state(tmp_path / "state.yaml")
+        d = Daemon(lab, "srv", state, tmp_path / "run.log", ["--drift-interval", "0.3"])
+        ev = d.wait(lambda e: e.get("event") == "start")
+        assert "no fleet (no redis.url" in ev["message"]
+        d.wait(started)
+        mark = d.mark()
+        assert mtd("-s", str(state), "rotate", ns=lab).returncode == 0
+        ev = d.wait(lambda e: e.get("event") == "rotation", mark)
+        assert ev["message"].endswith("no fleet to raise")
+        d.applied(1, mark)
+        assert not [e for e in d.events() if e.get("event") in ("redis", "error", "raw")]
+        assert local.cli("DBSIZE") == "0" and "cmd=get" not in local.cli("CLIENT", "LIST")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=10) == 0
+    finally:
+        local.stop()
+        lab.close()

@@ -4,9 +4,11 @@ metrics, checked claim by claim (issue 14)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,10 +16,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from reconciler.adapters import auditlog, files
+from reconciler.adapters import auditlog, bus, files
 from reconciler.core import render, shuffle
 from reconciler.services.daemon import Metrics
 from tests.conftest import MTD, ROOT, mtd, write_state
+from tests.redis_fixtures import needs_redis, redis_server
 
 
 @pytest.mark.parametrize(
@@ -173,3 +176,41 @@ def test_mapping_at_after_a_down_says_the_table_was_down(state_file: Path):
     sub = at("2024-05-01T12:01:00.3Z")
     assert "was down" in sub.stdout and not sub.stderr
     assert "verified" in at("2024-05-01T12:02:00.5Z").stdout
+
+
+@needs_redis
+def test_signed_subscriber_logs_connected_before_what_the_key_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="mtd")
+    key = b"k" * 32
+    with redis_server(tmp_path / "redis") as r:
+        r.cli("SET", "mtd:epoch", "7")
+        r.cli("SET", "mtd:epoch:last", json.dumps({"epoch": 7, "time": 1.0}))  # unsigned
+        cfg = bus.BusConfig(r.url, "mtd:rotate", "mtd:epoch", signing_key=key, timeout=2)
+        connected = threading.Event()
+
+        class Sink:
+            def known_epoch(self) -> int:
+                return 7
+
+            def trigger(self, trigger: bus.Trigger) -> None:
+                pass
+
+            def connection(self, up: bool) -> None:
+                if up:
+                    connected.set()
+
+            def ignored(self, outcome: str) -> None:
+                pass
+
+        sub = bus.start_subscriber(cfg, Sink())
+        try:
+            assert connected.wait(15)
+        finally:
+            sub.stop()
+    messages = [rec.getMessage() for rec in caplog.records]
+    first = next(i for i, m in enumerate(messages) if "connected, subscribed" in m)
+    problem = next(i for i, m in enumerate(messages) if "cannot read the fleet epoch" in m)
+    assert first < problem and "epoch 7: unsigned" in messages[problem]
+    assert "fleet epoch 7" not in messages[first]  # no claim about what it could not read

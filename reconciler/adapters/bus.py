@@ -158,6 +158,11 @@ class BusConfig:
     @classmethod
     def from_state(cls, state: State, **timers: float) -> BusConfig:
         r = state.redis
+        if not r.get("url"):
+            raise MtdError(
+                "redis.url: not set: expected the fleet's Redis, such as "
+                "redis://127.0.0.1:6379/0 (mtd uses no Redis it was not given)"
+            )
         key_file = r.get("signing_key_file")
         url = r["url"]
         if r.get("sentinels"):
@@ -706,6 +711,8 @@ class Sink(Protocol):
         """This host's record for `mtd fleet status`; None: keep none."""
         return None
 
+    def ahead_reason(self, epoch: int) -> str | None: ...
+
 
 class LogBudget:
     """Ignored triggers in the log: the first `burst` of each window in full, the rest
@@ -779,6 +786,7 @@ class Subscriber:
         self.log = logger
         self.first_attempt = threading.Event()  # set once the first connect succeeded or failed
         self._stop = threading.Event()
+        self._check_now = threading.Event()  # read the epoch key at once (check_soon)
         self._backoff = EqualJitterBackoff(cap=config.reconnect_max, base=config.reconnect_min)
         self._thread: threading.Thread | None = None
         self._reported: str | None = None  # last problem with the key, logged once
@@ -804,6 +812,10 @@ class Subscriber:
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="mtd-redis", daemon=True)
         self._thread.start()
+
+    def check_soon(self) -> None:
+        """Read (and maybe raise) the fleet's epoch now rather than at the next check."""
+        self._check_now.set()
 
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
@@ -869,7 +881,7 @@ class Subscriber:
             self.first_attempt.set()
             self._stop.wait(delay)
 
-    def _subscribe(self, client: redis.Redis, pubsub: Any) -> None:
+    def _subscribe(self, client: redis.Redis, pubsub: Any) -> int:
         """Subscribe first, then read the key: nothing published in between is missed."""
         channels = [self.config.channel]
         if self.pull_channel and self.pull_channel != self.config.channel:
@@ -883,24 +895,25 @@ class Subscriber:
                 confirmed += 1
             elif time.monotonic() >= deadline:
                 raise redis.TimeoutError("no reply to SUBSCRIBE")
-        epoch = self._catch_up(client)
+        # Connected first, then what the epoch key says (or why it cannot be read): the log
+        # reads in the order things happened. The sink hears of it once caught up.
+        event(
+            self.log,
+            logging.INFO,
+            "redis",
+            f"{self.config.where}: connected, subscribed to {self.config.channel}",
+            connected=True,
+            channel=self.config.channel,
+        )
+        epoch = self._catch_up(client, connecting=True)
         self._connects += 1
         if self.pull_channel and self._connects > 1:
             self.sink.pull_now("reconnect")  # a notice may have been sent while we were away
         self._next_beat = 0.0
         self._heartbeat(client)
         self.sink.connection(True)
-        event(
-            self.log,
-            logging.INFO,
-            "redis",
-            f"{self.config.where}: connected, subscribed to {self.config.channel}, "
-            f"fleet epoch {epoch}",
-            connected=True,
-            channel=self.config.channel,
-            epoch=epoch,
-        )
         self.first_attempt.set()
+        return epoch
 
     def _listen(self, client: redis.Redis, pubsub: Any) -> None:
         next_check = time.monotonic() + self.config.check_interval
@@ -918,7 +931,8 @@ class Subscriber:
             self.budget.flush()
             self.pull_budget.flush()
             self._heartbeat(client)
-            if time.monotonic() >= next_check:
+            if time.monotonic() >= next_check or self._check_now.is_set():
+                self._check_now.clear()
                 self._catch_up(client)  # a GET with a timeout: a dead link raises here
                 next_check = time.monotonic() + self.config.check_interval
 
@@ -1035,8 +1049,9 @@ class Subscriber:
                 "too far ahead",
             )
 
-    def _catch_up(self, client: redis.Redis) -> int:
+    def _catch_up(self, client: redis.Redis, connecting: bool = False) -> int:
         """Read the fleet's epoch: move to it if newer, put back ours if Redis is behind.
+        `connecting`: also say so when the host is already at the fleet's epoch.
 
         A host that never applied an epoch joins at the fleet's, whatever it is (up to
         `MAX_EPOCH`); any other host follows it only `max_epoch_step` at a time (an epoch
@@ -1045,8 +1060,16 @@ class Subscriber:
             epoch = read_epoch(client, self.config)
         except (MtdError, BadMessage) as exc:
             self._report(f"cannot read the fleet epoch: {exc}")
-            epoch = 0
+            epoch, connecting = 0, False
         known = self.sink.known_epoch()
+        if connecting and epoch == known:
+            event(
+                self.log,
+                logging.INFO,
+                "redis",
+                f"fleet epoch {epoch} ({self.config.epoch_key}): this host is at it",
+                epoch=epoch,
+            )
         applied = self.sink.applied_epoch()
         if epoch > known and applied and epoch - applied > self.config.max_epoch_step:
             self._report(
@@ -1074,8 +1097,22 @@ class Subscriber:
             except MtdError as exc:
                 self._report(str(exc))
                 return epoch
+            why = getattr(self.sink, "ahead_reason", None)  # a sink may not know
+            reason = why(applied) if why else None
             if raised:
                 self._reported = None
+            if raised and reason:
+                event(
+                    self.log,
+                    logging.INFO,
+                    "redis",
+                    f"{self.config.epoch_key} raised from epoch {epoch} to {applied}: {reason}, "
+                    "so the fleet follows",
+                    epoch=applied,
+                    was=epoch,
+                    reason=reason,
+                )
+            elif raised:
                 event(
                     self.log,
                     logging.WARNING,

@@ -57,6 +57,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RETRY = 30.0  # seconds before a failed pass is tried again (at most)
 NOTICE_GAP = 1.0  # at most one notice-driven pull per this many seconds (bursts coalesce)
 RECONNECT_SPREAD = 10.0  # seconds over which a fleet's pulls after a Redis outage spread
+LOCAL_EPOCH_CHECK = 1.0  # seconds between looks at the epoch file (a local `mtd rotate`)
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -290,8 +291,7 @@ class Daemon:
         self.metrics = metrics or Metrics(pull=puller is not None)
         self.log = logger
         self.state = load()
-        self.bus_config = bus.BusConfig.from_state(self.state, **options.bus_timers())
-        bus.connect(self.bus_config)  # a bad URL fails at start, not in the thread
+        self.bus_config = self._bus_config(self.state)
         auditlog.check_writable(self.state.audit_log)  # as does an audit log it cannot write
         # The secret is read (created at the first start) once: a file that later disappears
         # or changes never silently becomes a new mapping; only a reload (SIGHUP) takes it.
@@ -302,6 +302,7 @@ class Daemon:
         self._lock = threading.Lock()
         self.applied = files.read_epoch(self.state.epoch_file)
         self._known = self.applied  # highest epoch heard of (applied or pending)
+        self._ahead: tuple[int, str | None] = (-1, None)  # epoch of a local rotation, and why
         self.target = self.applied
         self._pending: bus.Trigger | None = None  # the trigger that set `target`
         self._dirty = True
@@ -342,6 +343,13 @@ class Daemon:
     def applied_epoch(self) -> int:
         with self._lock:
             return self.applied
+
+    def ahead_reason(self, epoch: int) -> str | None:
+        """Why this host is at `epoch`, ahead of the fleet, when it knows (a local rotation):
+        the bus says so when it raises the fleet's epoch, rather than blame Redis."""
+        with self._lock:
+            ahead, why = self._ahead
+            return why if ahead == epoch else None
 
     def trigger(self, trigger: bus.Trigger) -> None:
         with self._lock:
@@ -395,7 +403,7 @@ class Daemon:
             "version": __version__,
             "time": round(time.time(), 3),
             "started": round(self._started, 3),
-            "ttl": self.bus_config.heartbeat_ttl,
+            "ttl": self.bus_config.heartbeat_ttl if self.bus_config else None,
         }
 
     def _read_pull_info(self) -> dict[str, Any] | None:
@@ -451,6 +459,15 @@ class Daemon:
     def min_interval(self) -> float:
         return float(self.state.redis["min_interval"])
 
+    def _bus_config(self, state: State) -> bus.BusConfig | None:
+        """None without `redis.url`: no fleet, no Redis (a GitOps-only or standalone host).
+        A bad URL or signing key fails here, at start or reload, not in the thread."""
+        if not state.redis.get("url"):
+            return None
+        config = bus.BusConfig.from_state(state, **self.options.bus_timers())
+        bus.connect(config)
+        return config
+
     def run(self) -> None:
         """Until SIGTERM/SIGINT; the table stays in place unless `down_on_exit`."""
         with self._signals():
@@ -458,43 +475,50 @@ class Daemon:
 
     def serve(self) -> None:
         """The loop without signal handlers (any thread): until `request_stop()`."""
+        config = self.bus_config
+        fleet = (
+            f"fleet {config.where} channel {config.channel}"
+            if config
+            else "no fleet (no redis.url: no Redis triggers)"
+        )
         event(
             self.log,
             logging.INFO,
             "start",
             f"mtd run: table inet {self.state.table}, local epoch {self.applied}, "
-            f"fleet {self.bus_config.where} channel {self.bus_config.channel}, drift "
-            f"check every {self.drift_interval:g} s",
+            f"{fleet}, drift check every {self.drift_interval:g} s",
             epoch=self.applied,
             table=self.state.table,
-            redis=self.bus_config.where,
-            channel=self.bus_config.channel,
+            redis=config.where if config else None,
+            channel=config.channel if config else None,
             drift_interval=self.drift_interval,
             min_interval=self.min_interval,
-            signed=self.bus_config.signing_key is not None,
+            signed=config is not None and config.signing_key is not None,
         )
-        if self.bus_config.signing_key is None and not self.bus_config.local:
+        if config is not None and config.signing_key is None and not config.local:
             event(
                 self.log,
                 logging.WARNING,
                 "start",
-                f"redis.url {self.bus_config.where} is not on this host and "
+                f"redis.url {config.where} is not on this host and "
                 "redis.signing_key_file is not set: anyone who can publish on "
-                f"{self.bus_config.channel} can rotate this host (set a signing key)",
-                redis=self.bus_config.where,
+                f"{config.channel} can rotate this host (set a signing key)",
+                redis=config.where,
                 signed=False,
             )
         self.metrics.redis_up.set(0)
         self.metrics.epoch.set(self.applied)
         self._write_status(running=False)  # what a daemon killed before left behind
         self._follow_events()
-        self.subscriber = self._subscribe(
-            self.bus_config, self, wait=self.options.start_wait, logger=self.log
-        )
+        if config is not None:
+            self.subscriber = self._subscribe(
+                config, self, wait=self.options.start_wait, logger=self.log
+            )
         try:
             self._loop()
         finally:
-            self.subscriber.stop(timeout=0.5)
+            if self.subscriber is not None:
+                self.subscriber.stop(timeout=0.5)
             if self.monitor is not None:
                 self.monitor.stop()
             self._exit()
@@ -529,15 +553,25 @@ class Daemon:
                 return
             if time.monotonic() >= self._next_pull:
                 self._pull()
+            self._notice_local_rotation()
             now = time.monotonic()
             if now >= self._next_drift and not self._dirty:
                 self._dirty, self._origin = True, "drift"
             if self._dirty and (self._foreign or now >= self._last_run + self.min_interval):
                 self._pass()
 
+    def _notice_local_rotation(self) -> None:
+        """A `mtd rotate` on this host wrote a newer epoch file: apply (and publish) it now,
+        not at the next drift check."""
+        if self._dirty:
+            return
+        with contextlib.suppress(MtdError):  # a bad file is the pass's to report
+            if files.read_epoch(self.state.epoch_file) > max(self.target, self.applied):
+                self._dirty, self._origin = True, "manual"
+
     def _wait(self) -> float:
         now = time.monotonic()
-        until = min(self._next_drift, self._next_pull)
+        until = min(self._next_drift, self._next_pull, now + LOCAL_EPOCH_CHECK)
         if self._dirty:
             until = now if self._foreign else min(until, self._last_run + self.min_interval)
         return max(0.0, until - now)
@@ -600,8 +634,7 @@ class Daemon:
         try:
             state = self.load()
             render.check(state, self.templates)
-            config = bus.BusConfig.from_state(state, **self.options.bus_timers())
-            bus.connect(config)
+            config = self._bus_config(state)
         except Exception as exc:  # MtdError, or a bug: either way the old state stays
             problems = (
                 exc.problems
@@ -632,7 +665,10 @@ class Daemon:
             self.bus_config = config
             if self.subscriber is not None:
                 self.subscriber.stop(timeout=0.5)
-            self.subscriber = self._subscribe(config, self, logger=self.log)
+                self.subscriber = None
+                self.metrics.redis_up.set(0)
+            if config is not None:
+                self.subscriber = self._subscribe(config, self, logger=self.log)
 
     def _reload_secret(self, state: State) -> None:
         """The secret file again (SIGHUP); a missing or unreadable one keeps the loaded
@@ -750,13 +786,30 @@ class Daemon:
             return
         took = time.monotonic() - start
         drift = result.status == "changed" and self._clean and epoch == previous
+        local_rotation = local > max(self.target, previous)
         self._trusted, self._last = self.monitor is not None, result
         with self._lock:
             self.applied, self.target, self._clean = epoch, max(self.target, epoch), True
             self._known = max(self._known, epoch)
+            if local_rotation:
+                self._ahead = (epoch, f"a local `mtd rotate` moved this host to epoch {epoch}")
         if foreign:
             origin = "events" if origin == "drift" else origin
-        self._report(result, origin, took, drift, pending, foreign, compare)
+        if local_rotation:
+            origin = "manual" if origin in ("drift", "events") else origin
+            fleet = "raising the fleet's epoch to it" if self.subscriber else "no fleet to raise"
+            event(
+                self.log,
+                logging.INFO,
+                "rotation",
+                f"local rotation: the epoch file is at {local}, ahead of epoch {previous} "
+                f"(`mtd rotate` on this host): {fleet}",
+                epoch=local,
+                previous=previous,
+            )
+            if self.subscriber is not None:
+                self.subscriber.check_soon()
+        self._report(result, origin, took, drift and not local_rotation, pending, foreign, compare)
 
     def _check_secret(self) -> None:
         """The secret file still holds the loaded secret? A change is logged once (and
