@@ -388,7 +388,9 @@ def test_cli_usage_errors(state_file: Path, args: list[str], message: str):
 
 def test_cli_signing_key_problems_are_one_line(tmp_path: Path):
     key = tmp_path / "key"
-    state = write_state(tmp_path / "s.yaml", redis={"signing_key_file": str(key)})
+    state = write_state(
+        tmp_path / "s.yaml", redis={"url": "redis://127.0.0.1:1/0", "signing_key_file": str(key)}
+    )
     out = mtd("-s", str(state), "rotate", "--publish")
     assert out.returncode == 1
     assert out.stderr.startswith(f"mtd: error: {key}: no such signing key file")
@@ -398,6 +400,12 @@ def test_cli_signing_key_problems_are_one_line(tmp_path: Path):
     assert out.stderr.strip() == (
         f"mtd: error: {key}: signing key file has mode 0640: expected 0600 (run: chmod 600 {key})"
     )
+
+
+def test_cli_publish_without_a_redis_url_is_one_line(state_file: Path):
+    out = mtd("-s", str(state_file), "trigger")
+    assert out.returncode == 1
+    assert out.stderr.startswith("mtd: error: redis.url: not set: expected the fleet's Redis")
 
 
 def test_cli_publish_without_redis_is_one_line(tmp_path: Path):
