@@ -18,6 +18,7 @@ from prometheus_client import generate_latest
 
 from reconciler.adapters import auditlog, bus, files
 from reconciler.core import render, shuffle
+from reconciler.errors import MtdError
 from reconciler.services.daemon import Metrics
 from tests.conftest import MTD, ROOT, mtd, write_state
 from tests.redis_fixtures import needs_redis, redis_server
@@ -214,3 +215,30 @@ def test_signed_subscriber_logs_connected_before_what_the_key_holds(
     problem = next(i for i, m in enumerate(messages) if "cannot read the fleet epoch" in m)
     assert first < problem and "epoch 7: unsigned" in messages[problem]
     assert "fleet epoch 7" not in messages[first]  # no claim about what it could not read
+
+
+def test_a_damaged_sysctl_record_is_one_line(tmp_path: Path):
+    record = tmp_path / "sysctls.json"
+    record.write_text('{"../../etc/passwd": "x"}')
+    with pytest.raises(MtdError, match=r"sysctls\.json: expected net/\* sysctl names"):
+        files.read_sysctl_record(record)
+    record.write_text("{nope")
+    with pytest.raises(MtdError, match=r"sysctls\.json: unreadable"):
+        files.read_sysctl_record(record)
+    # Values are kept from the first change on: a later one never overwrites the host's own.
+    record.unlink()
+    files.remember_sysctls(record, {"net/ipv4/fwmark_reflect": "0"})
+    files.remember_sysctls(record, {"net/ipv4/fwmark_reflect": "1", "net/ipv6/fwmark_reflect": "0"})
+    assert files.read_sysctl_record(record) == {
+        "net/ipv4/fwmark_reflect": "0",
+        "net/ipv6/fwmark_reflect": "0",
+    }
+    root = tmp_path / "proc"
+    (root / "net/ipv4").mkdir(parents=True)
+    (root / "net/ipv6").mkdir(parents=True)
+    (root / "net/ipv4/fwmark_reflect").write_text("1\n")
+    (root / "net/ipv6/fwmark_reflect").write_text("2\n")  # changed since by someone else
+    values = {"net/ipv4/fwmark_reflect": "1", "net/ipv6/fwmark_reflect": "1"}
+    assert files.restore_sysctls(record, values, str(root)) == {"net/ipv4/fwmark_reflect": "0"}
+    assert (root / "net/ipv6/fwmark_reflect").read_text() == "2\n" and not record.exists()
+    assert files.restore_sysctls(record, values, str(root)) is None

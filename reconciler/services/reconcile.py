@@ -215,9 +215,11 @@ def take_down(state: State, backend: Backend) -> tuple[bool, list[str]]:
     """Remove the owned table on purpose and put back the sysctls mtd changed: whether
     anything changed, and what, in words. The caller holds the reconcile lock and writes the
     audit line."""
+    record = files.sysctl_record(state.epoch_file)
+    files.read_sysctl_record(record)  # a damaged record stops us before anything changes
     removed = backend.delete_table(state.table)
     out = [f"table inet {state.table} {'removed' if removed else 'absent'}"]
-    restored = files.restore_sysctls(files.sysctl_record(state.epoch_file), SYSCTLS)
+    restored = files.restore_sysctls(record, SYSCTLS)
     if restored is None:
         out.append("fwmark_reflect sysctls left as they are (mtd did not change them here)")
     elif restored:
