@@ -195,6 +195,9 @@ def test_signed_subscriber_logs_connected_before_what_the_key_holds(
             def known_epoch(self) -> int:
                 return 7
 
+            def applied_epoch(self) -> int:
+                return 7
+
             def trigger(self, trigger: bus.Trigger) -> None:
                 pass
 
