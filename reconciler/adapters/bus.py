@@ -158,13 +158,13 @@ class BusConfig:
     @classmethod
     def from_state(cls, state: State, **timers: float) -> BusConfig:
         r = state.redis
-        if not r.get("url"):
+        if not configured(state):
             raise MtdError(
                 "redis.url: not set: expected the fleet's Redis, such as "
                 "redis://127.0.0.1:6379/0 (mtd uses no Redis it was not given)"
             )
         key_file = r.get("signing_key_file")
-        url = r["url"]
+        url = r.get("url") or "redis://localhost/0"  # with sentinels only: their hosts count
         if r.get("sentinels"):
             url = sentinel_url(url, r["sentinels"], r.get("master_name") or "")
         if r["pull_channel"] == r["channel"]:
@@ -291,6 +291,12 @@ def _host_port(text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"sentinel {text!r}: expected HOST:PORT such as 192.0.2.7:26379")
     return host, int(port)
+
+
+def configured(state: State) -> bool:
+    """The state names a Redis (`redis.url` or `redis.sentinels`): without one, mtd uses none
+    (no default address it would read from or write to)."""
+    return bool(state.redis.get("url") or state.redis.get("sentinels"))
 
 
 def sentinel_url(url: str, sentinels: list[str], master_name: str) -> str:

@@ -462,7 +462,7 @@ class Daemon:
     def _bus_config(self, state: State) -> bus.BusConfig | None:
         """None without `redis.url`: no fleet, no Redis (a GitOps-only or standalone host).
         A bad URL or signing key fails here, at start or reload, not in the thread."""
-        if not state.redis.get("url"):
+        if not bus.configured(state):
             return None
         config = bus.BusConfig.from_state(state, **self.options.bus_timers())
         bus.connect(config)
