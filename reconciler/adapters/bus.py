@@ -158,11 +158,6 @@ class BusConfig:
     @classmethod
     def from_state(cls, state: State, **timers: float) -> BusConfig:
         r = state.redis
-        if not configured(state):
-            raise MtdError(
-                "redis.url: not set: expected the fleet's Redis, such as "
-                "redis://127.0.0.1:6379/0 (mtd uses no Redis it was not given)"
-            )
         key_file = r.get("signing_key_file")
         url = r.get("url") or "redis://localhost/0"  # with sentinels only: their hosts count
         if r.get("sentinels"):
@@ -177,6 +172,11 @@ class BusConfig:
             raise MtdError(
                 f"redis.heartbeat_key {r['heartbeat_key']!r}: expected a key apart from "
                 f"redis.epoch_key {r['epoch_key']!r} and the keys next to it"
+            )
+        if not configured(state):
+            raise MtdError(
+                "redis.url: not set: expected the fleet's Redis, such as "
+                "redis://127.0.0.1:6379/0 (mtd uses no Redis it was not given)"
             )
         return cls(
             url=url,
