@@ -18,6 +18,7 @@ from prometheus_client import generate_latest
 
 from reconciler.adapters import auditlog, bus, files
 from reconciler.core import render, shuffle
+from reconciler.core.state import Local
 from reconciler.errors import MtdError
 from reconciler.services.daemon import Metrics
 from tests.conftest import MTD, ROOT, mtd, write_state
@@ -245,3 +246,22 @@ def test_a_damaged_sysctl_record_is_one_line(tmp_path: Path):
     assert files.restore_sysctls(record, values, str(root)) == {"net/ipv4/fwmark_reflect": "0"}
     assert (root / "net/ipv6/fwmark_reflect").read_text() == "2\n" and not record.exists()
     assert files.restore_sysctls(record, values, str(root)) is None
+
+
+def test_the_host_configuration_in_the_state_directory_is_not_read_as_state(tmp_path: Path):
+    """/etc/mtd holds both the unit's state and mtd.yaml, the host's configuration: the
+    configuration is read once, as configuration (its keys may be host-local only)."""
+    example = (ROOT / "desired_state" / "mtd.yaml").read_text()
+    (tmp_path / "state.yaml").write_text(
+        "\n".join(line for line in example.splitlines() if not line.startswith("table:"))
+    )
+    config = tmp_path / "mtd.yaml"
+    config.write_text("table: mtdconf\n")
+    names = [name for name, _ in files.state_documents(tmp_path, skip=config)]
+    assert names == [str(tmp_path / "state.yaml")]
+    state = files.load_state(
+        tmp_path, local=Local(documents=files.local_config(config)), config=config
+    )
+    assert state.table == "mtdconf"
+    out = mtd("--config", str(config), "validate", "-s", str(tmp_path))
+    assert out.returncode == 0, out.stderr

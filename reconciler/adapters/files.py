@@ -32,8 +32,11 @@ SECRET_BYTES = 32
 DEFAULT_CONFIG = "/etc/mtd/mtd.yaml"
 
 
-def state_documents(path: str | Path, host: str | None = None) -> list[tuple[str, str]]:
-    """A YAML file, or every YAML file directly in a directory, in name order.
+def state_documents(
+    path: str | Path, host: str | None = None, skip: Path | None = None
+) -> list[tuple[str, str]]:
+    """A YAML file, or every YAML file directly in a directory, in name order; `skip` (the
+    host's configuration file, which the unit keeps in /etc/mtd with the state) excepted.
 
     An inventory directory (with groups/ or hosts/, see `inventory`) gives the documents
     that apply to `host` (default: this machine's name), in merge order, as written (a
@@ -45,7 +48,11 @@ def state_documents(path: str | Path, host: str | None = None) -> list[tuple[str
         texts = {f"{p}/{rel}": text for rel, text in docs}
         return [(name, texts[name]) for name, _ in inventory.select(docs, _host(host), str(p))]
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in YAML_SUFFIXES and f.is_file())
+        files = sorted(
+            f
+            for f in p.iterdir()
+            if f.suffix in YAML_SUFFIXES and f.is_file() and not _same(f, skip)
+        )
         if not files:
             raise MtdError(f"{p}: no *.yaml files: expected the desired state here")
     elif p.exists():
@@ -55,17 +62,30 @@ def state_documents(path: str | Path, host: str | None = None) -> list[tuple[str
     return [(str(f), _read_text(f)) for f in files]
 
 
-def load_state(path: str | Path, host: str | None = None, local: Local | None = None) -> State:
+def load_state(
+    path: str | Path,
+    host: str | None = None,
+    local: Local | None = None,
+    config: str | Path | None = None,
+) -> State:
     """The desired state; of `host` (default: this machine's name) in an inventory; with
-    the host's own settings `local` (see `local_config`). Errors quote bad values, which may
-    be a URL with a password (`redis.url`): masked here."""
+    the host's own settings `local` (see `local_config`), read from `config` (default
+    `DEFAULT_CONFIG`), which is not also read as state when it sits in the state directory.
+    Errors quote bad values, which may be a URL with a password (`redis.url`): masked here."""
     try:
         docs = inventory_documents(path)
         if docs is not None:
             return inventory.state_for(docs, _host(host), str(path), local)
-        return parse(state_documents(path), local)
+        return parse(state_documents(path, skip=Path(config or DEFAULT_CONFIG)), local)
     except MtdError as exc:
         raise type(exc)(*(redact(p) for p in exc.problems)) from None
+
+
+def _same(a: Path, b: Path | None) -> bool:
+    try:
+        return b is not None and a.samefile(b)
+    except OSError:
+        return False
 
 
 def local_config(path: str | Path | None) -> list[tuple[str, str]]:

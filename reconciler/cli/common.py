@@ -81,7 +81,7 @@ class Ctx:
                 f"no desired state: looked for ./{DEFAULT_STATE} and {INSTALLED_STATE}: expected "
                 f"-s PATH, $MTD_STATE, or the state in {INSTALLED_STATE} (make install)"
             )
-        return files.load_state(self.state_path, self.hostname, self.local())
+        return files.load_state(self.state_path, self.hostname, self.local(), self.config)
 
     def nft(
         self, state: State | None = None, cache_dir: Path | None = None, *, write: bool = True
