@@ -33,6 +33,10 @@ settings.register_profile(
 )
 settings.load_profile("mtd")
 MTD = [sys.executable, "-m", "reconciler"]
+# Not an SSH session, whoever runs the suite: `apply`, `rotate` and `pull` would otherwise
+# check that session's port against each test's state (README: No lockouts). Set empty, the
+# variable also stops the search through parent processes.
+os.environ["SSH_CONNECTION"] = ""
 
 
 @pytest.fixture(scope="session", autouse=True)

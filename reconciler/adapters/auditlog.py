@@ -59,8 +59,10 @@ def record(
     error: str | None = None,
     when: datetime | None = None,
     table: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Append one line; the file and its directory are created private."""
+    """Append one line; the file and its directory are created private. `force`: the
+    change overrode the SSH-session check (`--force`)."""
     if origin not in ORIGINS:
         raise ValueError(f"audit origin {origin!r}: expected one of {', '.join(ORIGINS)}")
     entry: dict[str, Any] = {
@@ -76,6 +78,8 @@ def record(
         entry["error"] = error
     if table:
         entry["table"] = table
+    if force:
+        entry["force"] = True
     p = Path(path)
     line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
     fd = files.open_own(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "audit log")
@@ -101,7 +105,13 @@ def _check_own(p: Path, st: os.stat_result) -> None:
 
 
 def log_result(
-    state: State, result: Any, *, origin: str, host: str, commit: str | None = None
+    state: State,
+    result: Any,
+    *,
+    origin: str,
+    host: str,
+    commit: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Record a reconcile `Result` in the state's audit log (call it after a change);
     `AuditFailed` when it cannot be written. Its time is when the change was sent to the
@@ -117,6 +127,7 @@ def log_result(
             fingerprint=result.fingerprint,
             commit=commit,
             when=None if sent is None else datetime.fromtimestamp(sent, UTC),
+            force=force,
         )
     except MtdError as exc:
         raise AuditFailed(result, *exc.problems) from None

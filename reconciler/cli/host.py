@@ -3,9 +3,12 @@ status, down. `mtd diff` exits 2 when changes are pending."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from reconciler.cli.common import (
     pass_ctx,
     state_options,
 )
-from reconciler.core import diff, render, shuffle
+from reconciler.core import audit, diff, render, shuffle
 from reconciler.errors import MtdError
 
 
@@ -108,7 +111,10 @@ def _pass(
     advance: bool = False,
     read_live: bool = True,
     creates: bool = False,
+    force: bool = False,
+    confirm_seconds: int | None = None,
 ) -> Any:
+    from reconciler.services import confirm, lockout
     from reconciler.services.reconcile import provision_secret, reconcile
 
     state = ctx.state()
@@ -121,20 +127,44 @@ def _pass(
         else:  # read-only: never creates one
             secret = files.load_secret(state.secret_file)
         current = files.read_epoch(state.epoch_file) + (1 if advance else 0)
-        result = reconcile(
-            state,
-            current if epoch is None else epoch,
-            nft,
-            secret=secret,
-            check=check,
-            templates=ctx.templates,
-            read_live=read_live,
+        target = current if epoch is None else epoch
+        forced = False
+        if creates and not check:  # apply, rotate: never lock out the session run from
+            forced = lockout.check(state, secret, target, nft, host=ctx.hostname, force=force)
+            if confirm_seconds is None and confirm.read(confirm.record_path(state.epoch_file)):
+                click.echo(
+                    "mtd: note: an apply --confirm is pending: its revert will put back the "
+                    "table of before it, this change included, unless mtd confirm runs",
+                    err=True,
+                )
+        armed = (
+            confirm.armed(state, nft, seconds=confirm_seconds, host=ctx.hostname)
+            if confirm_seconds is not None and not check
+            else contextlib.nullcontext()
         )
+        with armed as pending:
+            result = reconcile(
+                state,
+                target,
+                nft,
+                secret=secret,
+                check=check,
+                templates=ctx.templates,
+                read_live=read_live,
+            )
+        if (
+            pending is not None
+            and result.status == "ok"
+            and pending["armed"] == pending["first_armed"]
+        ):
+            confirm.disarm(state, pending)
+            pending = None
         # Only once the kernel took it: a refused rotation leaves the epoch file as it was.
         if advance and not check:
             files.write_epoch(state.epoch_file, current)
+        result.pending = pending
         if result.status == "changed":
-            auditlog.log_result(state, result, origin="manual", host=ctx.hostname)
+            auditlog.log_result(state, result, origin="manual", host=ctx.hostname, force=forced)
         return result
 
 
@@ -186,7 +216,26 @@ def _report(result: Any, show_diff: bool) -> None:
         for c in result.changes:
             click.echo(f"{c.op} {c.text}")
     click.echo(result.line())
+    pending = getattr(result, "pending", None)
+    if pending is not None:
+        due = audit.timestamp(datetime.fromtimestamp(pending["deadline"], UTC))
+        kept = (
+            ""
+            if pending["armed"] == pending["first_armed"]
+            else " (extended: still to the table of before the first)"
+        )
+        click.echo(
+            f"pending: the table of before comes back at {due}{kept} unless `mtd confirm` "
+            f"runs within {pending['seconds']} s"
+        )
 
+
+FORCE_OPTION = click.option(
+    "--force",
+    is_flag=True,
+    help="Change even what moves the port of the SSH session this runs in (README: No "
+    "lockouts); the audit line says so.",
+)
 
 EXIT_CODE_OPTION = click.option(
     "--exit-code",
@@ -201,18 +250,39 @@ EXIT_CODE_OPTION = click.option(
         "mtd apply -s desired_state/ --diff",
         "mtd apply -s /etc/mtd --check",
         "mtd apply -s /etc/mtd --check --exit-code   # 2 when changes are pending",
+        "mtd apply -s /etc/mtd --confirm 120   # then mtd confirm, or it is undone",
     )
 )
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--diff", "show_diff", is_flag=True, help="Also print the changes.")
 @EXIT_CODE_OPTION
+@FORCE_OPTION
+@click.option(
+    "--confirm",
+    "confirm_seconds",
+    type=click.IntRange(min=1),
+    metavar="SECONDS",
+    help="Put the table of before back after SECONDS unless `mtd confirm` runs first.",
+)
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def apply(ctx: Ctx, check: bool, show_diff: bool, exit_code: bool) -> None:
+def apply(
+    ctx: Ctx,
+    check: bool,
+    show_diff: bool,
+    exit_code: bool,
+    force: bool,
+    confirm_seconds: int | None,
+) -> None:
     """Make the live table match the desired state at the current epoch."""
-    result = _applied(lambda: _pass(ctx, check=check, creates=True), show_diff)
+    if check and confirm_seconds is not None:
+        raise MtdError("--confirm: expected no --check (nothing is changed to revert)")
+    result = _applied(
+        lambda: _pass(ctx, check=check, creates=True, force=force, confirm_seconds=confirm_seconds),
+        show_diff,
+    )
     if exit_code and result.changes:
         sys.exit(EXIT_PENDING)
 
@@ -226,11 +296,12 @@ def apply(ctx: Ctx, check: bool, show_diff: bool, exit_code: bool) -> None:
     help="Rotate the fleet instead: increment the epoch in Redis and publish it "
     "(every `mtd run` applies it; needs no root).",
 )
+@FORCE_OPTION
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
+def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool, force: bool) -> None:
     """Start a new epoch on this host (a reshuffle) and reconcile."""
     if publish:
         if check or show_diff:
@@ -243,7 +314,14 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool) -> None:
     # A new epoch moves every port: the table is replaced without reading it back first
     # (a minute at a million mappings) unless the changes are to be shown.
     _applied(
-        lambda: _pass(ctx, check=check, advance=True, read_live=check or show_diff, creates=True),
+        lambda: _pass(
+            ctx,
+            check=check,
+            advance=True,
+            read_live=check or show_diff,
+            creates=True,
+            force=force,
+        ),
         show_diff,
     )
 
@@ -321,3 +399,34 @@ def down(ctx: Ctx) -> None:
         if changed:
             auditlog.log_down(state, origin="manual", host=ctx.hostname)
     click.echo(f"{'changed' if changed else 'ok'}: {'; '.join(done)}")
+
+
+@cli.command(
+    "confirm",
+    epilog=examples("mtd confirm -s /etc/mtd   # within 120 s of: mtd apply --confirm 120"),
+)
+@state_options
+@host_option
+@pass_ctx
+@friendly
+def confirm_cmd(ctx: Ctx) -> None:
+    """Keep what a pending `mtd apply --confirm` changed: cancel its revert."""
+    from reconciler.services import confirm
+
+    state = ctx.state()
+    with files.reconcile_lock(state.epoch_file):
+        rec = confirm.confirm(state)
+    if rec is None:
+        last = confirm.last_revert(state, ctx.hostname)
+        if last is not None:
+            raise MtdError(
+                f"nothing to confirm: the deadline passed and the table of before was put back "
+                f"at {last['time']}: `mtd diff` shows the change again"
+            )
+        click.echo("ok: nothing to confirm: no mtd apply --confirm is pending")
+        return
+    left = max(0.0, float(rec["deadline"]) - time.time())
+    click.echo(
+        f"confirmed: table inet {rec['table']} as applied at {rec['armed']} stays; its revert "
+        f"(due in {left:.0f} s) is cancelled"
+    )

@@ -64,8 +64,17 @@ class PullOptions:
     gpg_home: str | None
     git_timeout: float
 
-    def config(self, ctx: Ctx, url: str, interval: float) -> Any:
-        """The `gitops.PullConfig` of a round for this host."""
+    def config(
+        self,
+        ctx: Ctx,
+        url: str,
+        interval: float,
+        *,
+        session_check: bool = False,
+        force: bool = False,
+    ) -> Any:
+        """The `gitops.PullConfig` of a round for this host; `session_check` only for a
+        `mtd pull` run by hand (README: No lockouts)."""
         from reconciler.services import gitops
 
         return gitops.PullConfig(
@@ -80,6 +89,8 @@ class PullOptions:
             interval=interval,
             timeout=self.git_timeout,
             config=tuple(ctx.local().documents),
+            session_check=session_check,
+            force=force,
         )
 
 
@@ -127,6 +138,12 @@ def pull_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     show_default=True,
     help="Seconds between rounds (longer, with backoff, while the remote is unreachable).",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Apply even a commit that moves the port of the SSH session this runs in "
+    "(README: No lockouts); the audit line says so.",
+)
 @template_options
 @host_option
 @pass_ctx
@@ -138,6 +155,7 @@ def pull(
     check: bool,
     notify: bool,
     interval: float,
+    force: bool,
     pull: PullOptions,
 ) -> None:
     """Converge to the desired state kept in a git repository (GitOps).
@@ -155,7 +173,7 @@ def pull(
         raise MtdError("--repo: expected the state repository's URL (or --notify)")
     from reconciler.services import gitops
 
-    puller = gitops.Puller(pull.config(ctx, url, interval))
+    puller = gitops.Puller(pull.config(ctx, url, interval, session_check=True, force=force))
     nft = ctx.nft(cache_dir=Path(ctx.state_dir) / defaults.CACHE, write=not check)
     if once or check:
         outcome = puller.round(nft, check=check, show=click.echo)

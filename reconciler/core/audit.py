@@ -19,10 +19,11 @@ from reconciler.core import shuffle
 from reconciler.core.state import PROTOCOLS, State, Watched
 from reconciler.errors import MtdError
 
-ORIGINS = ("start", "redis", "pull", "drift", "manual")
+ORIGINS = ("start", "redis", "pull", "drift", "manual", "revert")
 # Results after which the recorded mapping is the live one ("ok": a commit applied that
-# changed nothing in the table; "rejected" lines are kept for the record only).
-LIVE = ("changed", "ok")
+# changed nothing in the table; "reverted": `mtd apply --confirm` put the table of before
+# back, with that table's epoch and fingerprint; "rejected" lines are kept for the record).
+LIVE = ("changed", "ok", "reverted")
 # The owned table was removed on purpose (`mtd down`, `mtd run --down-on-exit`): from then
 # on, until the next live entry, every source saw the real ports.
 DOWN = "down"

@@ -63,6 +63,10 @@ class PullConfig:
     interval: float = defaults.PULL_INTERVAL
     timeout: float = defaults.GIT_TIMEOUT  # per git command
     config: tuple[tuple[str, str], ...] = ()  # the host's local configuration documents
+    # `mtd pull` run by hand: refuse a commit that would move the port of the SSH session it
+    # runs in (README: No lockouts) unless `force`. A daemon (`mtd run --pull`) has no session.
+    session_check: bool = False
+    force: bool = False
 
     @property
     def clone_dir(self) -> Path:
@@ -287,6 +291,9 @@ class Puller:
             epoch = files.read_epoch(state.epoch_file)
             if secret is None:  # --check: read it, never create it
                 secret = files.load_secret(state.secret_file)
+            forced = False
+            if cfg.session_check and not check:
+                forced = self._session_check(commit, state, secret, epoch, nft)
             result = reconcile(state, epoch, nft, secret=secret, check=check, templates=templates)
             audit_error = None
             if not check:
@@ -297,13 +304,37 @@ class Puller:
                         *exc.problems, f"commit {commit[:12]} is live; the next round retries"
                     ) from None
                 try:
-                    auditlog.log_result(state, result, origin="pull", host=cfg.host, commit=commit)
+                    auditlog.log_result(
+                        state, result, origin="pull", host=cfg.host, commit=commit, force=forced
+                    )
                 except auditlog.AuditFailed as exc:
                     audit_error = "; ".join(exc.problems)
         if show:
             for c in result.changes:
                 show(f"{c.op} {c.text}")
         return state, result, audit_error
+
+    def _session_check(
+        self, commit: str, state: State, secret: bytes, epoch: int, nft: Backend
+    ) -> bool:
+        """The SSH-session check (`services.lockout`); the applied commit's state (the
+        checkout) tells where the session's client finds its port now. A refusal is not the
+        commit's fault: it is not applied, and the next round (or a --force) tries again."""
+        from reconciler.services import lockout
+
+        cfg = self.config
+        earlier = []
+        with contextlib.suppress(MtdError):
+            if cfg.state_path.exists():
+                earlier.append(files.load_state(cfg.state_path, cfg.host, cfg.local()))
+        try:
+            return lockout.check(
+                state, secret, epoch, nft, host=cfg.host, force=cfg.force, earlier=earlier
+            )
+        except MtdError as exc:
+            raise NotApplied(
+                *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
+            ) from None
 
     @contextlib.contextmanager
     def candidate(self, commit: str, host: str | None = None) -> Iterator[tuple[State, list[Path]]]:

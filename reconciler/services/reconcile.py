@@ -41,6 +41,7 @@ class Result:
     skeleton: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
     mappings: int = 0  # moved ports of the mapping at `epoch`
     applied_at: float | None = None  # unix time the transaction was sent (for the audit log)
+    pending: dict[str, Any] | None = None  # `apply --confirm`: the revert armed (confirm.py)
 
     @property
     def in_sync(self) -> bool:
