@@ -229,3 +229,29 @@ def test_ruleset_ownership_cannot_be_confirmed(tmp_path: Path) -> None:
         confirm.armed(state, FakeKernel(), seconds=9, host="h"),
     ):
         pass
+
+
+def test_revert_touches_only_the_owned_table(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A record whose kept table names another table (or family) is refused whole."""
+    monkeypatch.setattr(confirm, "spawn", lambda p, t: 1)
+    state = _state(tmp_path)
+    nft = FakeKernel()
+    _apply(state, nft)
+    with confirm.armed(state, nft, seconds=9, host="h") as rec:
+        pass
+    path = confirm.record_path(state.epoch_file)
+    live = nft.list_table(state.table)
+    for bad in (
+        {"table": {"family": "inet", "name": "filter"}},
+        {"chain": {"family": "ip", "table": "mtd", "name": "x"}},
+        {"rule": {"family": "inet", "table": "filter", "chain": "input", "expr": []}},
+        ["not", "an", "object"],
+    ):
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(data | {"deadline": 0, "previous": [*rec["previous"], bad]}))
+        assert confirm.watch(path, rec["token"], nft) == 1
+        assert json.dumps(nft.list_table(state.table)) == json.dumps(live)
+        last = auditlog.entries(state.audit_log)[-1]
+        assert last["result"] == "rejected" and "nothing reverted" in last["error"]
+        assert not path.exists()
+        path.write_text(json.dumps(data))

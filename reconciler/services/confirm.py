@@ -151,8 +151,14 @@ def disarm(state: State, rec: dict[str, Any]) -> None:
 def spawn(path: Path, token: str) -> int:
     """The watcher, detached: a new session (so no SIGHUP from the terminal, no signal to
     the caller's process group reaches it), no terminal, its standard files closed."""
+    import reconciler
+
+    # The package this process runs, wherever it was started from (cwd is / for the watcher).
+    package = str(Path(reconciler.__file__).resolve().parent.parent)
+    pythonpath = os.pathsep.join(p for p in (package, os.environ.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler.services.confirm", str(path), token],
+        env={**os.environ, "PYTHONPATH": pythonpath},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -182,6 +188,25 @@ def last_revert(state: State, host: str) -> dict[str, Any] | None:
     return log[-1] if log and log[-1].get("origin") == "revert" else None
 
 
+def _owned(table: str, previous: Sequence[Any]) -> list[dict[str, Any]]:
+    """The kept listing as commands, each checked to be inside `inet TABLE` (the record is
+    mtd's own, but what goes into the kernel is checked, as every rendered command is)."""
+    out = []
+    for obj in previous:
+        ok = isinstance(obj, dict) and len(obj) == 1
+        if ok:
+            ((kind, body),) = obj.items()
+            ok = isinstance(body, dict) and body.get("family") == "inet"
+            ok = ok and body.get("name" if kind == "table" else "table") == table
+        if not ok:
+            raise MtdError(
+                f"{RECORD}: the kept table holds {str(obj)[:80]}: expected objects of table "
+                f"inet {table} only: nothing reverted"
+            )
+        out.append({"add": obj})
+    return out
+
+
 def revert(rec: dict[str, Any], backend: Backend) -> dict[str, Any]:
     """Put the table of before back in one transaction, or remove the table when there was
     none; then the audit line. Returns that line."""
@@ -197,7 +222,7 @@ def revert(rec: dict[str, Any], backend: Backend) -> dict[str, Any]:
             table=table,
         )  # fmt: skip
     try:
-        backend.replace_table(table, [{"add": obj} for obj in previous])
+        backend.replace_table(table, _owned(table, previous))
     except MtdError as exc:
         auditlog.record(
             log, host=host, origin="revert", epoch=None, result="rejected", fingerprint=None,
@@ -238,6 +263,17 @@ def watch(path: Path, token: str, backend: Backend | None = None) -> int:
                 backend = Nft()
             try:
                 revert(rec, backend)
+            except MtdError:
+                return 1  # recorded in the audit log by revert()
+            except Exception as exc:  # no terminal to tell: the audit log says it
+                with contextlib.suppress(Exception):
+                    auditlog.record(
+                        rec.get("audit_log") or Path(rec["epoch_file"]).with_name("audit.jsonl"),
+                        host=str(rec.get("host") or ""), origin="revert", epoch=None,
+                        result="rejected", fingerprint=None, table=rec["table"],
+                        error=f"revert failed: internal error: {type(exc).__name__}: {exc}",
+                    )  # fmt: skip
+                return 1
             finally:
                 path.unlink(missing_ok=True)
         return 0
