@@ -14,7 +14,7 @@ from typing import Any
 
 from reconciler.adapters import files
 from reconciler.adapters.kernel import Backend
-from reconciler.core import diff, render, repair, shuffle
+from reconciler.core import diff, render, repair, shuffle, watch
 from reconciler.core.state import State
 from reconciler.errors import KernelError
 from reconciler.services.reconcile import reconcile
@@ -118,6 +118,44 @@ def reconcile_converges_then_is_ok(backend: Backend, state: State) -> None:
     assert reconcile(state, 0, backend, secret=SECRET).status == "ok"  # check changed nothing
 
 
+def dynamic_elements_add_renew_delete_and_list(backend: Backend, state: State) -> None:
+    """`mtd watch`'s element transactions (core.watch.commands) in a scratch table with the
+    contract's dyn4/dyn6 sets: added with a timeout, renewed, deleted (also when absent),
+    listed back; the diff never sees them."""
+    sets = [
+        {"add": {"table": {"family": "inet", "name": TABLE}}},
+        *(
+            {
+                "add": {
+                    "set": {
+                        "family": "inet",
+                        "table": TABLE,
+                        "name": f"dyn{v}",
+                        "type": t,
+                        "flags": ["timeout"],
+                    }
+                }
+            }
+            for v, t in (("4", "ipv4_addr"), ("6", "ipv6_addr"))
+        ),
+    ]
+    list_set = backend.list_set  # type: ignore[attr-defined]
+    assert list_set(TABLE, "dyn4") is None  # no table yet
+    backend.replace_table(TABLE, sets)
+    assert list_set(TABLE, "nope") is None
+    backend.run(watch.commands(TABLE, [("192.0.2.7", 100), ("2001:db8:1:2::", 50)]))
+    got = watch.kernel_entries(list_set(TABLE, "dyn4"))
+    assert 95 <= got["192.0.2.7"] <= 100, got
+    assert set(watch.kernel_entries(list_set(TABLE, "dyn6"))) == {"2001:db8:1:2::"}
+    backend.run(watch.commands(TABLE, [("192.0.2.7", 5000)]))  # renewed, not kept at 100
+    assert watch.kernel_entries(list_set(TABLE, "dyn4"))["192.0.2.7"] > 4000
+    live = diff.live(backend.list_table(TABLE))
+    assert diff.diff(diff.from_commands(sets), live) == []
+    for _ in range(2):  # deleting an absent element succeeds too
+        backend.run(watch.commands(TABLE, remove=["192.0.2.7", "2001:db8:1:2::"]))
+        assert list_set(TABLE, "dyn4") == [] and list_set(TABLE, "dyn6") == []
+
+
 CASES: dict[str, Callable[[Backend, State], None]] = {
     f.__name__: f
     for f in (
@@ -129,6 +167,7 @@ CASES: dict[str, Callable[[Backend, State], None]] = {
         canonical_refusal_names_the_command,
         reconcile_converges_then_is_ok,
         a_repair_batch_restores_chains,
+        dynamic_elements_add_renew_delete_and_list,
     )
 }
 

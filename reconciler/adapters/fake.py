@@ -154,10 +154,18 @@ class FakeKernel:
         self.sysctls.update(values)
         return before
 
+    def list_set(self, table: str, name: str) -> list[Any] | None:
+        listing = self.tables.get(table)
+        for obj in listing or []:
+            if obj.get("set", {}).get("name") == name:
+                return copy.deepcopy(obj["set"].get("elem") or [])
+        return None
+
     def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
         """The verbs an event-driven repair sends: add/flush/delete chain, add rule, delete
-        set, all in one existing table; anything else is refused, as is a rule into a
-        chain that is not there. Nothing changes unless every command applies."""
+        set, add/delete element (a dynamic watch), all in one existing table; anything else
+        is refused, as is a rule into a chain that is not there. Nothing changes unless
+        every command applies."""
         commands = list(commands)
         tx = Transaction("run", "", commands, check=check)
         self.transactions.append(tx)
@@ -201,6 +209,8 @@ class FakeKernel:
                 listing.append({"rule": copy.deepcopy(obj)})
             elif (verb, kind) == ("delete", "set"):
                 listing[:] = [o for o in listing if o.get("set", {}).get("name") != name]
+            elif kind == "element" and verb in ("add", "delete"):
+                _element(listing, verb, obj, i, cmd)
             else:
                 raise KernelError(f"fake kernel: unsupported {verb} {kind}", index=i, command=verb)
         return tables
@@ -217,6 +227,32 @@ class FakeKernel:
                             del self._refusals[n]
                     raise KernelError(r.reason, index=i, command=describe(cmd))
         return _listing(name, commands)
+
+
+def _element(listing: Listing, verb: str, obj: dict[str, Any], i: int, cmd: Any) -> None:
+    """`add`/`delete element` into a set, as the kernel does: adding one that is there
+    keeps it as it is (its timeout too); deleting one that is not there is refused."""
+    target = next((o["set"] for o in listing if o.get("set", {}).get("name") == obj["name"]), None)
+    if target is None:
+        raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
+    have = target.setdefault("elem", [])
+    for item in obj.get("elem") or []:
+        key = _key(item)
+        at = next((n for n, e in enumerate(have) if _key(e) == key), None)
+        if verb == "add" and at is None:
+            if isinstance(item, dict) and "timeout" in item.get("elem", {}):
+                item = {"elem": {**item["elem"], "expires": item["elem"]["timeout"]}}
+            have.append(copy.deepcopy(item))
+        elif verb == "delete":
+            if at is None:
+                raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
+            del have[at]
+    if not have:
+        del target["elem"]
+
+
+def _key(item: Any) -> Any:
+    return item["elem"]["val"] if isinstance(item, dict) and "elem" in item else item
 
 
 def _listing(name: str, commands: Listing) -> Listing:

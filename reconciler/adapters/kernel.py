@@ -73,6 +73,11 @@ class Backend(Protocol):
         a refusal changes nothing."""
         ...
 
+    def list_set(self, table: str, name: str) -> list[Any] | None:
+        """The elements of one set of the owned table (a dynamic set: a few, not the
+        maps' million), or None when the table or the set does not exist."""
+        ...
+
 
 class Nft:
     """libnftables with JSON output, bound to the caller's network namespace.
@@ -138,6 +143,18 @@ class Nft:
             for o in json.loads(out)["nftables"]
             if "counter" in o
         }
+
+    def list_set(self, table: str, name: str) -> list[Any] | None:
+        rc, out, err = self._cmd(f"list set {FAMILY} {table} {name}")
+        if rc != 0:
+            exc = kernel_error(err, context=f"list set {FAMILY} {table} {name}")
+            if exc.not_found:
+                return None
+            raise exc
+        for o in json.loads(out)["nftables"]:
+            if "set" in o:
+                return list(o["set"].get("elem") or [])
+        return None
 
     def list_tables(self) -> list[tuple[str, str]]:
         """(family, name) of every table in this namespace (not their content)."""

@@ -1,0 +1,95 @@
+"""The dynamic watch store: `watch.json` next to the epoch file (mode 0600).
+
+Written atomically (write, fsync, rename) under its own lock file, like the other state
+files, so the CLI, the daemon and a pull round never lose each other's entries. It is what
+lets dynamic entries survive a full table replacement, a daemon restart and a Redis restart:
+the kernel's elements expire by themselves, the store says what to re-add and for how long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from reconciler.adapters import files
+from reconciler.core import watch
+from reconciler.core.watch import Entry
+from reconciler.errors import MtdError
+
+NAME = "watch.json"
+MAX_BYTES = 64 << 20  # a store of MAX_ENTRIES entries is about 20 MB
+
+
+def path_for(epoch_file: str | Path) -> Path:
+    return Path(epoch_file).with_name(NAME)
+
+
+@contextlib.contextmanager
+def locked(epoch_file: str | Path) -> Iterator[Path]:
+    """The store's own lock (not the reconcile lock: a pass holding that one reads and
+    writes the store too)."""
+    p = path_for(epoch_file)
+    with files.file_lock(p.with_name(f"{NAME}.lock")):
+        yield p
+
+
+def load(path: str | Path) -> dict[str, Entry]:
+    """The entries (expired ones too: callers drop them); {} when there is no store yet."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise MtdError(f"{p}: cannot read the watch store: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BYTES:
+        raise MtdError(f"{p}: watch store larger than {MAX_BYTES} bytes: expected mtd's own")
+    try:
+        data = json.loads(raw)
+        items = data["entries"]
+        if not isinstance(items, list):
+            raise TypeError
+        out: dict[str, Entry] = {}
+        for item in items:
+            e = _entry(item)
+            out[e.source] = e
+        return out
+    except (ValueError, KeyError, TypeError, RecursionError, watch.WatchError):
+        raise MtdError(
+            f'{p}: unreadable watch store: expected {{"entries": [{{"source", "origin", '
+            '"reason", "expires_at"}, ...]} (remove it to start afresh)'
+        ) from None
+
+
+def _entry(item: Any) -> Entry:
+    if not isinstance(item, dict):
+        raise TypeError
+    origin, expires = item["origin"], item["expires_at"]
+    if origin not in watch.ORIGINS or type(expires) not in (int, float):
+        raise ValueError
+    return Entry(watch.canonical(item["source"]), origin, watch.reason(item["reason"]), expires)
+
+
+def save(path: str | Path, entries: dict[str, Entry], now: float | None = None) -> None:
+    """Write the live entries (expired ones are dropped here)."""
+    now = time.time() if now is None else now
+    kept = sorted(watch.live(entries, now).values(), key=lambda e: e.source)
+    text = json.dumps({"entries": [e.as_dict() for e in kept]}, separators=(",", ":"))
+    files.write_atomic(path, text + "\n", mode=0o600)
+
+
+def put(entries: dict[str, Entry], entry: Entry, now: float) -> str | None:
+    """Add or replace `entry`; the one line to show when the store is full (then nothing
+    changes). A new entry for a source replaces the old one (its time and reason)."""
+    if entry.source not in entries and len(watch.live(entries, now)) >= watch.MAX_ENTRIES:
+        return (
+            f"watch store full ({watch.MAX_ENTRIES} live entries): {entry.source} not added "
+            "(wait for entries to expire, or remove some with mtd watch del)"
+        )
+    entries[entry.source] = entry
+    return None

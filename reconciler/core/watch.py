@@ -1,0 +1,224 @@
+"""Dynamic watching: what a watch entry is, and how entries become render input.
+
+Pure. A dynamic source is watched for a while (`mtd watch add`, a Redis watch message, the
+kernel's tripwire) and then expires. Its unit is what one attacker holds: an IPv4 address,
+or an IPv6 /64 (held as its network address, host bits zero, as the kernel's `dyn6` set
+looks it up). Entries live in the kernel as elements of `dyn4`/`dyn6` with a timeout, and
+in the store (`adapters.watchstore`), so a full table replacement (rotation, apply, repair)
+re-adds them with their remaining time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from reconciler.errors import MtdError
+
+ORIGINS = ("cli", "redis", "tripwire")
+SETS = {"4": "dyn4", "6": "dyn6"}  # the owned table's dynamic sets, by family
+RUNTIME_SETS = frozenset(SETS.values())  # their contents are runtime state, never drift
+V6_UNIT = 64  # an IPv6 source is watched by /64
+DEFAULT_SECONDS = 3600  # `--for` when not given: an hour, fail2ban's usual bantime scale
+MAX_SECONDS = 30 * 86400  # 30 days: far below the kernel's element timeout limit
+MAX_ENTRIES = 100_000  # in the store (a flood of watch messages cannot grow it further)
+MAX_REASON = 200  # characters of a reason kept
+DURATION_FORM = "SECONDS or a number with s, m, h or d (3600, 10m, 1h, 2d)"
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhd]?)\s*$")
+
+Dynamic = dict[str, list[tuple[str, int]]]  # render input: family -> [(source, seconds left)]
+
+
+class WatchError(MtdError):
+    """A watch entry or argument that is refused; `str()` is the one line to show."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One watched dynamic source. `expires_at` is unix time."""
+
+    source: str  # canonical: an IPv4 address, or an IPv6 /64's network address
+    origin: str  # cli | redis | tripwire
+    reason: str
+    expires_at: float
+
+    @property
+    def family(self) -> str:
+        return family(self.source)
+
+    def left(self, now: float) -> int:
+        """Whole seconds left (0: expired)."""
+        return max(0, math.floor(self.expires_at - now))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "origin": self.origin,
+            "reason": self.reason,
+            "expires_at": round(self.expires_at, 3),
+        }
+
+
+def canonical(text: str, trusted: Iterable[Any] = ()) -> str:
+    """The source a watch entry is about, or `WatchError` in one line.
+
+    An IPv4 address (or /32); an IPv6 address or /64 prefix, kept as the /64's network
+    address. A wider or narrower IPv6 prefix, or any IPv4 prefix, is refused: a dynamic
+    entry is one attacker's unit. A source inside `trusted` (prefixes) is refused: trusted
+    beats dynamic, so the entry would have no effect.
+    """
+    raw = str(text).strip()
+    if not raw or len(raw) > 64:
+        raise WatchError(f"{_short(raw)}: expected an IPv4 address or an IPv6 address or /64")
+    addr, slash, length = raw.partition("/")
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        raise WatchError(
+            f"{_short(raw)}: not an address: expected an IPv4 address (192.0.2.7) or an IPv6 "
+            "address or /64 (2001:db8:1:2::/64)"
+        ) from None
+    if slash:
+        want = 32 if ip.version == 4 else V6_UNIT
+        if not length.isdigit() or int(length) != want:
+            unit = "an IPv4 address (a /32)" if ip.version == 4 else "an IPv6 /64"
+            raise WatchError(
+                f"{_short(raw)}: a dynamic entry is one source: expected {unit}, not a prefix "
+                "(watch prefixes with watched: in the desired state)"
+            )
+    if ip.version == 6:
+        net = ipaddress.ip_network(f"{ip}/{V6_UNIT}", strict=False)
+        source = str(net.network_address)
+    else:
+        source = str(ip)
+    for prefix in trusted:
+        net = prefix if not isinstance(prefix, str) else ipaddress.ip_network(prefix)
+        if net.version == ip.version and ipaddress.ip_address(source) in net:
+            raise WatchError(f"{_short(raw)}: inside trusted {net}: would have no effect")
+    return source
+
+
+def family(source: str) -> str:
+    return "6" if ":" in source else "4"
+
+
+def seconds(text: str | int) -> int:
+    """`--for`: 3600, 10m, 1h, 2d; from 1 second to `MAX_SECONDS`."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _DURATION.match(str(text))
+        if m is None:
+            raise WatchError(f"--for {_short(str(text))}: expected {DURATION_FORM}")
+        value = int(m[1]) * _UNITS[m[2]]
+    if not 1 <= value <= MAX_SECONDS:
+        raise WatchError(
+            f"--for {_short(str(text))}: expected 1 second to {MAX_SECONDS // 86400} days"
+        )
+    return value
+
+
+def reason(text: str | None) -> str:
+    """Printable, one line, at most `MAX_REASON` characters; longer is refused (not cut, so
+    what is listed is what was given)."""
+    text = "" if text is None else str(text)
+    if len(text) > MAX_REASON:
+        raise WatchError(f"--reason: {len(text)} characters: expected at most {MAX_REASON}")
+    if not text.isprintable():
+        raise WatchError(f"--reason {_short(text)}: expected printable text on one line")
+    return text
+
+
+def live(entries: Mapping[str, Entry], now: float) -> dict[str, Entry]:
+    """The entries not yet expired (with at least a second left)."""
+    return {s: e for s, e in entries.items() if e.left(now) >= 1}
+
+
+def dynamic(entries: Mapping[str, Entry], now: float) -> Dynamic:
+    """Render input: every live entry with its remaining whole seconds, by family."""
+    out: Dynamic = {"4": [], "6": []}
+    for source, entry in sorted(live(entries, now).items()):
+        out[entry.family].append((source, entry.left(now)))
+    return out
+
+
+def harvest(
+    entries: Mapping[str, Entry], kernel: Mapping[str, int], now: float
+) -> dict[str, Entry]:
+    """Entries with those the kernel holds that the store does not (the tripwire adds them
+    in the packet path): origin tripwire, expiring when the kernel's element does.
+    `kernel` maps canonical source to seconds left. Expired entries are dropped."""
+    out = dict(live(entries, now))
+    for source, left in kernel.items():
+        if source not in out and left >= 1:
+            out[source] = Entry(source, "tripwire", "tripwire", now + left)
+    return out
+
+
+def counts(entries: Mapping[str, Entry], now: float) -> dict[str, int]:
+    """Live entries by origin (every origin present, 0 when none)."""
+    out = dict.fromkeys(ORIGINS, 0)
+    for e in live(entries, now).values():
+        out[e.origin] = out.get(e.origin, 0) + 1
+    return out
+
+
+def kernel_entries(elements: Iterable[Any]) -> dict[str, int]:
+    """A dynamic set's listed elements as {canonical source: seconds left}: plain values
+    (no timeout: kept a day, as written by hand) or `{"elem": {"val", "expires"}}`."""
+    out: dict[str, int] = {}
+    for item in elements:
+        val, left = item, 86400
+        if isinstance(item, dict) and isinstance(item.get("elem"), dict):
+            val = item["elem"].get("val")
+            exp = item["elem"].get("expires", item["elem"].get("timeout"))
+            left = int(exp) if isinstance(exp, int | float) else left
+        if not isinstance(val, str):
+            continue
+        try:
+            source = canonical(val)
+        except WatchError:
+            continue
+        out[source] = left
+    return out
+
+
+def element(source: str, left: int) -> dict[str, Any]:
+    """One dynamic set element with its timeout (libnftables JSON)."""
+    return {"elem": {"val": source, "timeout": int(left)}}
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+
+
+def commands(
+    table: str, add: Iterable[tuple[str, int]] = (), remove: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """One small transaction in the owned table's dynamic sets, valid whether or not each
+    element is there: every touched element is added (a no-op when present) and deleted,
+    then the added ones are put back with their timeout (an `add` alone would keep an
+    element's old timeout)."""
+    add, remove = list(add), list(remove)
+    touched: dict[str, list[str]] = {}
+    for source in [s for s, _ in add] + remove:
+        touched.setdefault(SETS[family(source)], []).append(source)
+
+    def ref(name: str, elem: list[Any]) -> dict[str, Any]:
+        return {"family": "inet", "table": table, "name": name, "elem": elem}
+
+    batch: list[dict[str, Any]] = []
+    for name, sources in sorted(touched.items()):
+        batch.append({"add": {"element": ref(name, list(sources))}})
+        batch.append({"delete": {"element": ref(name, list(sources))}})
+    added: dict[str, list[Any]] = {}
+    for source, left in add:
+        added.setdefault(SETS[family(source)], []).append(element(source, left))
+    for name, elems in sorted(added.items()):
+        batch.append({"add": {"element": ref(name, elems)}})
+    return batch
