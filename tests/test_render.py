@@ -63,7 +63,7 @@ def test_template_variables_documented_shape():
     ctx = render.context(state, mapping)
     assert set(ctx) == {
         "table", "family", "epoch", "mark", "state", "elements", "sources", "networks",
-        "services", "pairs",
+        "services", "pairs", "dynamic",
     }  # fmt: skip
     assert ctx["epoch"] == 7 and ctx["table"] == "mtd"
     # Watched prefixes as disjoint pieces (the /24 split around the /25 inside it).

@@ -17,6 +17,8 @@ from difflib import SequenceMatcher
 from functools import lru_cache
 from typing import Any
 
+from reconciler.core.watch import RUNTIME_SETS
+
 OBJECT_KINDS = ("table", "chain", "set", "map", "counter")
 # Dropped from every object: kernel bookkeeping, and a counter's values (packets move them;
 # they are telemetry, never drift).
@@ -94,7 +96,11 @@ def _prefix_text(addr: str, length: int) -> str:
     return f"{_addr_text(str(net.network_address))}/{net.prefixlen}"
 
 
-def _elements(obj: Mapping[str, Any]) -> dict[str, str | None]:
+def _elements(obj: Mapping[str, Any], name: str = "") -> dict[str, str | None]:
+    """Keyed elements; none for the dynamic watch sets, whose members and expiry are
+    runtime state (`mtd watch`, the tripwire), never drift."""
+    if name in RUNTIME_SETS:
+        return {}
     is_map = "map" in obj
     out: dict[str, str | None] = {}
     items = obj.get("elem") or []
@@ -146,14 +152,14 @@ def _add(t: Table, kind: str, obj: Mapping[str, Any]) -> None:
         name = obj["name"]
         t.objects[f"{kind} {name}"] = _attrs(obj)
         if kind in ("set", "map"):
-            t.elements.setdefault(name, {}).update(_elements(obj))
+            t.elements.setdefault(name, {}).update(_elements(obj, name))
     elif kind == "rule":
         rule = {"expr": _unordered_sets(obj.get("expr", []))}
         if obj.get("comment"):
             rule["comment"] = obj["comment"]
         t.rules.setdefault(obj["chain"], []).append(rule)
     elif kind == "element":
-        t.elements.setdefault(obj["name"], {}).update(_elements(obj))
+        t.elements.setdefault(obj["name"], {}).update(_elements(obj, obj["name"]))
 
 
 def _unordered_sets(expr: Any) -> Any:

@@ -326,7 +326,9 @@ def _cached_environment(search: tuple[Path, ...]) -> jinja2.Environment:
     return environment(search)
 
 
-def context(state: State, mapping: PortMap) -> dict[str, Any]:
+def context(
+    state: State, mapping: PortMap, dynamic: Mapping[str, Sequence[Any]] | None = None
+) -> dict[str, Any]:
     """Everything a template may use. Element lists are ready for `| tojson`."""
     elements = {
         f"{proto}{v}{kind}": Elements(f"elements.{proto}{v}{kind}")
@@ -374,6 +376,10 @@ def context(state: State, mapping: PortMap) -> dict[str, Any]:
         "networks": networks,
         "services": {proto: list(state.services[proto]) for proto in PROTOCOLS},
         "pairs": Lazy(lambda: _pairs(ordered, mapping)),
+        "dynamic": {
+            v: [[str(src), int(left)] for src, left in (dynamic or {}).get(v, ())]
+            for v in ("4", "6")
+        },
     }
 
 
@@ -431,13 +437,20 @@ def check(state: State, search: Iterable[Path] | None = None) -> list[dict]:
     return render(state, shuffle.compute(state, b"\0" * 32, 0), search)
 
 
-def render(state: State, mapping: PortMap, search: Iterable[Path] | None = None) -> list[dict]:
-    """The list of libnftables JSON commands for the owned table."""
+def render(
+    state: State,
+    mapping: PortMap,
+    search: Iterable[Path] | None = None,
+    dynamic: Mapping[str, Sequence[Any]] | None = None,
+) -> list[dict]:
+    """The list of libnftables JSON commands for the owned table. `dynamic`: the dynamic
+    watch entries to put back into dyn4/dyn6, `{"4": [(addr, seconds_left), ...], "6": ...}`
+    (`core.watch.dynamic`), so a full replacement keeps them with their remaining time."""
     dirs = list(search) if search is not None else template_dirs()
     name = state.template + SUFFIX
     env = _cached_environment(tuple(dirs))
     where = next((str(d / name) for d in dirs if (d / name).is_file()), name)
-    ctx = context(state, mapping)
+    ctx = context(state, mapping, dynamic)
     try:
         with deadline(RENDER_SECONDS):
             template = env.get_template(name)

@@ -13,8 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from reconciler.core.watch import RUNTIME_SETS
+
 Event = tuple[str, str, str]  # (op "+" or "-", kind, name) as the monitor reports them
 CHAIN_KINDS = frozenset({"chain", "rule"})
+
+
+def runtime(kind: str, name: str) -> bool:
+    """An element event of a dynamic watch set (`mtd watch add --local`, an `nft add
+    element` by hand): runtime state, never drift."""
+    return kind == "element" and name in RUNTIME_SETS
 
 
 def plan(
@@ -41,6 +49,8 @@ def plan(
     chains: dict[str, None] = {}  # ordered, unique
     extra_sets: dict[str, str] = {}  # name -> last op
     for op, kind, name in events:
+        if runtime(kind, name):
+            continue  # a dynamic watch entry: runtime state, nothing to repair
         if kind in CHAIN_KINDS and name:
             chains[name] = None
         elif kind == "set" and name.startswith("__"):

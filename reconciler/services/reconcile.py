@@ -20,7 +20,9 @@ from reconciler.adapters.kernel import Backend
 from reconciler.core import diff, render, repair, shuffle
 from reconciler.core.bulk import gc_paused
 from reconciler.core.state import State
+from reconciler.core.watch import Dynamic
 from reconciler.errors import KernelError, MtdError
+from reconciler.services import watching
 
 # The RSTs the host sends for moved stateless probes must carry the probe's mark, so the
 # output chain rewrites only those (and no other invalid packet).
@@ -95,6 +97,7 @@ def reconcile(
     check: bool = False,
     templates: list[Path] | None = None,
     read_live: bool = True,
+    dynamic: Dynamic | None = None,
 ) -> Result:
     """Make the owned table match `state` at `epoch`; with `check`, only report.
 
@@ -103,12 +106,18 @@ def reconcile(
     drift: the replacement overwrites whatever changed, and the full compare (apply, diff,
     status, the daemon's drift timer) reports drift between rotations; the daemon, which
     follows the kernel's change events, knows the table is as it left it.
+
+    The dynamic watch entries (`dynamic`, by default harvested from the live dyn4/dyn6 and
+    the store by `watching.gather`) go into the new table with their remaining time.
     """
     t = _Phases()
     with t("shuffle"):
         mapping = shuffle.compute(state, secret, epoch)
+    if dynamic is None:
+        with t("watch"):
+            dynamic = watching.gather(state, backend, write=not check)
     with t("render"):
-        commands = render.render(state, mapping, templates)
+        commands = render.render(state, mapping, templates, dynamic)
     changes = [UNREAD]
     if read_live:
         with t("read"):

@@ -1,0 +1,134 @@
+"""Dynamic watch entries between the store and the kernel.
+
+`gather` runs before every full table replacement (apply, rotate, a daemon's pass, a pull
+round): it harvests the kernel's dyn4/dyn6 (the tripwire adds sources there in the packet
+path) into the store, drops what expired, and returns the render input, so the new table
+holds every entry with its remaining time. `change` is `mtd watch add/del --local` and a
+daemon's reaction to a watch message: the store, then one small element transaction (no
+table replacement). Both run under the reconcile lock (the caller's), then the store's, in
+that order, so a pass never harvests an element a `watch del` is removing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.adapters import watchstore
+from reconciler.adapters.kernel import Backend
+from reconciler.core import watch
+from reconciler.core.state import State
+from reconciler.core.watch import Dynamic, Entry
+from reconciler.errors import KernelError
+
+
+def trusted(state: State) -> list[Any]:
+    """The state's trusted prefixes (none before a state has the key)."""
+    out = []
+    for item in getattr(state, "trusted", None) or state.doc.get("trusted") or ():
+        try:
+            out.append(ipaddress.ip_network(str(getattr(item, "source", item)), strict=False))
+        except ValueError:
+            continue
+    return out
+
+
+def kernel_entries(state: State, backend: Backend) -> dict[str, int] | None:
+    """{source: seconds left} of the live dyn4/dyn6; None when the table has no such set
+    (no table yet, or a template without dynamic sets)."""
+    list_set = getattr(backend, "list_set", None)
+    if list_set is None:
+        return None
+    found: dict[str, int] | None = None
+    for name in watch.SETS.values():
+        elems = list_set(state.table, name)
+        if elems is not None:
+            found = (found or {}) | watch.kernel_entries(elems)
+    return found
+
+
+def gather(state: State, backend: Backend, *, write: bool, now: float | None = None) -> Dynamic:
+    """The render input for a full replacement; with `write`, the store is brought up to
+    date first (the kernel's tripwire entries in, expired entries out)."""
+    now = time.time() if now is None else now
+    kernel = kernel_entries(state, backend) or {}
+    path = watchstore.path_for(state.epoch_file)
+    if write:
+        with watchstore.locked(state.epoch_file):
+            entries = watchstore.load(path)
+            merged = watch.harvest(entries, kernel, now)
+            if merged != entries:
+                watchstore.save(path, merged, now)
+    else:
+        merged = watch.harvest(watchstore.load(path), kernel, now)
+    nets = trusted(state)
+    keep = {s: e for s, e in merged.items() if not _inside(s, nets)}
+    return watch.dynamic(keep, now)
+
+
+def _inside(source: str, nets: list[Any]) -> bool:
+    """Trusted beats dynamic: such an entry is kept in the store but never rendered."""
+    ip = ipaddress.ip_address(source)
+    return any(n.version == ip.version and ip in n for n in nets)
+
+
+@dataclass
+class Outcome:
+    """What `change` did: the entries stored and removed, and where."""
+
+    added: list[Entry] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    kernel: bool = False  # the element transaction ran (False: store only, no dynamic set)
+    problems: list[str] = field(default_factory=list)  # refused entries (store full...)
+
+    def line(self, table: str) -> str:
+        now = time.time()
+        parts = [f"watched {e.source} for {e.left(now)} s" for e in self.added]
+        parts += [f"unwatched {s}" for s in self.removed]
+        where = (
+            f"table inet {table} and the store"
+            if self.kernel
+            else f"the store only (table inet {table} has no dyn4/dyn6 set yet)"
+        )
+        return f"{'; '.join(parts) or 'nothing changed'}: {where}"
+
+
+def change(
+    state: State,
+    backend: Backend,
+    add: Iterable[Entry] = (),
+    remove: Iterable[str] = (),
+    *,
+    now: float | None = None,
+) -> Outcome:
+    """Store the entries, then apply them to the kernel in one small transaction. The
+    caller holds the reconcile lock (and the monitor's quiet window, in the daemon)."""
+    now = time.time() if now is None else now
+    out = Outcome()
+    with watchstore.locked(state.epoch_file) as path:
+        entries = watch.live(watchstore.load(path), now)
+        for entry in add:
+            problem = watchstore.put(entries, entry, now)
+            if problem:
+                out.problems.append(problem)
+            elif entry.left(now) >= 1:
+                out.added.append(entry)
+        for source in remove:
+            entries.pop(source, None)
+            out.removed.append(source)
+        watchstore.save(path, entries, now)
+    kernel = kernel_entries(state, backend)
+    if kernel is None or not (out.added or out.removed):
+        return out
+    batch = watch.commands(state.table, [(e.source, e.left(now)) for e in out.added], out.removed)
+    try:
+        backend.run(batch)
+    except KernelError as exc:
+        if not exc.not_found:  # the table went away meanwhile: the store has it
+            raise
+        return out
+    out.kernel = True
+    return out
