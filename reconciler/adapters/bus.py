@@ -147,6 +147,12 @@ class BusConfig:
         return f"{self.epoch_key}:last"
 
     @property
+    def watch_key(self) -> str:
+        """The fleet's live watch messages (hash source -> message), for a daemon that was
+        away when they were published; `<watch_key>:expiry` orders them by expiry."""
+        return f"{self.epoch_key}:watch"
+
+    @property
     def where(self) -> str:
         """The URL without its password: what messages and logs show."""
         return redact(self.url)
@@ -167,7 +173,7 @@ class BusConfig:
                 f"redis.pull_channel {r['pull_channel']!r}: expected a channel other than "
                 "redis.channel (rotations and pull notices are different messages)"
             )
-        taken = {r["epoch_key"], f"{r['epoch_key']}:last"}
+        taken = {r["epoch_key"], f"{r['epoch_key']}:last", f"{r['epoch_key']}:watch"}
         if r["heartbeat_key"] in taken or r["epoch_key"].startswith(f"{r['heartbeat_key']}:"):
             raise MtdError(
                 f"redis.heartbeat_key {r['heartbeat_key']!r}: expected a key apart from "
@@ -356,7 +362,10 @@ def _reject_constant(name: str) -> float:
 
 def decode(data: bytes | str, config: BusConfig) -> Trigger:
     """A trigger from a message, or `BadMessage` saying what is wrong with it."""
-    msg = _envelope(data, config, MESSAGE_KEYS, FORMAT)
+    return _trigger(_envelope(data, config, MESSAGE_KEYS, FORMAT), config)
+
+
+def _trigger(msg: dict, config: BusConfig) -> Trigger:
     epoch = msg.get("epoch")
     if type(epoch) is not int or not 1 <= epoch <= MAX_EPOCH:
         raise BadMessage(
@@ -446,6 +455,181 @@ def publish_pull(config: BusConfig, channel: str | None = None) -> int:
         raise MtdError(f"{config.where}: cannot publish a pull notice: {_one_line(exc)}") from None
     finally:
         client.close()
+
+
+WATCH_KEYS = frozenset({"watch", "source", "for", "reason", "time", "sig"})
+WATCH_FORMAT = (
+    '{"watch": "add"|"del", "source": ADDRESS, "for": SECONDS, "reason": TEXT, '
+    '"time": UNIX_SECONDS[, "sig": HEX]}'
+)
+ANY_FORMAT = f"{FORMAT} or {WATCH_FORMAT}"
+WATCH_MAX_AGE = 300.0  # seconds a watch message on the channel may be old (or early: clocks)
+
+# Keep the fleet's live watch messages for daemons that were away, pruned of expired ones
+# on every publish, bounded, and publish the message: one atomic step.
+_PUBLISH_WATCH = """
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, s in ipairs(old) do redis.call('HDEL', KEYS[1], s) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+if ARGV[2] == 'add' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[3]) == 0
+     and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[7]) then
+    return -1
+  end
+  redis.call('HSET', KEYS[1], ARGV[3], ARGV[5])
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+else
+  redis.call('HDEL', KEYS[1], ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+end
+return redis.call('PUBLISH', ARGV[6], ARGV[5])
+"""
+
+
+@dataclass(frozen=True)
+class WatchOrder:
+    """A dynamic watch change from the fleet: add (for `seconds` from `published`) or del."""
+
+    op: str  # add | del
+    source: str  # canonical (core.watch.canonical)
+    seconds: int
+    reason: str
+    published: float
+
+    @property
+    def expires_at(self) -> float:
+        return self.published + self.seconds
+
+
+def watch_signature(
+    key: bytes, channel: str, op: str, source: str, seconds: int, why: str, published: float
+) -> str:
+    """Its own domain; every field is covered (a JSON list: no separator can be forged)."""
+    fields = json.dumps([channel, op, source, seconds, why, f"{published:.6f}"])
+    return hmac.new(key, f"mtd/watch/v1\n{fields}".encode(), hashlib.sha256).hexdigest()
+
+
+def encode_watch(config: BusConfig, order: WatchOrder) -> bytes:
+    msg: dict[str, Any] = {"watch": order.op, "source": order.source, "time": order.published}
+    if order.op == "add":
+        msg |= {"for": order.seconds, "reason": order.reason}
+    if config.signing_key is not None:
+        msg["sig"] = watch_signature(
+            config.signing_key,
+            config.channel,
+            order.op,
+            order.source,
+            order.seconds if order.op == "add" else 0,
+            order.reason if order.op == "add" else "",
+            order.published,
+        )
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def decode_message(data: bytes | str, config: BusConfig, now: float | None = None) -> Any:
+    """A message on the rotation channel: a `Trigger`, or a `WatchOrder` (which must be
+    at most `WATCH_MAX_AGE` old), or `BadMessage`. Both pass the same envelope checks."""
+    msg = _envelope(data, config, MESSAGE_KEYS | WATCH_KEYS, ANY_FORMAT)
+    if "watch" in msg:
+        order = _watch(msg, config)
+        now = time.time() if now is None else now
+        if abs(now - order.published) > WATCH_MAX_AGE:
+            raise BadMessage(
+                f"watch {order.op} {order.source}: published {now - order.published:.0f} s "
+                f"from now: expected within {WATCH_MAX_AGE:g} s (replayed, or a clock is off)",
+                "stale watch",
+            )
+        return order
+    unknown = sorted(set(msg) - MESSAGE_KEYS)
+    if unknown:
+        raise BadMessage(f"unknown key {unknown[0]!r:.40}: expected {FORMAT}", "unknown key")
+    return _trigger(msg, config)
+
+
+def decode_watch(data: bytes | str, config: BusConfig) -> WatchOrder:
+    """A watch message (as kept in `watch_key`), or `BadMessage`; no age check."""
+    return _watch(_envelope(data, config, WATCH_KEYS, WATCH_FORMAT), config)
+
+
+def _watch(msg: dict, config: BusConfig) -> WatchOrder:
+    from reconciler.core import watch
+
+    op = msg.get("watch")
+    if op not in ("add", "del"):
+        raise BadMessage(f'watch {_short(op)}: expected "add" or "del"', "bad watch")
+    source = msg.get("source")
+    try:
+        if not isinstance(source, str):
+            raise watch.WatchError(f"{_short(source)}: expected an address as text")
+        canonical = watch.canonical(source)
+        seconds = watch.seconds(msg["for"]) if op == "add" else 0
+        why = watch.reason(msg.get("reason")) if op == "add" else ""
+        if op == "add" and type(msg["for"]) is not int:
+            raise watch.WatchError(f"for {_short(msg['for'])}: expected whole seconds")
+        if op == "del" and ("for" in msg or "reason" in msg):
+            raise watch.WatchError("del: expected no for or reason")
+    except KeyError:
+        raise BadMessage(
+            f"watch add {_short(source)}: no for: expected {WATCH_FORMAT}", "bad watch"
+        ) from None
+    except watch.WatchError as exc:
+        raise BadMessage(f"watch {op}: {exc}", "bad watch") from None
+    if canonical != source:
+        raise BadMessage(
+            f"watch {op} {_short(source)}: expected its canonical form {canonical}", "bad watch"
+        )
+    published = _publish_time(msg)
+    if config.signing_key is not None:
+        want = watch_signature(
+            config.signing_key, config.channel, op, source, seconds, why, published
+        )
+        _check_signature(msg, want, f"watch {op} {source}: ")
+    return WatchOrder(op, source, seconds, why, published)
+
+
+def publish_watch(config: BusConfig, order: WatchOrder) -> int:
+    """Publish a watch change to the fleet and keep it (add) or drop it (del) in
+    `watch_key`; returns the subscribers that received it."""
+    from reconciler.core import watch
+
+    msg = encode_watch(config, order)
+    client = connect(config)
+    try:
+        receivers = client.eval(
+            _PUBLISH_WATCH,
+            2,
+            config.watch_key,
+            f"{config.watch_key}:expiry",
+            f"{time.time():.6f}",
+            order.op,
+            order.source,
+            f"{order.expires_at:.6f}",
+            msg,
+            config.channel,
+            watch.MAX_ENTRIES,
+        )
+    except redis.RedisError as exc:
+        raise BusError(f"{config.where}: cannot publish a watch: {_one_line(exc)}") from None
+    finally:
+        client.close()
+    if int(receivers) < 0:
+        raise MtdError(
+            f"{config.where}: {config.watch_key} holds {watch.MAX_ENTRIES} live entries: "
+            f"{order.source} not added (wait for entries to expire, or mtd watch del some)"
+        )
+    return int(receivers)
+
+
+def read_watches(client: redis.Redis, config: BusConfig) -> list[bytes]:
+    """The kept watch messages (bounded; expired ones are the reader's to skip)."""
+    from reconciler.core import watch
+
+    count = client.hlen(config.watch_key)
+    if count > watch.MAX_ENTRIES:
+        raise MtdError(
+            f"{config.watch_key} holds {count} entries: expected at most {watch.MAX_ENTRIES}"
+        )
+    return [v for v in client.hvals(config.watch_key) if isinstance(v, bytes)]
 
 
 def heartbeat_host_key(config: BusConfig, host: str) -> str:
@@ -804,6 +988,9 @@ class Subscriber:
         self._next_beat = 0.0
         self._connects = 0
         self._notices: collections.deque[float] = collections.deque(maxlen=256)
+        self._watches_seen: collections.deque[tuple[str, str, float]] = collections.deque(
+            maxlen=4096
+        )
 
     @property
     def pull_channel(self) -> str | None:
@@ -912,6 +1099,7 @@ class Subscriber:
             channel=self.config.channel,
         )
         epoch = self._catch_up(client, connecting=True)
+        self._catch_up_watches(client)
         self._connects += 1
         if self.pull_channel and self._connects > 1:
             self.sink.pull_now("reconnect")  # a notice may have been sent while we were away
@@ -993,7 +1181,11 @@ class Subscriber:
 
     def _on_message(self, data: bytes) -> None:
         try:
-            trigger = decode(data, self.config)
+            message = decode_message(data, self.config)
+            if isinstance(message, WatchOrder):
+                self._on_watch(message)
+                return
+            trigger = message
             self._check_step(trigger)
         except BadMessage as exc:
             self._rejected(exc)
@@ -1027,7 +1219,47 @@ class Subscriber:
         )
         self.sink.trigger(trigger)
 
-    def _rejected(self, exc: BadMessage) -> None:
+    def _on_watch(self, order: WatchOrder, origin: str = "message") -> None:
+        """A watch change for the sink (a daemon); the same message again (a replay within
+        `WATCH_MAX_AGE`) is rejected."""
+        watch = getattr(self.sink, "watch", None)
+        if watch is None:
+            return
+        seen = (order.op, order.source, order.published)
+        if origin == "message":
+            if seen in self._watches_seen:
+                raise BadMessage(
+                    f"watch {order.op} {order.source}: already received (duplicate or replayed)",
+                    "replayed",
+                )
+            self._watches_seen.append(seen)
+        watch(order, origin)
+
+    def _catch_up_watches(self, client: redis.Redis) -> None:
+        """The fleet's live watch entries kept in Redis: what was published while this
+        daemon was away (or before it started). Expired and invalid ones are skipped."""
+        if getattr(self.sink, "watch", None) is None:
+            return
+        try:
+            kept = read_watches(client, self.config)
+        except MtdError as exc:
+            self._report(str(exc))
+            return
+        now = time.time()
+        for data in kept:
+            try:
+                order = decode_watch(data, self.config)
+            except BadMessage as exc:
+                self._rejected(exc, "kept watch in " + self.config.watch_key)
+                continue
+            if order.op == "add" and order.expires_at > now + 1:
+                self._on_watch(order, "catch-up")
+
+    @staticmethod
+    def _kind(exc: BadMessage) -> str:
+        return "watch" if str(exc).startswith("watch ") else "trigger"
+
+    def _rejected(self, exc: BadMessage, what: str = "") -> None:
         self.sink.ignored("rejected")
         self.budget.note(
             "rejected",
@@ -1036,7 +1268,7 @@ class Subscriber:
                 self.log,
                 logging.WARNING,
                 "rejected",
-                f"trigger on {self.config.channel} ignored: {exc}",
+                f"{what or self._kind(exc) + ' on ' + self.config.channel} ignored: {exc}",
                 channel=self.config.channel,
                 reason=str(exc),
                 kind=exc.kind,

@@ -37,13 +37,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily
 
 from reconciler import __version__, defaults
-from reconciler.adapters import auditlog, bus, files
+from reconciler.adapters import auditlog, bus, files, watchstore
 from reconciler.adapters.credentials import redact
 from reconciler.adapters.kernel import Backend
-from reconciler.core import diff, render, shuffle
+from reconciler.core import diff, render, repair, shuffle, watch
 from reconciler.core.state import State
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
+from reconciler.services import watching
 from reconciler.services.reconcile import (
     Result,
     provision_secret,
@@ -155,6 +156,19 @@ class Metrics:
             self.notices.labels(outcome)
         for outcome in ("accepted", "rejected", "stale"):
             self.triggers.labels(outcome)
+        self.watched = Gauge(
+            "mtd_watched_sources",
+            "Dynamic sources watched (mtd watch, Redis, the tripwire), by origin",
+            ["origin"],
+            registry=r,
+        )
+        self.watches = Counter(
+            "mtd_watch_messages", "Watch messages received, by outcome", ["outcome"], registry=r
+        )
+        for origin in watch.ORIGINS:
+            self.watched.labels(origin)
+        for outcome in ("accepted", "rejected"):
+            self.watches.labels(outcome)
         self.packets = Packets(lambda: None)  # the daemon gives it the kernel to read
         r.register(self.packets)  # type: ignore[arg-type]
 
@@ -167,8 +181,9 @@ class Metrics:
             raise MtdError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from None
 
 
-PACKET_KINDS = ("moved", "stateless", "real_port")
+PACKET_KINDS = ("moved", "stateless", "real_port", "tripwire")
 PACKET_FAMILIES = ("ip", "ip6")
+COUNTER_OF = {"tripwire": "trip"}  # kind -> the ruleset's counter prefix, when they differ
 
 
 class Packets:
@@ -208,7 +223,8 @@ class Packets:
             for kind in PACKET_KINDS:
                 for family in PACKET_FAMILIES:
                     name = f"{kind}_{family}"
-                    now = self.carried.get(name, 0) + self.last.get(name, 0)
+                    counter = f"{COUNTER_OF.get(kind, kind)}_{family}"
+                    now = self.carried.get(counter, 0) + self.last.get(counter, 0)
                     self.exported[name] = max(self.exported.get(name, 0), now)
             return dict(self.exported)
 
@@ -228,7 +244,8 @@ class Packets:
             "mtd_packets",
             "Packets counted by the ruleset: moved (new connections from watched sources to "
             "a moved port), stateless (probes rewritten), real_port (new connections from a "
-            "watched source to the real port of a service moved for it: a leak signal)",
+            "watched source to the real port of a service moved for it: a leak signal), "
+            "tripwire (packets of unlisted sources to a tripwire port: trips)",
             labels=["kind", "family"],
         )
 
@@ -246,8 +263,9 @@ def parse_address(text: str) -> tuple[str, int]:
 
 @dataclass
 class _Event:
-    kind: str  # trigger | pull | reload | stop | foreign | lost
+    kind: str  # trigger | pull | reload | stop | foreign | lost | watch
     trigger: bus.Trigger | None = None
+    order: Any = None  # bus.WatchOrder of `watch`
     change: Any = None  # monitor.Change of `foreign`
     reason: str = ""  # of `lost`, `pull`
     at: float = 0.0  # monotonic time the event arrived
@@ -326,6 +344,7 @@ class Daemon:
         self._started = time.time()
         self._pull_info = self._read_pull_info()
         self._scrape_nft: Any = None
+        self._watches: list[bus.WatchOrder] = []  # watch changes not applied yet
         self.packets = self.metrics.packets
         self.packets.read = self._read_counters
 
@@ -361,12 +380,25 @@ class Daemon:
     def connection(self, up: bool) -> None:
         self.metrics.redis_up.set(1 if up else 0)
 
+    def watch(self, order: bus.WatchOrder, origin: str = "message") -> None:
+        """A watch change from the fleet: applied by the loop at once (no `min_interval`:
+        it is one small element transaction, not a pass)."""
+        if origin == "message":
+            self.metrics.watches.labels("accepted").inc()
+        self._queue.put(_Event("watch", order=order, reason=origin))
+
     def ignored(self, outcome: str) -> None:
         self.metrics.triggers.labels(outcome).inc()
 
     # -- the monitor reports here (from its thread) --------------------------------------
 
     def changed(self, change: Any) -> None:
+        # A dynamic watch set's elements are runtime state (`watch add --local`, the
+        # fail2ban action, an `nft add element` by hand): never a reason to repair.
+        what = [w for w in change.what if not repair.runtime(w[1], w[2])]
+        if not what:
+            return
+        change.what = what
         self._queue.put(_Event("foreign", change=change, at=time.monotonic()))
 
     def lost(self, reason: str) -> None:
@@ -551,6 +583,8 @@ class Daemon:
             self._drain(self._wait())
             if self._stopping:
                 return
+            if self._watches:
+                self._apply_watches()
             if time.monotonic() >= self._next_pull:
                 self._pull()
             self._notice_local_rotation()
@@ -570,6 +604,8 @@ class Daemon:
                 self._dirty, self._origin = True, "manual"
 
     def _wait(self) -> float:
+        if self._watches:
+            return 0.0
         now = time.monotonic()
         until = min(self._next_drift, self._next_pull, now + LOCAL_EPOCH_CHECK)
         if self._dirty:
@@ -615,6 +651,8 @@ class Daemon:
             self._dirty = True
             if self._origin == "drift":
                 self._origin = "events"
+        elif ev.kind == "watch":
+            self._watches.append(ev.order)
         elif ev.kind == "lost":
             self._trusted = False
             self._dirty = True
@@ -810,6 +848,60 @@ class Daemon:
             if self.subscriber is not None:
                 self.subscriber.check_soon()
         self._report(result, origin, took, drift and not local_rotation, pending, foreign, compare)
+        self._count_watched()
+
+    def _apply_watches(self) -> None:
+        """Watch changes from the fleet: the store, then one small element transaction in
+        dyn4/dyn6 (never a table replacement). For each source the last change wins."""
+        orders, self._watches = self._watches, []
+        last = {o.source: o for o in orders}
+        nets = watching.trusted(self.state)
+        now = time.time()
+        add, remove = [], []
+        for o in last.values():
+            if o.op == "del":
+                remove.append(o.source)
+                continue
+            try:
+                watch.canonical(o.source, nets)
+            except MtdError as exc:
+                self.metrics.watches.labels("rejected").inc()
+                event(self.log, logging.WARNING, "rejected", f"watch add ignored: {exc}")
+                continue
+            if o.expires_at - now >= 1:
+                add.append(watch.Entry(o.source, "redis", o.reason, o.expires_at))
+        if not add and not remove:
+            return
+        try:
+            with files.reconcile_lock(self.state.epoch_file), self._quiet():
+                out = watching.change(self.state, self.nft, add, remove, now=now)
+        except MtdError as exc:
+            problem = "; ".join(exc.problems)
+            event(
+                self.log, logging.ERROR, "watch", f"watch change failed: {problem}", error=problem
+            )
+            return
+        for problem in out.problems:
+            event(self.log, logging.ERROR, "watch", problem, error=problem)
+        event(
+            self.log,
+            logging.INFO,
+            "watch",
+            out.line(self.state.table),
+            added=[e.source for e in out.added],
+            removed=out.removed,
+            kernel=out.kernel,
+        )
+        self._count_watched()
+
+    def _count_watched(self) -> None:
+        """`mtd_watched_sources{origin}` from the store (tripwire entries once harvested)."""
+        try:
+            entries = watchstore.load(watchstore.path_for(self.state.epoch_file))
+        except MtdError:
+            return
+        for origin, n in watch.counts(entries, time.time()).items():
+            self.metrics.watched.labels(origin).set(n)
 
     def _check_secret(self) -> None:
         """The secret file still holds the loaded secret? A change is logged once (and
