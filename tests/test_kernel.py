@@ -36,6 +36,11 @@ def test_apply_then_in_sync_then_ok(lab: Lab, state_file: Path):
         "summary": None,
         "fingerprint": None,
         "packets": None,
+        "dynamic": {
+            "watched": 0,
+            "in_kernel": 0,
+            "origins": {"cli": 0, "redis": 0, "tripwire": 0},
+        },
     }
     assert set(status["packets"].values()) == {0}  # the ruleset's counters, none hit yet
     assert Path(files.load_state(state_file).secret_file).stat().st_mode & 0o777 == 0o600

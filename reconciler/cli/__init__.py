@@ -14,6 +14,7 @@ from reconciler.cli import (  # noqa: F401  (registers commands)
     mapping,
     pull,
     tools,
+    watch,
 )
 from reconciler.cli.common import cli
 

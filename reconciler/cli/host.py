@@ -364,6 +364,8 @@ def status(ctx: Ctx, as_json: bool, exit_code: bool) -> None:
     counters = ctx.nft().counters(result.table) or {}
     if counters:  # since the table was last replaced; `mtd run --metrics` keeps the totals
         out["packets"] = counters
+    dynamic = _dynamic(ctx)
+    out["dynamic"] = dynamic
     if pulled:
         out["pull"] = gitops.summary(pulled)
     if daemon:
@@ -376,10 +378,29 @@ def status(ctx: Ctx, as_json: bool, exit_code: bool) -> None:
         if counters:
             counts = ", ".join(f"{name} {n}" for name, n in counters.items())
             click.echo(f"packets since the table was last replaced: {counts}")
+        by = ", ".join(f"{origin} {n}" for origin, n in dynamic["origins"].items() if n)
+        click.echo(f"dynamic sources watched: {dynamic['watched']}" + (f" ({by})" if by else ""))
         for line in [*lines, *(gitops.summary_lines(pulled) if pulled else [])]:
             click.echo(line)
     if exit_code and not result.in_sync:
         sys.exit(EXIT_PENDING)
+
+
+def _dynamic(ctx: Ctx) -> dict[str, Any]:
+    """Dynamic sources watched now: the store's and the kernel's (tripwire entries live
+    there until a pass harvests them)."""
+    import time
+
+    from reconciler.adapters import watchstore
+    from reconciler.core import watch
+    from reconciler.services import watching
+
+    state = ctx.state()
+    now = time.time()
+    kernel = watching.kernel_entries(state, ctx.nft()) or {}
+    stored = watchstore.load(watchstore.path_for(state.epoch_file))
+    merged = watch.harvest(stored, kernel, now)
+    return {"watched": len(merged), "in_kernel": len(kernel), "origins": watch.counts(merged, now)}
 
 
 @cli.command(epilog=examples("mtd down -s /etc/mtd"))
