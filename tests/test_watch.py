@@ -420,7 +420,6 @@ def test_the_daemon_applies_a_watch_as_an_element_transaction_and_a_rotation_kee
         assert ev["kernel"] is True and ev["added"] == ["192.0.2.7"]
         assert [t.op for t in r.kernel.applied[passes:]] == ["run"]  # not a replacement
         assert r.metrics.watched.labels("redis")._value.get() == 1
-        # a trusted source is refused in one line (the state's `trusted`, when it has one)
         # a rotation keeps it, with its time left
         r.daemon.trigger(bus.Trigger(1, time.time(), "message"))
         r.log.wait(lambda e: e["event"] == "reconcile" and e.get("epoch") == 1, mark)

@@ -1252,7 +1252,16 @@ class Subscriber:
             except BadMessage as exc:
                 self._rejected(exc, "kept watch in " + self.config.watch_key)
                 continue
-            if order.op == "add" and order.expires_at > now + 1:
+            if order.published > now + WATCH_MAX_AGE:
+                self._rejected(
+                    BadMessage(
+                        f"watch {order.op} {order.source}: published in the future "
+                        f"({order.published - now:.0f} s ahead: a clock is off)",
+                        "stale watch",
+                    ),
+                    "kept watch in " + self.config.watch_key,
+                )
+            elif order.op == "add" and order.expires_at > now + 1:
                 self._on_watch(order, "catch-up")
 
     @staticmethod

@@ -18,7 +18,7 @@ from reconciler.adapters import files, watchstore
 from reconciler.cli.common import Ctx, cli, examples, friendly, host_option, pass_ctx, state_options
 from reconciler.core import watch
 from reconciler.core.watch import Entry
-from reconciler.errors import MtdError
+from reconciler.errors import KernelError, MtdError
 
 LOCAL_HELP = "Act on this host alone (the store and the kernel), not through Redis."
 
@@ -102,7 +102,10 @@ def list_cmd(ctx: Ctx, as_json: bool) -> None:
     state = ctx.state()
     now = time.time()
     entries = watch.live(watchstore.load(watchstore.path_for(state.epoch_file)), now)
-    kernel = watching.kernel_entries(state, ctx.nft(state, write=False))
+    try:
+        kernel = watching.kernel_entries(state, ctx.nft(state, write=False))
+    except KernelError:  # not root, say: the store is still worth showing
+        kernel = None
     merged = watch.harvest(entries, kernel or {}, now)  # tripwire entries live in the kernel
     rows: list[dict[str, Any]] = [
         {

@@ -52,8 +52,10 @@ class Entry:
         return family(self.source)
 
     def left(self, now: float) -> int:
-        """Whole seconds left (0: expired)."""
-        return max(0, math.floor(self.expires_at - now))
+        """Whole seconds left (0: expired), never more than `MAX_SECONDS` (an entry from a
+        clock far ahead, or a kernel element added by hand, stays within the kernel's
+        timeout range)."""
+        return min(MAX_SECONDS, max(0, math.floor(self.expires_at - now)))
 
     def as_dict(self) -> dict[str, Any]:
         return {

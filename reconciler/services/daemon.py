@@ -883,6 +883,7 @@ class Daemon:
             return
         for problem in out.problems:
             event(self.log, logging.ERROR, "watch", problem, error=problem)
+        self._count_watched()
         event(
             self.log,
             logging.INFO,
@@ -892,7 +893,6 @@ class Daemon:
             removed=out.removed,
             kernel=out.kernel,
         )
-        self._count_watched()
 
     def _count_watched(self) -> None:
         """`mtd_watched_sources{origin}` from the store (tripwire entries once harvested)."""
