@@ -116,7 +116,7 @@ def test_packet_counters_move_with_scans_and_survive_rotations(tmp_path: Path):
         d = f.start("srv", "--drift-interval", "3600", "--metrics", "127.0.0.1:9108")
         d.wait(started)
         zero = _packets(f)
-        assert set(zero) == {(k, fam) for k in ("moved", "stateless", "real_port")
+        assert set(zero) == {(k, fam) for k in ("moved", "stateless", "real_port", "tripwire")
                              for fam in ("ip", "ip6")} and not any(zero.values())  # fmt: skip
 
         nmap_open(f.lab, "unt", "192.0.2.1", "-sS")  # SYNs: new connections, moved by NAT
