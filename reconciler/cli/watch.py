@@ -65,7 +65,7 @@ def add(ctx: Ctx, source: str, duration: str, reason: str, local: bool) -> None:
     canonical = watch.canonical(source, watching.trusted(state))
     seconds = watch.seconds(duration)
     why = watch.reason(reason)
-    if state.redis_configured and not local:
+    if _fleet(state) and not local:
         _publish(state, "add", canonical, seconds, why)
         return
     entry = Entry(canonical, "cli", why, time.time() + seconds)
@@ -83,7 +83,7 @@ def delete(ctx: Ctx, source: str, local: bool) -> None:
     """Stop watching SOURCE (a dynamic entry; `watched:` in the state is not changed)."""
     state = ctx.state()
     canonical = watch.canonical(source)
-    if state.redis_configured and not local:
+    if _fleet(state) and not local:
         _publish(state, "del", canonical, 0, "")
         return
     _local(ctx, state, remove=[canonical])
@@ -129,6 +129,12 @@ def list_cmd(ctx: Ctx, as_json: bool) -> None:
         left = _left(r["seconds_left"])
         note = "" if r["in_kernel"] or kernel is None else " (not in the kernel)"
         click.echo(f"{r['source']:<{width}}  {r['origin']:<8}  {left:>9}  {r['reason']}{note}")
+
+
+def _fleet(state: Any) -> bool:
+    from reconciler.adapters import bus
+
+    return bus.configured(state)
 
 
 def _left(seconds: int) -> str:

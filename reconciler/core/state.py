@@ -87,8 +87,6 @@ class State:
     drift_interval: float
     audit_log: str
     doc: Mapping[str, Any] = field(repr=False)
-    # The state (or the host's configuration) names Redis: `mtd watch` then goes through it.
-    redis_configured: bool = False
 
     def moved_ports(self, watched: Watched, proto: str) -> list[int]:
         """Service ports of `proto` that move for this source (services minus its ignore list)."""
@@ -477,7 +475,6 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
         drift_interval=float(full["drift_interval"]),
         audit_log=full["audit_log"],
         doc=full,
-        redis_configured=bool(doc.get("redis")),
     )
     problems += _forbidden_paths(state, local, locate)
     if not problems:
