@@ -56,6 +56,29 @@ def _hypothesis_unicode_tables() -> None:
     )
 
 
+HOST_DIRS = (Path("/var/lib/mtd"), Path("/etc/mtd"))  # an installed mtd's: never the suite's
+
+
+def _host_snapshot() -> dict[str, tuple[int, int]]:
+    return {
+        str(p): (p.lstat().st_mtime_ns, p.lstat().st_size)
+        for d in HOST_DIRS
+        if d.exists()
+        for p in [d, *d.rglob("*")]
+    }
+
+
+@pytest.fixture(autouse=True)
+def _host_untouched(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests keep to temp dirs and namespaces: one that writes where an installed mtd keeps
+    its files (its default paths) fails, named, instead of changing this machine."""
+    before = _host_snapshot()
+    yield
+    after = _host_snapshot()
+    changed = sorted(k for k in after.keys() | before.keys() if after.get(k) != before.get(k))
+    assert not changed, f"{request.node.nodeid} wrote into {changed}"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     needs = [i for i in items if "netns" in i.keywords]
     if needs and (os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip")):

@@ -87,3 +87,13 @@ def test_a_second_apply_runs_no_scratch_namespace(lab, tmp_path: Path):
     out = lab.run("srv", ["env", f"PATH={path}", *MTD, "-s", str(state), "apply"], cwd=ROOT)
     assert out.returncode == 0 and out.stdout.startswith("ok:"), out.stderr
     assert not (tmp_path / "scratch-used").exists()
+
+
+def test_every_level_of_mtds_own_directories_is_private(tmp_path: Path):
+    """`cache/templates` made at once: `cache/` too is 0700 (mkdir(parents=True) would have
+    given it the umask's 0755), and an existing level is left as it is."""
+    files.use_template_cache(tmp_path / "var" / "cache" / "templates", write=True)
+    for level in ("var", "var/cache", "var/cache/templates"):
+        assert stat.S_IMODE((tmp_path / level).stat().st_mode) == 0o700, level
+    files.write_private(tmp_path / "var" / "a" / "b" / "f", b"x")
+    assert stat.S_IMODE((tmp_path / "var" / "a").stat().st_mode) == 0o700

@@ -208,13 +208,40 @@ def dyn(kernel: FakeKernel, name: str = "dyn4") -> dict[str, int]:
     return watch.kernel_entries(kernel.list_set("mtd", name) or [])
 
 
+def replace(lab, kernel: FakeKernel, epoch: int = 0, *, check: bool = False, **kw):
+    """A full pass as its callers run it (apply, rotate, the daemon, a pull round): the store
+    gathered first, then the reconcile pass, which does no file I/O itself."""
+    dynamic = watching.gather(lab["state"], kernel, write=not check)
+    return reconcile(
+        lab["state"],
+        epoch,
+        kernel,
+        secret=lab["secret"],
+        templates=lab["tpl"],
+        check=check,
+        dynamic=dynamic,
+        **kw,
+    )
+
+
+def test_the_pass_alone_keeps_the_kernels_entries_and_writes_no_file(lab):
+    kernel = FakeKernel()
+    replace(lab, kernel)
+    kernel.run(watch.commands("mtd", [("198.51.100.77", 500)]))
+    store = watchstore.path_for(lab["state"].epoch_file)
+    before = store.read_bytes() if store.exists() else None
+    reconcile(lab["state"], 1, kernel, secret=lab["secret"], templates=lab["tpl"], read_live=False)
+    assert 490 <= dyn(kernel)["198.51.100.77"] <= 500
+    assert (store.read_bytes() if store.exists() else None) == before
+
+
 def test_without_a_table_a_change_is_stored_only(lab):
     kernel = FakeKernel()
     out = watching.change(lab["state"], kernel, [Entry("192.0.2.7", "cli", "", time.time() + 60)])
     assert not out.kernel and "the store only" in out.line("mtd")
     assert kernel.transactions == []
     # ...and the next full replacement puts it in
-    reconcile(lab["state"], 0, kernel, secret=lab["secret"], templates=lab["tpl"])
+    replace(lab, kernel)
     assert 58 <= dyn(kernel)["192.0.2.7"] <= 60
 
 
@@ -256,7 +283,7 @@ def test_a_full_replacement_harvests_tripwire_entries_first(lab):
     reconcile(state, 0, kernel, secret=lab["secret"], templates=lab["tpl"])
     # the kernel adds a source itself (the tripwire rule), the store does not know it
     kernel.run(watch.commands("mtd", [("198.51.100.77", 500)]))
-    reconcile(state, 1, kernel, secret=lab["secret"], templates=lab["tpl"], read_live=False)
+    replace(lab, kernel, 1, read_live=False)
     assert 490 <= dyn(kernel)["198.51.100.77"] <= 500
     stored = watchstore.load(watchstore.path_for(state.epoch_file))
     assert stored["198.51.100.77"].origin == "tripwire"
@@ -268,7 +295,7 @@ def test_a_check_pass_reads_but_writes_no_store(lab):
     kernel.run(watch.commands("mtd", [("198.51.100.77", 500)]))
     store = watchstore.path_for(lab["state"].epoch_file)
     before = store.exists()
-    reconcile(lab["state"], 0, kernel, secret=lab["secret"], templates=lab["tpl"], check=True)
+    replace(lab, kernel, check=True)
     assert store.exists() == before
 
 

@@ -144,13 +144,25 @@ def _read_text(path: Path) -> str:
         raise MtdError(f"{path}: cannot read: {exc}") from None
 
 
+def private_dir(directory: str | Path) -> None:
+    """Create `directory` and each missing level above it 0700: `mkdir(parents=True)` would
+    give the levels above the umask's mode (a `cache/` readable by all, say)."""
+    missing: list[Path] = []
+    d = Path(directory)
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for level in reversed(missing):
+        level.mkdir(mode=0o700, exist_ok=True)
+
+
 def open_own(path: str | Path, flags: int, what: str, mode: int = 0o600) -> int:
     """Open one of mtd's own files: never through a symbolic link (the file itself or its
     directory), its directory created private when missing; a failure is one line (but
     `FileExistsError` of an `O_EXCL` create is the caller's to handle)."""
     p = Path(path)
     try:
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(p.parent)
     except OSError as exc:
         raise MtdError(f"{p}: cannot create its directory: {exc.strerror or exc}") from None
     if os.path.islink(p.parent):
@@ -292,7 +304,7 @@ def write_atomic(path: str | Path, text: str, mode: int = 0o644) -> None:
 
 def write_private(path: Path, data: bytes) -> None:
     """A file only this user can reach (its directories made 0700)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(path.parent)
     path.write_bytes(data)
 
 
@@ -307,7 +319,7 @@ def read_json(path: str | Path) -> Any:
 @contextlib.contextmanager
 def scratch_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
     """A private temporary directory under `parent`, removed when the block ends."""
-    Path(parent).mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(parent)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield tmp
@@ -356,7 +368,7 @@ def use_template_cache(directory: Path, *, write: bool) -> None:
 
     try:
         if write:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(directory)
         st = directory.stat()
     except OSError:
         render.use_bytecode_cache(None)

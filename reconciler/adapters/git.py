@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler import defaults
+from reconciler.adapters import files
 from reconciler.adapters.credentials import redact
 from reconciler.errors import GitError
 
@@ -93,7 +94,7 @@ class Repo:
     def ensure(self, url: str) -> None:
         """A clone whose origin is `url` (created empty; `fetch` fills it)."""
         if not (self.path / ".git").is_dir():
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            files.private_dir(self.path)
             self.git("init", "-q", what=f"git init {self.path}")
             self.git("remote", "add", "origin", url, what="git remote add")
         elif self.url() != url:

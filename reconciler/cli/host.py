@@ -114,7 +114,7 @@ def _pass(
     force: bool = False,
     confirm_seconds: int | None = None,
 ) -> Any:
-    from reconciler.services import confirm, lockout
+    from reconciler.services import confirm, lockout, watching
     from reconciler.services.reconcile import provision_secret, reconcile
 
     state = ctx.state()
@@ -151,6 +151,7 @@ def _pass(
                 check=check,
                 templates=ctx.templates,
                 read_live=read_live,
+                dynamic=watching.gather(state, nft, write=not check),
             )
         if (
             pending is not None

@@ -805,6 +805,7 @@ class Daemon:
                         secret=self.secret,
                         templates=self.templates,
                         read_live=not blind,
+                        dynamic=watching.gather(state, self.nft, write=True),
                     )
                     if result.status == "changed":  # replaced: its counters start at zero
                         self.packets.replaced(counted)

@@ -32,6 +32,7 @@ from reconciler.core import audit, inventory, render
 from reconciler.core.state import MAX_DOCUMENT_BYTES, Local, State
 from reconciler.core.state import STATE_DIR as DEFAULT_STATE_DIR
 from reconciler.errors import MtdError
+from reconciler.services import watching
 
 STATE_DIR = Path(DEFAULT_STATE_DIR)
 TEMPLATES = "templates"
@@ -294,7 +295,10 @@ class Puller:
             forced = False
             if cfg.session_check and not check:
                 forced = self._session_check(commit, state, secret, epoch, nft)
-            result = reconcile(state, epoch, nft, secret=secret, check=check, templates=templates)
+            dynamic = watching.gather(state, nft, write=not check)
+            result = reconcile(
+                state, epoch, nft, secret=secret, check=check, templates=templates, dynamic=dynamic
+            )
             audit_error = None
             if not check:
                 try:

@@ -107,15 +107,16 @@ def reconcile(
     status, the daemon's drift timer) reports drift between rotations; the daemon, which
     follows the kernel's change events, knows the table is as it left it.
 
-    The dynamic watch entries (`dynamic`, by default harvested from the live dyn4/dyn6 and
-    the store by `watching.gather`) go into the new table with their remaining time.
+    The dynamic watch entries (`dynamic`) go into the new table with their remaining time.
+    Callers bring them from the store (`watching.gather`); without them the pass keeps what
+    the live dyn4/dyn6 hold, so it never drops an entry and never touches a file itself.
     """
     t = _Phases()
     with t("shuffle"):
         mapping = shuffle.compute(state, secret, epoch)
     if dynamic is None:
         with t("watch"):
-            dynamic = watching.gather(state, backend, write=not check)
+            dynamic = watching.from_kernel(state, backend)
     with t("render"):
         commands = render.render(state, mapping, templates, dynamic)
     changes = [UNREAD]

@@ -50,6 +50,14 @@ def kernel_entries(state: State, backend: Backend) -> dict[str, int] | None:
     return found
 
 
+def from_kernel(state: State, backend: Backend, *, now: float | None = None) -> Dynamic:
+    """The render input from the live dyn4/dyn6 alone: what a pass keeps when its caller
+    brings no store (the pass itself does no file I/O)."""
+    now = time.time() if now is None else now
+    kept = watch.harvest({}, kernel_entries(state, backend) or {}, now)
+    return _render_input(state, kept, now)
+
+
 def gather(state: State, backend: Backend, *, write: bool, now: float | None = None) -> Dynamic:
     """The render input for a full replacement; with `write`, the store is brought up to
     date first (the kernel's tripwire entries in, expired entries out)."""
@@ -64,9 +72,12 @@ def gather(state: State, backend: Backend, *, write: bool, now: float | None = N
                 watchstore.save(path, merged, now)
     else:
         merged = watch.harvest(watchstore.load(path), kernel, now)
+    return _render_input(state, merged, now)
+
+
+def _render_input(state: State, entries: dict[str, Entry], now: float) -> Dynamic:
     nets = trusted(state)
-    keep = {s: e for s, e in merged.items() if not _inside(s, nets)}
-    return watch.dynamic(keep, now)
+    return watch.dynamic({s: e for s, e in entries.items() if not _inside(s, nets)}, now)
 
 
 def _inside(source: str, nets: list[Any]) -> bool:
