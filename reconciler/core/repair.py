@@ -11,7 +11,7 @@ decoded with certainty) needs the whole table: the caller then replaces it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from reconciler.core import diff
@@ -59,7 +59,7 @@ def elements(
     skeleton: Sequence[Mapping[str, Any]],
     desired: el.Desired,
     raw: Iterable[Raw],
-    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    skip: Collection[str] = (),
 ) -> tuple[list[dict[str, Any]], list[diff.Change]] | str:
     """One batch that puts the touched elements back as rendered: each key's last event
     says what is live; what should not be there is deleted, what should is added (a changed

@@ -807,8 +807,8 @@ class Daemon:
                     why = (
                         "a new epoch replaces it anyway"
                         if epoch != previous
-                        else "the table is compared in full (events were lost, or the start "
-                        "or a reload, or --full-compare)"
+                        else "the table was read and compared in full (events were lost, the "
+                        "start, a reload or --full-compare)"
                     )
                 if result is None:
                     blind = not compare and (bool(foreign) or epoch != previous)
