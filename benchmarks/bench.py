@@ -16,7 +16,8 @@ it to benchmarks/results/latest.md.
 4. Fleet fan-out: N daemons, each in its own namespace, on one Redis.
 5. Sentinel failover: from the master's death to a daemon applying the next rotation.
 6. Drift by events: idle CPU of `mtd run` (it follows nftables events, drift timer at an
-   hour), and the time from a change made by hand with `nft` to the daemon's repair.
+   hour), and the time from a change made by hand with `nft` to the daemon's repair: from
+   starting `nft`, from `nft` exiting, and from the event's arrival (the daemon's figure).
 
 Addresses: bulk sources are map keys that never send a packet (benchmarks/states.py).
 
@@ -297,6 +298,13 @@ class Daemon(MtdRun):
                 if self.proc.poll() is not None or not self.changed.wait(end - time.monotonic()):
                     raise RuntimeError(f"daemon: no {event} event")
 
+    def rss(self) -> float:
+        """Resident memory of the daemon now, in MB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
     def cpu(self) -> float:
         """CPU seconds the daemon has used so far, all threads (ip execs argv: same pid)."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -481,6 +489,9 @@ class Events:
     idle_cpu: float  # share of one core while idle
     repairs: dict[str, list[float]]  # hand change -> seconds from starting `nft` to repaired
     inner: dict[str, list[float]]  # the daemon's own figure: from the event to repaired
+    after_nft: dict[str, list[float]]  # from `nft` exiting to repaired (0: repaired before)
+    how: dict[str, set[str]]  # the drift line's `repair`: events (one small transaction) or table
+    rss: tuple[float, float] = (0.0, 0.0)  # the daemon's RSS in MB: idle, after the repairs
 
 
 HAND = {  # what an operator might do by hand, and what mtd does about it
@@ -505,19 +516,28 @@ def events(work: Path, n: int, idle: float, repeats: int, kinds: tuple[str, ...]
         cpu0, t0 = daemon.cpu(), time.monotonic()
         time.sleep(idle)
         used, took = daemon.cpu() - cpu0, time.monotonic() - t0
+        idle_rss = daemon.rss()
         repairs: dict[str, list[float]] = {}
         inner: dict[str, list[float]] = {}
+        after: dict[str, list[float]] = {}
+        how: dict[str, set[str]] = {}
         for kind in kinds:
             script = HAND[kind].format(source=states.UNDER_TEST)
             for _ in range(repeats):
                 mark = len(daemon.lines)
                 start = time.monotonic()  # the daemon may repair before `nft` has exited
                 lab.sh("srv", f"nft '{script}'")
+                ended = time.monotonic()
                 arrived, ev = daemon.next("drift", mark, timeout=600 if n >= 100_000 else 120)
                 repairs.setdefault(kind, []).append(arrived - start)
+                after.setdefault(kind, []).append(max(0.0, arrived - ended))
                 inner.setdefault(kind, []).append(float(ev.get("repair_seconds", "nan")))
+                how.setdefault(kind, set()).add(str(ev.get("repair", "?")))
         mappings = n * len(states.SERVICES) * 2
-        return Events(n, mappings, took if idle else 0.0, used / took, repairs, inner)
+        rss = (idle_rss, daemon.rss())
+        return Events(
+            n, mappings, took if idle else 0.0, used / took, repairs, inner, after, how, rss
+        )
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -752,24 +772,32 @@ def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> st
             "Idle: CPU of the whole daemon (all threads) while nothing happens. Repair: from "
             "starting `nft` for a hand change to the daemon's `drift` log line (written "
             "when the repairing transaction returned), which includes `nft` itself (at 1M "
-            "mappings it fetches the whole set before it deletes one element); then the "
-            "daemon's own figure, from the event to the repair; medians. A rule or "
-            "a chain policy is repaired from the events alone (one small transaction); an "
-            "element by replacing the table.",
+            "mappings it fetches the whole set before it deletes one element); from `nft` "
+            "exiting to that line (0 when the repair came first); and the daemon's own "
+            "figure, from the kernel's event arriving to the repair; medians (and the "
+            "slowest of the daemon's: the first element repair indexes the rendered rows). "
+            "How: the "
+            "drift line's `repair`: `events` is one small transaction built from the events "
+            "(chains, rules, single elements), `table` a replacement of the table.",
             "",
-            "| size | mappings | idle CPU | " + " | ".join(kinds) + " |",
-            "|---|--:|--:|" + "--:|" * len(kinds),
+            "| size | mappings | idle CPU | RSS idle / after repairs | " + " | ".join(kinds) + " |",
+            "|---|--:|--:|--:|" + "--:|" * len(kinds),
         ]
         for e in evs:
             cells = [
-                f"{ms(median(e.repairs[k]))}; event to repair {ms(median(e.inner[k]))}"
+                f"{ms(median(e.repairs[k]))}; after nft {ms(median(e.after_nft[k]))}; "
+                f"event to repair {ms(median(e.inner[k]))}, max {ms(max(e.inner[k]))} "
+                f"({'/'.join(sorted(e.how[k]))})"
                 if k in e.repairs
                 else "-"
                 for k in kinds
             ]
             idle = f"{e.idle_cpu:.2%} of a core over {e.idle_seconds:.0f} s"
             idle = idle if e.idle_seconds else "-"
-            out.append(f"| {size(e.n)} | {e.mappings:,} | {idle} | " + " | ".join(cells) + " |")
+            rss = f"{e.rss[0]:.0f} / {e.rss[1]:.0f} MB"
+            out.append(
+                f"| {size(e.n)} | {e.mappings:,} | {idle} | {rss} | " + " | ".join(cells) + " |"
+            )
         out.append("")
     out += targets(results)
     return "\n".join(out) + "\n"
@@ -816,11 +844,14 @@ def targets(results: dict[str, Any]) -> list[str]:
             what = f"{size(e.n)}: idle CPU of mtd run < 1% of a core"
             rows.append((what, f"{e.idle_cpu:.2%}", e.idle_cpu < 0.01))
         for kind, values in e.repairs.items():
-            what = f"{size(e.n)}: hand change ({kind}) to repair < 1 s"
+            what = f"{size(e.n)}: hand change ({kind}) to repair < 1 s, from starting nft"
             rows.append((what, ms(median(values)), median(values) < 1))
+            done = median(e.after_nft[kind])
+            what = f"{size(e.n)}: hand change ({kind}) to repair < 1 s, from nft exiting"
+            rows.append((what, ms(done), done < 1))
             inner = median(e.inner[kind])
             what = f"{size(e.n)}: event of a hand change ({kind}) to repair < 1 s"
-            rows.append((what, ms(inner), inner < 1))
+            rows.append((what, f"{ms(inner)} ({'/'.join(sorted(e.how[kind]))})", inner < 1))
     rates = {(r.template, r.sources): r.per_second for r in results.get("packets", [])}
     many = max((s for t, s in rates if t == "maps"), default=1)
     if ("maps", 1) in rates and many > 1:
@@ -847,6 +878,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, few runs")
     parser.add_argument("--sizes", help="comma-separated source counts (default 10,...,100000)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"of {','.join(PARTS)}")
+    parser.add_argument(
+        "--events-sizes", help="source counts of the events part (default 100,10000,100000)"
+    )
     parser.add_argument("--runs", type=int, help="runs per measurement (default by size)")
     parser.add_argument("--no-ipv6", action="store_true", help="skip the +v6 variants")
     parser.add_argument("--out", type=Path, default=RESULTS, help="report file")
@@ -885,6 +919,8 @@ def main() -> None:
             # Idle over a minute (10 s quick); repairs at 1k, 100k and 1M mappings.
             idle, repeats = (10.0, 3) if args.quick else (60.0, 5)
             sizes = (100, 10_000) if args.quick else (100, 10_000, 100_000)
+            if args.events_sizes:
+                sizes = tuple(int(x) for x in args.events_sizes.split(","))
             results["events"] = [
                 events(work, n, idle if n >= 10_000 else 0.0, repeats if n < 100_000 else 2,
                        tuple(HAND))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reconciler.adapters import files
+from reconciler.adapters import files, monitor
 from reconciler.adapters.kernel import Backend
 from reconciler.core import diff, render, repair, shuffle, watch
 from reconciler.core.state import State
@@ -108,6 +108,58 @@ def a_repair_batch_restores_chains(backend: Backend, state: State) -> None:
     assert pending(backend, state, commands) == []
 
 
+def a_repair_batch_restores_map_elements(backend: Backend, state: State) -> None:
+    """What an element repair sends (core.repair.elements): in one transaction, a map
+    element deleted by key and put back with its rendered value, a missing one added;
+    deleting an element that is not there refuses the whole batch and changes nothing."""
+    from reconciler.core.elements import Desired
+
+    commands = rendered(state)
+    backend.replace_table(TABLE, commands)
+    skeleton, desired = diff.skeleton_commands(commands), Desired.from_commands(commands)
+    mapping = shuffle.compute(state, SECRET, 0)
+    (label, proto), moves = next((k, m) for k, m in mapping.moves.items() if "/" not in k[0])
+    name = f"{proto}{4 if ':' not in label else 6}"
+    real, hidden = next(iter(moves.items()))
+
+    def elem(verb: str, items: list[Any]) -> dict[str, Any]:
+        return {verb: {"element": {"family": "inet", "table": TABLE, "name": name, "elem": items}}}
+
+    key = {"concat": [label, real]}
+    backend.run([elem("delete", [key]), elem("add", [[key, hidden + 1]])])  # changed by hand
+    backend.run([elem("delete", [{"concat": [label, hidden]}])])  # and one deleted
+    assert len(pending(backend, state, commands)) == 2
+    changed = [
+        monitor.RawElement("-", name, _key(label, real), data=_port(hidden)),
+        monitor.RawElement("+", name, _key(label, real), data=_port(hidden + 1)),
+        monitor.RawElement("-", name, _key(label, hidden), data=_port(real)),
+    ]
+    out = repair.elements(TABLE, skeleton, desired, changed)
+    assert not isinstance(out, str), out
+    batch, _ = out
+    backend.run(batch)
+    assert pending(backend, state, commands) == []
+    before = backend.list_table(TABLE)
+    try:
+        backend.run([elem("delete", [{"concat": [label, 1]}]), *batch])
+    except KernelError as exc:
+        assert exc.not_found, exc
+    else:
+        raise AssertionError("deleting a missing element was accepted")
+    assert backend.list_table(TABLE) == before
+
+
+def _key(label: str, port: int) -> bytes:
+    import socket
+
+    family = socket.AF_INET6 if ":" in label else socket.AF_INET
+    return socket.inet_pton(family, label) + port.to_bytes(2, "big") + bytes(2)
+
+
+def _port(port: int) -> bytes:
+    return port.to_bytes(2, "big")
+
+
 def reconcile_converges_then_is_ok(backend: Backend, state: State) -> None:
     first = reconcile(state, 0, backend, secret=SECRET)
     assert first.status == "changed", first.line()
@@ -167,6 +219,7 @@ CASES: dict[str, Callable[[Backend, State], None]] = {
         canonical_refusal_names_the_command,
         reconcile_converges_then_is_ok,
         a_repair_batch_restores_chains,
+        a_repair_batch_restores_map_elements,
         dynamic_elements_add_renew_delete_and_list,
     )
 }

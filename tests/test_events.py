@@ -67,6 +67,63 @@ def test_hand_changes_are_repaired_at_once_and_other_tables_ignored(tmp_path: Pa
         assert f"mtd_drift_corrections_total {len(HAND_CHANGES) + 1}.0" in metrics
 
 
+# A map element by hand, each to be put back by one element transaction (the table is not
+# replaced): `{h}` is the port unt's real port 3 is moved to.
+ELEMENT_CHANGES = [
+    ("a map element deleted", "delete element inet mtd tcp4 {{ 192.0.2.3 . {h} }}", "+element"),
+    ("a map element changed",
+     "delete element inet mtd tcp4 {{ 192.0.2.3 . 3 }} ; "
+     "add element inet mtd tcp4 {{ 192.0.2.3 . 3 : {other} }}", "~element"),
+    ("an element that should not be there",
+     "add element inet mtd tcp4 {{ 192.0.2.99 . 3 : 4 }}", "-element"),
+]  # fmt: skip
+
+
+def _table_handle(f) -> int:
+    """The table's handle: a replacement creates a new table, with a new handle."""
+    import json
+
+    out = f.lab.run("srv", ["nft", "-j", "-a", "list", "tables"])
+    return next(o["table"]["handle"] for o in json.loads(out.stdout)["nftables"]
+                if o.get("table", {}).get("name") == "mtd")  # fmt: skip
+
+
+def test_hand_changes_to_map_elements_are_put_back_one_by_one(tmp_path: Path):
+    from tests.test_daemon import moved
+
+    with fleet(tmp_path) as f:
+        d = f.start("srv", "--drift-interval", "3600", "--metrics", "127.0.0.1:9108")
+        d.wait(started)
+        moves = moved(f.states["srv"], d.epoch_file())
+        hidden = moves[3]
+        other = next(p for p in range(6, 21) if p not in moves.values())
+        reachable = f.probe("unt", hidden)
+        handle = _table_handle(f)
+        for what, script, op in ELEMENT_CHANGES:
+            mark = d.mark()
+            done = f.lab.run("srv", ["nft", script.format(h=hidden, other=other)])
+            assert done.returncode == 0, (what, done.stderr)
+            ev = d.wait(lambda e: e.get("event") == "drift", mark, timeout=20)
+            assert ev["found_by"] == "events" and "element tcp4" in ev["changes"], (what, ev)
+            assert ev["repair"] == "events", (what, ev)  # not a table replacement...
+            assert ev["repaired"] == "1 element(s)" and ev["summary"] == {op: 1}, (what, ev)
+            assert _table_handle(f) == handle, what  # ...the same table, changed in place
+            assert 0 <= ev["repair_seconds"] < 5, (what, ev)  # noisy CI: the bench measures
+            in_sync = mtd("-s", str(f.states["srv"]), "diff", ns=f.lab)
+            assert in_sync.returncode == 0, (what, in_sync.stdout, in_sync.stderr)
+            assert f.probe("unt", hidden) == reachable, what
+
+        # An element of an interval set is not guessed from its events: the table is
+        # replaced, and the drift line says why.
+        mark = d.mark()
+        nft(f.lab, "'add element inet mtd net4 { 203.0.113.0/24 }'")
+        ev = d.wait(lambda e: e.get("event") == "drift", mark, timeout=20)
+        assert ev["repair"] == "table" and "start and end" in ev["replaced_because"], ev
+        assert _table_handle(f) != handle
+        assert "mtd_events_lost_total 0.0" in _metrics(f)
+        assert d.proc.poll() is None
+
+
 def _element_of(f, d) -> str:
     """`delete element` of the map element that sends unt's moved port 3 to its target."""
     from tests.test_daemon import moved

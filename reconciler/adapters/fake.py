@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.adapters.kernel import FAMILY, describe
+from reconciler.core.diff import elem_text
 from reconciler.errors import KernelError
 
 Listing = list[dict[str, Any]]
 REFUSED = "Could not process rule: Operation not supported"
 _MISSING = "Could not process rule: No such file or directory"
+_EXISTS = "Could not process rule: File exists"
 
 
 @dataclass
@@ -163,7 +165,8 @@ class FakeKernel:
 
     def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
         """The verbs an event-driven repair sends: add/flush/delete chain, add rule, delete
-        set, add/delete element (a dynamic watch), all in one existing table; anything else
+        set, add/delete element (a dynamic watch, a map element put back), all in one
+        existing table; anything else
         is refused, as is a rule into a chain that is not there. Nothing changes unless
         every command applies."""
         commands = list(commands)
@@ -230,19 +233,26 @@ class FakeKernel:
 
 
 def _element(listing: Listing, verb: str, obj: dict[str, Any], i: int, cmd: Any) -> None:
-    """`add`/`delete element` into a set, as the kernel does: adding one that is there
-    keeps it as it is (its timeout too); deleting one that is not there is refused."""
-    target = next((o["set"] for o in listing if o.get("set", {}).get("name") == obj["name"]), None)
+    """`add`/`delete element` into a set or map, as the kernel does: adding one that is
+    there keeps it as it is (its timeout too), or is refused when a map's value differs;
+    deleting one that is not there is refused. A map's element is deleted by its key."""
+    target, is_map = None, False
+    for o in listing:
+        for kind in ("set", "map"):
+            if o.get(kind, {}).get("name") == obj["name"]:
+                target, is_map = o[kind], kind == "map"
     if target is None:
         raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
     have = target.setdefault("elem", [])
     for item in obj.get("elem") or []:
-        key = _key(item)
-        at = next((n for n, e in enumerate(have) if _key(e) == key), None)
+        key = _key(item, is_map and verb == "add")
+        at = next((n for n, e in enumerate(have) if _key(e, is_map) == key), None)
         if verb == "add" and at is None:
             if isinstance(item, dict) and "timeout" in item.get("elem", {}):
                 item = {"elem": {**item["elem"], "expires": item["elem"]["timeout"]}}
             have.append(copy.deepcopy(item))
+        elif verb == "add" and is_map and elem_text(have[at][1]) != elem_text(item[1]):
+            raise KernelError(_EXISTS, index=i, command=describe(cmd))
         elif verb == "delete":
             if at is None:
                 raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
@@ -251,8 +261,11 @@ def _element(listing: Listing, verb: str, obj: dict[str, Any], i: int, cmd: Any)
         del target["elem"]
 
 
-def _key(item: Any) -> Any:
-    return item["elem"]["val"] if isinstance(item, dict) and "elem" in item else item
+def _key(item: Any, is_map: bool = False) -> str:
+    """An element's key in one text form, whichever JSON form (or tuple) it came in."""
+    if is_map:
+        item = item[0]
+    return elem_text(item["elem"]["val"] if isinstance(item, dict) and "elem" in item else item)
 
 
 def _listing(name: str, commands: Listing) -> Listing:

@@ -14,8 +14,15 @@ it (`# new generation N by process PID (NAME)` in `nft monitor`); the events bef
 that transaction's, so they are attributed then. mtd's own commits are never read: around
 them the daemon leaves the group (`quiet`), and compares the generation before and after,
 so a commit by anyone else inside that window is still noticed (as `lost`: compare in full).
-A lost netlink buffer (ENOBUFS) is reported the same way. Idle, the reader thread sleeps in
+Outside the windows every generation's NEWGEN is read, so a window also checks, when it
+opens, that the last generation seen is the current one: a transaction whose events were
+cut off by leaving the group is reported too. A lost netlink buffer (ENOBUFS) is reported
+the same way. Idle, the reader thread sleeps in
 `recv`: no timer, no CPU.
+
+Element events (NEWSETELEM/DELSETELEM) of the owned table also keep their raw key, key end,
+data and flags (`RawElement`): `core.elements` decodes them with the set's type, so a hand
+change to one map element is repaired by one element transaction, not a table replacement.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ NFPROTO_INET = 1
 NLM_F_REQUEST = 1
 NLMSG_ERROR = 2
 RCVBUF = 4 << 20  # events of a few thousand foreign element changes; more: lost -> compare
+# Raw elements kept per foreign transaction: beyond this, repairing them one by one is no
+# cheaper than replacing the table, and the memory would be the intruder's to choose.
+MAX_ELEMENTS = 10_000
 
 # NFT_MSG_* (linux/netfilter/nf_tables.h): what each message is about.
 KINDS = {
@@ -51,8 +61,27 @@ KINDS = {
 NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
 # The attribute naming the object within its table: chain name, rule's chain, set name...
 _NAME_ATTR = {"chain": 3, "rule": 2, "set": 2, "element": 2, "object": 2, "flowtable": 2}
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+# NFTA_SET_ELEM_LIST_*, NFTA_SET_ELEM_*, NFTA_DATA_* (linux/netfilter/nf_tables.h)
+_LIST_SET, _LIST_ELEMENTS, _LIST_ELEM = 2, 3, 1
+_ELEM_KEY, _ELEM_DATA, _ELEM_FLAGS, _ELEM_KEY_END = 1, 2, 3, 10
+_DATA_VALUE, _DATA_VERDICT = 1, 2
 _HDR = struct.Struct("=IHHII")  # nlmsghdr
 _NLA = struct.Struct("=HH")
+
+
+@dataclass(frozen=True, slots=True)
+class RawElement:
+    """One element of a NEWSETELEM (+) or DELSETELEM (-) event, as the kernel sent it: key
+    and data in register layout (each part of a concatenation padded to 4 bytes)."""
+
+    op: str
+    set: str
+    key: bytes
+    key_end: bytes | None = None  # an interval of a concatenation (pipapo): its last key
+    data: bytes | None = None  # a map's value (None in a set)
+    flags: int = 0  # NFT_SET_ELEM_INTERVAL_END (1): the end of an interval (rbtree)
+    verdict: bool = False  # a verdict map's data (not decoded: the table is replaced)
 
 
 @dataclass
@@ -63,6 +92,8 @@ class Change:
     pid: int
     process: str
     what: list[tuple[str, str, str]] = field(default_factory=list)  # (op, kind, name)
+    elements: list[RawElement] = field(default_factory=list)  # of the element events
+    undecoded: str = ""  # why `elements` is not the whole story (then replace the table)
 
     @property
     def kinds(self) -> set[str]:
@@ -100,6 +131,56 @@ def _string(data: bytes, lo: int, hi: int) -> str:
     return data[lo:hi].split(b"\0", 1)[0].decode(errors="replace")
 
 
+def _nested(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """`_attrs`, raising ValueError on an attribute that overruns its parent."""
+    if end > len(data):
+        raise ValueError("truncated message")
+    for kind, lo, hi in _attrs(data, start, end):
+        if hi > end:
+            raise ValueError("an attribute overruns its message")
+        yield kind, lo, hi
+
+
+def _value(data: bytes, lo: int, hi: int) -> tuple[bytes | None, bool]:
+    """The NFTA_DATA_VALUE in a nested NFTA_DATA attribute; (None, True) for a verdict."""
+    for kind, a, b in _nested(data, lo, hi):
+        if kind == _DATA_VALUE:
+            return data[a:b], False
+        if kind == _DATA_VERDICT:
+            return None, True
+    raise ValueError("no value in a data attribute")
+
+
+def elements(op: str, data: bytes, start: int, end: int) -> tuple[str, list[RawElement]]:
+    """The set name and elements of one element message's attributes (data[start:end]).
+    Raises ValueError on a message it cannot read whole."""
+    name, out = "", []
+    for kind, lo, hi in _nested(data, start, end):
+        if kind == _LIST_SET:
+            name = _string(data, lo, hi)
+        elif kind == _LIST_ELEMENTS:
+            for k, a, b in _nested(data, lo, hi):
+                if k != _LIST_ELEM:
+                    continue
+                key = key_end = value = None
+                flags, verdict = 0, False
+                for attr, x, y in _nested(data, a, b):
+                    if attr == _ELEM_KEY:
+                        key, _ = _value(data, x, y)
+                    elif attr == _ELEM_KEY_END:
+                        key_end, _ = _value(data, x, y)
+                    elif attr == _ELEM_DATA:
+                        value, verdict = _value(data, x, y)
+                    elif attr == _ELEM_FLAGS and y - x == 4:
+                        flags = struct.unpack_from("!I", data, x)[0]
+                if key is None:
+                    raise ValueError("an element without a key")
+                out.append(RawElement(op, name, key, key_end, value, flags, verdict))
+    if not name:
+        raise ValueError("an element message without its set")
+    return name, out
+
+
 class Parser:
     """Folds a stream of nf_tables messages into `Change`s of foreign generations."""
 
@@ -107,7 +188,10 @@ class Parser:
         self.table = table.encode()
         self.own = own  # is this pid one of ours?
         self.pending: list[tuple[str, str, str]] = []  # events of the current transaction
-        self.generation = 0  # the last generation seen
+        self.raw: list[RawElement] = []  # their elements, up to MAX_ELEMENTS
+        self.undecoded = ""  # why `raw` is not all of them
+        self.generation = -1  # the highest generation seen
+        self.synced = False  # every generation up to `generation` was seen (none lost)
 
     def feed(self, data: bytes) -> list[Change]:
         out = []
@@ -124,6 +208,10 @@ class Parser:
             pos = (end + 3) & ~3
         return out
 
+    def forget(self) -> None:
+        """Events were lost: drop what is pending and no longer vouch for the generation."""
+        self.pending, self.raw, self.undecoded, self.synced = [], [], "", False
+
     def _message(self, data: bytes, msg: int, start: int, end: int) -> Change | None:
         if msg == NFT_MSG_NEWGEN:
             gen, pid, name = 0, 0, ""
@@ -134,10 +222,11 @@ class Parser:
                     pid = struct.unpack_from("!I", data, lo)[0]
                 elif kind == 3:
                     name = _string(data, lo, hi)
-            self.generation = gen
+            self.generation = max(self.generation, gen)
             what, self.pending = self.pending, []
+            raw, self.raw, undecoded, self.undecoded = self.raw, [], self.undecoded, ""
             if what and not self.own(pid):
-                return Change(gen, pid, name, what)
+                return Change(gen, pid, name, what, raw, undecoded)
             return None
         op_kind = KINDS.get(msg)
         if op_kind is None or data[start] != NFPROTO_INET:
@@ -148,6 +237,9 @@ class Parser:
         if kind & 0x3FFF != 1 or data[start + 8 : start + 4 + length].rstrip(b"\0") != self.table:
             return None
         op, what = op_kind
+        if msg in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM):
+            self._elements(op, data, start + 4, end)
+            return None
         name = ""
         wanted = _NAME_ATTR.get(what)
         if wanted is not None:
@@ -157,6 +249,24 @@ class Parser:
                     break
         self.pending.append((op, what, name))
         return None
+
+    def _elements(self, op: str, data: bytes, start: int, end: int) -> None:
+        """One entry in `pending` per element (the log counts elements, not messages)."""
+        try:
+            name, found = elements(op, data, start, end)
+        except (ValueError, struct.error) as exc:
+            self.undecoded = self.undecoded or f"an element event could not be read ({exc})"
+            for k, lo, hi in _attrs(data, start, end):
+                if k == _LIST_SET:
+                    self.pending.append((op, "element", _string(data, lo, hi)))
+                    return
+            self.pending.append((op, "element", ""))
+            return
+        self.pending += [(op, "element", name)] * max(1, len(found))
+        room = MAX_ELEMENTS - len(self.raw)
+        if len(found) > room:
+            self.undecoded = f"more than {MAX_ELEMENTS} elements changed"
+        self.raw += found[: max(0, room)]
 
 
 def _socket() -> socket.socket:
@@ -196,7 +306,9 @@ class Monitor:
         self._lost: Callable[[str], None] = lambda r: None
         self._own_tids: set[int] = {os.getpid()}
         self._parser = Parser(table, self._own_tids.__contains__)
-        self._joined = threading.Lock()
+        # Held while the parser is fed or the membership changes: the reader thread and a
+        # `quiet` window never feed it at the same time, so events keep their order.
+        self._feeding = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()  # `stop` wakes the reader with a byte
 
     def start(self, changed: Callable[[Change], None], lost: Callable[[str], None]) -> None:
@@ -217,9 +329,13 @@ class Monitor:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
             sock.bind((0, 0))
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            now = generation()  # subscribed first: from here on, every NEWGEN is read
         except OSError:
             sock.close()
             raise
+        with self._feeding:
+            self._parser.forget()
+            self._parser.generation, self._parser.synced = now, True
         self._sock = sock
 
     def stop(self) -> None:
@@ -236,36 +352,80 @@ class Monitor:
     def quiet(self, commits: Callable[[], int]) -> Iterator[Window]:
         """Around mtd's own commits: their events (a million at a million mappings) are not
         delivered at all. `commits()` counts the transactions this process has committed;
-        if the generation moved by more than that, someone else committed meanwhile."""
+        if the generation moved by more than that, someone else committed meanwhile.
+
+        On opening, after leaving the group, what the socket still holds is read here (in
+        order, the reader waits) and the generation then is compared with the last NEWGEN
+        read: a foreign transaction whose NEWGEN (or some of its events) came after the
+        group was left is reported as lost, never silently attributed to a later one or
+        dropped. On closing, the group is joined before the generation is read, so a commit
+        by someone else at that edge is delivered, or counted, or both."""
         self._own_tids.add(threading.get_native_id())
         sock = self._sock
         if sock is None:
             yield Window()
             return
-        with self._joined, contextlib.suppress(OSError):
-            sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
         first = commits()
-        try:
-            before: int | None = generation()
-        except OSError:
-            before = None
+        problems = []
+        with self._feeding:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
+            problems += self._drain(sock)
+            try:
+                before: int | None = generation()
+            except OSError:
+                before = None
+            p = self._parser
+            if p.pending:
+                problems.append("a transaction by another process was cut off by mtd's own")
+            elif p.synced and before is not None and p.generation != before:
+                problems.append(
+                    f"generation {before} by another process was not seen whole before mtd's "
+                    f"own (last seen: {p.generation})"
+                )
+            p.forget()
+            if before is not None:
+                p.generation, p.synced = before, True
+        for problem in problems:
+            self._lost(problem)
         try:
             yield Window(-1 if before is None else before)
         finally:
-            # Events of a transaction cut in two by the window are dropped (the count below
-            # reports that transaction), before any event after the window can arrive.
-            self._parser.pending.clear()
-            with self._joined, contextlib.suppress(OSError):
+            with self._feeding, contextlib.suppress(OSError):
                 sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
             try:
                 if before is None:
                     raise OSError(errno.EPROTO, "no generation before mtd's own commit")
-                others = generation() - before - (commits() - first)
+                after = generation()
+                others = after - before - (commits() - first)
             except OSError as exc:
+                with self._feeding:
+                    self._parser.synced = False
                 self._lost(f"cannot read the generation: {exc.strerror or exc}")
             else:
+                with self._feeding:
+                    self._parser.generation = max(self._parser.generation, after)
                 if others > 0:
                     self._lost(f"{others} transaction(s) by other processes during mtd's own")
+
+    def _drain(self, sock: socket.socket) -> list[str]:
+        """Read and parse what the socket holds, without waiting (the caller holds
+        `_feeding`); the problems met, if any."""
+        while True:
+            try:
+                data = sock.recv(1 << 17, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return []
+            except OSError as exc:
+                self._parser.forget()
+                if exc.errno == errno.ENOBUFS:
+                    return ["netlink buffer overrun (ENOBUFS): events were lost"]
+                return [f"notifications failed: {exc.strerror or exc}"]
+            if not data:
+                return []
+            self.events += 1
+            for change in self._parser.feed(data):
+                self._changed(change)
 
     def _read(self) -> None:
         while not self._stop.is_set():
@@ -276,24 +436,25 @@ class Monitor:
                 select.select([sock, self._wake_r], [], [])
                 if self._stop.is_set():
                     return
-                data = sock.recv(1 << 17)
+                with self._feeding:  # changes are handed on in the order of their events
+                    data = sock.recv(1 << 17, socket.MSG_DONTWAIT)
+                    if data:
+                        self.events += 1
+                        for change in self._parser.feed(data):
+                            self._changed(change)
+            except BlockingIOError:
+                continue  # a `quiet` window read it first
             except OSError as exc:
                 if self._stop.is_set():
                     return
                 if exc.errno == errno.ENOBUFS:  # the kernel dropped events: the socket is fine
-                    self._parser.pending.clear()
+                    with self._feeding:
+                        self._parser.forget()
                     self._lost("netlink buffer overrun (ENOBUFS): events were lost")
                     continue
                 self._lost(f"notifications stopped: {exc.strerror or exc}")
                 self._reopen()
                 continue
-            if not data:
-                if self._stop.is_set():
-                    return
-                continue
-            self.events += 1
-            for change in self._parser.feed(data):
-                self._changed(change)
 
     def _reopen(self) -> None:
         """After a socket error: a new socket, retried until it works or we stop."""

@@ -120,6 +120,11 @@ def _elements(obj: Mapping[str, Any], name: str = "") -> dict[str, str | None]:
     return out
 
 
+def keyed(obj: Mapping[str, Any]) -> dict[str, str | None]:
+    """The elements of one rendered set or map (`{"map": ..., "elem": [...]}`), keyed."""
+    return _elements(obj)
+
+
 def _attrs(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in _VOLATILE and k != "elem"}
 

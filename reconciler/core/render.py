@@ -24,6 +24,7 @@ import jinja2.compiler
 import jinja2.nodes
 import jinja2.sandbox
 
+from reconciler.core.diff import elem_text
 from reconciler.core.shuffle import PortMap
 from reconciler.core.state import PROTOCOLS, Network, State, Watched
 from reconciler.errors import MtdError, TemplateError
@@ -67,6 +68,12 @@ class Elements(Sequence[Any]):
             for real, hidden in moves.items():
                 yield key, real, hidden
                 yield key, hidden, real
+
+    def moves_by_key(self) -> Iterator[tuple[str, Mapping[int, int]]]:
+        """(key as the diff writes it, moves) per row: what an element repair looks up
+        (`core.elements.Desired`), without an entry per element."""
+        for key, _, moves in self._rows:
+            yield elem_text(key), moves
 
     def __iter__(self) -> Iterator[Any]:
         for key, port, to in self.rows():

@@ -11,9 +11,10 @@ here: the last desired state keeps being enforced.
 
 While the events are followed, the table is known to be as the last pass left it, so a new
 epoch replaces it without reading it back, and a change by someone else is repaired from
-what its events said (chains and rules in one small transaction, anything else by replacing
-the table). A full compare (read, diff) runs at start, after a reload, when events were lost,
-on the drift timer (a backstop: it reports what the events missed) and with `--full-compare`.
+what its events said (chains, rules and single elements in one small transaction, anything
+else, or an element event not decoded with certainty, by replacing the table). A full
+compare (read, diff) runs at start, after a reload, when events were lost, on the drift
+timer (a backstop: it reports what the events missed) and with `--full-compare`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from reconciler.services.reconcile import (
     Result,
     provision_secret,
     reconcile,
-    repair_chains,
+    repair_events,
     take_down,
 )
 
@@ -399,6 +400,8 @@ class Daemon:
         if not what:
             return
         change.what = what
+        if getattr(change, "elements", None):
+            change.elements = [e for e in change.elements if not repair.runtime("element", e.set)]
         self._queue.put(_Event("foreign", change=change, at=time.monotonic()))
 
     def lost(self, reason: str) -> None:
@@ -791,10 +794,22 @@ class Daemon:
             with files.reconcile_lock(state.epoch_file), self._quiet() as window:
                 local = files.read_epoch(state.epoch_file)
                 epoch = max(self.target, local)
-                result = None
+                result, why = None, ""
                 if foreign and not compare and epoch == previous and self._last is not None:
                     events = [w for ev in foreign for w in ev.change.what]
-                    result = repair_chains(self._last, self.nft, events, state)
+                    raw = [e for ev in foreign for e in getattr(ev.change, "elements", ())]
+                    undecoded = "; ".join(
+                        u for ev in foreign if (u := getattr(ev.change, "undecoded", ""))
+                    )
+                    out = repair_events(self._last, self.nft, events, state, raw, undecoded)
+                    result, why = (None, out) if isinstance(out, str) else (out, "")
+                elif foreign:
+                    why = (
+                        "a new epoch replaces it anyway"
+                        if epoch != previous
+                        else "the table was read and compared in full (events were lost, the "
+                        "start, a reload or --full-compare)"
+                    )
                 if result is None:
                     blind = not compare and (bool(foreign) or epoch != previous)
                     counted = self._counters_before()
@@ -848,7 +863,9 @@ class Daemon:
             )
             if self.subscriber is not None:
                 self.subscriber.check_soon()
-        self._report(result, origin, took, drift and not local_rotation, pending, foreign, compare)
+        self._report(
+            result, origin, took, drift and not local_rotation, pending, foreign, compare, why
+        )
         self._count_watched()
 
     def _apply_watches(self) -> None:
@@ -964,6 +981,7 @@ class Daemon:
         pending: bus.Trigger | None,
         foreign: list[_Event],
         compared: bool,
+        why: str = "",
     ) -> None:
         self._last_result, self._last_error = result.status, None
         self._beat()
@@ -987,15 +1005,16 @@ class Daemon:
         event(self.log, level, "reconcile", f"{result.line()}, trigger {origin}", **fields)
         if drift:
             m.drift.inc()
-            self._drift(result, foreign, compared)
+            self._drift(result, foreign, compared, why)
         if result.status == "changed":
             self._audit(result, "drift" if drift else origin)
             if self.options.log_mapping:
                 self._log_mapping(result.epoch)
 
-    def _drift(self, result: Result, foreign: list[_Event], compared: bool) -> None:
-        """Who changed the table (from the events) and how long until it was repaired; or,
-        from a full compare that no event announced, that the events missed it."""
+    def _drift(self, result: Result, foreign: list[_Event], compared: bool, why: str) -> None:
+        """Who changed the table (from the events), how it was repaired (one small
+        transaction, or the table replaced, and why) and how long that took; or, from a full
+        compare that no event announced, that the events missed it."""
         now = time.monotonic()
         summary = _summary(result)
         fields: dict[str, Any] = {"epoch": result.epoch, "summary": summary}
@@ -1013,10 +1032,17 @@ class Daemon:
                 "generations": [e.change.generation for e in foreign],
                 "changes": seen,
                 "repair_seconds": round(took, 6),
+                "repair": "events" if result.repaired else "table",
             }
+            if result.repaired:
+                fields["repaired"] = result.repaired
+                how = f"by one transaction: {result.repaired}"
+            else:
+                fields["replaced_because"] = why
+                how = f"by replacing the table: {why}" if why else "by replacing the table"
             message = (
                 f"table inet {result.table} was changed outside mtd by {', '.join(by)}: "
-                f"{seen}; restored in {took:.3f} s ({what})"
+                f"{seen}; restored in {took:.3f} s {how} ({what})"
             )
         else:
             missed = self.monitor is not None and compared

@@ -9,7 +9,7 @@ reads the secret and the epoch.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 
 from reconciler.adapters import files
 from reconciler.adapters.kernel import Backend
-from reconciler.core import diff, render, repair, shuffle
+from reconciler.core import diff, elements, render, repair, shuffle
 from reconciler.core.bulk import gc_paused
 from reconciler.core.state import State
 from reconciler.core.watch import Dynamic
@@ -44,6 +44,10 @@ class Result:
     mappings: int = 0  # moved ports of the mapping at `epoch`
     applied_at: float | None = None  # unix time the transaction was sent (for the audit log)
     pending: dict[str, Any] | None = None  # `apply --confirm`: the revert armed (confirm.py)
+    # The rendered elements, by set (references, no copy): what an element repair compares
+    # the element events with.
+    desired: elements.Desired | None = field(default=None, repr=False, compare=False)
+    repaired: str = ""  # an event-driven repair: what it restored ("2 element(s)", ...)
 
     @property
     def in_sync(self) -> bool:
@@ -164,6 +168,7 @@ def reconcile(
         skeleton,
         mappings=mappings,
         applied_at=applied_at,
+        desired=elements.Desired.from_commands(commands),
     )
 
 
@@ -178,32 +183,66 @@ def _canonical(
         raise exc.renumbered(diff.skeleton_positions(commands)) from None
 
 
-def repair_chains(
-    previous: Result, backend: Backend, events: list[repair.Event], state: State
-) -> Result | None:
-    """Put back the chains and rules the events say someone else changed, in one small
-    transaction (no listing, no elements: the same cost at any table size). None when the
-    events touched more than chains and rules, or the kernel refused: replace the table."""
-    if previous.skeleton is None:
-        return None
-    batch = repair.plan(state.table, previous.skeleton, events)
-    if batch is None:
-        return None
+def repair_events(
+    previous: Result,
+    backend: Backend,
+    events: list[repair.Event],
+    state: State,
+    raw: Sequence[repair.Raw] = (),
+    undecoded: str = "",
+) -> Result | str:
+    """Put back what the events say someone else changed, in one small transaction (no
+    listing: the same cost at any table size): chains and rules from the skeleton, elements
+    from the element events compared with the last pass's rendered elements. Or why the
+    table must be replaced instead, in words (the events touched something else, an element
+    was not decoded with certainty, the kernel refused the batch)."""
+    if previous.skeleton is None or previous.desired is None:
+        return "no earlier pass to repair from"
+    skeleton = previous.skeleton
+    touched = any(
+        kind == "element" and not repair.runtime(kind, name) and not repair.anonymous(name)
+        for _, kind, name in events
+    )
+    batch: list[dict[str, Any]] = []
+    changes: list[diff.Change] = []
+    if touched:
+        if undecoded:
+            return undecoded
+        out = repair.elements(
+            state.table, skeleton, previous.desired, raw, repair.foreign_sets(skeleton, events)
+        )
+        if isinstance(out, str):
+            return out
+        batch, changes = out
+    chains = repair.plan(state.table, skeleton, events, with_elements=touched)
+    if chains is None:
+        kinds = sorted({f"{op}{kind} {name}".strip() for op, kind, name in events})
+        return f"the events touched more than chains, rules and elements ({', '.join(kinds)})"
+    changes = [
+        diff.Change(op, kind, name, f"{op}{kind} {name}")
+        for op, kind, name in events
+        if kind != "element" or not touched
+    ] + changes
     t = _Phases()
-    try:
-        with t("apply"):
-            backend.run(batch)
-    except KernelError:
-        return None
-    changes = [diff.Change(op, kind, name, f"{op}{kind} {name}") for op, kind, name in events]
+    if chains or batch:  # an empty one would count as a commit and move no generation
+        try:
+            with t("apply"):
+                backend.run(chains + batch)
+        except KernelError as exc:
+            return f"the repair was refused ({exc.reason})"
+    names = sorted({name for _, kind, name in events if kind in repair.CHAIN_KINDS and name})
+    what = [f"chain {', '.join(names)}"] if names else []
+    what += [f"{sum(c.kind == 'element' for c in changes)} element(s)"] if touched else []
     return Result(
-        "changed",
+        "changed" if chains or batch else "ok",
         state.table,
         previous.epoch,
         changes,
         previous.fingerprint,
         dict(t),
         previous.skeleton,
+        desired=previous.desired,
+        repaired=" and ".join(what) or "nothing",
     )
 
 
