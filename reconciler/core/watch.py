@@ -105,6 +105,14 @@ def canonical(text: str, trusted: Iterable[Any] = ()) -> str:
     return source
 
 
+def unit_of(address: str) -> str:
+    """The dynamic unit an address belongs to: itself (IPv4), its /64's network address."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        return str(ip)
+    return str(ipaddress.ip_network(f"{ip}/{V6_UNIT}", strict=False).network_address)
+
+
 def family(source: str) -> str:
     return "6" if ":" in source else "4"
 
