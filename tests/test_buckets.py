@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.core import bucket
+from reconciler.adapters import files
+from reconciler.core import bucket, shuffle
 from reconciler.lab.netns import Lab, nmap_open, standard_lab
 from tests.conftest import ROOT, mtd, write_state
 from tests.kernel import apply, seen_moves, visible
@@ -136,3 +137,78 @@ def test_kernel_state_is_the_same_for_one_source_or_the_whole_internet(tmp_path)
         assert apply(lab, write_state(tmp_path / "all.yaml", **INTERNET)).returncode == 0
         assert element_count(lab) == small
         assert lab.sh("srv", "nft -a list table inet mtd").count("# handle") == rules_small
+
+
+def as_dynamic(state: Path, source: str) -> dict[str, dict[int, int]]:
+    """The view of `source`'s bucket (as a dynamic source sees it), whatever else holds it."""
+    s = files.load_state(state)
+    secret, epoch = files.load_secret(s.secret_file), files.read_epoch(s.epoch_file)
+    moves = shuffle.compute(s, secret, epoch).bucket_of(source, s.buckets)
+    return {p: {hid: real for real, hid in moves.get(p, {}).items()} for p in ("tcp", "udp")}
+
+
+REAL = {"tcp": {p: p for p in SERVICES}, "udp": {53: 53}}
+
+
+def test_watch_add_moves_a_source_a_rotation_keeps_it_and_explicit_entries_win(tmp_path):
+    state = write_state(tmp_path / "state.yaml")  # 192.0.2.2 (tru) is listed nowhere
+    with standard_lab() as lab:
+        add_sources(lab)
+        assert apply(lab, state).returncode == 0
+        assert views(lab, SERVER4, ["192.0.2.2"], role="tru")["192.0.2.2"] == REAL
+        for source in ("192.0.2.2", "192.0.2.3"):
+            out = mtd("-s", str(state), "watch", "add", source, "--local", "--for", "1h", ns=lab)
+            assert out.returncode == 0, out.stderr
+        view = views(lab, SERVER4, ["192.0.2.2"], role="tru")["192.0.2.2"]
+        assert view == expected(state, "192.0.2.2") == as_dynamic(state, "192.0.2.2") != REAL
+        valid_shuffle(view["tcp"], SERVICES)
+        # The explicit entry of 192.0.2.3 wins over its dynamic one.
+        explicit = {p: {h: r for r, h in seen_moves(state, "192.0.2.3", p).items()}
+                    for p in ("tcp", "udp")}  # fmt: skip
+        assert explicit != as_dynamic(state, "192.0.2.3")
+        got = views(lab, SERVER4, ["192.0.2.3"])["192.0.2.3"]
+        assert got["tcp"] == {**{p: p for p in (1, 2)}, **explicit["tcp"]}
+        # A rotation re-adds the entry (the store) with a new seed and shuffle.
+        assert apply(lab, state, cmd="rotate").returncode == 0
+        again = views(lab, SERVER4, ["192.0.2.2"], role="tru")["192.0.2.2"]
+        assert again == as_dynamic(state, "192.0.2.2") != REAL
+        out = mtd("-s", str(state), "watch", "del", "192.0.2.2", "--local", ns=lab)
+        assert out.returncode == 0, out.stderr
+        assert views(lab, SERVER4, ["192.0.2.2"], role="tru")["192.0.2.2"] == REAL
+
+
+def counter(lab: Lab, name: str) -> int:
+    listing = json.loads(lab.sh("srv", f"nft -j list counter inet mtd {name}"))["nftables"]
+    return next(o["counter"]["packets"] for o in listing if "counter" in o)
+
+
+@pytest.mark.parametrize(("v", "source", "target"), [(4, "192.0.2.2", SERVER4),
+                                                    (6, "2001:db8::2", SERVER6)])  # fmt: skip
+def test_a_source_that_touches_a_tripwire_port_sees_the_shuffled_view_from_then_on(
+    tmp_path, v, source, target
+):
+    state = write_state(tmp_path / "state.yaml", tripwire={"tcp": [23], "udp": [69], "for": 600})
+    with standard_lab() as lab:
+        add_sources(lab)
+        assert apply(lab, state).returncode == 0
+        assert views(lab, target, [source], role="tru")[source] == REAL
+        fam = "ip" if v == 4 else "ip6"
+        assert counter(lab, f"trip_{fam}") == 0
+        assert lab.probe("tru", "tcp", target, 23) == "closed"  # the trip
+        assert counter(lab, f"trip_{fam}") == 1
+        view = views(lab, target, [source], role="tru")[source]
+        assert view == as_dynamic(state, source) != REAL
+        valid_shuffle(view["tcp"], SERVICES)
+        listed = json.loads(mtd("-s", str(state), "watch", "list", "--json", ns=lab).stdout)
+        unit = source if v == 4 else "2001:db8::/64"
+        assert [(r["source"], r["origin"], r["in_kernel"]) for r in listed] == [
+            (unit, "tripwire", True)
+        ]
+        assert 590 <= listed[0]["seconds_left"] <= 600
+        # Touching it again neither counts as a new trip nor renews the entry.
+        assert lab.probe("tru", "tcp", target, 23) == "closed"
+        assert counter(lab, f"trip_{fam}") == 1
+        # A full replacement (an apply, a rotation) keeps the trip, now in the store too.
+        assert apply(lab, state, cmd="rotate").returncode == 0
+        assert views(lab, target, [source], role="tru")[source] == expected(state, source)
+        assert expected(state, source) == as_dynamic(state, source) != REAL
