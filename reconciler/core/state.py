@@ -561,7 +561,7 @@ def _ignore_text(ignore: Mapping[str, frozenset[int]]) -> str:
 
 def _trusted(items: Sequence[str], locate: _Locator, problems: list[str]) -> tuple[Network, ...]:
     """The trusted prefixes; each must parse, without host bits, and appear once."""
-    out: list[Network] = []
+    out: dict[Network, None] = {}  # ordered, and a set: 60,000 prefixes stay linear
     for i, text in enumerate(items):
         try:
             net = _network(text)
@@ -578,7 +578,7 @@ def _trusted(items: Sequence[str], locate: _Locator, problems: list[str]) -> tup
         if net in out:
             problems.append(locate(["trusted", i], f"{text!r} twice: expected each prefix once"))
             continue
-        out.append(net)
+        out[net] = None
     return tuple(out)
 
 
