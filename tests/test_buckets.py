@@ -182,6 +182,22 @@ def counter(lab: Lab, name: str) -> int:
     return next(o["counter"]["packets"] for o in listing if "counter" in o)
 
 
+BACKEND = "Nft"
+TRIPS = (
+    "import json; from reconciler.adapters.kernel import {cls}; "
+    "from reconciler.services.daemon import Packets; "
+    "print(json.dumps(Packets(lambda: {cls}().counters('mtd')).totals()))"
+)
+
+
+def exported_trips(lab: Lab) -> dict[str, int]:
+    """What the daemon's `mtd_packets_total` exports, read from the lab's kernel."""
+    code = TRIPS.format(cls=BACKEND)
+    proc = lab.run("srv", [sys.executable, "-c", code], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    return json.loads(proc.stdout)
+
+
 @pytest.mark.parametrize(("v", "source", "target"), [(4, "192.0.2.2", SERVER4),
                                                     (6, "2001:db8::2", SERVER6)])  # fmt: skip
 def test_a_source_that_touches_a_tripwire_port_sees_the_shuffled_view_from_then_on(
@@ -196,6 +212,7 @@ def test_a_source_that_touches_a_tripwire_port_sees_the_shuffled_view_from_then_
         assert counter(lab, f"trip_{fam}") == 0
         assert lab.probe("tru", "tcp", target, 23) == "closed"  # the trip
         assert counter(lab, f"trip_{fam}") == 1
+        assert exported_trips(lab)[f"tripwire_{fam}"] == 1  # mtd_packets_total{kind=tripwire}
         view = views(lab, target, [source], role="tru")[source]
         assert view == as_dynamic(state, source) != REAL
         valid_shuffle(view["tcp"], SERVICES)
