@@ -20,7 +20,7 @@ import pytest
 
 from reconciler.lab.netns import Lab, nmap_open, standard_lab
 from tests import wire
-from tests.conftest import ROOT, write_state
+from tests.conftest import ROOT, mtd, write_state
 from tests.kernel import apply, expected_moves, seen_moves, visible
 
 pytestmark = pytest.mark.netns
@@ -30,8 +30,9 @@ PORTS = range(1, 21)
 V = {4: ("192.0.2.3", "192.0.2.1"), 6: ("2001:db8::3", "2001:db8::1")}
 
 
-# Each careful-scanner test runs for an explicit entry and for a per_source source (inside
-# 0.0.0.0/0 and ::/0, its bucket's mapping): the same guarantees hold for both.
+# Each careful-scanner test runs for an explicit entry, a per_source source (inside
+# 0.0.0.0/0 and ::/0, its bucket's mapping) and a dynamic one (`mtd watch add`, listed
+# nowhere else): the same guarantees hold for all three.
 PER_SOURCE = {
     "watched": [
         {"source": "0.0.0.0/0", "per_source": True, "ignore": {"tcp": [1, 2]}},
@@ -41,15 +42,23 @@ PER_SOURCE = {
 }
 
 
-@pytest.fixture(scope="module", params=["explicit", "per_source"])
+@pytest.fixture(scope="module", params=["explicit", "per_source", "dynamic"])
 def dlab(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Lab, Path]]:
-    extra = PER_SOURCE if request.param == "per_source" else {}
+    extra = {
+        "explicit": {},
+        "per_source": PER_SOURCE,
+        "dynamic": {"watched": [{"source": "198.51.100.0/24"}]},
+    }[request.param]
     state = write_state(tmp_path_factory.mktemp("dec") / "state.yaml", **extra)
     with standard_lab() as lab:
         quiet(lab)
         assert apply(lab, state).returncode == 0
+        if request.param == "dynamic":
+            for source in (V[4][0], V[6][0]):
+                out = mtd("-s", str(state), "watch", "add", source, "--local", ns=lab)
+                assert out.returncode == 0, out.stderr
         yield lab, state
 
 
