@@ -27,10 +27,11 @@ import jinja2.sandbox
 
 from reconciler.core.shuffle import PortMap
 from reconciler.core.state import PROTOCOLS, Network, State, Watched
+from reconciler.core.watch import MAX_KERNEL
 from reconciler.errors import MtdError, TemplateError
 
 SUFFIX = ".json.j2"
-MAX_DYNAMIC = 65536  # elements of dyn4 (and of dyn6): memory a tripwire flood can take
+MAX_DYNAMIC = MAX_KERNEL  # elements of dyn4 (and of dyn6): memory a tripwire flood can take
 FAMILIES = {4: "ip", 6: "ip6"}
 _TOKEN = "\0mtd:"  # no template writes a NUL: placeholders cannot be mistaken for data
 _TOKEN_JSON = json.dumps(_TOKEN)[1:-1]
