@@ -222,6 +222,9 @@ def test_a_source_that_touches_a_tripwire_port_sees_the_shuffled_view_from_then_
             (unit, "tripwire", True)
         ]
         assert 590 <= listed[0]["seconds_left"] <= 600
+        # The kernel's own addition is runtime state, not drift.
+        diff = mtd("-s", str(state), "diff", ns=lab)  # exit 0: in sync
+        assert diff.returncode == 0, diff.stdout + diff.stderr
         # Touching it again neither counts as a new trip nor renews the entry.
         assert lab.probe("tru", "tcp", target, 23) == "closed"
         assert counter(lab, f"trip_{fam}") == 1
