@@ -18,6 +18,10 @@ it to benchmarks/results/latest.md.
 6. Drift by events: idle CPU of `mtd run` (it follows nftables events, drift timer at an
    hour), and the time from a change made by hand with `nft` to the daemon's repair: from
    starting `nft`, from `nft` exiting, and from the event's arrival (the daemon's figure).
+7. Coverage: the whole internet per source (0.0.0.0/0 and ::/0 per_source, trusted, a
+   tripwire) at several bucket counts: `mtd apply` and `mtd rotate`, rules and elements;
+   and, in one lab and one run, connections per second from a per_source source and from an
+   explicit entry, alternated.
 
 Addresses: bulk sources are map keys that never send a packet (benchmarks/states.py).
 
@@ -55,7 +59,7 @@ PY = sys.executable
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "latest.md"
 SIZES = (10, 1_000, 10_000, 100_000)
-PARTS = ("cost", "latency", "packets", "fleet", "failover", "events")
+PARTS = ("cost", "latency", "packets", "fleet", "failover", "events", "coverage")
 CLASSIC_MAX = 1_000  # 10,000 sources are 450,000 classic rules: minutes and ~10 GB per apply
 TIMEOUT = 1800  # seconds for any one process; nothing here may hang
 PORT = 3  # the moved service connections go to in the packet test
@@ -586,6 +590,89 @@ def packets(work: Path, sources: int, template: str, seconds: float, repeats: in
         return Rate(sources, template, median(rates), load)
 
 
+# --- 7. coverage: the whole internet per source ------------------------------------------
+
+
+@dataclass
+class Internet:
+    buckets: int
+    rules: int
+    elements: int
+    apply: float
+    rotate: float
+
+
+PER_SOURCE = [{"source": "0.0.0.0/0", "per_source": True}, {"source": "::/0", "per_source": True}]
+
+
+def internet_doc(workdir: Path, buckets: int, extra: tuple[dict[str, Any], ...] = ()) -> dict:
+    return {
+        "table": "mtd",
+        "secret_file": str(workdir / "secret"),
+        "audit_log": str(workdir / "audit.jsonl"),
+        "ports": {"range": states.PORT_RANGE, "services": {"tcp": states.SERVICES}},
+        "trusted": ["203.0.113.0/24", "2001:db8:2::/64"],
+        "watched": [*extra, *PER_SOURCE],
+        "buckets": buckets,
+        "tripwire": {"tcp": [23, 2323, 3389], "for": 3600},
+    }
+
+
+def internet(work: Path, buckets: int, runs: int) -> Internet:
+    """`mtd apply` (fresh) and `mtd rotate` of a whole-internet state with `buckets`."""
+    say(f"coverage: the whole internet, {buckets} buckets")
+    path = work / f"i{buckets}" / "state.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(internet_doc(path.parent, buckets)))
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        first = []
+        for _ in range(runs):
+            lab.sh("srv", "nft delete table inet mtd 2>/dev/null || true")
+            first.append(mtd(lab, "srv", path, "apply"))
+        rotate = [mtd(lab, "srv", path, "rotate") for _ in range(runs)]
+        state = files.load_state(path)
+        commands = render.render(state, shuffle.compute(state, b"\0" * 32, 0))
+        rules = sum("rule" in c["add"] for c in commands)
+        elements = sum(len(next(iter(c["add"].values())).get("elem") or []) for c in commands
+                       if "set" in c["add"] or "map" in c["add"])  # fmt: skip
+    return Internet(buckets, rules, elements, median([r.seconds for r in first]),
+                    median([r.seconds for r in rotate]))  # fmt: skip
+
+
+@dataclass
+class ClassRate:
+    kind: str
+    per_second: float
+
+
+def class_rates(work: Path, seconds: float, repeats: int) -> list[ClassRate]:
+    """Connections per second to the shuffled port of service PORT from an explicit entry
+    (192.0.2.3) and from a per_source source (192.0.2.4, inside 0.0.0.0/0), in one lab and
+    one ruleset, the two alternated so load on the machine falls on both alike."""
+    say("coverage: packet rate, per_source against explicit")
+    path = work / "rates" / "state.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(internet_doc(path.parent, 64, ({"source": states.UNDER_TEST},))))
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        lab.add_client("unt", states.UNDER_TEST, "2001:db8::3")
+        lab.add_client("ps", "192.0.2.4", "2001:db8::4")
+        lab.serve("srv", states.SERVICES, [])
+        mtd(lab, "srv", path, "apply")
+        state = files.load_state(path)
+        mapping = shuffle.compute(state, files.load_secret(state.secret_file), 0)
+        ports = {"unt": mapping.moves[(states.UNDER_TEST, "tcp")][PORT],
+                 "ps": mapping.bucket_of("192.0.2.4", state.buckets)["tcp"][PORT]}  # fmt: skip
+        got: dict[str, list[float]] = {"unt": [], "ps": []}
+        for _ in range(repeats):
+            for role in ("unt", "ps"):
+                argv = [PY, str(HERE / "connrate.py"), lab.server.v4, str(ports[role]),
+                        str(seconds)]  # fmt: skip
+                got[role].append(float(run(lab, role, argv).out))
+    return [ClassRate("explicit", median(got["unt"])), ClassRate("per_source", median(got["ps"]))]
+
+
 # --- report -----------------------------------------------------------------------------
 
 
@@ -727,6 +814,35 @@ def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> st
             out.append(
                 f"| {r.template} | {r.sources:,} | {r.per_second:,.0f} | {rel} | {secs(r.load)} |"
             )
+        out.append("")
+    nets: list[Internet] = results.get("internet", [])
+    if nets:
+        out += [
+            "## 7. Coverage: the whole internet per source",
+            "",
+            "0.0.0.0/0 and ::/0 per_source, two trusted prefixes, a tripwire of three ports, "
+            "services 1-5 in 1-60000: median `mtd apply` into an empty namespace and `mtd "
+            "rotate`. Rules and elements grow with buckets; the number of sources does not "
+            "enter.",
+            "",
+            "| buckets | rules | elements | mtd apply | mtd rotate |",
+            "|--:|--:|--:|--:|--:|",
+        ]
+        out += [f"| {i.buckets} | {i.rules:,} | {i.elements:,} | {secs(i.apply)} | "
+                f"{secs(i.rotate)} |" for i in nets]  # fmt: skip
+        out.append("")
+    crates: list[ClassRate] = results.get("class_rates", [])
+    if crates:
+        base = crates[0].per_second
+        out += [
+            "Connections per second to a moved service, same lab, same ruleset (64 buckets), "
+            f"alternated, median of {args.repeats} runs of {args.seconds:g} s:",
+            "",
+            "| source | connections/s | vs explicit |",
+            "|---|--:|--:|",
+        ]
+        out += [f"| {c.kind} | {c.per_second:,.0f} | {c.per_second / base:.0%} |"
+                for c in crates]  # fmt: skip
         out.append("")
     fans: list[Fanout] = results.get("fleet", [])
     if fans:
@@ -940,6 +1056,10 @@ def main() -> None:
                 for template in ("maps", "classic")
                 for n in (1, many)
             ]
+        if "coverage" in parts:
+            counts = (16, 64) if args.quick else (16, 64, 256, 1024)
+            results["internet"] = [internet(work, b, args.runs or 3) for b in counts]
+            results["class_rates"] = class_rates(work, args.seconds, args.repeats)
     text = report(results, args, time.perf_counter() - start)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

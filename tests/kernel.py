@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconciler.adapters import files
-from reconciler.core import shuffle
+from reconciler.adapters import files, watchstore
+from reconciler.core import audit, shuffle
 from reconciler.lab.netns import Lab
 from tests.conftest import mtd
 
@@ -16,6 +16,18 @@ def expected_moves(state_path: Path, epoch: int | None = None) -> dict[tuple[str
     secret = files.load_secret(state.secret_file)
     epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
     return dict(shuffle.compute(state, secret, epoch).moves)
+
+
+def seen_moves(
+    state_path: Path, source: str, proto: str = "tcp", epoch: int | None = None
+) -> dict[int, int]:
+    """What `source` should see: its explicit entry's moves, its bucket's (per_source or
+    dynamic, from the watch store), or none (trusted, unlisted): `mtd mapping`'s answer."""
+    state = files.load_state(state_path)
+    secret = files.load_secret(state.secret_file)
+    epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
+    dynamic = set(watchstore.load(watchstore.path_for(state.epoch_file)))
+    return dict(audit.mapping_of(state, secret, epoch, source, dynamic).moves.get(proto, {}))
 
 
 def visible(moves: dict[int, int], services: list[int]) -> set[int]:

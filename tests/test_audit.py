@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters import auditlog, files
-from reconciler.core import audit, shuffle
+from reconciler.core import audit, bucket, shuffle
 from reconciler.errors import MtdError
-from tests.conftest import mtd
+from tests.conftest import mtd, write_state
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -142,3 +142,27 @@ def test_history_lists_and_recomputes_a_mapping_with_the_secret(state_file: Path
     assert wrong.returncode == 1 and "does not match" in wrong.stderr
     early = mtd("-s", str(state_file), "history", "--mapping-at", "2024-01-01", "--source", "::1")
     assert early.returncode == 1 and "no applied change at or before 2024-01-01" in early.stderr
+
+
+def test_mapping_at_names_the_bucket_of_a_per_source_source_and_trusted_ones(tmp_path: Path):
+    state_file = write_state(
+        tmp_path / "state.yaml",
+        watched=[{"source": "0.0.0.0/0", "per_source": True}],
+        trusted=["203.0.113.0/24"],
+    )
+    state = files.load_state(state_file)
+    secret = files.load_secret(state.secret_file, create=True)
+    portmap = shuffle.compute(state, secret, 3)
+    auditlog.record(state.audit_log, host="h1", origin="manual", epoch=3, result="changed",
+                    fingerprint=portmap.fingerprint(secret), when=T0)  # fmt: skip
+    args = ["-s", str(state_file), "history", "--mapping-at", "2024-05-01T12:05:00Z",
+            "--state-dir", str(tmp_path / "none"), "--source"]  # fmt: skip
+    at = mtd(*args, "198.51.100.77")
+    assert at.returncode == 0, at.stderr
+    k = bucket.of("198.51.100.77", portmap.seed, state.buckets)
+    lines = at.stdout.splitlines()
+    assert lines[1] == f"198.51.100.77: watched as 0.0.0.0/0, bucket {k}"
+    moves = portmap.buckets[k]["tcp"]
+    assert [f"tcp {p} -> {q}" for p, q in sorted(moves.items())] == lines[2:7]
+    trusted = mtd(*args, "203.0.113.9")
+    assert trusted.stdout.splitlines()[1] == "203.0.113.9: trusted: it saw the real ports"

@@ -20,8 +20,8 @@ import pytest
 
 from reconciler.lab.netns import Lab, nmap_open, standard_lab
 from tests import wire
-from tests.conftest import ROOT, write_state
-from tests.kernel import apply, expected_moves, visible
+from tests.conftest import ROOT, mtd, write_state
+from tests.kernel import apply, expected_moves, seen_moves, visible
 
 pytestmark = pytest.mark.netns
 
@@ -30,12 +30,35 @@ PORTS = range(1, 21)
 V = {4: ("192.0.2.3", "192.0.2.1"), 6: ("2001:db8::3", "2001:db8::1")}
 
 
-@pytest.fixture(scope="module")
-def dlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Path]]:
-    state = write_state(tmp_path_factory.mktemp("dec") / "state.yaml")
+# Each careful-scanner test runs for an explicit entry, a per_source source (inside
+# 0.0.0.0/0 and ::/0, its bucket's mapping) and a dynamic one (`mtd watch add`, listed
+# nowhere else): the same guarantees hold for all three.
+PER_SOURCE = {
+    "watched": [
+        {"source": "0.0.0.0/0", "per_source": True, "ignore": {"tcp": [1, 2]}},
+        {"source": "::/0", "per_source": True, "ignore": {"tcp": [1, 2]}},
+    ],
+    "trusted": ["192.0.2.2", "2001:db8::2"],
+}
+
+
+@pytest.fixture(scope="module", params=["explicit", "per_source", "dynamic"])
+def dlab(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[Lab, Path]]:
+    extra = {
+        "explicit": {},
+        "per_source": PER_SOURCE,
+        "dynamic": {"watched": [{"source": "198.51.100.0/24"}]},
+    }[request.param]
+    state = write_state(tmp_path_factory.mktemp("dec") / "state.yaml", **extra)
     with standard_lab() as lab:
         quiet(lab)
         assert apply(lab, state).returncode == 0
+        if request.param == "dynamic":
+            for source in (V[4][0], V[6][0]):
+                out = mtd("-s", str(state), "watch", "add", source, "--local", ns=lab)
+                assert out.returncode == 0, out.stderr
         yield lab, state
 
 
@@ -55,7 +78,7 @@ def quiet(lab: Lab, role: str = "srv") -> None:
 
 
 def moves(state: Path, v: int, proto: str = "tcp") -> dict[int, int]:
-    return expected_moves(state)[(V[v][0], proto)]
+    return seen_moves(state, V[v][0], proto)
 
 
 def probe(v: int, dport: int, **kw: object) -> dict:

@@ -56,4 +56,11 @@ def test_diff_against_the_previous_state(case: str):
 
 
 def test_there_are_golden_cases():
-    assert {"default_maps", "nested_prefixes", "ipv6", "ignore_lists", "classic"} <= set(CASES)
+    assert {
+        "default_maps",
+        "nested_prefixes",
+        "ipv6",
+        "ignore_lists",
+        "classic",
+        "coverage",
+    } <= set(CASES)

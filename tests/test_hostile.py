@@ -667,3 +667,38 @@ def _metrics(lab: Lab) -> str:
     out = lab.run("srv", [sys.executable, "-c", read])
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+def test_the_largest_coverage_a_commit_may_ask_for_renders_within_bounds(tmp_path: Path):
+    """A commit may set the coverage keys (fleet state): the most it can ask for (1024
+    buckets, the whole internet per source, 60,000 trusted prefixes, every other port a
+    tripwire) validates and renders under the same memory and time limits, and one step
+    beyond the bound is one line."""
+    trusted = [f"10.{i >> 8}.{i & 255}.0/24" for i in range(60_000)]
+    doc = {
+        "ports": {"range": [1, 65535], "services": {"tcp": [22, 80, 443], "udp": [53]}},
+        "watched": [
+            {"source": "0.0.0.0/0", "per_source": True},
+            {"source": "::/0", "per_source": True},
+        ],
+        "trusted": trusted,
+        "buckets": 1024,
+        "tripwire": {
+            "tcp": [p for p in range(1, 65536) if p not in (22, 80, 443)],
+            "udp": [69],
+            "for": 2592000,
+        },
+        "secret_file": str(tmp_path / "secret"),
+    }
+    state = tmp_path / "mtd.yaml"
+    state.write_text(json.dumps(doc))
+    fd = os.open(tmp_path / "secret", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"s" * 32)
+    os.close(fd)
+    out = _run_bounded("-s", str(state), "render")
+    assert out.returncode == 0, out.stderr[-500:]
+    assert json.loads(out.stdout)  # the whole document
+    state.write_text(json.dumps({**doc, "buckets": 1025}))
+    out = _run_bounded("-s", str(state), "validate")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[-500:]
+    assert "buckets: 1025: expected at most 1024" in out.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters import auditlog, files, session
+from reconciler.adapters import auditlog, files, session, watchstore
 from reconciler.adapters.fake import FakeKernel
 from reconciler.core import lockout, shuffle
 from reconciler.errors import MtdError
@@ -157,6 +157,34 @@ def test_check_compares_with_the_live_mapping(tmp_path: Path) -> None:
         _check(other, nft, inside, epoch=0, force=False, earlier=[state])
     # ...and without the earlier state mtd assumes the real port (the usual session).
     assert _check(other, nft, inside, epoch=0, force=False) is False
+
+
+def test_check_knows_per_source_dynamic_and_trusted_sources(tmp_path: Path) -> None:
+    """A per_source or dynamic source finds its port at its bucket's mapping: the check
+    refuses what moves it there, and passes a re-apply of the same epoch; a trusted source
+    inside a per_source prefix is never moved, so it always passes."""
+    everyone = [{"source": "0.0.0.0/0", "per_source": True}]
+    state = _state(tmp_path, watched=everyone, trusted=["203.0.113.0/24"])
+    nft = FakeKernel()
+    inside, partner = "198.51.100.7 5 192.0.2.1 22", "203.0.113.9 5 192.0.2.1 22"
+    with pytest.raises(MtdError, match="locked out"):
+        _check(state, nft, inside, force=False)  # no table yet: it reaches 22 now
+    assert _check(state, nft, partner, force=False) is False
+    _apply(state, nft, epoch=0)
+    assert _check(state, nft, inside, epoch=0, force=False) is False  # same bucket mapping
+    with pytest.raises(MtdError, match="locked out"):
+        _check(state, nft, inside, epoch=1, force=False)  # a new seed and shuffle
+    assert _check(state, nft, partner, epoch=1, force=False) is False
+    # A dynamic source (the store) outside every watched entry: its bucket, too (no table
+    # yet: it reaches 22 now).
+    alone, nft = _state(tmp_path, watched=[]), FakeKernel()
+    dynamic = "192.0.2.9 5 192.0.2.1 22"
+    assert _check(alone, nft, dynamic, force=False) is False
+    store = watchstore.path_for(alone.epoch_file)
+    store.write_text(json.dumps({"entries": [
+        {"source": "192.0.2.9", "origin": "cli", "reason": "", "expires_at": 4e9}]}))  # fmt: skip
+    with pytest.raises(MtdError, match=re.escape("192.0.2.9 to tcp port 22")):
+        _check(alone, nft, dynamic, force=False)
 
 
 def test_record_and_revert_with_a_fake_kernel(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

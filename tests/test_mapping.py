@@ -4,7 +4,7 @@ import json
 import os
 from pathlib import Path
 
-from reconciler.core import shuffle
+from reconciler.core import bucket, shuffle
 from reconciler.core.state import parse
 from tests.conftest import mtd, write_state
 
@@ -47,7 +47,7 @@ def test_each_source_gets_the_mapping_of_its_most_specific_entry(tmp_path):
             assert got[proto] == {str(p): moved.get(int(p), int(p)) for p in got[proto]}
     assert view(state, "198.51.100.200")["udp"] == {"53": 53}  # ignored: in place
     assert view(state, "203.0.113.9") == {
-        "source": "203.0.113.9", "watched": None, "epoch": 0,
+        "source": "203.0.113.9", "watched": None, "bucket": None, "trusted": False, "epoch": 0,
         "tcp": {str(p): p for p in range(1, 6)}, "udp": {"53": 53},
     }  # fmt: skip
 
@@ -74,3 +74,33 @@ def test_text_output_names_the_source_and_each_port(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0] == "source 192.0.2.3: watched as 192.0.2.3, epoch 0"
     assert "tcp 1 -> 1  (in place)" in lines and len(lines) == 1 + 5 + 1
+
+
+def test_per_source_dynamic_and_trusted_sources_get_their_class_view(tmp_path):
+    """Precedence: trusted, the most specific watched entry (a per_source one: the bucket
+    jhash picks), a dynamic source (the store): its bucket; the kernel agrees
+    (tests/test_buckets.py)."""
+    watched = [{"source": "198.51.100.0/24", "per_source": True}, {"source": "192.0.2.3"},
+               {"source": "198.51.100.128/25"}]  # fmt: skip
+    setup(tmp_path)  # the secret (and a state this test replaces)
+    state = write_state(tmp_path / "state.yaml", watched=watched, trusted=["198.51.100.9"])
+    s = parse([("s.yaml", state.read_text())])
+    secret = (tmp_path / "secret").read_bytes()
+    portmap = shuffle.compute(s, secret, 0)
+    got = view(state, "198.51.100.7")
+    k = bucket.of("198.51.100.7", portmap.seed, s.buckets)
+    assert (got["watched"], got["bucket"]) == ("198.51.100.0/24", k)
+    assert got["tcp"] == {str(p): portmap.buckets[k]["tcp"][p] for p in range(1, 6)}
+    assert view(state, "198.51.100.200")["watched"] == "198.51.100.128/25"  # more specific
+    assert view(state, "198.51.100.9")["trusted"] is True  # trusted inside per_source
+    assert view(state, "198.51.100.9")["tcp"] == {str(p): p for p in range(1, 6)}
+    assert view(state, "203.0.113.5")["watched"] is None
+    store = tmp_path / "watch.json"
+    store.write_text(json.dumps({"entries": [
+        {"source": "203.0.113.5", "origin": "cli", "reason": "", "expires_at": 4e9}]}))  # fmt: skip
+    got = view(state, "203.0.113.5")
+    k = bucket.of("203.0.113.5", portmap.seed, s.buckets)
+    assert (got["watched"], got["bucket"]) == ("dynamic", k)
+    assert got["udp"] == {"53": portmap.buckets[k]["udp"][53]}
+    lines = mtd("-s", str(state), "mapping", "--source", "203.0.113.5").stdout.splitlines()
+    assert lines[0] == f"source 203.0.113.5: watched as dynamic, bucket {k}, epoch 0"

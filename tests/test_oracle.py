@@ -31,7 +31,7 @@ from reconciler.lab.netns import Lab, standard_lab
 from tests import wire
 from tests.conftest import mtd, write_state
 from tests.kernel import apply
-from tests.test_deception import V, quiet
+from tests.test_deception import PER_SOURCE, V, quiet
 
 pytestmark = pytest.mark.netns
 
@@ -44,18 +44,37 @@ _fresh = itertools.count()
 tried = {"sequences": 0, "probes": 0}
 
 
-@pytest.fixture(scope="module")
-def twins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[wire.Prober, wire.Prober]]:
-    state = write_state(tmp_path_factory.mktemp("oracle") / "state.yaml")
+@pytest.fixture(scope="module", params=["explicit", "per_source", "dynamic"])
+def twins(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[wire.Prober, wire.Prober]]:
+    """mtd's host and its twin, for an explicit entry, a per_source source (inside 0.0.0.0/0
+    and ::/0) and a dynamic one (`mtd watch add`, listed nowhere else): for the last two the
+    twin listens where the source's bucket puts the services."""
+    extra = {
+        "explicit": {},
+        "per_source": PER_SOURCE,
+        "dynamic": {"watched": [{"source": "198.51.100.0/24"}]},
+    }[request.param]
+    state = write_state(tmp_path_factory.mktemp("oracle") / "state.yaml", **extra)
     with standard_lab() as lab, Lab(prefix="twin") as twin:
         assert apply(lab, state).returncode == 0
+        if request.param == "dynamic":
+            for source in (V[4][0], V[6][0]):
+                out = mtd("-s", str(state), "watch", "add", source, "--local", ns=lab)
+                assert out.returncode == 0, out.stderr
         twin.add_server()
         twin.add_client("unt", "192.0.2.3", "2001:db8::3")
         for v in (4, 6):
             proc = mtd("-s", str(state), "mapping", "--source", V[v][0], "--json", ns=lab)
             assert proc.returncode == 0, proc.stderr
             view = json.loads(proc.stdout)
-            assert view["watched"] == V[v][0]
+            if request.param == "per_source":
+                assert view["bucket"] is not None and view["watched"].endswith("/0"), view
+            elif request.param == "dynamic":
+                assert view["bucket"] is not None and view["watched"] == "dynamic", view
+            else:
+                assert view["watched"] == V[v][0]
             tcp = [f"{seen}={real}" for real, seen in view["tcp"].items()]
             udp = [f"{seen}={real}" for real, seen in view["udp"].items()]
             twin.serve("srv", tcp, udp, family=v)

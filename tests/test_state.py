@@ -135,3 +135,62 @@ def test_error_in_second_file_names_that_file(tmp_path: Path):
 def test_missing_state_path(tmp_path: Path):
     with pytest.raises(MtdError, match="no such file or directory"):
         load_state(tmp_path / "nope")
+
+
+# -- coverage keys: trusted, per_source, buckets, tripwire -----------------------------------
+
+
+def test_coverage_keys_build_the_model():
+    s = parse_one(
+        BASE + "trusted: [203.0.113.0/24, '2001:db8:2::/64']\nbuckets: 64\n"
+        "watched: [{source: 0.0.0.0/0, per_source: true, ignore: {tcp: [1]}},\n"
+        "          {source: '::/0', per_source: true, ignore: {tcp: [1]}}, {source: 192.0.2.3}]\n"
+        "tripwire: {tcp: [23], for: 60}\n"
+    )
+    assert [str(n) for n in s.trusted] == ["203.0.113.0/24", "2001:db8:2::/64"]
+    assert s.buckets == 64 and s.bucket_ports("tcp") == [2, 3]
+    assert [w.per_source for w in s.watched] == [True, True, False]
+    assert s.tripwire is not None and s.tripwire.ports == {"tcp": (23,), "udp": ()}
+    assert s.tripwire.seconds == 60 and s.doc["buckets"] == 64
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (
+            "watched: [{source: 0.0.0.0/0, per_source: true, ignore: {tcp: [1]}},\n"
+            "          {source: '::/0', per_source: true}]\n",
+            "s.yaml:3: watched[1].per_source: ::/0: ignore {} differs from watched[0] "
+            "(0.0.0.0/0: {tcp: [1]}): expected one ignore list for every per_source entry "
+            "(they share the bucket mappings)",
+        ),
+        (
+            "trusted: [203.0.113.1/24]\n",
+            "s.yaml:2: trusted[0]: '203.0.113.1/24' has host bits set: expected an IPv4/IPv6 "
+            "address or a CIDR prefix such as 203.0.113.0/24 or 2001:db8:2::/64",
+        ),
+        (
+            "tripwire: {tcp: [2, 23], for: 60}\n",
+            "s.yaml:2: tripwire.tcp: [2] in ports.services.tcp: expected ports no service "
+            "uses (every client of that service would trip it)",
+        ),
+        ("buckets: 0\n", "s.yaml:2: buckets: 0: expected at least 1"),
+        ("buckets: 1025\n", "s.yaml:2: buckets: 1025: expected at most 1024"),
+        (
+            "tripwire: {tcp: [23]}\n",
+            "s.yaml:2: tripwire: missing key: 'for' is a required property",
+        ),
+    ],
+)
+def test_coverage_keys_are_validated_in_one_line(extra: str, line: str):
+    assert error_of(BASE + extra) == line
+
+
+def test_classic_refuses_the_coverage_keys():
+    msg = error_of(
+        BASE + "template: classic\ntrusted: [203.0.113.0/24]\ntripwire: {tcp: [23], for: 9}\n"
+        "watched: [{source: 192.0.2.0/24, per_source: true}]\n"
+    )
+    assert "watched[0].per_source: 192.0.2.0/24: template classic handles no per_source" in msg
+    assert "trusted: template classic handles no trusted (use template: maps)" in msg
+    assert "tripwire: template classic handles no tripwire (use template: maps)" in msg

@@ -125,6 +125,20 @@ def test_render_input_drops_expired_entries_and_keeps_the_time_left():
     assert watch.counts(entries, NOW) == {"cli": 1, "redis": 0, "tripwire": 1}
 
 
+def test_render_input_never_exceeds_the_kernel_sets_size_and_keeps_operators_entries():
+    entries = {
+        f"192.0.2.{i}": Entry(f"192.0.2.{i}", "tripwire" if i % 2 else "cli", "", NOW + 10 + i)
+        for i in range(1, 9)
+    }
+    got = watch.dynamic(entries, NOW, limit=5)
+    # The four cli entries, then the tripwire entry with the most time left.
+    assert sorted(s for s, _ in got["4"]) == sorted(
+        ["192.0.2.2", "192.0.2.4", "192.0.2.6", "192.0.2.8", "192.0.2.7"]
+    )
+    assert watch.dynamic(entries, NOW)["4"] == sorted((s, 10 + int(s.rsplit(".")[-1]))
+                                                      for s in entries)  # fmt: skip
+
+
 def test_harvest_adds_what_only_the_kernel_holds_as_tripwire():
     entries = {"192.0.2.7": Entry("192.0.2.7", "cli", "ssh", NOW + 100)}
     kernel = watch.kernel_entries(

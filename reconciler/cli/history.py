@@ -110,9 +110,11 @@ def history(
         f"{entry['time']} by {origin} (fingerprint {entry['fingerprint']} verified)"
     )
     if view.watched is None:
-        click.echo(f"{source}: not watched: it saw the real ports")
+        why = "trusted" if view.trusted else "not watched"
+        click.echo(f"{source}: {why}: it saw the real ports")
         return
-    click.echo(f"{source}: watched as {view.watched.label}")
+    bucket = f", bucket {view.bucket}" if view.bucket is not None else ""
+    click.echo(f"{source}: watched as {view.watched.label}{bucket}")
     for proto, moves in view.moves.items():
         for real, hidden in sorted(moves.items()):
             click.echo(f"{proto} {real} -> {hidden}")

@@ -8,11 +8,13 @@ does this client find port 22 right now". It reads the secret file and never cre
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Collection
 from typing import Any
 
 import click
 
-from reconciler.adapters import files
+from reconciler.adapters import files, watchstore
 from reconciler.cli.common import (
     Ctx,
     cli,
@@ -22,18 +24,26 @@ from reconciler.cli.common import (
     pass_ctx,
     state_options,
 )
-from reconciler.core import audit
+from reconciler.core import audit, watch
 from reconciler.core.state import PROTOCOLS, State
 
 
-def view(state: State, secret: bytes, epoch: int, source: str) -> dict[str, Any]:
-    """{"source", "watched", "epoch", "tcp": {real: seen}, "udp": {...}} for one source: the
-    mapping of the most specific watched entry covering it (`audit.mapping_of`, as the
-    ruleset does), every service listed, those that stay in place as themselves."""
-    seen = audit.mapping_of(state, secret, epoch, source.split("%", 1)[0])  # fe80::1%eth0
+def view(
+    state: State, secret: bytes, epoch: int, source: str, dynamic: Collection[str] = ()
+) -> dict[str, Any]:
+    """{"source", "watched", "bucket", "trusted", "epoch", "tcp": {real: seen}, "udp": {...}}
+    for one source, with the ruleset's precedence (`audit.mapping_of`): trusted, the most
+    specific watched entry (a per_source one's bucket), a dynamic source's bucket; every
+    service listed, those that stay in place as themselves."""
+    seen = audit.mapping_of(state, secret, epoch, source.split("%", 1)[0], dynamic)
+    label = seen.watched.label if seen.watched is not None else None
+    if label is None and seen.bucket is not None:
+        label = "dynamic"
     out: dict[str, Any] = {
-        "source": source.split("%", 1)[0],
-        "watched": seen.watched.label if seen.watched is not None else None,
+        "source": source.split("%", 1)[0],  # fe80::1%eth0
+        "watched": label,
+        "bucket": seen.bucket,
+        "trusted": seen.trusted,
         "epoch": epoch,
     }
     for proto in PROTOCOLS:
@@ -61,16 +71,21 @@ def mapping_cmd(ctx: Ctx, source: str, epoch: int | None, as_json: bool) -> None
     state = ctx.state()
     secret = files.read_private_key(state.secret_file, "secret file")
     epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
-    result = view(state, secret, epoch, source)
+    entries = watch.live(watchstore.load(watchstore.path_for(state.epoch_file)), time.time())
+    result = view(state, secret, epoch, source, set(entries))
     if as_json:
         click.echo(json.dumps(result))
         return
     label = result["watched"]
-    click.echo(
-        f"source {result['source']}: "
-        + (f"watched as {label}" if label else "not watched: services in place")
-        + f", epoch {epoch}"
-    )
+    if result["trusted"]:
+        how = "trusted: services in place"
+    elif label is None:
+        how = "not watched: services in place"
+    elif result["bucket"] is not None:
+        how = f"watched as {label}, bucket {result['bucket']}"
+    else:
+        how = f"watched as {label}"
+    click.echo(f"source {result['source']}: {how}, epoch {epoch}")
     for proto in PROTOCOLS:
         for real, seen in result[proto].items():
             note = "" if seen != real else ("  (in place)" if label else "")

@@ -10,12 +10,12 @@ The file (written by `adapters.auditlog`) is mode 0600.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from reconciler.core import shuffle
+from reconciler.core import bucket, shuffle, watch
 from reconciler.core.state import PROTOCOLS, State, Watched
 from reconciler.errors import MtdError
 
@@ -77,16 +77,22 @@ def next_within(
 
 @dataclass(frozen=True)
 class SourceView:
-    """What one source saw: the watched entry covering it (None: real ports) and its moves."""
+    """What one source saw: the watched entry covering it (None: real ports, or a dynamic
+    source), its moves, and the bucket when the moves are a bucket's (per_source, dynamic)."""
 
     watched: Watched | None
     moves: Mapping[str, Mapping[int, int]]
     fingerprint: str  # of the whole mapping, to compare with the audit line
+    bucket: int | None = None
+    trusted: bool = False
 
 
-def mapping_of(state: State, secret: bytes, epoch: int, source: str) -> SourceView:
-    """The mapping `source` saw at `epoch`: that of the most specific watched entry covering
-    it, as the ruleset does."""
+def mapping_of(
+    state: State, secret: bytes, epoch: int, source: str, dynamic: Collection[str] = ()
+) -> SourceView:
+    """The mapping `source` saw at `epoch`, with the ruleset's precedence: trusted (real
+    ports), the most specific watched entry covering it (a per_source one: its bucket), a
+    dynamic source (`dynamic`: canonical sources, `core.watch.canonical`): its bucket."""
     try:
         addr = ipaddress.ip_network(source, strict=False)
     except ValueError:
@@ -94,11 +100,19 @@ def mapping_of(state: State, secret: bytes, epoch: int, source: str) -> SourceVi
             f"--source {source!r}: expected an IPv4/IPv6 address such as 192.0.2.3"
         ) from None
     portmap = shuffle.compute(state, secret, epoch)
+    print_ = portmap.fingerprint(secret)
+    if state.is_trusted(addr):
+        return SourceView(None, {}, print_, trusted=True)
     w = state.covering(addr)
-    if w is None:
-        return SourceView(None, {}, portmap.fingerprint(secret))
+    if w is None or w.per_source:
+        unit = watch.unit_of(str(addr.network_address))
+        if (w is None and unit not in dynamic) or not portmap.buckets:
+            return SourceView(None, {}, print_)
+        k = bucket.of(addr.network_address, portmap.seed, state.buckets)
+        moves = {p: dict(m) for p, m in portmap.buckets[k].items()}
+        return SourceView(w, moves, print_, bucket=k)
     moves = {p: dict(portmap.moves.get((w.label, p), {})) for p in PROTOCOLS}
-    return SourceView(w, moves, portmap.fingerprint(secret))
+    return SourceView(w, moves, print_)
 
 
 COLUMNS = ("TIME", "HOST", "ORIGIN", "COMMIT", "EPOCH", "RESULT", "FINGERPRINT")

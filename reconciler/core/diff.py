@@ -352,6 +352,13 @@ def rule_text(chain: str, rule: Mapping[str, Any]) -> str:
     return f"rule {chain} {words}{comment}"
 
 
+def _pair(x: Any) -> str:
+    """A set item: a map's `key : value` pair, or a value."""
+    if isinstance(x, list) and len(x) == 2 and not isinstance(x[0], list):
+        return f"{_expr(x[0])} : {_expr(x[1])}"
+    return _expr(x)
+
+
 def _expr(e: Any) -> str:
     if isinstance(e, str | int):
         return str(e)
@@ -364,7 +371,21 @@ def _expr(e: Any) -> str:
         op = "" if v["op"] in ("==", "in") else f"{v['op']} "
         return f"{_expr(v['left'])} {op}{_expr(v['right'])}"
     if kind == "payload":
+        if "base" in v:  # a raw payload, as nft writes it
+            return f"@{v['base']},{v['offset']},{v['len']}"
         return f"{v['protocol']} {v['field']}"
+    if kind == "jhash":
+        return f"jhash {_expr(v['expr'])} mod {v['mod']} seed {v.get('seed', 0):#x}"
+    if kind == "vmap":
+        return f"{_expr(v['key'])} vmap {_expr(v['data'])}"
+    if kind in ("jump", "goto") and isinstance(v, dict):
+        return f"{kind} {v['target']}"
+    if kind == "elem" and isinstance(v, dict) and "timeout" in v:
+        return f"{_expr(v['val'])} timeout {v['timeout']}s"
+    if kind == "set" and isinstance(v, dict) and "op" in v:  # add @set { elem }
+        return f"{v['op']} {v['set']} {{ {_expr(v['elem'])} }}"
+    if kind == "counter" and isinstance(v, str):
+        return f'counter name "{v}"'
     if kind == "meta":
         return f"meta {v['key']}"
     if kind == "fib":
@@ -374,7 +395,7 @@ def _expr(e: Any) -> str:
     if kind == "map":
         return f"{_expr(v['key'])} map {_expr(v['data'])}"
     if kind == "set":
-        return "{ " + ", ".join(_expr(x) for x in v) + " }"
+        return "{ " + ", ".join(_pair(x) for x in v) + " }"
     if kind in ("&", "|", "^"):
         return f"({_expr(v[0])} {kind} {_expr(v[1])})"
     if kind == "prefix":

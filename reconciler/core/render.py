@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import ipaddress
 import json
 import re
 import threading
@@ -27,9 +28,11 @@ import jinja2.sandbox
 from reconciler.core.diff import elem_text
 from reconciler.core.shuffle import PortMap
 from reconciler.core.state import PROTOCOLS, Network, State, Watched
+from reconciler.core.watch import MAX_KERNEL
 from reconciler.errors import MtdError, TemplateError
 
 SUFFIX = ".json.j2"
+MAX_DYNAMIC = MAX_KERNEL  # elements of dyn4 (and of dyn6): memory a tripwire flood can take
 FAMILIES = {4: "ip", 6: "ip6"}
 _TOKEN = "\0mtd:"  # no template writes a NUL: placeholders cannot be mistaken for data
 _TOKEN_JSON = json.dumps(_TOKEN)[1:-1]
@@ -344,16 +347,20 @@ def context(
         for kind in ("", "_net")
     }
     sources: dict[str, list[str]] = {"4": [], "6": []}
-    pieces = _disjoint_prefixes([w.source for w in state.watched if not w.is_host])
+    ranged = [w for w in state.watched if w.per_source or not w.is_host]
+    pieces = _disjoint_prefixes([w.source for w in ranged])
     # Watched prefixes as disjoint pieces: rules that ask "is this source watched at all"
-    # (whatever the port) look them up in one interval set.
+    # (whatever the port) look them up in one interval set, `networks` for explicit
+    # prefixes, `bucketed` for per_source ones (most specific wins among all of them).
     networks: dict[str, list[dict[str, Any]]] = {"4": [], "6": []}
-    for net_pieces in pieces.values():
-        for p in net_pieces:
+    bucketed: dict[str, list[dict[str, Any]]] = {"4": [], "6": []}
+    for w in ranged:
+        out_pieces = bucketed if w.per_source else networks
+        for p in pieces[w.source]:
             prefix = {"prefix": {"addr": str(p.network_address), "len": p.prefixlen}}
-            networks[str(p.version)].append(prefix)
+            out_pieces[str(p.version)].append(prefix)
     # Most specific first, so per-pair (classic) rules also let the narrower source win.
-    ordered = state.most_specific_first
+    ordered = [w for w in state.most_specific_first if not w.per_source]
     for w in ordered:
         v, label = w.source.version, w.label
         if w.is_host:
@@ -382,12 +389,46 @@ def context(
         "sources": sources,
         "networks": networks,
         "services": {proto: list(state.services[proto]) for proto in PROTOCOLS},
+        "bucketed": bucketed,
+        "buckets": [_bucket_elements(by) for by in mapping.buckets],
+        "seed": mapping.seed,
+        "dynamic_size": MAX_DYNAMIC,
+        "trusted": {v: _trusted(state, v) for v in ("4", "6")},
+        "tripwire": _tripwire(state),
         "pairs": Lazy(lambda: _pairs(ordered, mapping)),
         "dynamic": {
             v: [[str(src), int(left)] for src, left in (dynamic or {}).get(v, ())]
             for v in ("4", "6")
         },
     }
+
+
+def _bucket_elements(by_proto: Mapping[str, Mapping[int, int]]) -> dict[str, list[list[int]]]:
+    """One bucket's map elements, both directions of each swap (`P : R` and `R : P`)."""
+    out: dict[str, list[list[int]]] = {}
+    for proto in PROTOCOLS:
+        pairs = sorted(by_proto.get(proto, {}).items())
+        out[proto] = [[real, hid] for real, hid in pairs] + [[hid, real] for real, hid in pairs]
+    return out
+
+
+def _tripwire(state: State) -> dict[str, Any] | None:
+    if state.tripwire is None:
+        return None
+    return {**{p: list(state.tripwire.ports[p]) for p in PROTOCOLS}, "for": state.tripwire.seconds}
+
+
+def _trusted(state: State, v: str) -> list[Any]:
+    """Collapsed: overlapping prefixes would clash in an interval set."""
+    nets = [n for n in state.trusted if str(n.version) == v]
+    return [_interval(n) for n in ipaddress.collapse_addresses(nets)]  # type: ignore[type-var]
+
+
+def _interval(net: Network) -> Any:
+    """An interval set element: an address, or a prefix."""
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
 def _pairs(ordered: Iterable[Watched], mapping: PortMap) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from reconciler.core import bucket
 from reconciler.core.state import PROTOCOLS, State
 
 # The hard ceiling of epochs, everywhere (local file, Redis, messages): 2**40 rotations last
@@ -25,17 +26,30 @@ _SPAN = 1 << 32
 
 @dataclass(frozen=True)
 class PortMap:
-    """`moves[(source label, proto)]` maps each moved real port to its shuffled port."""
+    """`moves[(source label, proto)]` maps each moved real port to its shuffled port (explicit
+    entries); `buckets[k][proto]` the same for bucket k (per_source entries and dynamic
+    sources), which the kernel picks with `jhash` seeded with `seed`."""
 
     epoch: int
     moves: Mapping[tuple[str, str], Mapping[int, int]]
+    buckets: tuple[Mapping[str, Mapping[int, int]], ...] = ()
+    seed: int = 0
 
     def fingerprint(self, secret: bytes) -> str:
         """A keyed hash of the mapping: proves which mapping was live without revealing it."""
         h = hmac.new(secret, b"mtd/fingerprint", hashlib.sha256)
         for (source, proto), moves in sorted(self.moves.items()):
             h.update(f"{source}|{proto}|{sorted(moves.items())}\n".encode())
+        if self.buckets:  # a state without buckets keeps the fingerprint it always had
+            h.update(f"seed|{self.seed}\n".encode())
+            for k, by_proto in enumerate(self.buckets):
+                for proto, moves in sorted(by_proto.items()):
+                    h.update(f"#{k}|{proto}|{sorted(moves.items())}\n".encode())
         return h.hexdigest()[:32]
+
+    def bucket_of(self, addr: str, n: int) -> Mapping[str, Mapping[int, int]]:
+        """The moves of the bucket the kernel puts `addr` in."""
+        return self.buckets[bucket.of(addr, self.seed, n)] if self.buckets else {}
 
 
 def epoch_key(secret: bytes, epoch: int) -> bytes:
@@ -83,6 +97,8 @@ def compute(state: State, secret: bytes, epoch: int) -> PortMap:
     moves: dict[tuple[str, str], dict[int, int]] = {}
     moved: dict[tuple[str, frozenset[int]], list[int]] = {}  # by ignore list: few distinct
     for w in state.watched:
+        if w.per_source:
+            continue  # drawn from the buckets below
         for proto in PROTOCOLS:
             ports = moved.get((proto, w.ignore[proto]))
             if ports is None:
@@ -90,4 +106,15 @@ def compute(state: State, secret: bytes, epoch: int) -> PortMap:
             if ports:
                 targets = draw(key, f"{w.label}|{proto}".encode(), pools[proto], len(ports))
                 moves[(w.label, proto)] = dict(zip(ports, targets, strict=True))
-    return PortMap(epoch=epoch, moves=moves)
+    if not state.has_buckets:
+        return PortMap(epoch=epoch, moves=moves)
+    buckets = []
+    for k in range(state.buckets):
+        by_proto: dict[str, dict[int, int]] = {}
+        for proto in PROTOCOLS:
+            ports = state.bucket_ports(proto)
+            if ports:
+                targets = draw(key, f"#bucket{k}|{proto}".encode(), pools[proto], len(ports))
+                by_proto[proto] = dict(zip(ports, targets, strict=True))
+        buckets.append(by_proto)
+    return PortMap(epoch=epoch, moves=moves, buckets=tuple(buckets), seed=bucket.seed(key))

@@ -21,6 +21,7 @@ import jsonschema
 import yaml
 
 from reconciler import defaults
+from reconciler.core.bucket import DEFAULT_BUCKETS
 from reconciler.core.bulk import gc_paused
 from reconciler.errors import StateError
 
@@ -59,6 +60,7 @@ class Watched:
     source: Network
     ignore: Mapping[str, frozenset[int]]
     index: int
+    per_source: bool = False  # each address (IPv6: /64) inside gets a bucket mapping
 
     @property
     def is_host(self) -> bool:
@@ -87,6 +89,34 @@ class State:
     drift_interval: float
     audit_log: str
     doc: Mapping[str, Any] = field(repr=False)
+    trusted: tuple[Network, ...] = ()
+    buckets: int = DEFAULT_BUCKETS
+    tripwire: Tripwire | None = None
+
+    @cached_property
+    def bucket_ignore(self) -> Mapping[str, frozenset[int]]:
+        """The ports the bucket mappings leave in place: the per_source entries' shared
+        ignore list (validated equal), none when no entry is per_source."""
+        first = next((w for w in self.watched if w.per_source), None)
+        return first.ignore if first is not None else _NO_IGNORE
+
+    def bucket_ports(self, proto: str) -> list[int]:
+        """Service ports of `proto` the bucket mappings move."""
+        return [p for p in self.services[proto] if p not in self.bucket_ignore[proto]]
+
+    @property
+    def has_buckets(self) -> bool:
+        """Whether the template renders bucket mappings (for per_source entries and dynamic
+        sources): every template that supports per_source entries does."""
+        from reconciler.core.templates import support
+
+        return "per_source" in support(self.template).features
+
+    def is_trusted(self, addr: Network) -> bool:
+        return any(
+            t.version == addr.version and addr.subnet_of(t)  # type: ignore[arg-type]
+            for t in self.trusted
+        )
 
     def moved_ports(self, watched: Watched, proto: str) -> list[int]:
         """Service ports of `proto` that move for this source (services minus its ignore list)."""
@@ -108,6 +138,14 @@ class State:
     def free_ports(self, proto: str) -> FreePorts:
         """Ports of the range a service of `proto` may be moved to: never a service port."""
         return FreePorts(*self.port_range, self.services[proto])
+
+
+@dataclass(frozen=True)
+class Tripwire:
+    """Ports that make an unlisted source watched (dynamically, for `seconds`)."""
+
+    ports: Mapping[str, tuple[int, ...]]
+    seconds: int
 
 
 class FreePorts(Sequence[int]):
@@ -450,13 +488,21 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
                         f"{stray} not in ports.services.{proto}: expected service ports only",
                     )
                 )
-        watched.append(Watched(source=net, ignore=ignore, index=i))
+        watched.append(
+            Watched(source=net, ignore=ignore, index=i, per_source=bool(entry.get("per_source")))
+        )
+    problems += _per_source_problems(watched, locate)
+    trusted = _trusted(doc.get("trusted") or [], locate, problems)
+    tripwire = _tripwire(doc.get("tripwire"), services, locate, problems)
     # Every default filled in, derived ones included: templates see it as `state`.
     full["secret_file"] = secret_file
     full["epoch_file"] = full.get("epoch_file") or str(PurePath(secret_file).with_name("epoch"))
     full["audit_log"] = full.get("audit_log") or str(PurePath(secret_file).with_name("audit.jsonl"))
     full["redis"] = merge(REDIS_DEFAULTS, doc.get("redis") or {})
     full.setdefault("watched", [])
+    full.setdefault("trusted", [])
+    full.setdefault("buckets", DEFAULT_BUCKETS)
+    full.setdefault("tripwire", None)  # none: no port trips
     full["ports"] = {
         **full["ports"],
         "services": {**{p: [] for p in PROTOCOLS}, **full["ports"]["services"]},
@@ -475,6 +521,9 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
         drift_interval=float(full["drift_interval"]),
         audit_log=full["audit_log"],
         doc=full,
+        trusted=trusted,
+        buckets=int(full.get("buckets", DEFAULT_BUCKETS)),
+        tripwire=tripwire,
     )
     problems += _forbidden_paths(state, local, locate)
     if not problems:
@@ -483,6 +532,77 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
     if problems:
         raise limited(problems)
     return state
+
+
+def _per_source_problems(watched: Sequence[Watched], locate: _Locator) -> list[str]:
+    """All per_source entries share one set of bucket maps: their ignore lists must match."""
+    shared = [w for w in watched if w.per_source]
+    out = []
+    for w in shared[1:]:
+        if w.ignore != shared[0].ignore:
+            out.append(
+                locate(
+                    ["watched", w.index, "ignore"]
+                    if w.ignore != _NO_IGNORE
+                    else ["watched", w.index, "per_source"],
+                    f"{w.label}: ignore {_ignore_text(w.ignore)} differs from watched"
+                    f"[{shared[0].index}] ({shared[0].label}: {_ignore_text(shared[0].ignore)}): "
+                    "expected one ignore list for every per_source entry (they share the "
+                    "bucket mappings)",
+                )
+            )
+    return out
+
+
+def _ignore_text(ignore: Mapping[str, frozenset[int]]) -> str:
+    parts = [f"{p}: {sorted(ignore[p])}" for p in PROTOCOLS if ignore[p]]
+    return "{" + ", ".join(parts) + "}"
+
+
+def _trusted(items: Sequence[str], locate: _Locator, problems: list[str]) -> tuple[Network, ...]:
+    """The trusted prefixes; each must parse, without host bits, and appear once."""
+    out: dict[Network, None] = {}  # ordered, and a set: 60,000 prefixes stay linear
+    for i, text in enumerate(items):
+        try:
+            net = _network(text)
+        except ValueError as exc:
+            hint = "has host bits set" if "host bits" in str(exc) else "is not an address"
+            problems.append(
+                locate(
+                    ["trusted", i],
+                    f"{text!r} {hint}: expected an IPv4/IPv6 address or a CIDR prefix such "
+                    "as 203.0.113.0/24 or 2001:db8:2::/64",
+                )
+            )
+            continue
+        if net in out:
+            problems.append(locate(["trusted", i], f"{text!r} twice: expected each prefix once"))
+            continue
+        out[net] = None
+    return tuple(out)
+
+
+def _tripwire(
+    given: Mapping[str, Any] | None,
+    services: Mapping[str, tuple[int, ...]],
+    locate: _Locator,
+    problems: list[str],
+) -> Tripwire | None:
+    """Tripwire ports are never service ports (a client of a service would trip it)."""
+    if not given:
+        return None
+    ports = {p: tuple(sorted(given.get(p, []))) for p in PROTOCOLS}
+    for proto in PROTOCOLS:
+        clash = sorted(set(ports[proto]) & set(services[proto]))
+        if clash:
+            problems.append(
+                locate(
+                    ["tripwire", proto],
+                    f"{clash} in ports.services.{proto}: expected ports no service uses "
+                    "(every client of that service would trip it)",
+                )
+            )
+    return Tripwire(ports=ports, seconds=int(given["for"]))
 
 
 def _forbidden_paths(state: State, local: Local, locate: _Locator) -> list[str]:
@@ -530,6 +650,7 @@ def _capacity_problems(state: State, locate: _Locator) -> list[str]:
     problems = []
     lo, hi = state.port_range
     for proto in PROTOCOLS:
+        before = len(problems)
         free = len(state.free_ports(proto))
         # Sources with the same ignore list move the same ports: check the first of each.
         checked: set[frozenset[int]] = set()
@@ -547,6 +668,15 @@ def _capacity_problems(state: State, locate: _Locator) -> list[str]:
                         "or fewer services",
                     )
                 )
+        moved = len(state.bucket_ports(proto))
+        if moved > free and len(problems) == before and state.has_buckets:
+            problems.append(
+                locate(
+                    ["ports", "range"],
+                    f"[{lo}, {hi}]: the bucket mappings of dynamic sources move {moved} {proto} "
+                    f"ports but only {free} are free: expected a larger range or fewer services",
+                )
+            )
     return problems
 
 
@@ -575,6 +705,16 @@ def _template_problems(state: State, locate: _Locator) -> list[str]:
                     f"{w.label}: template {state.template} handles no {kind}{instead}",
                 )
             )
+        if w.per_source and "per_source" not in can.features:
+            problems.append(
+                locate(
+                    ["watched", w.index, "per_source"],
+                    f"{w.label}: template {state.template} handles no per_source entries{instead}",
+                )
+            )
+    for key, used in (("trusted", state.trusted), ("tripwire", state.tripwire)):
+        if used and key not in can.features:
+            problems.append(locate([key], f"template {state.template} handles no {key}{instead}"))
     for proto in PROTOCOLS:
         if state.services[proto] and proto not in can.protocols:
             problems.append(

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 ALL_FAMILIES = frozenset({4, 6})
 ALL_PROTOCOLS = frozenset({"tcp", "udp"})
-ALL_FEATURES = frozenset({"addresses", "prefixes"})
+ALL_FEATURES = frozenset({"addresses", "prefixes", "per_source", "trusted", "tripwire"})
 
 
 @dataclass(frozen=True)
 class Support:
-    """Families (4, 6), protocols and source kinds (`addresses`, `prefixes`) it renders."""
+    """Families (4, 6), protocols and features it renders: source kinds (`addresses`,
+    `prefixes`, `per_source` entries), `trusted` and the `tripwire`."""
 
     families: frozenset[int] = ALL_FAMILIES
     protocols: frozenset[str] = ALL_PROTOCOLS
@@ -34,7 +35,10 @@ TEMPLATES: dict[str, Support] = {
     "maps": Support(),
     # The proof of concept's shape: one rule per moved port, IPv4 TCP only.
     "classic": Support(
-        families=frozenset({4}), protocols=frozenset({"tcp"}), instead="use template: maps"
+        families=frozenset({4}),
+        protocols=frozenset({"tcp"}),
+        features=frozenset({"addresses", "prefixes"}),
+        instead="use template: maps",
     ),
 }
 

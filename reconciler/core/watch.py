@@ -105,6 +105,14 @@ def canonical(text: str, trusted: Iterable[Any] = ()) -> str:
     return source
 
 
+def unit_of(address: str) -> str:
+    """The dynamic unit an address belongs to: itself (IPv4), its /64's network address."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        return str(ip)
+    return str(ipaddress.ip_network(f"{ip}/{V6_UNIT}", strict=False).network_address)
+
+
 def family(source: str) -> str:
     return "6" if ":" in source else "4"
 
@@ -141,11 +149,23 @@ def live(entries: Mapping[str, Entry], now: float) -> dict[str, Entry]:
     return {s: e for s, e in entries.items() if e.left(now) >= 1}
 
 
-def dynamic(entries: Mapping[str, Entry], now: float) -> Dynamic:
-    """Render input: every live entry with its remaining whole seconds, by family."""
+MAX_KERNEL = 65536  # elements of each of dyn4 and dyn6 (`render.MAX_DYNAMIC`)
+
+
+def dynamic(entries: Mapping[str, Entry], now: float, limit: int = MAX_KERNEL) -> Dynamic:
+    """Render input: every live entry with its remaining whole seconds, by family, at most
+    `limit` a family (the kernel set's size: one more would fail the whole replacement).
+    Over the limit, entries an operator or the fleet made (cli, redis) go before tripwire
+    ones, then those with the most time left; the store keeps the rest."""
+    by_family: dict[str, list[Entry]] = {"4": [], "6": []}
+    for entry in live(entries, now).values():
+        by_family[entry.family].append(entry)
     out: Dynamic = {"4": [], "6": []}
-    for source, entry in sorted(live(entries, now).items()):
-        out[entry.family].append((source, entry.left(now)))
+    for fam, items in by_family.items():
+        if len(items) > limit:
+            items.sort(key=lambda e: (e.origin == "tripwire", -e.expires_at, e.source))
+            items = items[:limit]
+        out[fam] = sorted((e.source, e.left(now)) for e in items)
     return out
 
 

@@ -10,11 +10,12 @@ sshd at its real port, which is how an operator's session normally comes in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Collection, Iterable, Mapping
 
-from reconciler.adapters import auditlog, session
+from reconciler.adapters import auditlog, session, watchstore
 from reconciler.adapters.kernel import Backend
-from reconciler.core import audit, lockout
+from reconciler.core import audit, lockout, watch
 from reconciler.core.state import State
 from reconciler.errors import MtdError
 
@@ -43,15 +44,27 @@ def check(
         raise
     if s.port not in state.services.get("tcp", ()):
         return False  # not a service: mtd never moves it
-    after = lockout.seen_at(audit.mapping_of(state, secret, epoch, s.source).moves, s.port)
-    now = _now(state, secret, backend, s, host, earlier)
-    is_trusted = lockout.trusted(s.source, getattr(state, "trusted", None) or ())
+    dynamic = _dynamic(state)
+    view = audit.mapping_of(state, secret, epoch, s.source, dynamic)
+    after = lockout.seen_at(view.moves, s.port)
+    now = _now(state, secret, backend, s, host, earlier, dynamic)
+    is_trusted = view.trusted
     line = lockout.refusal(s, now, after, is_trusted=is_trusted)
     if line is None:
         return False
     if force:
         return True
     raise MtdError(line)
+
+
+def _dynamic(state: State) -> set[str]:
+    """The dynamic sources watched now (the store): they keep their bucket mapping across
+    the change, as the tripwire's and `mtd watch`'s entries survive a replacement."""
+    try:
+        entries = watchstore.load(watchstore.path_for(state.epoch_file))
+    except MtdError:
+        return set()
+    return set(watch.live(entries, time.time()))
 
 
 def _now(
@@ -61,6 +74,7 @@ def _now(
     s: lockout.Session,
     host: str,
     earlier: Iterable[State],
+    dynamic: Collection[str] = (),
 ) -> int:
     """Where the session's client finds its port in the live table."""
     if ("inet", state.table) not in backend.list_tables():
@@ -73,7 +87,7 @@ def _now(
         return s.port
     for candidate in (*earlier, state):
         try:
-            view = audit.mapping_of(candidate, secret, int(entry["epoch"]), s.source)
+            view = audit.mapping_of(candidate, secret, int(entry["epoch"]), s.source, dynamic)
         except (MtdError, ValueError, TypeError):
             continue
         if view.fingerprint == entry.get("fingerprint"):

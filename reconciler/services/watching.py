@@ -26,14 +26,8 @@ from reconciler.errors import KernelError
 
 
 def trusted(state: State) -> list[Any]:
-    """The state's trusted prefixes (none before a state has the key)."""
-    out = []
-    for item in getattr(state, "trusted", None) or state.doc.get("trusted") or ():
-        try:
-            out.append(ipaddress.ip_network(str(getattr(item, "source", item)), strict=False))
-        except ValueError:
-            continue
-    return out
+    """The state's trusted prefixes: a dynamic entry inside one would have no effect."""
+    return list(state.trusted)
 
 
 def kernel_entries(state: State, backend: Backend) -> dict[str, int] | None:
