@@ -259,7 +259,45 @@ def template_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+# Which module declares each command of the root group. `mtd apply` imports only
+# `host`, not the daemon, the pull, git, Redis or the audit history: a short command's
+# start-up is mostly imports.
+COMMAND_MODULES = {
+    **dict.fromkeys(
+        ("validate", "render", "diff", "apply", "rotate", "status", "down", "confirm"), "host"
+    ),
+    **dict.fromkeys(("run", "trigger"), "fleet"),
+    "fleet": "fleet_status",
+    "pull": "pull",
+    "history": "history",
+    "mapping": "mapping",
+    "watch": "watch",
+    **dict.fromkeys(("schema", "import-seed"), "tools"),
+}
+
+
+def load_commands() -> None:
+    """Register every command (for `--help`, completion and the tests of the whole CLI)."""
+    for module in sorted(set(COMMAND_MODULES.values())):
+        __import__(f"reconciler.cli.{module}")
+
+
+class LazyGroup(click.Group):
+    """The root group: a command's module is imported when that command is looked up."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMAND_MODULES.get(cmd_name)
+        if cmd_name not in self.commands and module is not None:
+            __import__(f"reconciler.cli.{module}")
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        load_commands()
+        return super().list_commands(ctx)
+
+
 @click.group(
+    cls=LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog=examples(
         "mtd diff -s desired_state/          # or: mtd -s desired_state/ diff",
