@@ -1,5 +1,6 @@
 """The on-disk caches that let a new `mtd apply` process start fast: the kernel's canonical
-form and the compiled templates. Root-free where the kernel is not needed."""
+form, the compiled templates and the states the schema accepted. Root-free where the kernel
+is not needed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 
 from reconciler.adapters import files, kernel
 from reconciler.core import render
+from reconciler.core import state as state_mod
+from reconciler.core.state import Local
+from reconciler.errors import MtdError
 from tests.conftest import MTD, ROOT, mtd, write_state
 
 SKELETON = [{"add": {"table": {"family": "inet", "name": "t"}}}]
@@ -87,3 +91,65 @@ def test_a_second_apply_runs_no_scratch_namespace(lab, tmp_path: Path):
     out = lab.run("srv", ["env", f"PATH={path}", *MTD, "-s", str(state), "apply"], cwd=ROOT)
     assert out.returncode == 0 and out.stdout.startswith("ok:"), out.stderr
     assert not (tmp_path / "scratch-used").exists()
+
+
+def _accept(state_file: Path) -> None:
+    """What `apply` does after loading: record that the schema accepted this state."""
+    accepted = files.load_state(state_file)
+    files.remember_schema_accepted(state_file.parent / "cache", accepted.schema_key)
+
+
+def test_an_accepted_state_is_not_validated_again(state_file: Path, monkeypatch):
+    _accept(state_file)
+    assert stat.S_IMODE((state_file.parent / "cache").stat().st_mode) == 0o700
+    verdicts = state_file.parent / "cache" / files.SCHEMA_VERDICTS
+    assert stat.S_IMODE(verdicts.stat().st_mode) == 0o600
+
+    def no_schema(*_: object) -> list:
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(state_mod, "_schema_errors", no_schema)
+    again = files.load_state(state_file)
+    assert again.watched and again.schema_key == files.load_state(state_file).schema_key
+
+
+def test_a_changed_state_is_validated_whatever_the_cache_says(state_file: Path):
+    _accept(state_file)
+    text = state_file.read_text()
+    state_file.write_text(text.replace("table: mtd", "table: 7"))  # one value, now invalid
+    with pytest.raises(MtdError, match=r"table: .*7"):
+        files.load_state(state_file)
+    # The checks in Python always run: the same accepted state, loaded where its secret
+    # file may not be (inside a repository clone), is refused.
+    state_file.write_text(text)
+    _accept(state_file)
+    local = Local(forbidden=(str(state_file.parent),))
+    with pytest.raises(MtdError, match=r"inside .*the repository clone"):
+        files.load_state(state_file, local=local)
+
+
+def test_the_verdict_key_covers_the_schema_and_the_version(state_file: Path, monkeypatch):
+    doc = {"table": "mtd"}
+    key = state_mod.schema_key(doc)
+    assert state_mod.schema_key({"table": "mtd2"}) != key
+    assert state_mod.schema_key({"table": True}) != state_mod.schema_key({"table": 1})
+    monkeypatch.setattr(state_mod, "__version__", "0.0.0-other")
+    assert state_mod.schema_key(doc) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(state_mod, "schema_text", lambda: '{"type": "object"}')
+    assert state_mod.schema_key(doc) != key
+
+
+def test_verdicts_are_trusted_only_in_a_private_directory(state_file: Path, monkeypatch):
+    _accept(state_file)
+    (state_file.parent / "cache").chmod(0o777)  # anyone could have written it
+    called: list[int] = []
+    real = state_mod._schema_errors
+    monkeypatch.setattr(state_mod, "_schema_errors", lambda *a: called.append(1) or real(*a))
+    files.load_state(state_file)
+    assert called == [1]
+
+
+def test_loading_a_state_records_no_verdict(state_file: Path):
+    files.load_state(state_file)  # what read-only commands do
+    assert not (state_file.parent / "cache").exists()

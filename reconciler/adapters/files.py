@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from reconciler import defaults
 from reconciler.adapters.credentials import redact
 from reconciler.core import inventory
 from reconciler.core.shuffle import MAX_EPOCH
@@ -75,8 +76,9 @@ def load_state(
     try:
         docs = inventory_documents(path)
         if docs is not None:
-            return inventory.state_for(docs, _host(host), str(path), local)
-        return parse(state_documents(path, skip=Path(config or DEFAULT_CONFIG)), local)
+            return inventory.state_for(docs, _host(host), str(path), local, schema_accepted)
+        docs = state_documents(path, skip=Path(config or DEFAULT_CONFIG))
+        return parse(docs, local, schema_accepted)
     except MtdError as exc:
         raise type(exc)(*(redact(p) for p in exc.problems)) from None
 
@@ -363,6 +365,49 @@ def use_template_cache(directory: Path, *, write: bool) -> None:
         return
     private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
     render.use_bytecode_cache(Cache(str(directory)) if private else None)
+
+
+SCHEMA_VERDICTS = "schema-accepted.json"  # in the cache directory next to the epoch file
+_VERDICTS_KEEP = 16  # states accepted lately (an inventory's hosts, a few edits back)
+
+
+def _private(directory: Path) -> bool:
+    """Ours and writable by nobody else: what a cache that skips a check must be in."""
+    try:
+        st = directory.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _verdicts(directory: Path) -> list[str]:
+    keys = read_json(directory / SCHEMA_VERDICTS)
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+
+
+def schema_accepted(key: str, epoch_file: str) -> bool:
+    """Whether the schema accepted the document of `key` (`state.schema_key`) before, as
+    recorded by `remember_schema_accepted` in the private cache next to `epoch_file`."""
+    directory = Path(epoch_file).parent / defaults.CACHE
+    return _private(directory) and key in _verdicts(directory)
+
+
+def remember_schema_accepted(directory: Path, key: str) -> None:
+    """Record that the schema accepted `key`, for the next process. Only commands that
+    write call this; best effort: a verdict not recorded only costs the next one time."""
+    if not key:
+        return
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private(directory):
+            return
+        keys = _verdicts(directory)
+        if keys[:1] == [key]:
+            return
+        kept = [key, *(k for k in keys if k != key)][:_VERDICTS_KEEP]
+        write_atomic(directory / SCHEMA_VERDICTS, json.dumps(kept) + "\n", mode=0o600)
+    except (OSError, MtdError):
+        pass
 
 
 @contextlib.contextmanager

@@ -87,13 +87,16 @@ class Ctx:
         self, state: State | None = None, cache_dir: Path | None = None, *, write: bool = True
     ) -> Any:
         """The real kernel backend. Its caches (the kernel's canonical form, compiled
-        templates) are in `cache_dir`, or next to the state's epoch file (by default
-        /var/lib/mtd/cache); read-only commands (`write=False`) read them, never add."""
+        templates, the states the schema accepted) are in `cache_dir`, or next to the
+        state's epoch file (by default /var/lib/mtd/cache); read-only commands
+        (`write=False`) read them, never add."""
         from reconciler.adapters.kernel import Nft
 
         if cache_dir is None and state is not None:
             cache_dir = Path(state.epoch_file).parent / defaults.CACHE
         if cache_dir is not None:
+            if write and state is not None:  # creates the directory 0700 if need be
+                files.remember_schema_accepted(cache_dir, state.schema_key)
             files.use_template_cache(cache_dir / "templates", write=write)
         return Nft(cache_dir=cache_dir, write_cache=write)
 

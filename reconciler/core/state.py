@@ -6,23 +6,26 @@ name the file, line, key path and what was expected.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
-from importlib import resources
+from pathlib import Path as FilePath
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
 
-from reconciler import defaults
+from reconciler import __version__, defaults
 from reconciler.core.bulk import gc_paused
 from reconciler.errors import StateError
+
+if TYPE_CHECKING:  # imported where a document is validated: it is most of a start-up
+    import jsonschema
 
 try:  # libyaml is many times faster on large states; fall back to the pure loader.
     from yaml import CSafeLoader as _Loader
@@ -87,6 +90,8 @@ class State:
     drift_interval: float
     audit_log: str
     doc: Mapping[str, Any] = field(repr=False)
+    # What the schema checked (`schema_key`): a command that writes records it as accepted.
+    schema_key: str = field(default="", repr=False, compare=False)
 
     def moved_ports(self, watched: Watched, proto: str) -> list[int]:
         """Service ports of `proto` that move for this source (services minus its ignore list)."""
@@ -134,9 +139,27 @@ class FreePorts(Sequence[int]):
 
 
 @cache
+def schema_text() -> str:
+    """The JSON Schema shipped in the package, as written (next to this module)."""
+    return FilePath(__file__).with_name("schema.json").read_text(encoding="utf-8")
+
+
+@cache
 def schema() -> dict[str, Any]:
     """The JSON Schema shipped in the package (also what `mtd schema` prints)."""
-    return json.loads(resources.files("reconciler.core").joinpath("schema.json").read_text())
+    return json.loads(schema_text())
+
+
+# (key, epoch file) -> whether the schema accepted the document of that key before: a cache
+# the caller keeps next to the epoch file (`adapters.files.schema_accepted`).
+Accepted = Callable[[str, str], bool]
+
+
+def schema_key(doc: Mapping[str, Any]) -> str:
+    """What a schema verdict depends on: mtd's version, the schema and the document the
+    schema checks. `repr` tells apart what JSON would merge (1, 1.0, True, "1")."""
+    text = f"{__version__}\0{schema_text()}\0{doc!r}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @cache
@@ -291,12 +314,16 @@ class Local:
     forbidden: Sequence[str] = ()  # directories no host-local path may point into (the clone)
 
 
-def parse(documents: Sequence[tuple[str, str]], local: Local | None = None) -> State:
+def parse(
+    documents: Sequence[tuple[str, str]],
+    local: Local | None = None,
+    accepted: Accepted | None = None,
+) -> State:
     """Merge documents in the given order, validate the result and build the `State`."""
     if not documents:
         raise StateError("no desired state: expected at least one YAML file")
     parsed = [(name, load_yaml(name, text)) for name, text in documents]
-    return build(parsed, {name: text for name, text in documents}, local)
+    return build(parsed, {name: text for name, text in documents}, local, accepted)
 
 
 @gc_paused()
@@ -304,11 +331,14 @@ def build(
     parsed: Sequence[tuple[str, dict[str, Any]]],
     texts: Mapping[str, str],
     local: Local | None = None,
+    accepted: Accepted | None = None,
 ) -> State:
     """Validate merged, already-loaded documents; `texts` lets errors point at a line.
 
     The host's configuration is merged first, so a local state file may still override it;
-    a state from a repository may not set a host-local key at all.
+    a state from a repository may not set a host-local key at all. `accepted` says whether
+    the schema accepted this very document before: then jsonschema (most of a short
+    command's start-up) is neither imported nor run. The checks in Python always run.
     """
     local = local or Local()
     configs = [(name, load_yaml(name, text)) for name, text in local.documents]
@@ -319,11 +349,23 @@ def build(
     for _, data in parsed:
         doc = merge(doc, data)
     locate = _Locator(parsed, texts)
-    errors = _schema_errors(doc)
-    if errors:
-        first = [locate(path, message) for path, message in errors[:MAX_PROBLEMS]]
-        raise limited(first, more=len(errors) - len(first))
-    return _semantic(doc, locate, local)
+    checked, others = _schema_input(doc)
+    key = schema_key(checked)
+    epoch_file = _epoch_file(doc, local)
+    if accepted is None or epoch_file is None or not accepted(key, epoch_file):
+        errors = _schema_errors(checked, others)
+        if errors:
+            first = [locate(path, message) for path, message in errors[:MAX_PROBLEMS]]
+            raise limited(first, more=len(errors) - len(first))
+    return _semantic(doc, locate, local, key)
+
+
+def _epoch_file(doc: Mapping[str, Any], local: Local) -> str | None:
+    """Where the epoch file will be, read before validation (None when a value is not a
+    path): its directory holds the cache of schema verdicts. As `_semantic` derives it."""
+    secret_file = doc.get("secret_file") or str(PurePath(local.state_dir, "secret"))
+    epoch_file = doc.get("epoch_file") or str(PurePath(str(secret_file)).with_name("epoch"))
+    return epoch_file if isinstance(secret_file, str) and isinstance(epoch_file, str) else None
 
 
 def _check_origin(
@@ -359,18 +401,27 @@ def _check_origin(
         raise limited(problems)
 
 
-def _schema_errors(doc: dict[str, Any]) -> list[tuple[list[str | int], str]]:
-    """(key path, message) of each schema error, sorted by path.
+def _schema_input(doc: dict[str, Any]) -> tuple[dict[str, Any], list[int] | None]:
+    """What the schema has to check, and the indexes of the watched entries kept.
 
     jsonschema takes seconds over 100k watched entries. An entry of the common shape (a
     `source` text, maybe a `comment`) is valid by construction, so only the other entries
     are validated, and their errors keep the entry's own index.
     """
     watched = doc.get("watched")
-    others: list[int] | None = None
-    if isinstance(watched, list):
-        others = [i for i, entry in enumerate(watched) if not _plain_entry(entry)]
-        doc = {**doc, "watched": [watched[i] for i in others]}
+    if not isinstance(watched, list):
+        return doc, None
+    others = [i for i, entry in enumerate(watched) if not _plain_entry(entry)]
+    return {**doc, "watched": [watched[i] for i in others]}, others
+
+
+def _schema_errors(
+    doc: dict[str, Any], others: list[int] | None
+) -> list[tuple[list[str | int], str]]:
+    """(key path, message) of each schema error in `_schema_input`'s document, sorted by
+    path; `others` maps its watched entries back to their own index."""
+    import jsonschema
+
     out = []
     for e in jsonschema.Draft202012Validator(merged_schema()).iter_errors(doc):
         path = list(e.absolute_path)
@@ -396,7 +447,7 @@ def _plain_entry(entry: Any) -> bool:
     )
 
 
-def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
+def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = "") -> State:
     problems: list[str] = []
     if "hosts" in doc:  # allowed by the schema for the group files of an inventory only
         raise StateError(
@@ -475,6 +526,7 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
         drift_interval=float(full["drift_interval"]),
         audit_log=full["audit_log"],
         doc=full,
+        schema_key=key,
     )
     problems += _forbidden_paths(state, local, locate)
     if not problems:
