@@ -1,9 +1,10 @@
 """The on-disk caches that let a new `mtd apply` process start fast: the kernel's canonical
-form, the compiled templates and the states the schema accepted. Root-free where the kernel
-is not needed."""
+form, the compiled templates, the states the schema accepted and rendered texts. Root-free
+where the kernel is not needed."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters import files, kernel
-from reconciler.core import render
+from reconciler.core import render, sandbox, shuffle
 from reconciler.core import state as state_mod
 from reconciler.core.state import Local
 from reconciler.errors import MtdError
@@ -153,3 +154,101 @@ def test_verdicts_are_trusted_only_in_a_private_directory(state_file: Path, monk
 def test_loading_a_state_records_no_verdict(state_file: Path):
     files.load_state(state_file)  # what read-only commands do
     assert not (state_file.parent / "cache").exists()
+
+
+def _doc(commands: list) -> str:
+    return json.dumps(commands, default=list)  # element lists as lists
+
+
+def _rendered(tmp_path: Path, secret: bytes = b"\1" * 32, search: list[Path] | None = None):
+    """Render the test state at epoch 3 with the render cache in `tmp_path/cache`."""
+    state = files.load_state(write_state(tmp_path / "state.yaml"))
+    return render.render(state, shuffle.compute(state, secret, 3), search)
+
+
+@pytest.fixture
+def render_cache(tmp_path: Path):
+    cache = files.RenderCache(tmp_path / "cache", write=True)
+    render.use_render_cache(cache)
+    yield cache
+    render.use_render_cache(None)
+
+
+def test_a_rendered_text_is_reused_without_jinja(tmp_path: Path, render_cache, monkeypatch):
+    first = _rendered(tmp_path)
+    (entry,) = (tmp_path / "cache").glob("rendered-*.json")
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+
+    def no_jinja(*_: object) -> None:
+        raise AssertionError("rendered again")
+
+    monkeypatch.setattr(render, "_render_text", no_jinja)
+    assert _doc(_rendered(tmp_path)) == _doc(first)
+    # Another secret: the same text, the elements of the new mapping spliced in.
+    other = _rendered(tmp_path, secret=b"\2" * 32)
+    assert _doc(other) != _doc(first)
+    monkeypatch.undo()
+    render.use_render_cache(None)
+    assert _doc(_rendered(tmp_path, secret=b"\2" * 32)) == _doc(other)
+
+
+def test_a_kept_text_holds_no_mapping(tmp_path: Path, render_cache):
+    commands = _rendered(tmp_path)
+    text = next((tmp_path / "cache").glob("rendered-*.json")).read_text()
+    maps = [c["add"]["map"] for c in commands if "map" in c["add"]]
+    assert any(m.get("elem") for m in maps)
+    for m in maps:
+        for key, _ in m.get("elem") or []:
+            assert json.dumps(key["concat"], separators=(",", ":")) not in text
+            assert f'"concat": {json.dumps(key["concat"])}' not in text
+
+
+def test_a_template_that_reads_the_mapping_is_always_rendered(tmp_path: Path, render_cache):
+    (tmp_path / "t").mkdir()
+    shipped = (render.template_dirs()[0] / "maps.json.j2").read_text()
+    # The same document, after a loop over the elements themselves.
+    loop = "{%- for e in elements['tcp4'] %}{% endfor -%}\n"
+    (tmp_path / "t" / "maps.json.j2").write_text(loop + shipped)
+    _rendered(tmp_path, search=[tmp_path / "t"])
+    assert not list((tmp_path / "cache").glob("rendered-*.json"))
+    (tmp_path / "t" / "maps.json.j2").write_text(shipped)  # without the loop: kept
+    _rendered(tmp_path, search=[tmp_path / "t"])
+    assert len(list((tmp_path / "cache").glob("rendered-*.json"))) == 1
+
+
+def test_an_edited_or_shadowed_template_is_rendered_again(
+    tmp_path: Path, render_cache, monkeypatch
+):
+    user, shipped = tmp_path / "user", render.template_dirs()[0]
+    user.mkdir()
+    search = [user, shipped]
+    first = _rendered(tmp_path, search=search)
+    calls: list[int] = []
+    real = render._render_text
+
+    def counted(*args: object) -> object:
+        sandbox.cached_environment.cache_clear()
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(render, "_render_text", counted)
+    _rendered(tmp_path, search=search)
+    assert calls == []
+    # A template of the same name now found first: rendered from it.
+    (user / "maps.json.j2").write_text((shipped / "maps.json.j2").read_text() + "\n")
+    assert _doc(_rendered(tmp_path, search=search)) == _doc(first) and calls == [1]
+    _rendered(tmp_path, search=search)
+    assert calls == [1]  # kept again, for this file
+    # The same file, edited: rendered again.
+    (user / "maps.json.j2").write_text((shipped / "maps.json.j2").read_text() + "\n\n")
+    _rendered(tmp_path, search=search)
+    assert calls == [1, 1]
+
+
+def test_read_only_commands_reuse_rendered_texts_but_never_write_them(tmp_path: Path):
+    render.use_render_cache(files.RenderCache(tmp_path / "cache", write=False))
+    try:
+        _rendered(tmp_path)
+    finally:
+        render.use_render_cache(None)
+    assert not (tmp_path / "cache").exists()

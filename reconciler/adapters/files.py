@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hmac
 import json
 import os
@@ -344,11 +345,23 @@ def use_template_cache(directory: Path, *, write: bool) -> None:
     """Compiled templates kept in `directory` for the next process (`render` reads them).
 
     Cached bytecode is code: only a directory this user owns and nobody else may write is
-    used, and `write=False` (read-only commands) reads it but never adds to it.
+    used, and `write=False` (read-only commands) reads it but never adds to it. Jinja2 is
+    imported only when a template is rendered (`render` may reuse a rendered text).
     """
-    import jinja2
-
     from reconciler.core import render
+
+    try:
+        if write:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass
+    render.use_bytecode_cache(
+        functools.partial(_bytecode_cache, str(directory), write) if _private(directory) else None
+    )
+
+
+def _bytecode_cache(directory: str, write: bool) -> Any:
+    import jinja2
 
     class Cache(jinja2.FileSystemBytecodeCache):
         def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
@@ -356,15 +369,51 @@ def use_template_cache(directory: Path, *, write: bool) -> None:
                 with contextlib.suppress(OSError):  # a cache that cannot be written costs time
                     super().dump_bytecode(bucket)
 
+    return Cache(directory)
+
+
+class RenderCache:
+    """Rendered texts for the next process (`render.use_render_cache`), one file per key in
+    the private cache directory, 0600. A kept text holds no mapping (`render` keeps only
+    those that read no element); `write=False` (read-only commands) reads, never writes."""
+
+    KEEP = 4  # texts kept: a few states or templates in turn
+
+    def __init__(self, directory: Path, *, write: bool) -> None:
+        self.directory = directory
+        self.write = write
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"rendered-{key[:40]}.json"
+
+    def get(self, key: str) -> Any:
+        if not _private(self.directory):
+            return None
+        entry = read_json(self._path(key))
+        return entry if isinstance(entry, dict) and entry.get("key") == key else None
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        """Best effort: a text not kept only costs the next process Jinja2."""
+        if not self.write:
+            return
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _private(self.directory):
+                return
+            path = self._path(key)
+            write_atomic(path, json.dumps({"key": key, **entry}), mode=0o600)
+            kept = sorted(self.directory.glob("rendered-*.json"), key=_mtime, reverse=True)
+            for old in kept[self.KEEP :]:
+                old.unlink(missing_ok=True)
+        except (OSError, MtdError):
+            pass
+
+
+def _mtime(path: Path) -> float:
     try:
-        if write:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = directory.stat()
+        return path.stat().st_mtime
     except OSError:
-        render.use_bytecode_cache(None)
-        return
-    private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
-    render.use_bytecode_cache(Cache(str(directory)) if private else None)
+        return 0.0
 
 
 SCHEMA_VERDICTS = "schema-accepted.json"  # in the cache directory next to the epoch file

@@ -84,12 +84,18 @@ class Ctx:
         return files.load_state(self.state_path, self.hostname, self.local(), self.config)
 
     def nft(
-        self, state: State | None = None, cache_dir: Path | None = None, *, write: bool = True
+        self,
+        state: State | None = None,
+        cache_dir: Path | None = None,
+        *,
+        write: bool = True,
+        rendered: bool = False,
     ) -> Any:
         """The real kernel backend. Its caches (the kernel's canonical form, compiled
         templates, the states the schema accepted) are in `cache_dir`, or next to the
         state's epoch file (by default /var/lib/mtd/cache); read-only commands
-        (`write=False`) read them, never add."""
+        (`write=False`) read them, never add. `rendered`: also reuse rendered texts (one
+        command's pass; the daemon renders each epoch once and keeps Jinja2 loaded)."""
         from reconciler.adapters.kernel import Nft
 
         if cache_dir is None and state is not None:
@@ -98,6 +104,8 @@ class Ctx:
             if write and state is not None:  # creates the directory 0700 if need be
                 files.remember_schema_accepted(cache_dir, state.schema_key)
             files.use_template_cache(cache_dir / "templates", write=write)
+            if rendered:
+                render.use_render_cache(files.RenderCache(cache_dir, write=write))
         return Nft(cache_dir=cache_dir, write_cache=write)
 
 

@@ -120,7 +120,7 @@ def _pass(
     state = ctx.state()
     if not check:  # a change that could not be recorded is not made
         auditlog.check_writable(state.audit_log)
-    nft = ctx.nft(state, write=creates and not check)
+    nft = ctx.nft(state, write=creates and not check, rendered=True)
     with files.reconcile_lock(state.epoch_file, shared=check):
         if creates and not check:
             secret = provision_secret(state, nft)
