@@ -1,0 +1,104 @@
+"""Start-up without timing (timings drift): what a short command imports. `mtd apply` loads
+only its own command module, and once its caches are warm (README: Performance) neither
+jsonschema nor Jinja2, which were most of its start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from reconciler.cli.common import COMMAND_MODULES, cli, load_commands
+from tests.conftest import MTD, ROOT, write_state
+
+# Never imported by `mtd apply` (nor `apply --check`, `diff`, `status`) once the caches are warm.
+HEAVY = (
+    "jsonschema",
+    "referencing",
+    "jinja2",
+    "reconciler.core.sandbox",
+    "reconciler.cli.fleet",
+    "reconciler.cli.fleet_status",
+    "reconciler.cli.pull",
+    "reconciler.cli.history",
+    "reconciler.cli.watch",
+    "reconciler.cli.tools",
+    "reconciler.cli.mapping",
+    "reconciler.services.daemon",
+    "reconciler.services.gitops",
+    "reconciler.adapters.bus",
+    "reconciler.adapters.git",
+    "redis",
+    "prometheus_client",
+    "deepdiff",
+)
+
+
+def imported(stderr: str) -> set[str]:
+    """Module names from `python -X importtime`'s report."""
+    out = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            out.add(line.rsplit("|", 1)[1].strip())
+    return out
+
+
+def heavy(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if m.split(".")[0] in HEAVY or m in HEAVY)
+
+
+def test_every_command_is_found_in_the_module_named_for_it():
+    load_commands()
+    assert set(COMMAND_MODULES) == set(cli.commands)
+    for name, command in cli.commands.items():
+        callback = command.callback
+        assert callback is not None
+        assert callback.__module__ == f"reconciler.cli.{COMMAND_MODULES[name]}", name
+        assert isinstance(command, click.Command)
+
+
+def test_the_command_line_alone_imports_no_command_module():
+    code = "import sys, reconciler.cli; print('\\n'.join(sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    modules = set(out.stdout.split())
+    assert "reconciler.cli.common" in modules
+    assert not heavy(modules) and "reconciler.cli.host" not in modules
+
+
+def test_validate_loads_only_its_module(tmp_path: Path):
+    state = write_state(tmp_path / "s.yaml")
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "reconciler", "-s", str(state), "validate"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    modules = imported(out.stderr)
+    assert "reconciler.cli.host" in modules and "jsonschema" in modules  # nothing cached yet
+    assert not [m for m in heavy(modules) if m.startswith("reconciler.cli.")]
+
+
+@pytest.mark.netns
+def test_a_second_apply_imports_neither_jsonschema_nor_jinja(lab, tmp_path: Path):
+    state = write_state(tmp_path / "s.yaml")
+    first = lab.run("srv", [*MTD, "-s", str(state), "apply"], cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    for args in (["apply"], ["apply", "--check"], ["diff"], ["status"]):
+        argv = [sys.executable, "-X", "importtime", *MTD[1:], "-s", str(state), *args]
+        out = lab.run("srv", argv, cwd=ROOT)
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+        modules = imported(out.stderr)
+        assert "reconciler.cli.host" in modules and "nftables" in modules, args
+        assert heavy(modules) == [], args
+    # A changed state is validated (and rendered) again: the caches never hide a change.
+    write_state(tmp_path / "s.yaml", table="mtd2")
+    argv = [sys.executable, "-X", "importtime", *MTD[1:], "-s", str(state), "apply", "--check"]
+    out = lab.run("srv", argv, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert {"jsonschema", "jinja2"} <= imported(out.stderr)
