@@ -14,10 +14,8 @@ import hmac
 import json
 import os
 import secrets
-import shutil
 import socket
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -310,6 +308,9 @@ def read_json(path: str | Path) -> Any:
 @contextlib.contextmanager
 def scratch_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
     """A private temporary directory under `parent`, removed when the block ends."""
+    import shutil  # with tempfile, only here: not on every command's start-up
+    import tempfile
+
     Path(parent).mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:

@@ -3,6 +3,7 @@ and `friendly`, which prints an `MtdError` as its lines with exit code 1."""
 
 from __future__ import annotations
 
+import atexit
 import socket
 import sys
 from collections.abc import Callable
@@ -90,12 +91,14 @@ class Ctx:
         *,
         write: bool = True,
         rendered: bool = False,
+        one_shot: bool = True,
     ) -> Any:
         """The real kernel backend. Its caches (the kernel's canonical form, compiled
         templates, the states the schema accepted) are in `cache_dir`, or next to the
         state's epoch file (by default /var/lib/mtd/cache); read-only commands
         (`write=False`) read them, never add. `rendered`: also reuse rendered texts (one
-        command's pass; the daemon renders each epoch once and keeps Jinja2 loaded)."""
+        command's pass; the daemon renders each epoch once and keeps Jinja2 loaded).
+        `one_shot`: the process ends with the command (`Nft.abandon` at exit)."""
         from reconciler.adapters.kernel import Nft
 
         if cache_dir is None and state is not None:
@@ -106,7 +109,10 @@ class Ctx:
             files.use_template_cache(cache_dir / "templates", write=write)
             if rendered:
                 render.use_render_cache(files.RenderCache(cache_dir, write=write))
-        return Nft(cache_dir=cache_dir, write_cache=write)
+        nft = Nft(cache_dir=cache_dir, write_cache=write)
+        if one_shot:
+            atexit.register(nft.abandon)
+        return nft
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
