@@ -4,6 +4,7 @@ where the kernel is not needed."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import stat
@@ -252,3 +253,46 @@ def test_read_only_commands_reuse_rendered_texts_but_never_write_them(tmp_path: 
     finally:
         render.use_render_cache(None)
     assert not (tmp_path / "cache").exists()
+
+
+def _remember_parsed(state_file: Path) -> None:
+    """What `apply` does after loading: keep the documents as parsed."""
+    files.remember_parsed(state_file.parent / "cache", files.load_state(state_file))
+
+
+def test_a_parsed_state_is_not_parsed_again(state_file: Path, monkeypatch):
+    first = files.load_state(state_file)
+    _remember_parsed(state_file)
+    (entry,) = (state_file.parent / "cache").glob("parsed-*.json")
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+
+    def no_yaml(*_: object) -> dict:
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(state_mod, "load_yaml", no_yaml)
+    again = files.load_state(state_file)
+    assert again == first and again.doc == first.doc
+    # A meaning error still points at its line (the text is composed only then).
+    local = Local(forbidden=(str(state_file.parent),))
+    with pytest.raises(MtdError, match=r"state.yaml:2: secret_file"):
+        files.load_state(state_file, local=local)
+    # Another text is parsed: one value changed.
+    state_file.write_text(state_file.read_text().replace("table: mtd", "table: mtd2"))
+    with pytest.raises(AssertionError, match="parsed again"):
+        files.load_state(state_file)
+
+
+def test_only_documents_json_keeps_as_they_are_are_kept():
+    assert state_mod._as_json({"s": {"d": datetime.date(2024, 1, 1)}}) == ""  # a YAML date
+    assert state_mod._as_json({"s": {1: "a"}}) == ""  # a number as a key
+    assert state_mod._as_json({"s": {"a": [1, 1.0, True, None]}}) != ""
+
+
+def test_parsed_states_are_trusted_only_in_a_private_directory(state_file: Path, monkeypatch):
+    _remember_parsed(state_file)
+    (state_file.parent / "cache").chmod(0o777)
+    calls: list[int] = []
+    real = state_mod.load_yaml
+    monkeypatch.setattr(state_mod, "load_yaml", lambda *a: calls.append(1) or real(*a))
+    files.load_state(state_file)
+    assert calls == [1]

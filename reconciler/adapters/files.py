@@ -7,12 +7,15 @@ cache, sysctls), the only code that reads or writes the host's files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
+import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import socket
 import stat
@@ -20,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from reconciler import defaults
+from reconciler import __version__, defaults
 from reconciler.adapters.credentials import redact
 from reconciler.core import inventory
 from reconciler.core.shuffle import MAX_EPOCH
@@ -77,7 +80,9 @@ def load_state(
         if docs is not None:
             return inventory.state_for(docs, _host(host), str(path), local, schema_accepted)
         docs = state_documents(path, skip=Path(config or DEFAULT_CONFIG))
-        return parse(docs, local, schema_accepted)
+        key = parsed_key(docs, local)
+        state = parse(docs, local, schema_accepted, _parsed(key, docs, local))
+        return dataclasses.replace(state, parsed_key=key) if state.parsed_json else state
     except MtdError as exc:
         raise type(exc)(*(redact(p) for p in exc.problems)) from None
 
@@ -415,6 +420,71 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+def parsed_key(docs: list[tuple[str, str]], local: Local | None) -> str:
+    """What a parse depends on: mtd's version and every document's name and text."""
+    every = [*(local.documents if local else ()), *docs]
+    text = f"{__version__}\0{every!r}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# `secret_file: PATH` or `epoch_file: PATH` at the top level of a YAML document, plain or quoted.
+_PATH_KEY = re.compile(
+    r"^(secret_file|epoch_file):[ \t]*(['\"]?)([^'\"#\n]+?)\2[ \t]*(?:#.*)?$", re.MULTILINE
+)
+
+
+def _guessed_cache(docs: list[tuple[str, str]], local: Local | None) -> Path:
+    """The cache directory next to the epoch file, read from the texts before parsing them.
+    Only a guess (a path written in flow style is missed): a wrong one only costs a parse,
+    since what is found there is keyed by the texts themselves."""
+    found: dict[str, str] = {}
+    for _, text in [*(local.documents if local else ()), *docs]:  # in merge order
+        for m in _PATH_KEY.finditer(text):
+            found[m.group(1)] = m.group(3)
+    state_dir = local.state_dir if local else str(defaults.STATE_DIR)
+    secret = found.get("secret_file") or str(Path(state_dir, "secret"))
+    epoch = found.get("epoch_file") or str(Path(secret).with_name("epoch"))
+    return Path(epoch).parent / defaults.CACHE
+
+
+PARSED_KEEP = 4  # parsed states kept (an inventory's hosts, a few edits back)
+
+
+def _parsed(
+    key: str, docs: list[tuple[str, str]], local: Local | None
+) -> dict[str, dict[str, Any]] | None:
+    """The documents as parsed before, from the private cache (`remember_parsed`)."""
+    directory = _guessed_cache(docs, local)
+    if not _private(directory):
+        return None
+    entry = read_json(directory / f"parsed-{key[:40]}.json")
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        return None
+    documents = entry.get("documents")
+    if not isinstance(documents, dict) or not all(isinstance(d, dict) for d in documents.values()):
+        return None
+    return documents
+
+
+def remember_parsed(directory: Path, state: State) -> None:
+    """Keep the state's documents as parsed, for the next process (only commands that write
+    call this; best effort). The state files are not secret; 0600 all the same."""
+    if not state.parsed_json or not state.parsed_key:
+        return
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private(directory):
+            return
+        path = directory / f"parsed-{state.parsed_key[:40]}.json"
+        body = f'{{"key": {json.dumps(state.parsed_key)}, "documents": {state.parsed_json}}}'
+        write_atomic(path, body, mode=0o600)
+        kept = sorted(directory.glob("parsed-*.json"), key=_mtime, reverse=True)
+        for old in kept[PARSED_KEEP:]:
+            old.unlink(missing_ok=True)
+    except (OSError, MtdError):
+        pass
 
 
 SCHEMA_VERDICTS = "schema-accepted.json"  # in the cache directory next to the epoch file

@@ -94,8 +94,8 @@ class Ctx:
         one_shot: bool = True,
     ) -> Any:
         """The real kernel backend. Its caches (the kernel's canonical form, compiled
-        templates, the states the schema accepted) are in `cache_dir`, or next to the
-        state's epoch file (by default /var/lib/mtd/cache); read-only commands
+        templates, the states parsed and accepted by the schema) are in `cache_dir`, or
+        next to the state's epoch file (by default /var/lib/mtd/cache); read-only commands
         (`write=False`) read them, never add. `rendered`: also reuse rendered texts (one
         command's pass; the daemon renders each epoch once and keeps Jinja2 loaded).
         `one_shot`: the process ends with the command (`Nft.abandon` at exit)."""
@@ -106,6 +106,7 @@ class Ctx:
         if cache_dir is not None:
             if write and state is not None:  # creates the directory 0700 if need be
                 files.remember_schema_accepted(cache_dir, state.schema_key)
+                files.remember_parsed(cache_dir, state)
             files.use_template_cache(cache_dir / "templates", write=write)
             if rendered:
                 render.use_render_cache(files.RenderCache(cache_dir, write=write))

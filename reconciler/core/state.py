@@ -6,6 +6,7 @@ name the file, line, key path and what was expected.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -18,19 +19,30 @@ from pathlib import Path as FilePath
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from reconciler import __version__, defaults
 from reconciler.core.bulk import gc_paused
 from reconciler.errors import StateError
 
-if TYPE_CHECKING:  # imported where a document is validated: it is most of a start-up
+if TYPE_CHECKING:  # imported where a document is validated or parsed: most of a start-up
     import jsonschema
+    import yaml
 
-try:  # libyaml is many times faster on large states; fall back to the pure loader.
-    from yaml import CSafeLoader as _Loader
-except ImportError:  # pragma: no cover
-    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+@cache
+def _yaml() -> Any:
+    """PyYAML, imported when a document is parsed (not for documents parsed before and
+    kept by the caller, see `parse`)."""
+    import yaml
+
+    return yaml
+
+
+@cache
+def _loader() -> Any:
+    """libyaml is many times faster on large states; fall back to the pure loader."""
+    yaml = _yaml()
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 PROTOCOLS = ("tcp", "udp")
 STATE_DIR = str(defaults.STATE_DIR)  # where mtd keeps its own files unless told otherwise
@@ -92,6 +104,10 @@ class State:
     doc: Mapping[str, Any] = field(repr=False)
     # What the schema checked (`schema_key`): a command that writes records it as accepted.
     schema_key: str = field(default="", repr=False, compare=False)
+    # The documents as parsed, {name: data} in JSON, when YAML parsed them and JSON keeps
+    # them as they are ("" otherwise): what a command that writes keeps for the next one.
+    parsed_json: str = field(default="", repr=False, compare=False)
+    parsed_key: str = field(default="", repr=False, compare=False)  # what `parsed_json` is of
 
     def moved_ports(self, watched: Watched, proto: str) -> list[int]:
         """Service ports of `proto` that move for this source (services minus its ignore list)."""
@@ -207,13 +223,14 @@ def load_yaml(name: str, text: str) -> dict[str, Any]:
     The document is bounded first (size, nesting depth, expanded size of aliases) and a key
     written twice in one mapping is an error: YAML would silently keep the last one.
     """
+    yaml = _yaml()
     if len(text) > MAX_DOCUMENT_BYTES:
         raise StateError(
             f"{name}: {len(text)} characters: expected at most {MAX_DOCUMENT_BYTES} in a state file"
         )
     try:
         _check_events(name, text)
-        data = yaml.load(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
@@ -245,7 +262,8 @@ def _check_events(name: str, text: str) -> None:
     stack: list[_Frame] = []
     anchors: dict[str, int] = {}
     total = 0
-    for ev in yaml.parse(text, Loader=_Loader):
+    yaml = _yaml()
+    for ev in yaml.parse(text, Loader=_loader()):
         if isinstance(ev, yaml.MappingStartEvent | yaml.SequenceStartEvent):
             if stack:
                 _key(name, stack[-1], ev, None)
@@ -318,12 +336,36 @@ def parse(
     documents: Sequence[tuple[str, str]],
     local: Local | None = None,
     accepted: Accepted | None = None,
+    known: Mapping[str, dict[str, Any]] | None = None,
 ) -> State:
-    """Merge documents in the given order, validate the result and build the `State`."""
+    """Merge documents in the given order, validate the result and build the `State`.
+
+    `known`: every document (the host's configuration's too) by name, as `load_yaml` parsed
+    these very texts before (the caller's cache, keyed by the texts): YAML is then neither
+    imported nor run. Everything after parsing is checked as always.
+    """
     if not documents:
         raise StateError("no desired state: expected at least one YAML file")
+    local = local or Local()
+    if known is not None and all(name in known for name, _ in [*documents, *local.documents]):
+        parsed = [(name, known[name]) for name, _ in documents]
+        configs = [(name, known[name]) for name, _ in local.documents]
+        return build(parsed, dict(documents), local, accepted, configs)
     parsed = [(name, load_yaml(name, text)) for name, text in documents]
-    return build(parsed, {name: text for name, text in documents}, local, accepted)
+    configs = [(name, load_yaml(name, text)) for name, text in local.documents]
+    kept = _as_json({name: data for name, data in [*configs, *parsed]})
+    state = build(parsed, dict(documents), local, accepted, configs)
+    return dataclasses.replace(state, parsed_json=kept)
+
+
+def _as_json(documents: dict[str, Any]) -> str:
+    """The parsed documents in JSON, if JSON gives them back as they are (not a date, not a
+    number as a key...), else "". Taken before `build`, which must not see them changed."""
+    try:
+        text = json.dumps(documents)
+    except (TypeError, ValueError):
+        return ""
+    return text if repr(json.loads(text)) == repr(documents) else ""
 
 
 @gc_paused()
@@ -332,6 +374,7 @@ def build(
     texts: Mapping[str, str],
     local: Local | None = None,
     accepted: Accepted | None = None,
+    configs: Sequence[tuple[str, dict[str, Any]]] | None = None,
 ) -> State:
     """Validate merged, already-loaded documents; `texts` lets errors point at a line.
 
@@ -341,7 +384,8 @@ def build(
     command's start-up) is neither imported nor run. The checks in Python always run.
     """
     local = local or Local()
-    configs = [(name, load_yaml(name, text)) for name, text in local.documents]
+    if configs is None:  # the host's configuration, parsed here unless the caller did
+        configs = [(name, load_yaml(name, text)) for name, text in local.documents]
     texts = {**texts, **dict(local.documents)}
     _check_origin(configs, parsed, texts, local)
     parsed = [*configs, *parsed]
@@ -696,8 +740,9 @@ class _Locator:
     def _node(self, name: str) -> yaml.Node | None:
         if name not in self._nodes:
             try:  # already bounded by `load_yaml`, so the C composer is safe here
-                self._nodes[name] = yaml.compose(self._texts.get(name, ""), Loader=_Loader)
-            except yaml.YAMLError:
+                yaml = _yaml()
+                self._nodes[name] = yaml.compose(self._texts.get(name, ""), Loader=_loader())
+            except _yaml().YAMLError:
                 self._nodes[name] = None
         return self._nodes[name]
 
@@ -721,6 +766,7 @@ def _has(data: Any, path: list[str | int]) -> bool:
 
 
 def _line_of(node: yaml.Node | None, path: list[str | int]) -> int | None:
+    yaml = _yaml()
     for part in path:
         if isinstance(node, yaml.MappingNode):
             node = next((v for k, v in node.value if k.value == part), None)
