@@ -145,3 +145,9 @@ def test_the_libnftables_schema_check_agrees_with_the_bindings_validator(doc):
     except ValueError:
         ours = False
     assert ours == theirs
+
+
+def test_a_mistyped_command_is_still_given_a_suggestion():
+    out = subprocess.run([*MTD, "aply"], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert out.returncode == 2
+    assert "No such command 'aply'. Did you mean 'apply'?" in out.stderr

@@ -307,6 +307,8 @@ class LazyGroup(click.Group):
         module = COMMAND_MODULES.get(cmd_name)
         if cmd_name not in self.commands and module is not None:
             __import__(f"reconciler.cli.{module}")
+        elif module is None:  # a typo: click suggests from every registered command
+            load_commands()
         return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
