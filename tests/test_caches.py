@@ -1,8 +1,11 @@
 """The on-disk caches that let a new `mtd apply` process start fast: the kernel's canonical
-form and the compiled templates. Root-free where the kernel is not needed."""
+form, the compiled templates, the states the schema accepted and rendered texts. Root-free
+where the kernel is not needed."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import stat
 from pathlib import Path
@@ -10,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters import files, kernel
-from reconciler.core import render
+from reconciler.core import render, sandbox, shuffle
+from reconciler.core import state as state_mod
+from reconciler.core.state import Local
+from reconciler.errors import MtdError
 from tests.conftest import MTD, ROOT, mtd, write_state
 
 SKELETON = [{"add": {"table": {"family": "inet", "name": "t"}}}]
@@ -97,3 +103,206 @@ def test_every_level_of_mtds_own_directories_is_private(tmp_path: Path):
         assert stat.S_IMODE((tmp_path / level).stat().st_mode) == 0o700, level
     files.write_private(tmp_path / "var" / "a" / "b" / "f", b"x")
     assert stat.S_IMODE((tmp_path / "var" / "a").stat().st_mode) == 0o700
+
+
+def _accept(state_file: Path) -> None:
+    """What `apply` does after loading: record that the schema accepted this state."""
+    accepted = files.load_state(state_file)
+    files.remember_schema_accepted(state_file.parent / "cache", accepted.schema_key)
+
+
+def test_an_accepted_state_is_not_validated_again(state_file: Path, monkeypatch):
+    _accept(state_file)
+    assert stat.S_IMODE((state_file.parent / "cache").stat().st_mode) == 0o700
+    verdicts = state_file.parent / "cache" / files.SCHEMA_VERDICTS
+    assert stat.S_IMODE(verdicts.stat().st_mode) == 0o600
+
+    def no_schema(*_: object) -> list:
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(state_mod, "_schema_errors", no_schema)
+    again = files.load_state(state_file)
+    assert again.watched and again.schema_key == files.load_state(state_file).schema_key
+
+
+def test_a_changed_state_is_validated_whatever_the_cache_says(state_file: Path):
+    _accept(state_file)
+    text = state_file.read_text()
+    state_file.write_text(text.replace("table: mtd", "table: 7"))  # one value, now invalid
+    with pytest.raises(MtdError, match=r"table: .*7"):
+        files.load_state(state_file)
+    # The checks in Python always run: the same accepted state, loaded where its secret
+    # file may not be (inside a repository clone), is refused.
+    state_file.write_text(text)
+    _accept(state_file)
+    local = Local(forbidden=(str(state_file.parent),))
+    with pytest.raises(MtdError, match=r"inside .*the repository clone"):
+        files.load_state(state_file, local=local)
+
+
+def test_the_verdict_key_covers_the_schema_and_the_version(state_file: Path, monkeypatch):
+    doc = {"table": "mtd"}
+    key = state_mod.schema_key(doc)
+    assert state_mod.schema_key({"table": "mtd2"}) != key
+    assert state_mod.schema_key({"table": True}) != state_mod.schema_key({"table": 1})
+    monkeypatch.setattr(state_mod, "__version__", "0.0.0-other")
+    assert state_mod.schema_key(doc) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(state_mod, "schema_text", lambda: '{"type": "object"}')
+    assert state_mod.schema_key(doc) != key
+
+
+def test_verdicts_are_trusted_only_in_a_private_directory(state_file: Path, monkeypatch):
+    _accept(state_file)
+    (state_file.parent / "cache").chmod(0o777)  # anyone could have written it
+    called: list[int] = []
+    real = state_mod._schema_errors
+    monkeypatch.setattr(state_mod, "_schema_errors", lambda *a: called.append(1) or real(*a))
+    files.load_state(state_file)
+    assert called == [1]
+
+
+def test_loading_a_state_records_no_verdict(state_file: Path):
+    files.load_state(state_file)  # what read-only commands do
+    assert not (state_file.parent / "cache").exists()
+
+
+def _doc(commands: list) -> str:
+    return json.dumps(commands, default=list)  # element lists as lists
+
+
+def _rendered(tmp_path: Path, secret: bytes = b"\1" * 32, search: list[Path] | None = None):
+    """Render the test state at epoch 3 with the render cache in `tmp_path/cache`."""
+    state = files.load_state(write_state(tmp_path / "state.yaml"))
+    return render.render(state, shuffle.compute(state, secret, 3), search)
+
+
+@pytest.fixture
+def render_cache(tmp_path: Path):
+    cache = files.RenderCache(tmp_path / "cache", write=True)
+    render.use_render_cache(cache)
+    yield cache
+    render.use_render_cache(None)
+
+
+def test_a_rendered_text_is_reused_without_jinja(tmp_path: Path, render_cache, monkeypatch):
+    first = _rendered(tmp_path)
+    (entry,) = (tmp_path / "cache").glob("rendered-*.json")
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+
+    def no_jinja(*_: object) -> None:
+        raise AssertionError("rendered again")
+
+    monkeypatch.setattr(render, "_render_text", no_jinja)
+    assert _doc(_rendered(tmp_path)) == _doc(first)
+    # Another secret: the same text, the elements of the new mapping spliced in.
+    other = _rendered(tmp_path, secret=b"\2" * 32)
+    assert _doc(other) != _doc(first)
+    monkeypatch.undo()
+    render.use_render_cache(None)
+    assert _doc(_rendered(tmp_path, secret=b"\2" * 32)) == _doc(other)
+
+
+def test_a_kept_text_holds_no_mapping(tmp_path: Path, render_cache):
+    commands = _rendered(tmp_path)
+    text = next((tmp_path / "cache").glob("rendered-*.json")).read_text()
+    maps = [c["add"]["map"] for c in commands if "map" in c["add"]]
+    assert any(m.get("elem") for m in maps)
+    for m in maps:
+        for key, _ in m.get("elem") or []:
+            assert json.dumps(key["concat"], separators=(",", ":")) not in text
+            assert f'"concat": {json.dumps(key["concat"])}' not in text
+
+
+def test_a_template_that_reads_the_mapping_is_always_rendered(tmp_path: Path, render_cache):
+    (tmp_path / "t").mkdir()
+    shipped = (render.template_dirs()[0] / "maps.json.j2").read_text()
+    # The same document, after a loop over the elements themselves.
+    loop = "{%- for e in elements['tcp4'] %}{% endfor -%}\n"
+    (tmp_path / "t" / "maps.json.j2").write_text(loop + shipped)
+    _rendered(tmp_path, search=[tmp_path / "t"])
+    assert not list((tmp_path / "cache").glob("rendered-*.json"))
+    (tmp_path / "t" / "maps.json.j2").write_text(shipped)  # without the loop: kept
+    _rendered(tmp_path, search=[tmp_path / "t"])
+    assert len(list((tmp_path / "cache").glob("rendered-*.json"))) == 1
+
+
+def test_an_edited_or_shadowed_template_is_rendered_again(
+    tmp_path: Path, render_cache, monkeypatch
+):
+    user, shipped = tmp_path / "user", render.template_dirs()[0]
+    user.mkdir()
+    search = [user, shipped]
+    first = _rendered(tmp_path, search=search)
+    calls: list[int] = []
+    real = render._render_text
+
+    def counted(*args: object) -> object:
+        sandbox.cached_environment.cache_clear()
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(render, "_render_text", counted)
+    _rendered(tmp_path, search=search)
+    assert calls == []
+    # A template of the same name now found first: rendered from it.
+    (user / "maps.json.j2").write_text((shipped / "maps.json.j2").read_text() + "\n")
+    assert _doc(_rendered(tmp_path, search=search)) == _doc(first) and calls == [1]
+    _rendered(tmp_path, search=search)
+    assert calls == [1]  # kept again, for this file
+    # The same file, edited: rendered again.
+    (user / "maps.json.j2").write_text((shipped / "maps.json.j2").read_text() + "\n\n")
+    _rendered(tmp_path, search=search)
+    assert calls == [1, 1]
+
+
+def test_read_only_commands_reuse_rendered_texts_but_never_write_them(tmp_path: Path):
+    render.use_render_cache(files.RenderCache(tmp_path / "cache", write=False))
+    try:
+        _rendered(tmp_path)
+    finally:
+        render.use_render_cache(None)
+    assert not (tmp_path / "cache").exists()
+
+
+def _remember_parsed(state_file: Path) -> None:
+    """What `apply` does after loading: keep the documents as parsed."""
+    files.remember_parsed(state_file.parent / "cache", files.load_state(state_file))
+
+
+def test_a_parsed_state_is_not_parsed_again(state_file: Path, monkeypatch):
+    first = files.load_state(state_file)
+    _remember_parsed(state_file)
+    (entry,) = (state_file.parent / "cache").glob("parsed-*.json")
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+
+    def no_yaml(*_: object) -> dict:
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(state_mod, "load_yaml", no_yaml)
+    again = files.load_state(state_file)
+    assert again == first and again.doc == first.doc
+    # A meaning error still points at its line (the text is composed only then).
+    local = Local(forbidden=(str(state_file.parent),))
+    with pytest.raises(MtdError, match=r"state.yaml:2: secret_file"):
+        files.load_state(state_file, local=local)
+    # Another text is parsed: one value changed.
+    state_file.write_text(state_file.read_text().replace("table: mtd", "table: mtd2"))
+    with pytest.raises(AssertionError, match="parsed again"):
+        files.load_state(state_file)
+
+
+def test_only_documents_json_keeps_as_they_are_are_kept():
+    assert state_mod._as_json({"s": {"d": datetime.date(2024, 1, 1)}}) == ""  # a YAML date
+    assert state_mod._as_json({"s": {1: "a"}}) == ""  # a number as a key
+    assert state_mod._as_json({"s": {"a": [1, 1.0, True, None]}}) != ""
+
+
+def test_parsed_states_are_trusted_only_in_a_private_directory(state_file: Path, monkeypatch):
+    _remember_parsed(state_file)
+    (state_file.parent / "cache").chmod(0o777)
+    calls: list[int] = []
+    real = state_mod.load_yaml
+    monkeypatch.setattr(state_mod, "load_yaml", lambda *a: calls.append(1) or real(*a))
+    files.load_state(state_file)
+    assert calls == [1]

@@ -14,10 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from reconciler.adapters import files
-from reconciler.cli import main  # noqa: F401  (registers every command)
-from reconciler.cli.common import cli
+from reconciler.cli.common import cli, load_commands
 from reconciler.lab.netns import Lab
 from tests.conftest import MTD, ROOT, mtd, write_state
+
+load_commands()  # commands are registered when first looked up; these tests read them all
 
 SHARED = {"state_path", "templates", "debug", "host"}
 NO_STATE = {"schema", "import-seed", "pull"}  # commands whose state comes from elsewhere

@@ -12,12 +12,13 @@ from pathlib import Path
 import click
 import pytest
 
-from reconciler.cli import main  # noqa: F401  (registers every command)
-from reconciler.cli.common import cli
+from reconciler.cli.common import cli, load_commands
 from reconciler.core import render, shuffle
 from reconciler.core.state import parse
 from reconciler.services.daemon import Metrics
 from tests.conftest import ROOT, write_state
+
+load_commands()  # commands are registered when first looked up; these tests read them all
 
 README = (ROOT / "README.md").read_text()
 CODE = re.compile(r"`((?:[^`\\]|\\.)+)`")  # a code span; `\|` is a pipe inside a table

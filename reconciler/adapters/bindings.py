@@ -60,17 +60,41 @@ def context() -> Any:
     return ctx
 
 
+# All that libnftables' JSON schema says (its schema.json, as shipped with nftables since
+# 0.9.x): an object whose `nftables` is an array of objects ("minitems" is no keyword).
+LIBNFTABLES_SCHEMA = {
+    "$schema": "http://json-schema.org/schema#",
+    "description": "libnftables JSON API schema",
+    "type": "object",
+    "properties": {
+        "nftables": {"type": "array", "minitems": 0, "items": {"type": "object"}},
+    },
+    "required": ["nftables"],
+}
+
+
 def json_validate(doc: dict[str, Any]) -> None:
-    """libnftables' JSON schema check, with the bindings' validator when they ship the schema
-    file; otherwise the same rule, which is all that schema says: an object whose `nftables`
-    is an array of objects."""
+    """libnftables' JSON schema check. When the bindings ship that schema as it has always
+    been, or none, its one rule is checked here: the bindings' validator imports jsonschema,
+    which was most of a short `mtd apply` that changes the table, and walks every element.
+    Any other schema file goes through the bindings' validator."""
     nft = module()
-    if os.path.exists(os.path.join(os.path.dirname(nft.__file__ or ""), "schema.json")):
+    schema = os.path.join(os.path.dirname(nft.__file__ or ""), "schema.json")
+    if os.path.exists(schema) and not _known_schema(schema):
         _validator().json_validate(doc)
         return
     commands = doc.get("nftables") if isinstance(doc, dict) else None
     if not isinstance(commands, list) or not all(isinstance(c, dict) for c in commands):
         raise ValueError(f"{json.dumps(doc)[:80]}: expected {{'nftables': [objects]}}")
+
+
+@cache
+def _known_schema(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return bool(json.load(f) == LIBNFTABLES_SCHEMA)
+    except (OSError, ValueError):
+        return False
 
 
 @cache

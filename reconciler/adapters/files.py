@@ -7,20 +7,23 @@ cache, sysctls), the only code that reads or writes the host's files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import functools
+import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
-import shutil
 import socket
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from reconciler import __version__, defaults
 from reconciler.adapters.credentials import redact
 from reconciler.core import inventory
 from reconciler.core.shuffle import MAX_EPOCH
@@ -75,8 +78,11 @@ def load_state(
     try:
         docs = inventory_documents(path)
         if docs is not None:
-            return inventory.state_for(docs, _host(host), str(path), local)
-        return parse(state_documents(path, skip=Path(config or DEFAULT_CONFIG)), local)
+            return inventory.state_for(docs, _host(host), str(path), local, schema_accepted)
+        docs = state_documents(path, skip=Path(config or DEFAULT_CONFIG))
+        key = parsed_key(docs, local)
+        state = parse(docs, local, schema_accepted, _parsed(key, docs, local))
+        return dataclasses.replace(state, parsed_key=key) if state.parsed_json else state
     except MtdError as exc:
         raise type(exc)(*(redact(p) for p in exc.problems)) from None
 
@@ -319,6 +325,9 @@ def read_json(path: str | Path) -> Any:
 @contextlib.contextmanager
 def scratch_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
     """A private temporary directory under `parent`, removed when the block ends."""
+    import shutil  # with tempfile, only here: not on every command's start-up
+    import tempfile
+
     private_dir(parent)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
@@ -354,11 +363,23 @@ def use_template_cache(directory: Path, *, write: bool) -> None:
     """Compiled templates kept in `directory` for the next process (`render` reads them).
 
     Cached bytecode is code: only a directory this user owns and nobody else may write is
-    used, and `write=False` (read-only commands) reads it but never adds to it.
+    used, and `write=False` (read-only commands) reads it but never adds to it. Jinja2 is
+    imported only when a template is rendered (`render` may reuse a rendered text).
     """
-    import jinja2
-
     from reconciler.core import render
+
+    try:
+        if write:
+            private_dir(directory)
+    except OSError:
+        pass
+    render.use_bytecode_cache(
+        functools.partial(_bytecode_cache, str(directory), write) if _private(directory) else None
+    )
+
+
+def _bytecode_cache(directory: str, write: bool) -> Any:
+    import jinja2
 
     class Cache(jinja2.FileSystemBytecodeCache):
         def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
@@ -366,15 +387,159 @@ def use_template_cache(directory: Path, *, write: bool) -> None:
                 with contextlib.suppress(OSError):  # a cache that cannot be written costs time
                     super().dump_bytecode(bucket)
 
+    return Cache(directory)
+
+
+class RenderCache:
+    """Rendered texts for the next process (`render.use_render_cache`), one file per key in
+    the private cache directory, 0600. A kept text holds no mapping (`render` keeps only
+    those that read no element); `write=False` (read-only commands) reads, never writes."""
+
+    KEEP = 4  # texts kept: a few states or templates in turn
+
+    def __init__(self, directory: Path, *, write: bool) -> None:
+        self.directory = directory
+        self.write = write
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"rendered-{key[:40]}.json"
+
+    def get(self, key: str) -> Any:
+        if not _private(self.directory):
+            return None
+        entry = read_json(self._path(key))
+        return entry if isinstance(entry, dict) and entry.get("key") == key else None
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        """Best effort: a text not kept only costs the next process Jinja2."""
+        if not self.write:
+            return
+        try:
+            private_dir(self.directory)
+            if not _private(self.directory):
+                return
+            path = self._path(key)
+            write_atomic(path, json.dumps({"key": key, **entry}), mode=0o600)
+            kept = sorted(self.directory.glob("rendered-*.json"), key=_mtime, reverse=True)
+            for old in kept[self.KEEP :]:
+                old.unlink(missing_ok=True)
+        except (OSError, MtdError):
+            pass
+
+
+def _mtime(path: Path) -> float:
     try:
-        if write:
-            private_dir(directory)
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def parsed_key(docs: list[tuple[str, str]], local: Local | None) -> str:
+    """What a parse depends on: mtd's version and every document's name and text."""
+    every = [*(local.documents if local else ()), *docs]
+    text = f"{__version__}\0{every!r}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# `secret_file: PATH` or `epoch_file: PATH` at the top level of a YAML document, plain or quoted.
+_PATH_KEY = re.compile(
+    r"^(secret_file|epoch_file):[ \t]*(['\"]?)([^'\"#\n]+?)\2[ \t]*(?:#.*)?$", re.MULTILINE
+)
+
+
+def _guessed_cache(docs: list[tuple[str, str]], local: Local | None) -> Path:
+    """The cache directory next to the epoch file, read from the texts before parsing them.
+    Only a guess (a path written in flow style is missed): a wrong one only costs a parse,
+    since what is found there is keyed by the texts themselves."""
+    found: dict[str, str] = {}
+    for _, text in [*(local.documents if local else ()), *docs]:  # in merge order
+        for m in _PATH_KEY.finditer(text):
+            found[m.group(1)] = m.group(3)
+    state_dir = local.state_dir if local else str(defaults.STATE_DIR)
+    secret = found.get("secret_file") or str(Path(state_dir, "secret"))
+    epoch = found.get("epoch_file") or str(Path(secret).with_name("epoch"))
+    return Path(epoch).parent / defaults.CACHE
+
+
+PARSED_KEEP = 4  # parsed states kept (an inventory's hosts, a few edits back)
+
+
+def _parsed(
+    key: str, docs: list[tuple[str, str]], local: Local | None
+) -> dict[str, dict[str, Any]] | None:
+    """The documents as parsed before, from the private cache (`remember_parsed`)."""
+    directory = _guessed_cache(docs, local)
+    if not _private(directory):
+        return None
+    entry = read_json(directory / f"parsed-{key[:40]}.json")
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        return None
+    documents = entry.get("documents")
+    if not isinstance(documents, dict) or not all(isinstance(d, dict) for d in documents.values()):
+        return None
+    return documents
+
+
+def remember_parsed(directory: Path, state: State) -> None:
+    """Keep the state's documents as parsed, for the next process (only commands that write
+    call this; best effort). The state files are not secret; 0600 all the same."""
+    if not state.parsed_json or not state.parsed_key:
+        return
+    try:
+        private_dir(directory)
+        if not _private(directory):
+            return
+        path = directory / f"parsed-{state.parsed_key[:40]}.json"
+        body = f'{{"key": {json.dumps(state.parsed_key)}, "documents": {state.parsed_json}}}'
+        write_atomic(path, body, mode=0o600)
+        kept = sorted(directory.glob("parsed-*.json"), key=_mtime, reverse=True)
+        for old in kept[PARSED_KEEP:]:
+            old.unlink(missing_ok=True)
+    except (OSError, MtdError):
+        pass
+
+
+SCHEMA_VERDICTS = "schema-accepted.json"  # in the cache directory next to the epoch file
+_VERDICTS_KEEP = 16  # states accepted lately (an inventory's hosts, a few edits back)
+
+
+def _private(directory: Path) -> bool:
+    """Ours and writable by nobody else: what a cache that skips a check must be in."""
+    try:
         st = directory.stat()
     except OSError:
-        render.use_bytecode_cache(None)
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _verdicts(directory: Path) -> list[str]:
+    keys = read_json(directory / SCHEMA_VERDICTS)
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+
+
+def schema_accepted(key: str, epoch_file: str) -> bool:
+    """Whether the schema accepted the document of `key` (`state.schema_key`) before, as
+    recorded by `remember_schema_accepted` in the private cache next to `epoch_file`."""
+    directory = Path(epoch_file).parent / defaults.CACHE
+    return _private(directory) and key in _verdicts(directory)
+
+
+def remember_schema_accepted(directory: Path, key: str) -> None:
+    """Record that the schema accepted `key`, for the next process. Only commands that
+    write call this; best effort: a verdict not recorded only costs the next one time."""
+    if not key:
         return
-    private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
-    render.use_bytecode_cache(Cache(str(directory)) if private else None)
+    try:
+        private_dir(directory)
+        if not _private(directory):
+            return
+        keys = _verdicts(directory)
+        if keys[:1] == [key]:
+            return
+        kept = [key, *(k for k in keys if k != key)][:_VERDICTS_KEEP]
+        write_atomic(directory / SCHEMA_VERDICTS, json.dumps(kept) + "\n", mode=0o600)
+    except (OSError, MtdError):
+        pass
 
 
 @contextlib.contextmanager

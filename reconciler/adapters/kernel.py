@@ -101,6 +101,13 @@ class Nft:
         self.commits = 0  # transactions committed: the monitor tells them from others'
         self._canonical: dict[str, list[dict[str, Any]]] = {}
 
+    def abandon(self) -> None:
+        """At the end of a process that ran one command: never free the context. Freeing
+        one that cached a transaction costs 10-15 ms (its elements, the netlink socket);
+        the process's exit hands all of it back anyway. The daemon does not call this."""
+        if self._ctx is not None:
+            self._ctx.nft_ctx_free = lambda _ctx: None  # what the bindings' __del__ calls
+
     def _context(self) -> Any:
         if self._ctx is None:
             self._ctx = bindings.context()

@@ -3,6 +3,7 @@ and `friendly`, which prints an `MtdError` as its lines with exit code 1."""
 
 from __future__ import annotations
 
+import atexit
 import socket
 import sys
 from collections.abc import Callable
@@ -84,18 +85,35 @@ class Ctx:
         return files.load_state(self.state_path, self.hostname, self.local(), self.config)
 
     def nft(
-        self, state: State | None = None, cache_dir: Path | None = None, *, write: bool = True
+        self,
+        state: State | None = None,
+        cache_dir: Path | None = None,
+        *,
+        write: bool = True,
+        rendered: bool = False,
+        one_shot: bool = True,
     ) -> Any:
         """The real kernel backend. Its caches (the kernel's canonical form, compiled
-        templates) are in `cache_dir`, or next to the state's epoch file (by default
-        /var/lib/mtd/cache); read-only commands (`write=False`) read them, never add."""
+        templates, the states parsed and accepted by the schema) are in `cache_dir`, or
+        next to the state's epoch file (by default /var/lib/mtd/cache); read-only commands
+        (`write=False`) read them, never add. `rendered`: also reuse rendered texts (one
+        command's pass; the daemon renders each epoch once and keeps Jinja2 loaded).
+        `one_shot`: the process ends with the command (`Nft.abandon` at exit)."""
         from reconciler.adapters.kernel import Nft
 
         if cache_dir is None and state is not None:
             cache_dir = Path(state.epoch_file).parent / defaults.CACHE
         if cache_dir is not None:
+            if write and state is not None:  # creates the directory 0700 if need be
+                files.remember_schema_accepted(cache_dir, state.schema_key)
+                files.remember_parsed(cache_dir, state)
             files.use_template_cache(cache_dir / "templates", write=write)
-        return Nft(cache_dir=cache_dir, write_cache=write)
+            if rendered:
+                render.use_render_cache(files.RenderCache(cache_dir, write=write))
+        nft = Nft(cache_dir=cache_dir, write_cache=write)
+        if one_shot:
+            atexit.register(nft.abandon)
+        return nft
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -259,7 +277,47 @@ def template_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+# Which module declares each command of the root group. `mtd apply` imports only
+# `host`, not the daemon, the pull, git, Redis or the audit history: a short command's
+# start-up is mostly imports.
+COMMAND_MODULES = {
+    **dict.fromkeys(
+        ("validate", "render", "diff", "apply", "rotate", "status", "down", "confirm"), "host"
+    ),
+    **dict.fromkeys(("run", "trigger"), "fleet"),
+    "fleet": "fleet_status",
+    "pull": "pull",
+    "history": "history",
+    "mapping": "mapping",
+    "watch": "watch",
+    **dict.fromkeys(("schema", "import-seed"), "tools"),
+}
+
+
+def load_commands() -> None:
+    """Register every command (for `--help`, completion and the tests of the whole CLI)."""
+    for module in sorted(set(COMMAND_MODULES.values())):
+        __import__(f"reconciler.cli.{module}")
+
+
+class LazyGroup(click.Group):
+    """The root group: a command's module is imported when that command is looked up."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMAND_MODULES.get(cmd_name)
+        if cmd_name not in self.commands and module is not None:
+            __import__(f"reconciler.cli.{module}")
+        elif module is None:  # a typo: click suggests from every registered command
+            load_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        load_commands()
+        return super().list_commands(ctx)
+
+
 @click.group(
+    cls=LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog=examples(
         "mtd diff -s desired_state/          # or: mtd -s desired_state/ diff",

@@ -209,9 +209,9 @@ def run(
     logs.setup(log_json)
     logger = logging.getLogger(f"{logs.LOGGER}.daemon")
     if pull_url is not None:  # the state comes from the clone under --state-dir
-        nft = ctx.nft(cache_dir=Path(ctx.state_dir) / defaults.CACHE)
+        nft = ctx.nft(cache_dir=Path(ctx.state_dir) / defaults.CACHE, one_shot=False)
     else:
-        nft = ctx.nft(ctx.state())
+        nft = ctx.nft(ctx.state(), one_shot=False)
     puller = None
     if pull_url is not None:
         puller = _first_pull(ctx, nft, pull.config(ctx, pull_url, pull_interval), logger)

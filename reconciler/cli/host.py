@@ -120,7 +120,7 @@ def _pass(
     state = ctx.state()
     if not check:  # a change that could not be recorded is not made
         auditlog.check_writable(state.audit_log)
-    nft = ctx.nft(state, write=creates and not check)
+    nft = ctx.nft(state, write=creates and not check, rendered=True)
     with files.reconcile_lock(state.epoch_file, shared=check):
         if creates and not check:
             secret = provision_secret(state, nft)
@@ -336,9 +336,10 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool, force: bool) -
 @friendly
 def status(ctx: Ctx, as_json: bool, exit_code: bool) -> None:
     """Epoch, table, whether the live table matches the desired state, and the last pull."""
-    from reconciler.services import gitops
-
-    pulled = gitops.read_record(Path(ctx.state_dir) / "pull.json")
+    pulled = files.read_json(Path(ctx.state_dir) / "pull.json")  # as gitops.read_record
+    pulled = pulled if isinstance(pulled, dict) else {}
+    if pulled:  # only a host that pulls imports the pull's code (git) to show it
+        from reconciler.services import gitops
     daemon = files.read_daemon_status(ctx.state().epoch_file)
     problem = daemon.get("secret_problem")
     lines = (

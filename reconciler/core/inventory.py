@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
-from reconciler.core.state import Local, State, build, load_yaml
+from reconciler.core.state import Accepted, Local, State, build, load_yaml
 from reconciler.defaults import YAML_SUFFIXES
 from reconciler.errors import StateError
 
@@ -88,10 +88,16 @@ def select(documents: Documents, host: str, root: str = "") -> list[tuple[str, d
     return out
 
 
-def state_for(documents: Documents, host: str, root: str = "", local: Local | None = None) -> State:
-    """The validated desired state of one host of an inventory."""
+def state_for(
+    documents: Documents,
+    host: str,
+    root: str = "",
+    local: Local | None = None,
+    accepted: Accepted | None = None,
+) -> State:
+    """The validated desired state of one host of an inventory (`accepted`: see `build`)."""
     parsed = select(documents, host, root)
-    return build(parsed, {_name(root, rel): text for rel, text in documents}, local)
+    return build(parsed, {_name(root, rel): text for rel, text in documents}, local, accepted)
 
 
 def _groups(documents: Documents, root: str) -> list[tuple[str, list[str], dict[str, Any]]]:

@@ -8,28 +8,23 @@ environment with StrictUndefined turns template mistakes into one-line errors.
 
 from __future__ import annotations
 
-import ctypes
-import functools
+import hashlib
 import ipaddress
 import json
-import re
-import threading
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import jinja2
-import jinja2.compiler
-import jinja2.nodes
-import jinja2.sandbox
-
+from reconciler import __version__
 from reconciler.core.diff import elem_text
 from reconciler.core.shuffle import PortMap
 from reconciler.core.state import PROTOCOLS, Network, State, Watched
 from reconciler.core.watch import MAX_KERNEL
 from reconciler.errors import MtdError, TemplateError
+
+if TYPE_CHECKING:  # imported only when a template is rendered (`sandbox`)
+    import jinja2
 
 SUFFIX = ".json.j2"
 MAX_DYNAMIC = MAX_KERNEL  # elements of dyn4 (and of dyn6): memory a tripwire flood can take
@@ -51,7 +46,8 @@ class Elements(Sequence[Any]):
     it like a list (elements are built as they are read), `| tojson` writes a placeholder
     that `render` swaps for this object after parsing, `json_text` writes the JSON array by
     string formatting (`bulk.dumps` uses it), and `rows` gives the diff (key, port, port)
-    without building each element.
+    without building each element. `read` says whether anything looked at the elements
+    themselves (their number aside): a text rendered without that holds no mapping.
     """
 
     def __init__(self, name: str) -> None:
@@ -59,6 +55,10 @@ class Elements(Sequence[Any]):
         self._rows: list[tuple[Any, str, Mapping[int, int]]] = []  # key, key as JSON, moves
         self._len = 0
         self._list: list[Any] | None = None
+        self.read = False
+
+    def __repr__(self) -> str:  # the same for the same state: part of the render cache key
+        return f"Elements({self.token!r}, {self._len})"
 
     def add(self, key: Any, moves: Mapping[int, int]) -> None:
         """Both directions of every swap: the map is an involution, so the same map answers
@@ -67,6 +67,7 @@ class Elements(Sequence[Any]):
         self._len += 2 * len(moves)
 
     def rows(self) -> Iterator[tuple[Any, int, int]]:
+        self.read = True
         for key, _, moves in self._rows:
             for real, hidden in moves.items():
                 yield key, real, hidden
@@ -86,11 +87,13 @@ class Elements(Sequence[Any]):
         return self._len
 
     def __getitem__(self, i: Any) -> Any:
+        self.read = True
         if self._list is None:
             self._list = list(self)
         return self._list[i]
 
     def json_text(self) -> str:
+        self.read = True
         parts = [
             f'[{{"concat":[{key},{real}]}},{hidden}],[{{"concat":[{key},{hidden}]}},{real}]'
             for _, key, moves in self._rows
@@ -112,6 +115,13 @@ class Lazy(Sequence[Any]):
             self._items, self._build = self._build(), None
         return self._items
 
+    @property
+    def read(self) -> bool:
+        return self._build is None
+
+    def __repr__(self) -> str:
+        return "Lazy()"
+
     def __getitem__(self, i: Any) -> Any:
         return self._list()[i]
 
@@ -122,7 +132,7 @@ class Lazy(Sequence[Any]):
         return len(self._list())
 
 
-def _dumps(obj: Any, **kwargs: Any) -> str:
+def dumps(obj: Any, **kwargs: Any) -> str:
     """`| tojson`: compact; an `Elements` as its placeholder; a `Lazy` as a list."""
     if isinstance(obj, Elements):
         return json.dumps(obj.token)
@@ -138,202 +148,10 @@ def _plain(obj: Any) -> Any:
 # Bounds of one rendering: a template may come from a repository (see README, Security).
 RENDER_SECONDS = 30.0  # wall time, enforced in any thread (the daemon's too)
 MAX_RENDERED_CHARS = 128 << 20  # the shipped templates write elements as placeholders
-MAX_SIZE_ARG = 1 << 20  # widths and repeat counts: "x" * 10**10 must not allocate first
-_SIZED_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
-_SIZED_FILTERS = ("center", "indent", "wordwrap", "truncate", "batch", "slice")
-_HUGE_WIDTH = re.compile(r"\d{7,}")  # a format width of a million characters or more
 
 
 class RenderTimeout(BaseException):
     """Raised inside the rendering thread when its time is up (a template cannot catch it)."""
-
-
-class _Codegen(jinja2.compiler.CodeGenerator):
-    """`a ~ b` through `_Sandbox.concat`, so doubling a string in a loop is bounded too."""
-
-    def visit_Concat(self, node: jinja2.nodes.Concat, frame: Any) -> None:
-        self.write("environment.concat_bounded((")
-        for arg in node.nodes:
-            self.visit(arg, frame)
-            self.write(", ")
-        self.write("))")
-
-
-class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    """Jinja2's sandbox (immutable: no list.append or dict.update, which could double a
-    list in a loop), plus bounds on what one operation may allocate: repeating, joining,
-    padding, replacing, formatting and powers are checked before or right after they run,
-    since a C-level allocation cannot be interrupted by the time limit."""
-
-    code_generator_class = _Codegen
-
-    def concat_bounded(self, parts: Iterable[Any]) -> str:
-        texts = [str(p) for p in parts]
-        if sum(map(len, texts)) > MAX_RENDERED_CHARS:
-            raise jinja2.sandbox.SecurityError("concatenation too large")
-        return "".join(texts)
-
-    intercepted_binops = frozenset({"*", "**", "%", "+"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and _number(left) and _number(right):
-            if abs(right) > 64 and abs(left) > 1:
-                raise jinja2.sandbox.SecurityError(f"power {left} ** {right} is too large")
-        elif operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if hasattr(seq, "__len__") and _number(n) and len(seq) * n > MAX_RENDERED_CHARS:
-                    raise jinja2.sandbox.SecurityError("repetition too large")
-        elif operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
-            if len(left) + len(right) > MAX_RENDERED_CHARS:
-                raise jinja2.sandbox.SecurityError("concatenation too large")
-        elif operator == "%" and isinstance(left, str) and _HUGE_WIDTH.search(left):
-            raise jinja2.sandbox.SecurityError("format width too large")
-        return super().call_binop(context, operator, left, right)
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
-        name, owner = getattr(method, "__name__", ""), getattr(method, "__self__", None)
-        if isinstance(owner, str):
-            if name in _SIZED_METHODS:
-                _check_sizes(name, args, kwargs)
-            elif name in ("format", "format_map") and _HUGE_WIDTH.search(owner):
-                raise jinja2.sandbox.SecurityError("format width too large")
-            elif (
-                name == "replace"
-                and len(args) > 1
-                and isinstance(args[1], str)
-                and len(owner) * max(1, len(args[1])) > MAX_RENDERED_CHARS
-            ):
-                raise jinja2.sandbox.SecurityError("replace result too large")
-        out = super().call(__context, __obj, *args, **kwargs)
-        _check_result(out)
-        return out
-
-
-def _check_result(value: Any) -> None:
-    """After an operation whose size is only known once done (a join): at most twice the
-    bound was allocated, and the next doubling is refused."""
-    if isinstance(value, str | list | tuple) and len(value) > MAX_RENDERED_CHARS:
-        raise jinja2.sandbox.SecurityError("result too large")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_sizes(name: str, args: Iterable[Any], kwargs: Mapping[str, Any]) -> None:
-    for value in (*args, *kwargs.values()):
-        if _number(value) and abs(value) > MAX_SIZE_ARG:
-            raise jinja2.sandbox.SecurityError(
-                f"{name}: {value} is too large (at most {MAX_SIZE_ARG})"
-            )
-
-
-def _sized_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)  # keeps the pass_context/pass_environment mark
-    def bounded(*args: Any, **kwargs: Any) -> Any:
-        _check_sizes(name, args[1:], kwargs)
-        return fn(*args, **kwargs)
-
-    return bounded
-
-
-def _checked_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        out = fn(*args, **kwargs)
-        _check_result(out)
-        return out
-
-    return checked
-
-
-_BYTECODE: jinja2.BytecodeCache | None = None
-
-
-def use_bytecode_cache(cache: jinja2.BytecodeCache | None) -> None:
-    """Keep compiled templates across processes (the caller owns the private directory).
-
-    Compiling `maps` is a large part of a short `mtd apply`'s start-up; Jinja2 checks each
-    cached entry against the template's source, so an edited template is compiled again.
-    """
-    global _BYTECODE
-    _BYTECODE = cache
-    _cached_environment.cache_clear()
-
-
-def environment(search: Iterable[Path]) -> jinja2.Environment:
-    env = _Sandbox(
-        loader=jinja2.FileSystemLoader([str(p) for p in search]),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
-        optimized=False,  # no constant folding: nothing of a template runs while compiling
-        bytecode_cache=_BYTECODE,
-    )
-    for name in _SIZED_FILTERS:
-        env.filters[name] = _sized_filter(name, env.filters[name])
-    for name in ("join", "replace", "list", "string"):
-        env.filters[name] = _checked_filter(env.filters[name])
-    env.filters["format"] = _format_filter(env.filters["format"])
-    # Plain compact JSON, with element lists left as placeholders (see `Elements`).
-    env.policies["json.dumps_function"] = _dumps
-    env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}
-    return env
-
-
-def _format_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(value, str) and _HUGE_WIDTH.search(value):
-            raise jinja2.sandbox.SecurityError("format width too large")
-        return fn(value, *args, **kwargs)
-
-    return bounded
-
-
-@contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Raise `RenderTimeout` in this thread (any thread, unlike SIGALRM) once `seconds`
-    have passed, at the next Python instruction it runs; again every 50 ms until it ends,
-    since an exception raised inside a gc callback or a `__del__` is swallowed."""
-    target, lock, timers = threading.get_ident(), threading.Lock(), []
-    set_async = ctypes.pythonapi.PyThreadState_SetAsyncExc
-
-    def arm(delay: float) -> None:
-        timer = threading.Timer(delay, fire)
-        timer.daemon = True
-        timers[:] = [timer]  # the previous one has fired
-        timer.start()
-
-    def fire() -> None:
-        with lock:
-            if timers:
-                set_async(ctypes.c_ulong(target), ctypes.py_object(RenderTimeout))
-                arm(0.05)
-
-    with lock:
-        arm(seconds)
-    try:
-        yield
-    finally:
-        while True:  # the timeout may land in here too: retry until the watchdog is off
-            try:
-                with lock:
-                    for timer in timers:
-                        timer.cancel()
-                    timers.clear()
-                    set_async(ctypes.c_ulong(target), None)  # a pending one must not fire later
-                break
-            except RenderTimeout:
-                continue
-
-
-@lru_cache(maxsize=8)
-def _cached_environment(search: tuple[Path, ...]) -> jinja2.Environment:
-    """One environment per template path: templates compile once per process (a daemon
-    rotates in milliseconds); Jinja still reloads a template whose file changed."""
-    return environment(search)
 
 
 def context(
@@ -493,14 +311,55 @@ def render(
 ) -> list[dict]:
     """The list of libnftables JSON commands for the owned table. `dynamic`: the dynamic
     watch entries to put back into dyn4/dyn6, `{"4": [(addr, seconds_left), ...], "6": ...}`
-    (`core.watch.dynamic`), so a full replacement keeps them with their remaining time."""
+    (`core.watch.dynamic`), so a full replacement keeps them with their remaining time.
+
+    With a render cache set (`use_render_cache`), the same template and inputs give the
+    text the previous process rendered, without Jinja2 (see `_reuse`)."""
     dirs = list(search) if search is not None else template_dirs()
     name = state.template + SUFFIX
+    ctx = context(state, mapping, dynamic)
+    key = _render_key(dirs, name, ctx) if _cacheable(state) else None
+    reused = _reuse(key, dirs) if key is not None else None
+    if reused is not None:
+        text, where, read = *reused, []
+    else:
+        text, where, read = _render_text(dirs, name, ctx, state.template)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TemplateError(
+            f"{where}: rendered output is not JSON: {exc.msg} "
+            f"at rendered line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        doc = None
+    if doc is None or _too_deep(doc):
+        raise TemplateError(
+            f"{where}: rendered JSON nested more than {MAX_JSON_DEPTH} levels deep: expected "
+            "a libnftables document (about 12 levels)"
+        )
+    if _TOKEN_JSON in text:
+        _splice(doc, {e.token: e for e in ctx["elements"].values()})
+    commands = _commands(doc, state, where)
+    if key is not None and reused is None and _keep(key, dirs, name, ctx, text):
+        assert _RENDERED is not None
+        _RENDERED.put(key, {"where": where, "templates": read, "text": text})
+    return commands
+
+
+def _render_text(
+    dirs: list[Path], name: str, ctx: dict[str, Any], template_name: str
+) -> tuple[str, str, list[tuple[str, str, str]]]:
+    """The template's output through Jinja2's sandbox, where it was found, and every
+    template file read (name, file, sha256) so far by this environment."""
+    import jinja2
+
+    from reconciler.core import sandbox
+
     env = _cached_environment(tuple(dirs))
     where = next((str(d / name) for d in dirs if (d / name).is_file()), name)
-    ctx = context(state, mapping, dynamic)
     try:
-        with deadline(RENDER_SECONDS):
+        with sandbox.deadline(RENDER_SECONDS):
             template = env.get_template(name)
             where = template.filename or name
             text = _bounded_text(template.generate(ctx), where)
@@ -510,7 +369,7 @@ def render(
             raise TemplateError(
                 f"{where}: template {exc.name!r} not found in {dirs_text}"
             ) from None
-        raise TemplateError(f"template {state.template!r}: no {name} in {dirs_text}") from None
+        raise TemplateError(f"template {template_name!r}: no {name} in {dirs_text}") from None
     except jinja2.TemplateSyntaxError as exc:
         where = f"{exc.filename or name}:{exc.lineno}"
         raise TemplateError(f"{where}: template syntax error: {exc.message}") from None
@@ -533,23 +392,113 @@ def render(
         raise
     except Exception as exc:  # a template's own error is the template's, never a crash
         raise TemplateError(f"{where}: template failed: {type(exc).__name__}: {exc}") from None
+    return text, where, sandbox.templates_read(env)
+
+
+_BYTECODE: Callable[[], jinja2.BytecodeCache] | None = None
+
+
+def use_bytecode_cache(make: Callable[[], jinja2.BytecodeCache] | None) -> None:
+    """Keep compiled templates across processes (the caller owns the private directory);
+    `make` builds the cache when a template is first rendered (jinja2 is imported then).
+
+    Compiling `maps` is a large part of a short `mtd apply`'s start-up; Jinja2 checks each
+    cached entry against the template's source, so an edited template is compiled again.
+    """
+    global _BYTECODE
+    _BYTECODE = make
+
+
+def environment(search: Iterable[Path]) -> jinja2.Environment:
+    """The sandboxed Jinja2 environment templates render in (`sandbox.environment`)."""
+    from reconciler.core import sandbox
+
+    return sandbox.environment(search, _BYTECODE)
+
+
+def _cached_environment(search: tuple[Path, ...]) -> jinja2.Environment:
+    from reconciler.core import sandbox
+
+    return sandbox.cached_environment(search, _BYTECODE)
+
+
+class RenderCache(Protocol):
+    """Rendered texts kept across processes (`adapters.files.RenderCache`)."""
+
+    def get(self, key: str) -> Any: ...
+
+    def put(self, key: str, entry: Mapping[str, Any]) -> None: ...
+
+
+_RENDERED: RenderCache | None = None
+# Beyond this many watched sources, the key (a hash of every input) costs more than Jinja2
+# saves, and the text (it lists the sources) grows large: always render.
+RENDER_CACHE_MAX_SOURCES = 10_000
+
+
+def use_render_cache(cache: RenderCache | None) -> None:
+    """Reuse the text a previous process rendered from the same template files and inputs:
+    a short command then never imports Jinja2 (a large part of its start-up)."""
+    global _RENDERED
+    _RENDERED = cache
+
+
+def _cacheable(state: State) -> bool:
+    return _RENDERED is not None and len(state.watched) <= RENDER_CACHE_MAX_SOURCES
+
+
+def _render_key(dirs: list[Path], name: str, ctx: Mapping[str, Any]) -> str:
+    """Everything a template may read but the mapping: mtd's version, where templates are
+    searched, which one, and the context, element lists as their placeholder and length
+    (a text that read more of them is not kept: `_keep`)."""
+    text = f"{__version__}\0{[str(d) for d in dirs]!r}\0{name}\0{ctx!r}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+MAX_CACHED_TEXT = 1 << 20  # characters of rendered text kept for the next process
+
+
+def _keep(key: str, dirs: list[Path], name: str, ctx: Mapping[str, Any], text: str) -> bool:
+    """Whether the text may be kept: it depends on nothing but the key (the template read
+    no element and no pair, which hold the mapping, a secret, and changed nothing of its
+    context), and it is small."""
+    elements: Mapping[str, Elements] = ctx["elements"]
+    if ctx["pairs"].read or any(e.read for e in elements.values()):
+        return False
+    return len(text) <= MAX_CACHED_TEXT and _render_key(dirs, name, ctx) == key
+
+
+def _reuse(key: str, dirs: list[Path]) -> tuple[str, str] | None:
+    """The text and its template's file name, from the render cache, if every template file
+    it was rendered from is still the one found first in `dirs`, with the same source."""
+    assert _RENDERED is not None
+    entry = _RENDERED.get(key)
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TemplateError(
-            f"{where}: rendered output is not JSON: {exc.msg} "
-            f"at rendered line {exc.lineno} column {exc.colno}"
-        ) from None
-    except RecursionError:
-        doc = None
-    if doc is None or _too_deep(doc):
-        raise TemplateError(
-            f"{where}: rendered JSON nested more than {MAX_JSON_DEPTH} levels deep: expected "
-            "a libnftables document (about 12 levels)"
-        )
-    if _TOKEN_JSON in text:
-        _splice(doc, {e.token: e for e in ctx["elements"].values()})
-    return _commands(doc, state, where)
+        text, where, read = entry["text"], entry["where"], entry["templates"]
+        if not (isinstance(text, str) and isinstance(where, str) and read):
+            return None
+        for name, filename, digest in read:
+            found = _find(dirs, name)
+            if found is None or found != filename:
+                return None
+            source = Path(found).read_text(encoding="utf-8")  # as Jinja2's loader reads it
+            if hashlib.sha256(source.encode()).hexdigest() != digest:
+                return None
+    except (TypeError, KeyError, ValueError, OSError):
+        return None
+    return text, where
+
+
+def _find(dirs: list[Path], name: str) -> str | None:
+    """The file Jinja2's FileSystemLoader would load for `name`."""
+    pieces = name.split("/")
+    if any(p in ("", ".", "..") for p in pieces):
+        return None
+    for d in dirs:
+        path = os.path.join(str(d), *pieces)
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    return None
 
 
 MAX_JSON_DEPTH = 64  # real documents nest about 12 deep; the diff and libnftables recurse

@@ -6,29 +6,44 @@ name the file, line, key path and what was expected.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
-from importlib import resources
+from pathlib import Path as FilePath
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-import yaml
-
-from reconciler import defaults
+from reconciler import __version__, defaults
 from reconciler.core.bucket import DEFAULT_BUCKETS
 from reconciler.core.bulk import gc_paused
 from reconciler.errors import StateError
 
-try:  # libyaml is many times faster on large states; fall back to the pure loader.
-    from yaml import CSafeLoader as _Loader
-except ImportError:  # pragma: no cover
-    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+if TYPE_CHECKING:  # imported where a document is validated or parsed: most of a start-up
+    import jsonschema
+    import yaml
+
+
+@cache
+def _yaml() -> Any:
+    """PyYAML, imported when a document is parsed (not for documents parsed before and
+    kept by the caller, see `parse`)."""
+    import yaml
+
+    return yaml
+
+
+@cache
+def _loader() -> Any:
+    """libyaml is many times faster on large states; fall back to the pure loader."""
+    yaml = _yaml()
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 PROTOCOLS = ("tcp", "udp")
 STATE_DIR = str(defaults.STATE_DIR)  # where mtd keeps its own files unless told otherwise
@@ -118,6 +133,13 @@ class State:
             for t in self.trusted
         )
 
+    # What the schema checked (`schema_key`): a command that writes records it as accepted.
+    schema_key: str = field(default="", repr=False, compare=False)
+    # The documents as parsed, {name: data} in JSON, when YAML parsed them and JSON keeps
+    # them as they are ("" otherwise): what a command that writes keeps for the next one.
+    parsed_json: str = field(default="", repr=False, compare=False)
+    parsed_key: str = field(default="", repr=False, compare=False)  # what `parsed_json` is of
+
     def moved_ports(self, watched: Watched, proto: str) -> list[int]:
         """Service ports of `proto` that move for this source (services minus its ignore list)."""
         return [p for p in self.services[proto] if p not in watched.ignore[proto]]
@@ -172,9 +194,27 @@ class FreePorts(Sequence[int]):
 
 
 @cache
+def schema_text() -> str:
+    """The JSON Schema shipped in the package, as written (next to this module)."""
+    return FilePath(__file__).with_name("schema.json").read_text(encoding="utf-8")
+
+
+@cache
 def schema() -> dict[str, Any]:
     """The JSON Schema shipped in the package (also what `mtd schema` prints)."""
-    return json.loads(resources.files("reconciler.core").joinpath("schema.json").read_text())
+    return json.loads(schema_text())
+
+
+# (key, epoch file) -> whether the schema accepted the document of that key before: a cache
+# the caller keeps next to the epoch file (`adapters.files.schema_accepted`).
+Accepted = Callable[[str, str], bool]
+
+
+def schema_key(doc: Mapping[str, Any]) -> str:
+    """What a schema verdict depends on: mtd's version, the schema and the document the
+    schema checks. `repr` tells apart what JSON would merge (1, 1.0, True, "1")."""
+    text = f"{__version__}\0{schema_text()}\0{doc!r}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @cache
@@ -222,13 +262,14 @@ def load_yaml(name: str, text: str) -> dict[str, Any]:
     The document is bounded first (size, nesting depth, expanded size of aliases) and a key
     written twice in one mapping is an error: YAML would silently keep the last one.
     """
+    yaml = _yaml()
     if len(text) > MAX_DOCUMENT_BYTES:
         raise StateError(
             f"{name}: {len(text)} characters: expected at most {MAX_DOCUMENT_BYTES} in a state file"
         )
     try:
         _check_events(name, text)
-        data = yaml.load(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
@@ -260,7 +301,8 @@ def _check_events(name: str, text: str) -> None:
     stack: list[_Frame] = []
     anchors: dict[str, int] = {}
     total = 0
-    for ev in yaml.parse(text, Loader=_Loader):
+    yaml = _yaml()
+    for ev in yaml.parse(text, Loader=_loader()):
         if isinstance(ev, yaml.MappingStartEvent | yaml.SequenceStartEvent):
             if stack:
                 _key(name, stack[-1], ev, None)
@@ -329,12 +371,40 @@ class Local:
     forbidden: Sequence[str] = ()  # directories no host-local path may point into (the clone)
 
 
-def parse(documents: Sequence[tuple[str, str]], local: Local | None = None) -> State:
-    """Merge documents in the given order, validate the result and build the `State`."""
+def parse(
+    documents: Sequence[tuple[str, str]],
+    local: Local | None = None,
+    accepted: Accepted | None = None,
+    known: Mapping[str, dict[str, Any]] | None = None,
+) -> State:
+    """Merge documents in the given order, validate the result and build the `State`.
+
+    `known`: every document (the host's configuration's too) by name, as `load_yaml` parsed
+    these very texts before (the caller's cache, keyed by the texts): YAML is then neither
+    imported nor run. Everything after parsing is checked as always.
+    """
     if not documents:
         raise StateError("no desired state: expected at least one YAML file")
+    local = local or Local()
+    if known is not None and all(name in known for name, _ in [*documents, *local.documents]):
+        parsed = [(name, known[name]) for name, _ in documents]
+        configs = [(name, known[name]) for name, _ in local.documents]
+        return build(parsed, dict(documents), local, accepted, configs)
     parsed = [(name, load_yaml(name, text)) for name, text in documents]
-    return build(parsed, {name: text for name, text in documents}, local)
+    configs = [(name, load_yaml(name, text)) for name, text in local.documents]
+    kept = _as_json({name: data for name, data in [*configs, *parsed]})
+    state = build(parsed, dict(documents), local, accepted, configs)
+    return dataclasses.replace(state, parsed_json=kept)
+
+
+def _as_json(documents: dict[str, Any]) -> str:
+    """The parsed documents in JSON, if JSON gives them back as they are (not a date, not a
+    number as a key...), else "". Taken before `build`, which must not see them changed."""
+    try:
+        text = json.dumps(documents)
+    except (TypeError, ValueError):
+        return ""
+    return text if repr(json.loads(text)) == repr(documents) else ""
 
 
 @gc_paused()
@@ -342,14 +412,19 @@ def build(
     parsed: Sequence[tuple[str, dict[str, Any]]],
     texts: Mapping[str, str],
     local: Local | None = None,
+    accepted: Accepted | None = None,
+    configs: Sequence[tuple[str, dict[str, Any]]] | None = None,
 ) -> State:
     """Validate merged, already-loaded documents; `texts` lets errors point at a line.
 
     The host's configuration is merged first, so a local state file may still override it;
-    a state from a repository may not set a host-local key at all.
+    a state from a repository may not set a host-local key at all. `accepted` says whether
+    the schema accepted this very document before: then jsonschema (most of a short
+    command's start-up) is neither imported nor run. The checks in Python always run.
     """
     local = local or Local()
-    configs = [(name, load_yaml(name, text)) for name, text in local.documents]
+    if configs is None:  # the host's configuration, parsed here unless the caller did
+        configs = [(name, load_yaml(name, text)) for name, text in local.documents]
     texts = {**texts, **dict(local.documents)}
     _check_origin(configs, parsed, texts, local)
     parsed = [*configs, *parsed]
@@ -357,11 +432,23 @@ def build(
     for _, data in parsed:
         doc = merge(doc, data)
     locate = _Locator(parsed, texts)
-    errors = _schema_errors(doc)
-    if errors:
-        first = [locate(path, message) for path, message in errors[:MAX_PROBLEMS]]
-        raise limited(first, more=len(errors) - len(first))
-    return _semantic(doc, locate, local)
+    checked, others = _schema_input(doc)
+    key = schema_key(checked)
+    epoch_file = _epoch_file(doc, local)
+    if accepted is None or epoch_file is None or not accepted(key, epoch_file):
+        errors = _schema_errors(checked, others)
+        if errors:
+            first = [locate(path, message) for path, message in errors[:MAX_PROBLEMS]]
+            raise limited(first, more=len(errors) - len(first))
+    return _semantic(doc, locate, local, key)
+
+
+def _epoch_file(doc: Mapping[str, Any], local: Local) -> str | None:
+    """Where the epoch file will be, read before validation (None when a value is not a
+    path): its directory holds the cache of schema verdicts. As `_semantic` derives it."""
+    secret_file = doc.get("secret_file") or str(PurePath(local.state_dir, "secret"))
+    epoch_file = doc.get("epoch_file") or str(PurePath(str(secret_file)).with_name("epoch"))
+    return epoch_file if isinstance(secret_file, str) and isinstance(epoch_file, str) else None
 
 
 def _check_origin(
@@ -397,18 +484,27 @@ def _check_origin(
         raise limited(problems)
 
 
-def _schema_errors(doc: dict[str, Any]) -> list[tuple[list[str | int], str]]:
-    """(key path, message) of each schema error, sorted by path.
+def _schema_input(doc: dict[str, Any]) -> tuple[dict[str, Any], list[int] | None]:
+    """What the schema has to check, and the indexes of the watched entries kept.
 
     jsonschema takes seconds over 100k watched entries. An entry of the common shape (a
     `source` text, maybe a `comment`) is valid by construction, so only the other entries
     are validated, and their errors keep the entry's own index.
     """
     watched = doc.get("watched")
-    others: list[int] | None = None
-    if isinstance(watched, list):
-        others = [i for i, entry in enumerate(watched) if not _plain_entry(entry)]
-        doc = {**doc, "watched": [watched[i] for i in others]}
+    if not isinstance(watched, list):
+        return doc, None
+    others = [i for i, entry in enumerate(watched) if not _plain_entry(entry)]
+    return {**doc, "watched": [watched[i] for i in others]}, others
+
+
+def _schema_errors(
+    doc: dict[str, Any], others: list[int] | None
+) -> list[tuple[list[str | int], str]]:
+    """(key path, message) of each schema error in `_schema_input`'s document, sorted by
+    path; `others` maps its watched entries back to their own index."""
+    import jsonschema
+
     out = []
     for e in jsonschema.Draft202012Validator(merged_schema()).iter_errors(doc):
         path = list(e.absolute_path)
@@ -434,7 +530,7 @@ def _plain_entry(entry: Any) -> bool:
     )
 
 
-def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
+def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = "") -> State:
     problems: list[str] = []
     if "hosts" in doc:  # allowed by the schema for the group files of an inventory only
         raise StateError(
@@ -524,6 +620,7 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local) -> State:
         trusted=trusted,
         buckets=int(full.get("buckets", DEFAULT_BUCKETS)),
         tripwire=tripwire,
+        schema_key=key,
     )
     problems += _forbidden_paths(state, local, locate)
     if not problems:
@@ -784,8 +881,9 @@ class _Locator:
     def _node(self, name: str) -> yaml.Node | None:
         if name not in self._nodes:
             try:  # already bounded by `load_yaml`, so the C composer is safe here
-                self._nodes[name] = yaml.compose(self._texts.get(name, ""), Loader=_Loader)
-            except yaml.YAMLError:
+                yaml = _yaml()
+                self._nodes[name] = yaml.compose(self._texts.get(name, ""), Loader=_loader())
+            except _yaml().YAMLError:
                 self._nodes[name] = None
         return self._nodes[name]
 
@@ -809,6 +907,7 @@ def _has(data: Any, path: list[str | int]) -> bool:
 
 
 def _line_of(node: yaml.Node | None, path: list[str | int]) -> int | None:
+    yaml = _yaml()
     for part in path:
         if isinstance(node, yaml.MappingNode):
             node = next((v for k, v in node.value if k.value == part), None)

@@ -1,0 +1,237 @@
+"""The Jinja2 side of rendering: a sandboxed environment with bounds on what a template may
+allocate, and a watchdog on how long it may run (a template may come from a repository,
+see README, Security).
+
+Imported only when a template has to be rendered: `render` reuses a rendered text kept by
+the previous process when it can, and jinja2 is a large part of a short command's start-up.
+The bounds themselves (`render.MAX_RENDERED_CHARS`, `render.RENDER_SECONDS`) live in
+`render` and are read at each use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.compiler
+import jinja2.nodes
+import jinja2.sandbox
+
+from reconciler.core import render
+
+MAX_SIZE_ARG = 1 << 20  # widths and repeat counts: "x" * 10**10 must not allocate first
+_SIZED_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_SIZED_FILTERS = ("center", "indent", "wordwrap", "truncate", "batch", "slice")
+_HUGE_WIDTH = re.compile(r"\d{7,}")  # a format width of a million characters or more
+
+
+class _Codegen(jinja2.compiler.CodeGenerator):
+    """`a ~ b` through `_Sandbox.concat`, so doubling a string in a loop is bounded too."""
+
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame: Any) -> None:
+        self.write("environment.concat_bounded((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja2's sandbox (immutable: no list.append or dict.update, which could double a
+    list in a loop), plus bounds on what one operation may allocate: repeating, joining,
+    padding, replacing, formatting and powers are checked before or right after they run,
+    since a C-level allocation cannot be interrupted by the time limit."""
+
+    code_generator_class = _Codegen
+
+    def concat_bounded(self, parts: Iterable[Any]) -> str:
+        texts = [str(p) for p in parts]
+        if sum(map(len, texts)) > render.MAX_RENDERED_CHARS:
+            raise jinja2.sandbox.SecurityError("concatenation too large")
+        return "".join(texts)
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and _number(left) and _number(right):
+            if abs(right) > 64 and abs(left) > 1:
+                raise jinja2.sandbox.SecurityError(f"power {left} ** {right} is too large")
+        elif operator == "*":
+            limit = render.MAX_RENDERED_CHARS
+            for seq, n in ((left, right), (right, left)):
+                if hasattr(seq, "__len__") and _number(n) and len(seq) * n > limit:
+                    raise jinja2.sandbox.SecurityError("repetition too large")
+        elif operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
+            if len(left) + len(right) > render.MAX_RENDERED_CHARS:
+                raise jinja2.sandbox.SecurityError("concatenation too large")
+        elif operator == "%" and isinstance(left, str) and _HUGE_WIDTH.search(left):
+            raise jinja2.sandbox.SecurityError("format width too large")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        name, owner = getattr(method, "__name__", ""), getattr(method, "__self__", None)
+        if isinstance(owner, str):
+            if name in _SIZED_METHODS:
+                _check_sizes(name, args, kwargs)
+            elif name in ("format", "format_map") and _HUGE_WIDTH.search(owner):
+                raise jinja2.sandbox.SecurityError("format width too large")
+            elif (
+                name == "replace"
+                and len(args) > 1
+                and isinstance(args[1], str)
+                and len(owner) * max(1, len(args[1])) > render.MAX_RENDERED_CHARS
+            ):
+                raise jinja2.sandbox.SecurityError("replace result too large")
+        out = super().call(__context, __obj, *args, **kwargs)
+        _check_result(out)
+        return out
+
+
+def _check_result(value: Any) -> None:
+    """After an operation whose size is only known once done (a join): at most twice the
+    bound was allocated, and the next doubling is refused."""
+    if isinstance(value, str | list | tuple) and len(value) > render.MAX_RENDERED_CHARS:
+        raise jinja2.sandbox.SecurityError("result too large")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_sizes(name: str, args: Iterable[Any], kwargs: Mapping[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if _number(value) and abs(value) > MAX_SIZE_ARG:
+            raise jinja2.sandbox.SecurityError(
+                f"{name}: {value} is too large (at most {MAX_SIZE_ARG})"
+            )
+
+
+def _sized_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)  # keeps the pass_context/pass_environment mark
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_sizes(name, args[1:], kwargs)
+        return fn(*args, **kwargs)
+
+    return bounded
+
+
+def _checked_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        _check_result(out)
+        return out
+
+    return checked
+
+
+def environment(
+    search: Iterable[Path], bytecode: Callable[[], jinja2.BytecodeCache] | None = None
+) -> jinja2.Environment:
+    """The sandbox for `search`; `bytecode` makes the cache of compiled templates."""
+    env = _Sandbox(
+        loader=_Loader([str(p) for p in search]),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        optimized=False,  # no constant folding: nothing of a template runs while compiling
+        bytecode_cache=bytecode() if bytecode is not None else None,
+    )
+    for name in _SIZED_FILTERS:
+        env.filters[name] = _sized_filter(name, env.filters[name])
+    for name in ("join", "replace", "list", "string"):
+        env.filters[name] = _checked_filter(env.filters[name])
+    env.filters["format"] = _format_filter(env.filters["format"])
+    # Plain compact JSON, with element lists left as placeholders (see `Elements`).
+    env.policies["json.dumps_function"] = render.dumps
+    env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}
+    return env
+
+
+def _format_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str) and _HUGE_WIDTH.search(value):
+            raise jinja2.sandbox.SecurityError("format width too large")
+        return fn(value, *args, **kwargs)
+
+    return bounded
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise `RenderTimeout` in this thread (any thread, unlike SIGALRM) once `seconds`
+    have passed, at the next Python instruction it runs; again every 50 ms until it ends,
+    since an exception raised inside a gc callback or a `__del__` is swallowed."""
+    target, lock, timers = threading.get_ident(), threading.Lock(), []
+    set_async = ctypes.pythonapi.PyThreadState_SetAsyncExc
+
+    def arm(delay: float) -> None:
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        timers[:] = [timer]  # the previous one has fired
+        timer.start()
+
+    def fire() -> None:
+        with lock:
+            if timers:
+                set_async(ctypes.c_ulong(target), ctypes.py_object(render.RenderTimeout))
+                arm(0.05)
+
+    with lock:
+        arm(seconds)
+    try:
+        yield
+    finally:
+        while True:  # the timeout may land in here too: retry until the watchdog is off
+            try:
+                with lock:
+                    for timer in timers:
+                        timer.cancel()
+                    timers.clear()
+                    set_async(ctypes.c_ulong(target), None)  # a pending one must not fire later
+                break
+            except render.RenderTimeout:
+                continue
+
+
+@lru_cache(maxsize=8)
+def cached_environment(
+    search: tuple[Path, ...], bytecode: Callable[[], jinja2.BytecodeCache] | None
+) -> jinja2.Environment:
+    """One environment per template path: templates compile once per process (a daemon
+    rotates in milliseconds); Jinja still reloads a template whose file changed."""
+    return environment(search, bytecode)
+
+
+class _Loader(jinja2.FileSystemLoader):
+    """Notes every template it reads (name, file, sha256 of the source): a rendered text
+    kept across processes is reused only while those files are unchanged."""
+
+    def __init__(self, searchpath: list[str]) -> None:
+        super().__init__(searchpath)
+        self.read: dict[str, tuple[str, str]] = {}
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        source, filename, uptodate = super().get_source(environment, template)
+        self.read[template] = (filename, hashlib.sha256(source.encode()).hexdigest())
+        return source, filename, uptodate
+
+
+def templates_read(env: jinja2.Environment) -> list[tuple[str, str, str]]:
+    """(name, file, sha256) of every template `env` has read so far."""
+    loader = env.loader
+    read = loader.read if isinstance(loader, _Loader) else {}
+    return [(name, filename, digest) for name, (filename, digest) in sorted(read.items())]
