@@ -208,10 +208,25 @@ def test_a_kept_text_holds_no_mapping(tmp_path: Path, render_cache):
     text = next((tmp_path / "cache").glob("rendered-*.json")).read_text()
     maps = [c["add"]["map"] for c in commands if "map" in c["add"]]
     assert any(m.get("elem") for m in maps)
+    buckets = [m for m in maps if m["name"].startswith("b")]
+    assert buckets and all(m.get("elem") for m in buckets)  # port : port, per bucket
     for m in maps:
         for key, _ in m.get("elem") or []:
-            assert json.dumps(key["concat"], separators=(",", ":")) not in text
-            assert f'"concat": {json.dumps(key["concat"])}' not in text
+            if isinstance(key, dict):
+                assert json.dumps(key["concat"], separators=(",", ":")) not in text
+                assert f'"concat": {json.dumps(key["concat"])}' not in text
+    for m in buckets:
+        assert f'"elem": {json.dumps(m["elem"])}' not in text
+        assert json.dumps(m["elem"], separators=(",", ":")) not in text
+    # The jhash seed (secret- and epoch-derived) is a placeholder too.
+    seeds = {
+        e["vmap"]["key"]["jhash"]["seed"]
+        for c in commands
+        if "rule" in c["add"]
+        for e in c["add"]["rule"]["expr"]
+        if "vmap" in e and "jhash" in e["vmap"]["key"]
+    }
+    assert seeds and all(f'"seed": {seed}' not in text for seed in seeds)
 
 
 def test_a_template_that_reads_the_mapping_is_always_rendered(tmp_path: Path, render_cache):

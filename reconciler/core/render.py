@@ -102,6 +102,51 @@ class Elements(Sequence[Any]):
         return f"[{','.join(parts)}]"
 
 
+class Hidden(Sequence[Any]):
+    """A small secret-derived value (a bucket's map elements, the jhash seed) that a
+    template writes as a placeholder: `{{ seed }}` and `| tojson` write its token, which
+    `render` swaps for the value after parsing, so a kept text (the render cache) never
+    holds it and its cache key never depends on it. Anything else a template does with it
+    (iterate, index, compare) reads the value and marks it `read`: such a text is not kept."""
+
+    def __init__(self, name: str, value: Any) -> None:
+        self.token = _TOKEN + name
+        self._value = value
+        self.read = False
+
+    @property
+    def value(self) -> Any:
+        self.read = True
+        return self._value
+
+    def __repr__(self) -> str:  # the same whatever the secret: part of the render cache key
+        n = len(self._value) if isinstance(self._value, list) else None
+        return f"Hidden({self.token!r}, {n})"
+
+    def __str__(self) -> str:  # `{{ seed }}`: the placeholder, as a JSON string
+        return json.dumps(self.token)
+
+    def __len__(self) -> int:  # `| length`, `{% if %}`: the size is not the secret
+        return len(self._value) if isinstance(self._value, list) else 1
+
+    def __bool__(self) -> bool:
+        return bool(self._value) if isinstance(self._value, list) else True
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.value[i] if isinstance(self._value, list) else self.value
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.value if isinstance(self._value, list) else [self.value])
+
+    def __int__(self) -> int:
+        return int(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return self.value == (other.value if isinstance(other, Hidden) else other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class Lazy(Sequence[Any]):
     """A list built on first use: `pairs` costs a dict per moved port and only per-pair
     templates (classic) read it."""
@@ -134,7 +179,7 @@ class Lazy(Sequence[Any]):
 
 def dumps(obj: Any, **kwargs: Any) -> str:
     """`| tojson`: compact; an `Elements` as its placeholder; a `Lazy` as a list."""
-    if isinstance(obj, Elements):
+    if isinstance(obj, Elements | Hidden):
         return json.dumps(obj.token)
     return json.dumps(obj, default=_plain, **kwargs)
 
@@ -142,6 +187,8 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 def _plain(obj: Any) -> Any:
     if isinstance(obj, Lazy | Elements):
         return list(obj)
+    if isinstance(obj, Hidden):
+        return obj.value
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
@@ -208,8 +255,11 @@ def context(
         "networks": networks,
         "services": {proto: list(state.services[proto]) for proto in PROTOCOLS},
         "bucketed": bucketed,
-        "buckets": [_bucket_elements(by) for by in mapping.buckets],
-        "seed": mapping.seed,
+        "buckets": [
+            {proto: Hidden(f"buckets.{k}.{proto}", elems) for proto, elems in by.items()}
+            for k, by in enumerate(_bucket_elements(by) for by in mapping.buckets)
+        ],
+        "seed": Hidden("seed", mapping.seed),
         "dynamic_size": MAX_DYNAMIC,
         "trusted": {v: _trusted(state, v) for v in ("4", "6")},
         "tripwire": _tripwire(state),
@@ -339,7 +389,7 @@ def render(
             "a libnftables document (about 12 levels)"
         )
     if _TOKEN_JSON in text:
-        _splice(doc, {e.token: e for e in ctx["elements"].values()})
+        _splice(doc, {h.token: h for h in _placeholders(ctx)})
     commands = _commands(doc, state, where)
     if key is not None and reused is None and _keep(key, dirs, name, ctx, text):
         assert _RENDERED is not None
@@ -462,8 +512,7 @@ def _keep(key: str, dirs: list[Path], name: str, ctx: Mapping[str, Any], text: s
     """Whether the text may be kept: it depends on nothing but the key (the template read
     no element and no pair, which hold the mapping, a secret, and changed nothing of its
     context), and it is small."""
-    elements: Mapping[str, Elements] = ctx["elements"]
-    if ctx["pairs"].read or any(e.read for e in elements.values()):
+    if ctx["pairs"].read or any(h.read for h in _placeholders(ctx)):
         return False
     return len(text) <= MAX_CACHED_TEXT and _render_key(dirs, name, ctx) == key
 
@@ -532,12 +581,20 @@ def _bounded_text(chunks: Iterable[str], where: str) -> str:
     return "".join(out)
 
 
-def _splice(node: dict | list, bulk: dict[str, Elements]) -> None:
-    """Replace, in place, each element-list placeholder by its list."""
+def _placeholders(ctx: Mapping[str, Any]) -> list[Elements | Hidden]:
+    """Every value a template writes as a placeholder: what holds the mapping."""
+    hidden = [h for bucket in ctx["buckets"] for h in bucket.values()]
+    return [*ctx["elements"].values(), *hidden, ctx["seed"]]
+
+
+def _splice(node: dict | list, bulk: dict[str, Elements | Hidden]) -> None:
+    """Replace, in place, each placeholder by its value (an element list stays an
+    `Elements`, written by `bulk.dumps`)."""
     for k, v in node.items() if isinstance(node, dict) else enumerate(node):
         if isinstance(v, str):
             if v in bulk:
-                node[k] = bulk[v]  # type: ignore[index]
+                found = bulk[v]
+                node[k] = found if isinstance(found, Elements) else found._value  # type: ignore[index]
         elif isinstance(v, dict | list):
             _splice(v, bulk)
 
