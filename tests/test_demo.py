@@ -29,4 +29,14 @@ def test_demo_tells_the_whole_story_and_cleans_up():
         assert expected in out.stdout, out.stdout
     views = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("trusted   192.0.2.2  ")]
     assert views and all("1,2,3,4,5" in ln for ln in views)  # the trusted view never moves
+    # One view per source: what nmap finds from each address is where mtd says it is.
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("   untrusted 192.0.2.5")]
+    assert len(rows) == 4, out.stdout
+    for row in rows:
+        told = {int(m.split("->")[1]) for m in row[3:]}
+        assert set(map(int, row[2].split(","))) == told and len(told) == 5, row
+    assert "before the trip: 1,2,3,4,5 " in out.stdout
+    after = out.stdout.split("after: ", 1)[1].split()[0]
+    assert after != "1,2,3,4,5" and len(after.split(",")) == 5
+    assert any(ln.split()[:2] == ["198.51.100.9", "tripwire"] for ln in out.stdout.splitlines())
     assert not {ns for ns in namespaces() if ns.startswith(f"mtd{proc.pid}x")}  # lab removed

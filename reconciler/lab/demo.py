@@ -2,7 +2,8 @@
 
 A server with services, an untrusted and a trusted client, a private redis-server and
 `mtd run` on the server: what each client's nmap sees, a rotation published on Redis,
-what they see after it, drift repaired, and the diff that says the host is in sync.
+what they see after it, drift repaired, the diff that says the host is in sync, then one
+view per source address (per_source buckets), a trusted source and a tripwire.
 
 Nothing on the host changes: the lab's namespaces hold every rule, sysctl and process, the
 desired state and secret live in a temporary directory, and everything is removed at the end,
@@ -71,6 +72,54 @@ def step(n: int, text: str) -> None:
     say(f"{n}. {text}")
 
 
+# More addresses of the untrusted client, inside the per_source 192.0.2.0/24.
+EXTRA = ["192.0.2.50", "192.0.2.51", "192.0.2.52", "192.0.2.53"]
+
+
+def whole_internet(lab: Lab, state: Path, daemon: MtdRun, url: str, workdir: Path) -> None:
+    """Coverage: each address its own (bucket) view, a trusted source, and a tripwire that
+    watches whoever touches it, decided in the kernel."""
+    step(8, "One view per source: every address of 192.0.2.0/24 and every IPv6 /64 gets one")
+    say("   of 16 bucket mappings, chosen by a keyed hash in the packet path (0.0.0.0/0 would")
+    say("   cost the very same table); 192.0.2.2 is trusted; tcp 23 is a tripwire. mtd run")
+    say("   takes the new state on reload (SIGHUP).")
+    doc = STATE | {
+        "secret_file": str(workdir / "secret"),
+        "redis": {"url": url},
+        "watched": [
+            STATE["watched"][0],
+            {"source": "192.0.2.0/24", "per_source": True},
+            {"source": "::/0", "per_source": True},
+        ],
+        "trusted": ["192.0.2.2"],
+        "tripwire": {"tcp": [23], "for": 600},
+    }
+    state.write_text(yaml.safe_dump(doc))
+    daemon.proc.send_signal(signal.SIGHUP)
+    say("   mtd run: " + daemon.wait_for("reconcile", origin="manual")["message"])
+    for addr in EXTRA:
+        lab.sh("unt", f"ip addr add {addr}/24 dev eth0")
+    say(f"   {'source':24} {'nmap -sS':14} mtd mapping --source: where each service is for it")
+    for addr in EXTRA:
+        seen = sorted(nmap_open(lab, "unt", "192.0.2.1", f"-sS -S {addr} -e eth0"))
+        told = mtd(lab, state, "mapping", "--source", addr).splitlines()[1:]
+        moves = " ".join(
+            f"{w[1]}->{w[3]}" for w in (line.split() for line in told) if w[0] == "tcp"
+        )
+        say(f"   untrusted {addr:14} {','.join(map(str, seen)):14} {moves}")
+    seen = sorted(nmap_open(lab, "tru", "192.0.2.1", "-sS"))
+    say(f"   trusted   {'192.0.2.2':14} {','.join(map(str, seen))}")
+    step(9, "The unlisted 198.51.100.9 sees the real ports until it touches the tripwire:")
+    say("   the kernel itself watches it from the next packet on, for 10 minutes.")
+    lab.sh("unt", "ip addr add 198.51.100.9/24 dev eth0")
+    before = sorted(nmap_open(lab, "unt", "192.0.2.1", "-sS -S 198.51.100.9 -e eth0"))
+    lab.run("unt", ["nmap", "-n", "-Pn", "-sS", "-p23", "-S", "198.51.100.9", "-e", "eth0",
+                    "192.0.2.1"], timeout=60)  # fmt: skip
+    after = sorted(nmap_open(lab, "unt", "192.0.2.1", "-sS -S 198.51.100.9 -e eth0"))
+    say(f"   before the trip: {','.join(map(str, before))}   after: {','.join(map(str, after))}")
+    say(textwrap.indent(mtd(lab, state, "watch", "list"), "   "))
+
+
 def run_demo(workdir: Path) -> None:
     state = workdir / "state.yaml"
     say("mtd demo: a lab of network namespaces; nothing on this host is changed.")
@@ -117,6 +166,7 @@ def run_demo(workdir: Path) -> None:
         step(7, "mtd diff and mtd status agree that the host is in sync:")
         say(textwrap.indent(mtd(lab, state, "diff", "--stat"), "   "))
         say("   " + mtd(lab, state, "status"))
+        whole_internet(lab, state, daemon, redis.url, workdir)
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.proc.wait(timeout=10)
         redis.stop()
