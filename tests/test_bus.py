@@ -100,6 +100,17 @@ def test_signed_messages_must_carry_the_right_signature():
     assert bus.decode(json.dumps(good).encode(), cfg).epoch == 5
 
 
+@pytest.mark.parametrize("sig", ["\x8a", "é" * 20, "\ud800", "0" * 63 + "\u0660"])
+def test_a_non_ascii_signature_is_a_bad_message_not_a_crash(sig: str):
+    """hmac.compare_digest raises TypeError on non-ASCII text: one such message used to end
+    the subscriber's connection (an internal error, a reconnect and its backoff), so a flood
+    of them kept every daemon of the fleet away from its triggers."""
+    cfg = config(signed=True)
+    msg = json.loads(bus.encode(cfg, 5, 100.0)) | {"sig": sig}
+    with pytest.raises(bus.BadMessage, match="bad signature"):
+        bus.decode(json.dumps(msg).encode(), cfg)
+
+
 @given(st.binary(max_size=300))
 def test_any_bytes_are_a_trigger_or_a_bad_message(data: bytes):
     try:

@@ -412,7 +412,8 @@ def _check_signature(msg: dict, want: str, prefix: str = "") -> None:
     sig = msg.get("sig")
     if sig is None:
         raise BadMessage(f"{prefix}unsigned: expected a signature (sig)", "unsigned")
-    if not isinstance(sig, str) or not hmac.compare_digest(sig, want):
+    # compare_digest refuses non-ASCII text (TypeError): such a signature is simply wrong.
+    if not isinstance(sig, str) or not sig.isascii() or not hmac.compare_digest(sig, want):
         raise BadMessage(f"{prefix}bad signature: expected one made with the key", "bad signature")
 
 
