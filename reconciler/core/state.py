@@ -552,17 +552,10 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
     seen: dict[Network, int] = {}
     for i, entry in enumerate(doc.get("watched") or []):
         text = entry["source"]
-        try:
-            net = _network(text)
-        except ValueError as exc:
-            hint = "has host bits set" if "host bits" in str(exc) else "is not an address"
-            problems.append(
-                locate(
-                    ["watched", i, "source"],
-                    f"{text!r} {hint}: expected an IPv4/IPv6 address or a CIDR prefix "
-                    "such as 192.0.2.3 or 2001:db8::/48",
-                )
-            )
+        net = _source(
+            text, ["watched", i, "source"], "192.0.2.3 or 2001:db8::/48", locate, problems
+        )
+        if net is None:
             continue
         if net in seen:
             problems.append(
@@ -656,21 +649,30 @@ def _ignore_text(ignore: Mapping[str, frozenset[int]]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
+def _source(
+    text: str, path: list[str | int], example: str, locate: _Locator, problems: list[str]
+) -> Network | None:
+    """An address or a prefix without host bits; None (and one problem) otherwise."""
+    try:
+        return _network(text)
+    except ValueError as exc:
+        hint = "has host bits set" if "host bits" in str(exc) else "is not an address"
+        problems.append(
+            locate(
+                path,
+                f"{text!r} {hint}: expected an IPv4/IPv6 address or a CIDR prefix such as "
+                f"{example}",
+            )
+        )
+        return None
+
+
 def _trusted(items: Sequence[str], locate: _Locator, problems: list[str]) -> tuple[Network, ...]:
     """The trusted prefixes; each must parse, without host bits, and appear once."""
     out: dict[Network, None] = {}  # ordered, and a set: 60,000 prefixes stay linear
     for i, text in enumerate(items):
-        try:
-            net = _network(text)
-        except ValueError as exc:
-            hint = "has host bits set" if "host bits" in str(exc) else "is not an address"
-            problems.append(
-                locate(
-                    ["trusted", i],
-                    f"{text!r} {hint}: expected an IPv4/IPv6 address or a CIDR prefix such "
-                    "as 203.0.113.0/24 or 2001:db8:2::/64",
-                )
-            )
+        net = _source(text, ["trusted", i], "203.0.113.0/24 or 2001:db8:2::/64", locate, problems)
+        if net is None:
             continue
         if net in out:
             problems.append(locate(["trusted", i], f"{text!r} twice: expected each prefix once"))
