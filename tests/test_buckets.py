@@ -287,3 +287,32 @@ def test_the_whole_internet_per_source_leaves_the_hosts_own_connections_alone(tm
         for own in ("127.0.0.1", SERVER4, "::1", SERVER6):
             assert lab.probe("srv", "tcp", own, 1) == "port 1", own
             assert lab.probe("srv", "udp", own, 53) == "port 53", own
+
+
+def _dyn(lab: Lab, name: str) -> list[str]:
+    listing = json.loads(lab.sh("srv", f"nft -j list set inet mtd {name}"))["nftables"]
+    elems = next(o["set"] for o in listing if "set" in o).get("elem", [])
+    return [e["elem"]["val"] if isinstance(e, dict) else e for e in elems]
+
+
+def test_a_dynamic_set_full_of_trips_still_takes_an_operators_watch(tmp_path):
+    """One /48 holds 65,536 /64s: trips from all of them (no spoofing needed) fill dyn6,
+    and the kernel refuses any add to a full set. `mtd watch add` (fail2ban's ban) and
+    `watch del` must still work, now and after a rotation (which puts the set back full)."""
+    state = write_state(tmp_path / "state.yaml", tripwire={"tcp": [23], "udp": [], "for": 600})
+    with standard_lab() as lab:
+        assert apply(lab, state).returncode == 0
+        trips = ", ".join(f"2001:db8:1:{i:x}:: timeout 600s" for i in range(65536))
+        (tmp_path / "trips.nft").write_text(f"add element inet mtd dyn6 {{ {trips} }}\n")
+        filled = lab.run("srv", ["nft", "-f", str(tmp_path / "trips.nft")])
+        assert filled.returncode == 0, filled.stderr
+        for ban in ("2001:db8:2:7::1", "2001:db8:2:8::1"):
+            add = mtd("-s", str(state), "watch", "add", "--local", ban, "--for", "1h", ns=lab)
+            assert add.returncode == 0, add.stderr
+            unit = ban.removesuffix("1")
+            live = _dyn(lab, "dyn6")
+            assert unit in live and len(live) == 65536
+            assert apply(lab, state, cmd="rotate").returncode == 0
+            assert unit in _dyn(lab, "dyn6")
+        gone = mtd("-s", str(state), "watch", "del", "--local", "2001:db8:3::1", ns=lab)
+        assert gone.returncode == 0, gone.stderr
