@@ -5,6 +5,7 @@ watch message as a small transaction (never a pass) that a rotation keeps."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -58,6 +59,8 @@ DYN_TEMPLATE = """{%- set T = table | tojson -%}
         (" 192.0.2.7 ", "192.0.2.7"),
         ("2001:db8:1:2::5", "2001:db8:1:2::"),
         ("2001:DB8:1:2:aa:bb:cc:dd", "2001:db8:1:2::"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack log's IPv4 client, not ::/64
+        ("::FFFF:c000:207", "192.0.2.7"),
         ("2001:db8:1:2::/64", "2001:db8:1:2::"),
         ("2001:db8:1:2::9/64", "2001:db8:1:2::"),
     ],
@@ -496,3 +499,8 @@ def test_the_store_is_private_next_to_the_epoch_file(lab):
     watching.change(lab["state"], FakeKernel(), [Entry("192.0.2.7", "cli", "", time.time() + 9)])
     path = Path(lab["state"].epoch_file).with_name("watch.json")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_an_ipv4_mapped_source_inside_trusted_is_refused_as_its_ipv4_address():
+    with pytest.raises(WatchError, match="trusted"):
+        watch.canonical("::ffff:203.0.113.5", [ipaddress.ip_network("203.0.113.0/24")])
