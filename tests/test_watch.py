@@ -504,3 +504,25 @@ def test_the_store_is_private_next_to_the_epoch_file(lab):
 def test_an_ipv4_mapped_source_inside_trusted_is_refused_as_its_ipv4_address():
     with pytest.raises(WatchError, match="trusted"):
         watch.canonical("::ffff:203.0.113.5", [ipaddress.ip_network("203.0.113.0/24")])
+
+
+def test_a_store_full_of_trips_still_takes_an_operators_entry(monkeypatch: pytest.MonkeyPatch):
+    """Trips fill the store at the next harvest (65,536 spoofed IPv4 sources and the
+    65,536 /64s of one /48 are more than it holds): `mtd watch add` (fail2ban's ban) and
+    watch messages must still be stored, in place of the trip with the least time left."""
+    monkeypatch.setattr(watch, "MAX_ENTRIES", 3)
+    entries = {
+        f"2001:db8:1:{n}::": Entry(f"2001:db8:1:{n}::", "tripwire", "tripwire", NOW + 9 + n)
+        for n in range(3)
+    }
+    for origin in ("cli", "redis"):
+        ban = Entry(f"192.0.2.{len(origin)}", origin, "fail2ban sshd", NOW + 60)
+        assert watchstore.put(entries, ban, NOW) is None
+        assert ban.source in entries and len(entries) == 3
+    assert set(entries) == {"192.0.2.3", "192.0.2.5", "2001:db8:1:2::"}
+    # A trip never pushes out anything, and operators' entries are never dropped.
+    trip = Entry("198.51.100.9", "tripwire", "tripwire", NOW + 600)
+    assert watchstore.put(entries, trip, NOW) is not None
+    monkeypatch.setattr(watch, "MAX_ENTRIES", 2)
+    assert watchstore.put(entries, Entry("192.0.2.9", "cli", "", NOW + 9), NOW) is None
+    assert watchstore.put(entries, Entry("192.0.2.10", "cli", "", NOW + 9), NOW) is not None
