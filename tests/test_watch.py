@@ -5,6 +5,7 @@ watch message as a small transaction (never a pass) that a rotation keeps."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -526,3 +527,16 @@ def test_a_store_full_of_trips_still_takes_an_operators_entry(monkeypatch: pytes
     monkeypatch.setattr(watch, "MAX_ENTRIES", 2)
     assert watchstore.put(entries, Entry("192.0.2.9", "cli", "", NOW + 9), NOW) is None
     assert watchstore.put(entries, Entry("192.0.2.10", "cli", "", NOW + 9), NOW) is not None
+
+
+def test_a_trusted_prefix_inside_a_64_leaves_the_rest_of_it_to_watch(lab):
+    """A trusted /80 (a partner's range) or /128 inside a /64 must not make a ban of
+    another address of that /64 fail ('would have no effect': it would have one), nor
+    drop that /64's entry (a trip, a watch message) from the next table."""
+    for trusted in ("2001:db8:2::/80", "2001:db8:2::/128"):
+        assert watch.canonical("2001:db8:2:0:ffff::5", [trusted]) == "2001:db8:2::"
+    with pytest.raises(WatchError, match="would have no effect"):
+        watch.canonical("2001:db8:2:0:ffff::5", ["2001:db8:2::/48"])
+    state = dataclasses.replace(lab["state"], trusted=(ipaddress.ip_network("2001:db8:2::/80"),))
+    entries = {"2001:db8:2::": Entry("2001:db8:2::", "tripwire", "tripwire", NOW + 60)}
+    assert watching._render_input(state, entries, NOW)["6"] == [("2001:db8:2::", 60)]

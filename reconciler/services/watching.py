@@ -11,7 +11,6 @@ that order, so a pass never harvests an element a `watch del` is removing.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,8 +75,7 @@ def _render_input(state: State, entries: dict[str, Entry], now: float) -> Dynami
 
 def _inside(source: str, nets: list[Any]) -> bool:
     """Trusted beats dynamic: such an entry is kept in the store but never rendered."""
-    ip = ipaddress.ip_address(source)
-    return any(n.version == ip.version and ip in n for n in nets)
+    return watch.trusted_over(source, nets) is not None
 
 
 @dataclass
