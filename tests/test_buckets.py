@@ -232,3 +232,87 @@ def test_a_source_that_touches_a_tripwire_port_sees_the_shuffled_view_from_then_
         assert apply(lab, state, cmd="rotate").returncode == 0
         assert views(lab, target, [source], role="tru")[source] == expected(state, source)
         assert expected(state, source) == as_dynamic(state, source) != REAL
+
+
+SPOOF = """
+import socket, struct, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def csum(b):
+    b += b"\\0" * (len(b) % 2)
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    s = (s >> 16) + (s & 0xFFFF)
+    return ~(s + (s >> 16)) & 0xFFFF
+s4, d4 = socket.inet_aton(src), socket.inet_aton(dst)
+tcp = struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+tcp = tcp[:16] + struct.pack("!H", csum(s4 + d4 + struct.pack("!BBH", 0, 6, 20) + tcp)) + tcp[18:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, s4, d4)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+    s.sendto(ip + tcp, (dst, 0))
+"""
+
+
+@pytest.mark.parametrize("how", ["spoofed own address", "local client"])
+def test_the_tripwire_never_catches_the_hosts_own_addresses(tmp_path, how):
+    """A packet to a tripwire port from one of the host's own addresses (spoofed from the
+    link: raw_prerouting sees it before the martian check; or a local process touching
+    127.0.0.1:23) must not put that address into dyn4: the host's own connections to its
+    services (an application to its local database, the daemon to a local Redis) come
+    from it, and guard_output would drop every answer to them."""
+    state = write_state(tmp_path / "state.yaml", tripwire={"tcp": [23], "udp": [], "for": 600})
+    with standard_lab() as lab:
+        assert apply(lab, state).returncode == 0
+        own = SERVER4 if how == "spoofed own address" else "127.0.0.1"
+        assert lab.probe("srv", "tcp", own, 1) == "port 1"
+        if how == "spoofed own address":
+            proc = lab.run("unt", [sys.executable, "-c", SPOOF, own, SERVER4, "23"])
+            assert proc.returncode == 0, proc.stderr
+            # The next packet on the same link is answered only after the spoofed one
+            # went through the server's raw_prerouting.
+            assert lab.probe("unt", "tcp", SERVER4, 23) == "closed"
+        else:
+            assert lab.probe("srv", "tcp", own, 23) == "closed"
+        listing = json.loads(lab.sh("srv", "nft -j list set inet mtd dyn4"))["nftables"]
+        members = next(o["set"] for o in listing if "set" in o).get("elem", [])
+        assert members == [], members
+        assert lab.probe("srv", "tcp", own, 1) == "port 1"
+
+
+def test_the_whole_internet_per_source_leaves_the_hosts_own_connections_alone(tmp_path):
+    """`0.0.0.0/0` and `::/0` per_source (README's example) hold 127.0.0.1, ::1 and the
+    host's own addresses: its connections to itself must keep reaching its services."""
+    state = write_state(tmp_path / "state.yaml", **INTERNET)
+    with standard_lab() as lab:
+        assert apply(lab, state).returncode == 0
+        for own in ("127.0.0.1", SERVER4, "::1", SERVER6):
+            assert lab.probe("srv", "tcp", own, 1) == "port 1", own
+            assert lab.probe("srv", "udp", own, 53) == "port 53", own
+
+
+def _dyn(lab: Lab, name: str) -> list[str]:
+    listing = json.loads(lab.sh("srv", f"nft -j list set inet mtd {name}"))["nftables"]
+    elems = next(o["set"] for o in listing if "set" in o).get("elem", [])
+    return [e["elem"]["val"] if isinstance(e, dict) else e for e in elems]
+
+
+def test_a_dynamic_set_full_of_trips_still_takes_an_operators_watch(tmp_path):
+    """One /48 holds 65,536 /64s: trips from all of them (no spoofing needed) fill dyn6,
+    and the kernel refuses any add to a full set. `mtd watch add` (fail2ban's ban) and
+    `watch del` must still work, now and after a rotation (which puts the set back full)."""
+    state = write_state(tmp_path / "state.yaml", tripwire={"tcp": [23], "udp": [], "for": 600})
+    with standard_lab() as lab:
+        assert apply(lab, state).returncode == 0
+        trips = ", ".join(f"2001:db8:1:{i:x}:: timeout 600s" for i in range(65536))
+        (tmp_path / "trips.nft").write_text(f"add element inet mtd dyn6 {{ {trips} }}\n")
+        filled = lab.run("srv", ["nft", "-f", str(tmp_path / "trips.nft")])
+        assert filled.returncode == 0, filled.stderr
+        for ban in ("2001:db8:2:7::1", "2001:db8:2:8::1"):
+            add = mtd("-s", str(state), "watch", "add", "--local", ban, "--for", "1h", ns=lab)
+            assert add.returncode == 0, add.stderr
+            unit = ban.removesuffix("1")
+            live = _dyn(lab, "dyn6")
+            assert unit in live and len(live) == 65536
+            assert apply(lab, state, cmd="rotate").returncode == 0
+            assert unit in _dyn(lab, "dyn6")
+        gone = mtd("-s", str(state), "watch", "del", "--local", "2001:db8:3::1", ns=lab)
+        assert gone.returncode == 0, gone.stderr

@@ -4,6 +4,7 @@ where the kernel is not needed."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -135,7 +136,7 @@ def test_a_changed_state_is_validated_whatever_the_cache_says(state_file: Path):
     # file may not be (inside a repository clone), is refused.
     state_file.write_text(text)
     _accept(state_file)
-    local = Local(forbidden=(str(state_file.parent),))
+    local = Local(forbidden=(str(state_file.parent / "secret"),))  # not the cache
     with pytest.raises(MtdError, match=r"inside .*the repository clone"):
         files.load_state(state_file, local=local)
 
@@ -298,7 +299,7 @@ def test_a_parsed_state_is_not_parsed_again(state_file: Path, monkeypatch):
     again = files.load_state(state_file)
     assert again == first and again.doc == first.doc
     # A meaning error still points at its line (the text is composed only then).
-    local = Local(forbidden=(str(state_file.parent),))
+    local = Local(forbidden=(str(state_file.parent / "secret"),))  # not the cache
     with pytest.raises(MtdError, match=r"state.yaml:2: secret_file"):
         files.load_state(state_file, local=local)
     # Another text is parsed: one value changed.
@@ -321,3 +322,55 @@ def test_parsed_states_are_trusted_only_in_a_private_directory(state_file: Path,
     monkeypatch.setattr(state_mod, "load_yaml", lambda *a: calls.append(1) or real(*a))
     files.load_state(state_file)
     assert calls == [1]
+
+
+def test_a_repository_commit_cannot_choose_where_parsed_states_are_read(tmp_path: Path):
+    """The parsed-state cache is found before parsing, by a guess read from the texts. A
+    commit whose text has an `epoch_file:` line (inside a multi-line comment, so it is no
+    key and passes every check) must not send that guess into the clone, where the commit
+    itself can plant a `parsed-*.json`: its documents would stand for the host's own
+    configuration too, and set the table, `ownership: ruleset`, the audit log..."""
+    clone = tmp_path / "repo"
+    (clone / "state").mkdir(parents=True)
+    evil = clone / "evil" / "cache"
+    evil.mkdir(parents=True)
+    for d in (clone, clone / "state", clone / "evil", evil):
+        d.chmod(0o755)  # as git checks out, as root
+    state_text = (
+        "ports: {range: [1, 20], services: {tcp: [1]}}\n"
+        "watched:\n"
+        "- source: 192.0.2.3\n"
+        '  comment: "x\n'
+        f"epoch_file: {clone}/evil/epoch\n"
+        '    y"\n'
+    )
+    (clone / "state" / "mtd.yaml").write_text(state_text)
+    config = tmp_path / "mtd.conf.yaml"
+    config.write_text(f"secret_file: {tmp_path}/own/secret\n")
+    local = Local(
+        documents=[(str(config), config.read_text())],
+        state_dir=str(tmp_path / "own"),
+        untrusted=True,
+        forbidden=(str(clone),),
+    )
+    docs = files.state_documents(clone / "state")
+    key = files.parsed_key(docs, local)
+    planted = {
+        str(config): {
+            "secret_file": f"{tmp_path}/own/secret",
+            "table": "filter",
+            "ownership": "ruleset",
+        },
+        docs[0][0]: {
+            "ports": {"range": [1, 20], "services": {"tcp": [1]}},
+            "watched": [{"source": "192.0.2.3"}],
+        },
+    }
+    (evil / f"parsed-{key[:40]}.json").write_text(json.dumps({"key": key, "documents": planted}))
+    state = files.load_state(clone / "state", local=local)
+    assert state.table == "mtd" and state.ownership == "table"
+    # Root reading the clone as a local state (`-s`): the guess still never enters it.
+    trusting = dataclasses.replace(local, untrusted=False)
+    key = files.parsed_key(docs, trusting)
+    (evil / f"parsed-{key[:40]}.json").write_text(json.dumps({"key": key, "documents": planted}))
+    assert files.load_state(clone / "state", local=trusting).table == "mtd"

@@ -701,3 +701,33 @@ def test_the_largest_coverage_a_commit_may_ask_for_renders_within_bounds(tmp_pat
     out = _run_bounded("-s", str(state), "validate")
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[-500:]
     assert "buckets: 1025: expected at most 1024" in out.stderr
+
+
+def test_many_services_and_buckets_from_a_commit_stay_bounded(tmp_path: Path):
+    """Service ports are fleet state. 30,000 of them made every draw quadratic (each free
+    port found by scanning every service port): one watched source took minutes, and 1024
+    buckets of them asked for 61 million bucket elements (gigabytes). Now a source of
+    30,000 ports renders within the bounds, and buckets x moved ports is bounded in one
+    line, with the largest allowed rendering within the bounds too."""
+    secret = tmp_path / "secret"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"s" * 32)
+    os.close(fd)
+    state = tmp_path / "mtd.yaml"
+
+    def write(services: list[int], **more: object) -> None:
+        ports = {"range": [1, 65535], "services": {"tcp": services, "udp": []}}
+        state.write_text(json.dumps({"ports": ports, "secret_file": str(secret), **more}))
+
+    # (16 default buckets x 30,000: within the bucket bound)
+    write(list(range(1, 30_001)), watched=[{"source": "192.0.2.3"}])
+    out = _run_bounded("-s", str(state), "render")
+    assert out.returncode == 0, out.stderr[-500:]
+    internet = {"watched": [{"source": "0.0.0.0/0", "per_source": True}], "buckets": 1024}
+    write(list(range(1, 30_001)), **internet)
+    out = _run_bounded("-s", str(state), "validate")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[-500:]
+    assert "1024 buckets x 30000 moved ports = 30,720,000 bucket mappings" in out.stderr
+    write(list(range(1, 513)), **internet)  # 524,288: the most allowed
+    out = _run_bounded("-s", str(state), "render")
+    assert out.returncode == 0, out.stderr[-500:]

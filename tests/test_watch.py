@@ -5,6 +5,8 @@ watch message as a small transaction (never a pass) that a rotation keeps."""
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -58,6 +60,8 @@ DYN_TEMPLATE = """{%- set T = table | tojson -%}
         (" 192.0.2.7 ", "192.0.2.7"),
         ("2001:db8:1:2::5", "2001:db8:1:2::"),
         ("2001:DB8:1:2:aa:bb:cc:dd", "2001:db8:1:2::"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack log's IPv4 client, not ::/64
+        ("::FFFF:c000:207", "192.0.2.7"),
         ("2001:db8:1:2::/64", "2001:db8:1:2::"),
         ("2001:db8:1:2::9/64", "2001:db8:1:2::"),
     ],
@@ -496,3 +500,43 @@ def test_the_store_is_private_next_to_the_epoch_file(lab):
     watching.change(lab["state"], FakeKernel(), [Entry("192.0.2.7", "cli", "", time.time() + 9)])
     path = Path(lab["state"].epoch_file).with_name("watch.json")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_an_ipv4_mapped_source_inside_trusted_is_refused_as_its_ipv4_address():
+    with pytest.raises(WatchError, match="trusted"):
+        watch.canonical("::ffff:203.0.113.5", [ipaddress.ip_network("203.0.113.0/24")])
+
+
+def test_a_store_full_of_trips_still_takes_an_operators_entry(monkeypatch: pytest.MonkeyPatch):
+    """Trips fill the store at the next harvest (65,536 spoofed IPv4 sources and the
+    65,536 /64s of one /48 are more than it holds): `mtd watch add` (fail2ban's ban) and
+    watch messages must still be stored, in place of the trip with the least time left."""
+    monkeypatch.setattr(watch, "MAX_ENTRIES", 3)
+    entries = {
+        f"2001:db8:1:{n}::": Entry(f"2001:db8:1:{n}::", "tripwire", "tripwire", NOW + 9 + n)
+        for n in range(3)
+    }
+    for origin in ("cli", "redis"):
+        ban = Entry(f"192.0.2.{len(origin)}", origin, "fail2ban sshd", NOW + 60)
+        assert watchstore.put(entries, ban, NOW) is None
+        assert ban.source in entries and len(entries) == 3
+    assert set(entries) == {"192.0.2.3", "192.0.2.5", "2001:db8:1:2::"}
+    # A trip never pushes out anything, and operators' entries are never dropped.
+    trip = Entry("198.51.100.9", "tripwire", "tripwire", NOW + 600)
+    assert watchstore.put(entries, trip, NOW) is not None
+    monkeypatch.setattr(watch, "MAX_ENTRIES", 2)
+    assert watchstore.put(entries, Entry("192.0.2.9", "cli", "", NOW + 9), NOW) is None
+    assert watchstore.put(entries, Entry("192.0.2.10", "cli", "", NOW + 9), NOW) is not None
+
+
+def test_a_trusted_prefix_inside_a_64_leaves_the_rest_of_it_to_watch(lab):
+    """A trusted /80 (a partner's range) or /128 inside a /64 must not make a ban of
+    another address of that /64 fail ('would have no effect': it would have one), nor
+    drop that /64's entry (a trip, a watch message) from the next table."""
+    for trusted in ("2001:db8:2::/80", "2001:db8:2::/128"):
+        assert watch.canonical("2001:db8:2:0:ffff::5", [trusted]) == "2001:db8:2::"
+    with pytest.raises(WatchError, match="would have no effect"):
+        watch.canonical("2001:db8:2:0:ffff::5", ["2001:db8:2::/48"])
+    state = dataclasses.replace(lab["state"], trusted=(ipaddress.ip_network("2001:db8:2::/80"),))
+    entries = {"2001:db8:2::": Entry("2001:db8:2::", "tripwire", "tripwire", NOW + 60)}
+    assert watching._render_input(state, entries, NOW)["6"] == [("2001:db8:2::", 60)]

@@ -447,18 +447,33 @@ _PATH_KEY = re.compile(
 )
 
 
-def _guessed_cache(docs: list[tuple[str, str]], local: Local | None) -> Path:
+def _guessed_cache(docs: list[tuple[str, str]], local: Local | None) -> Path | None:
     """The cache directory next to the epoch file, read from the texts before parsing them.
     Only a guess (a path written in flow style is missed): a wrong one only costs a parse,
-    since what is found there is keyed by the texts themselves."""
+    since what is found there is keyed by the texts themselves.
+
+    Only trusted texts guide it: a repository's documents (`local.untrusted`) may hold such
+    a line where it is no key (in a multi-line string) and point the guess into the clone,
+    where the commit itself could plant the "parsed" documents of the host's own
+    configuration (the table, `ownership`, every path). A guess inside a forbidden directory
+    (the clone) is not used either."""
     found: dict[str, str] = {}
-    for _, text in [*(local.documents if local else ()), *docs]:  # in merge order
+    trusted = [] if local is not None and local.untrusted else docs
+    for _, text in [*(local.documents if local else ()), *trusted]:  # in merge order
         for m in _PATH_KEY.finditer(text):
             found[m.group(1)] = m.group(3)
     state_dir = local.state_dir if local else str(defaults.STATE_DIR)
     secret = found.get("secret_file") or str(Path(state_dir, "secret"))
     epoch = found.get("epoch_file") or str(Path(secret).with_name("epoch"))
-    return Path(epoch).parent / defaults.CACHE
+    directory = Path(epoch).parent / defaults.CACHE
+    if local is not None and any(_inside(directory, top) for top in local.forbidden):
+        return None
+    return directory
+
+
+def _inside(path: Path, top: str) -> bool:
+    p, t = os.path.realpath(path), os.path.realpath(top)
+    return p == t or p.startswith(t.rstrip("/") + "/")
 
 
 PARSED_KEEP = 4  # parsed states kept (an inventory's hosts, a few edits back)
@@ -469,7 +484,7 @@ def _parsed(
 ) -> dict[str, dict[str, Any]] | None:
     """The documents as parsed before, from the private cache (`remember_parsed`)."""
     directory = _guessed_cache(docs, local)
-    if not _private(directory):
+    if directory is None or not _private(directory):
         return None
     entry = read_json(directory / f"parsed-{key[:40]}.json")
     if not isinstance(entry, dict) or entry.get("key") != key:

@@ -85,8 +85,18 @@ def save(path: str | Path, entries: dict[str, Entry], now: float | None = None) 
 
 def put(entries: dict[str, Entry], entry: Entry, now: float) -> str | None:
     """Add or replace `entry`; the one line to show when the store is full (then nothing
-    changes). A new entry for a source replaces the old one (its time and reason)."""
+    changes). A new entry for a source replaces the old one (its time and reason).
+
+    A full store makes room for an operator's or the fleet's entry by dropping the
+    tripwire entry with the least time left: a flood of trips (spoofed IPv4 sources and
+    the /64s of one /48 are 131,072 entries, harvested at the next replacement) must not
+    make `mtd watch add` (fail2ban's ban) fail for as long as the trips last."""
     if entry.source not in entries and len(watch.live(entries, now)) >= watch.MAX_ENTRIES:
+        trips = [e for e in watch.live(entries, now).values() if e.origin == "tripwire"]
+        if entry.origin != "tripwire" and trips:
+            del entries[min(trips, key=lambda e: (e.expires_at, e.source)).source]
+            entries[entry.source] = entry
+            return None
         return (
             f"watch store full ({watch.MAX_ENTRIES} live entries): {entry.source} not added "
             "(wait for entries to expire, or remove some with mtd watch del)"

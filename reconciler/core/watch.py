@@ -85,6 +85,10 @@ def canonical(text: str, trusted: Iterable[Any] = ()) -> str:
             f"{_short(raw)}: not an address: expected an IPv4 address (192.0.2.7) or an IPv6 "
             "address or /64 (2001:db8:1:2::/64)"
         ) from None
+    if ip.version == 6 and ip.ipv4_mapped is not None and not slash:
+        # How a dual-stack socket names an IPv4 client (fail2ban reads it from such logs):
+        # that IPv4 source, not the /64 ::/64, which no IPv4 packet ever comes from.
+        ip = ip.ipv4_mapped
     if slash:
         want = 32 if ip.version == 4 else V6_UNIT
         if not length.isdigit() or int(length) != want:
@@ -98,11 +102,20 @@ def canonical(text: str, trusted: Iterable[Any] = ()) -> str:
         source = str(net.network_address)
     else:
         source = str(ip)
-    for prefix in trusted:
-        net = prefix if not isinstance(prefix, str) else ipaddress.ip_network(prefix)
-        if net.version == ip.version and ipaddress.ip_address(source) in net:
-            raise WatchError(f"{_short(raw)}: inside trusted {net}: would have no effect")
+    nets = [p if not isinstance(p, str) else ipaddress.ip_network(p) for p in trusted]
+    net = trusted_over(source, nets)
+    if net is not None:
+        raise WatchError(f"{_short(raw)}: inside trusted {net}: would have no effect")
     return source
+
+
+def trusted_over(source: str, nets: Iterable[Any]) -> Any:
+    """The trusted prefix that holds all of `source`'s unit (an IPv4 address, an IPv6 /64),
+    or None. Only then has an entry no effect: a trusted /80 or /128 inside a /64 leaves
+    the rest of that /64 to watch (the kernel matches a dynamic /64 after trusted)."""
+    ip = ipaddress.ip_address(source)
+    unit = ipaddress.ip_network(f"{ip}/{32 if ip.version == 4 else V6_UNIT}", strict=False)
+    return next((n for n in nets if n.version == unit.version and unit.subnet_of(n)), None)
 
 
 def unit_of(address: str) -> str:

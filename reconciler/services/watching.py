@@ -11,7 +11,6 @@ that order, so a pass never harvests an element a `watch del` is removing.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,8 +75,7 @@ def _render_input(state: State, entries: dict[str, Entry], now: float) -> Dynami
 
 def _inside(source: str, nets: list[Any]) -> bool:
     """Trusted beats dynamic: such an entry is kept in the store but never rendered."""
-    ip = ipaddress.ip_address(source)
-    return any(n.version == ip.version and ip in n for n in nets)
+    return watch.trusted_over(source, nets) is not None
 
 
 @dataclass
@@ -115,6 +113,7 @@ def change(
     out = Outcome()
     with watchstore.locked(state.epoch_file) as path:
         entries = watch.live(watchstore.load(path), now)
+        chosen = dict(entries)  # before this change: whose kernel elements are an operator's
         for entry in add:
             problem = watchstore.put(entries, entry, now)
             if problem:
@@ -128,7 +127,10 @@ def change(
     kernel = kernel_entries(state, backend)
     if kernel is None or not (out.added or out.removed):
         return out
-    batch = watch.commands(state.table, [(e.source, e.left(now)) for e in out.added], out.removed)
+    batch = [
+        *_make_room(state.table, kernel, chosen, out.added, out.removed),
+        *watch.commands(state.table, [(e.source, e.left(now)) for e in out.added], out.removed),
+    ]
     try:
         backend.run(batch)
     except KernelError as exc:
@@ -136,4 +138,37 @@ def change(
             raise
         return out
     out.kernel = True
+    return out
+
+
+def _make_room(
+    table: str,
+    kernel: dict[str, int],
+    store: dict[str, Entry],
+    added: list[Entry],
+    removed: list[str],
+) -> list[dict[str, Any]]:
+    """Deletes of tripwire elements (fewest seconds left first) that make room, in a full
+    dyn4/dyn6, for what `watch.commands` adds (it adds every touched source before deleting
+    or renewing it): spoofed trips, or a /48's worth of /64s, fill a set, and the kernel
+    refuses any add to a full set (ENFILE), so `mtd watch add` (fail2ban's ban) and `del`
+    would fail for as long as the flood lasts, even after a rotation. Entries an operator
+    or the fleet made are never evicted."""
+    out: list[dict[str, Any]] = []
+    touched = {e.source for e in added} | set(removed)
+    for fam, name in watch.SETS.items():
+        live = [s for s in kernel if watch.family(s) == fam]
+        new = {s for s in touched if watch.family(s) == fam and s not in kernel}
+        over = len(live) + len(new) - watch.MAX_KERNEL
+        if over <= 0:
+            continue
+        trips = sorted(
+            (kernel[s], s)
+            for s in live
+            if s not in touched and (s not in store or store[s].origin == "tripwire")
+        )
+        if trips:
+            evict = [s for _, s in trips[:over]]
+            ref = {"family": "inet", "table": table, "name": name, "elem": evict}
+            out.append({"delete": {"element": ref}})
     return out
