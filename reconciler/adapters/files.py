@@ -414,17 +414,24 @@ class RenderCache:
         """Best effort: a text not kept only costs the next process Jinja2."""
         if not self.write:
             return
-        try:
-            private_dir(self.directory)
-            if not _private(self.directory):
-                return
-            path = self._path(key)
-            write_atomic(path, json.dumps({"key": key, **entry}), mode=0o600)
-            kept = sorted(self.directory.glob("rendered-*.json"), key=_mtime, reverse=True)
-            for old in kept[self.KEEP :]:
-                old.unlink(missing_ok=True)
-        except (OSError, MtdError):
-            pass
+        keep_cached(self._path(key), json.dumps({"key": key, **entry}), self.KEEP)
+
+
+def keep_cached(path: Path, text: str, keep: int) -> None:
+    """Write one cache entry (0600, in a private directory made if need be) and keep only
+    the `keep` newest of its kind (`<kind>-*.json`). Best effort: a cache that cannot be
+    written only costs the next process time."""
+    kind = path.name.split("-", 1)[0]
+    try:
+        private_dir(path.parent)
+        if not _private(path.parent):
+            return
+        write_atomic(path, text, mode=0o600)
+        kept = sorted(path.parent.glob(f"{kind}-*.json"), key=_mtime, reverse=True)
+        for old in kept[keep:]:
+            old.unlink(missing_ok=True)
+    except (OSError, MtdError):
+        pass
 
 
 def _mtime(path: Path) -> float:
@@ -500,18 +507,8 @@ def remember_parsed(directory: Path, state: State) -> None:
     call this; best effort). The state files are not secret; 0600 all the same."""
     if not state.parsed_json or not state.parsed_key:
         return
-    try:
-        private_dir(directory)
-        if not _private(directory):
-            return
-        path = directory / f"parsed-{state.parsed_key[:40]}.json"
-        body = f'{{"key": {json.dumps(state.parsed_key)}, "documents": {state.parsed_json}}}'
-        write_atomic(path, body, mode=0o600)
-        kept = sorted(directory.glob("parsed-*.json"), key=_mtime, reverse=True)
-        for old in kept[PARSED_KEEP:]:
-            old.unlink(missing_ok=True)
-    except (OSError, MtdError):
-        pass
+    body = f'{{"key": {json.dumps(state.parsed_key)}, "documents": {state.parsed_json}}}'
+    keep_cached(directory / f"parsed-{state.parsed_key[:40]}.json", body, PARSED_KEEP)
 
 
 SCHEMA_VERDICTS = "schema-accepted.json"  # in the cache directory next to the epoch file

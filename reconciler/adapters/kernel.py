@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from reconciler.adapters import bindings
 from reconciler.core.bulk import dumps
-from reconciler.errors import KernelError, MtdError
+from reconciler.errors import KernelError
 
 FAMILY = "inet"
 _NOT_FOUND = "No such file or directory"
@@ -275,20 +275,7 @@ class Nft:
             return
         from reconciler.adapters import files
 
-        try:
-            files.write_atomic(path, json.dumps(listing), mode=0o600)
-            kept = sorted(path.parent.glob("canonical-*.json"), key=_mtime, reverse=True)
-            for old in kept[_CACHE_KEEP:]:
-                old.unlink(missing_ok=True)
-        except (OSError, MtdError):
-            pass
-
-
-def _mtime(p: Path) -> float:
-    try:
-        return p.stat().st_mtime
-    except OSError:
-        return 0.0
+        files.keep_cached(path, json.dumps(listing), _CACHE_KEEP)
 
 
 @cache
