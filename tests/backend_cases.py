@@ -40,8 +40,8 @@ def rendered(state: State, epoch: int = 0) -> list[dict[str, Any]]:
 
 def pending(backend: Backend, state: State, commands: list[dict[str, Any]]) -> list[diff.Change]:
     """What the diff of the reconcile pass reports between `commands` and the live table."""
-    skeleton = diff.from_listing(backend.canonical(diff.skeleton_commands(commands), TABLE))
-    return diff.diff(diff.desired(skeleton, commands), diff.live(backend.list_table(TABLE)))
+    canonical = backend.canonical(diff.skeleton_commands(commands), TABLE)
+    return diff.compare(canonical, commands, backend.list_table(TABLE))
 
 
 def apply_lists_back_in_sync(backend: Backend, state: State) -> None:
@@ -208,6 +208,43 @@ def dynamic_elements_add_renew_delete_and_list(backend: Backend, state: State) -
         assert list_set(TABLE, "dyn4") == [] and list_set(TABLE, "dyn6") == []
 
 
+COVERAGE = {
+    "trusted": ["203.0.113.0/24"],
+    "watched": [
+        {"source": "0.0.0.0/0", "per_source": True},
+        {"source": "::/0", "per_source": True},
+        {"source": "192.0.2.3"},
+    ],
+    "buckets": 4,
+    "tripwire": {"tcp": [23], "udp": [], "for": 3600},
+}
+
+
+def a_table_as_written_lists_its_canonical_skeleton(backend: Backend, state: State) -> None:
+    """What the diff's shortcut (`diff.compare`) rests on: the owned table, once loaded,
+    lists its skeleton exactly as `canonical` does, elements aside, with every class of
+    source, buckets, the tripwire and dynamic entries; a hand change breaks the equality."""
+    import tempfile
+
+    from tests.conftest import write_state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = files.load_state(write_state(Path(tmp) / "state.yaml", **COVERAGE))
+    mapping = shuffle.compute(state, SECRET, 0)
+    commands = render.render(state, mapping, None, {"4": [("198.51.100.9", 300)], "6": []})
+    backend.replace_table(TABLE, commands)
+    canonical = backend.canonical(diff.skeleton_commands(commands), TABLE)
+    listing = backend.list_table(TABLE)
+    assert listing is not None and diff.same_skeleton(canonical, listing)
+    assert diff.compare(canonical, commands, listing) == []
+    chain = next(c["add"]["rule"]["chain"] for c in commands if "rule" in c["add"])
+    backend.run([{"flush": {"chain": {"family": "inet", "table": TABLE, "name": chain}}}])
+    listing = backend.list_table(TABLE)
+    assert listing is not None and not diff.same_skeleton(canonical, listing)
+    changes = diff.compare(canonical, commands, listing)
+    assert changes and {(c.op, c.kind) for c in changes} == {("+", "rule")}
+
+
 CASES: dict[str, Callable[[Backend, State], None]] = {
     f.__name__: f
     for f in (
@@ -221,6 +258,7 @@ CASES: dict[str, Callable[[Backend, State], None]] = {
         a_repair_batch_restores_chains,
         a_repair_batch_restores_map_elements,
         dynamic_elements_add_renew_delete_and_list,
+        a_table_as_written_lists_its_canonical_skeleton,
     )
 }
 

@@ -204,6 +204,37 @@ def test_a_rendered_text_is_reused_without_jinja(tmp_path: Path, render_cache, m
     assert _doc(_rendered(tmp_path, secret=b"\2" * 32)) == _doc(other)
 
 
+def test_a_kept_text_says_where_its_placeholders_are(tmp_path: Path, render_cache, monkeypatch):
+    """A reused text is spliced at the places kept with it, without walking the document
+    (or checking its depth again); places that do not account for every placeholder (an
+    entry of before, a damaged one) mean a walk, with the same document as the result."""
+    first = _doc(_rendered(tmp_path))
+    (path,) = (tmp_path / "cache").glob("rendered-*.json")
+    entry = json.loads(path.read_text())
+    assert len(entry["paths"]) == entry["text"].count(render._TOKEN_JSON) > 0
+
+    def walked(*_: object) -> None:
+        raise AssertionError("walked the whole document")
+
+    with monkeypatch.context() as m:
+        m.setattr(render, "_splice", walked)
+        m.setattr(render, "_too_deep", walked)
+        assert _doc(_rendered(tmp_path)) == first
+    damaged = [
+        entry["paths"][:-1],  # one missing
+        [*entry["paths"][:-1], entry["paths"][0]],  # one named twice
+        [[*p[:-1], "nope"] for p in entry["paths"]],  # leading nowhere
+        [["nftables", 0]] * len(entry["paths"]),  # to no placeholder
+        "nonsense",
+    ]
+    for paths in [None, *damaged]:
+        path.write_text(json.dumps({**entry, "paths": paths}))
+        path.chmod(0o600)
+        assert _doc(_rendered(tmp_path)) == first, paths
+        # The walk found the places again and kept them for the next process.
+        assert json.loads(path.read_text())["paths"] == entry["paths"], paths
+
+
 def test_a_kept_text_holds_no_mapping(tmp_path: Path, render_cache):
     commands = _rendered(tmp_path)
     text = next((tmp_path / "cache").glob("rendered-*.json")).read_text()

@@ -1,9 +1,15 @@
+import pytest
+
 from reconciler.core import diff
 
 CHAIN = {"type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}
 
 
 def table(policy="accept", rules=None, elems=None):
+    return diff.from_listing(listing_of(policy, rules, elems))
+
+
+def listing_of(policy="accept", rules=None, elems=None, packets=0):
     listing = [
         {"table": {"family": "inet", "name": "mtd", "handle": 1}},
         {
@@ -28,11 +34,14 @@ def table(policy="accept", rules=None, elems=None):
             }
         },
     ]
+    listing.append(
+        {"counter": {"family": "inet", "table": "mtd", "name": "n", "packets": packets, "bytes": 0}}
+    )
     for i, r in enumerate(rules or [[{"accept": None}]]):
         listing.append(
             {"rule": {"family": "inet", "table": "mtd", "chain": "c", "handle": 10 + i, "expr": r}}
         )
-    return diff.from_listing(listing)
+    return listing
 
 
 E1 = [[{"concat": ["192.0.2.3", 3]}, 17], [{"concat": ["192.0.2.3", 17]}, 3]]
@@ -179,3 +188,54 @@ def test_one_deleted_rule_is_one_line_whatever_follows_it():
     changed = [rules[0], [{"continue": None}], *rules[2:]]  # one rule edited: - then +
     changes = diff.diff(table(rules=changed), table(rules=rules))
     assert [(c.op, c.text) for c in changes] == [("-", "rule c notrack"), ("+", "rule c continue")]
+
+
+FLAGS = {"payload": {"protocol": "tcp", "field": "flags"}}
+RULES = [[{"match": {"op": "==", "left": FLAGS, "right": {"set": [0, "fin"]}}}, {"drop": None}]]
+
+
+def rendered(elems=E1):
+    """`add` commands whose skeleton the kernel would list as `listing_of(rules=RULES)`."""
+    return [{"add": item} for item in listing_of(rules=RULES, elems=elems)]
+
+
+def slow(canonical, commands, live):
+    return diff.diff(diff.desired(diff.from_listing(canonical), commands), diff.live(live))
+
+
+LIVE_CASES = {
+    "in sync": listing_of(rules=RULES, elems=list(reversed(E1))),
+    "counters moved": listing_of(rules=RULES, elems=E1, packets=7),
+    "an element changed": listing_of(rules=RULES, elems=[E1[0], [E1[1][0], 4]]),
+    "an element gone": listing_of(rules=RULES, elems=E1[:1]),
+    "no elements": listing_of(rules=RULES),
+    "a policy changed": listing_of("drop", rules=RULES, elems=E1),
+    "a rule added": listing_of(rules=[*RULES, [{"accept": None}]], elems=E1),
+    "an anonymous set in another order": listing_of(
+        rules=[
+            [{"match": {"op": "==", "left": FLAGS, "right": {"set": ["fin", 0]}}}, {"drop": None}]
+        ],
+        elems=E1,
+    ),
+    "no table": None,
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIVE_CASES))
+def test_compare_says_what_the_keyed_diff_says(case):
+    """`compare` takes its shortcut only where the listing is the canonical skeleton plus
+    elements, and then reports exactly what the keyed diff of every object would."""
+    canonical = listing_of(rules=RULES)
+    live = LIVE_CASES[case]
+    assert diff.compare(canonical, rendered(), live) == slow(canonical, rendered(), live)
+
+
+def test_compare_takes_the_shortcut_for_what_mtd_left():
+    canonical = listing_of(rules=RULES)
+    for case in ("in sync", "counters moved", "an element changed", "no elements"):
+        assert diff.same_skeleton(canonical, LIVE_CASES[case]), case
+    for case in ("a policy changed", "a rule added", "an anonymous set in another order"):
+        assert not diff.same_skeleton(canonical, LIVE_CASES[case]), case
+    assert diff.compare(canonical, rendered(), LIVE_CASES["in sync"]) == []
+    (change,) = diff.compare(canonical, rendered(), LIVE_CASES["an element changed"])
+    assert change.text == "element m { 192.0.2.3 . 17 : 4 -> 3 }"

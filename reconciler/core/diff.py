@@ -11,9 +11,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from difflib import SequenceMatcher
 from functools import lru_cache
 from typing import Any
 
@@ -76,6 +75,7 @@ def elem_text(value: Any) -> str:
     return str(value)
 
 
+@lru_cache(maxsize=1 << 16)  # each source comes back once per port and direction
 def _addr_text(text: str) -> str:
     """An address in the form the kernel lists it (inet_ntop); other text unchanged.
 
@@ -206,12 +206,74 @@ def _is_element(cmd: Mapping[str, Any]) -> bool:
 
 def desired(canonical_skeleton: Table, commands: Iterable[Mapping[str, Any]]) -> Table:
     """The desired table: the kernel's canonical skeleton plus the rendered elements."""
-    rendered = from_commands(commands).elements
+    rendered = rendered_elements(commands)
     return Table(
         objects=canonical_skeleton.objects,
         rules=canonical_skeleton.rules,
         elements={name: rendered.get(name, {}) for name in canonical_skeleton.elements},
     )
+
+
+def rendered_elements(commands: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str | None]]:
+    """The keyed elements of rendered `add` commands, by set (rules are not looked at)."""
+    out: dict[str, dict[str, str | None]] = {}
+    for cmd in commands:
+        for kind, obj in cmd.get("add", {}).items():
+            if kind in ("set", "map", "element"):
+                out.setdefault(obj["name"], {}).update(_elements(obj, obj["name"]))
+    return out
+
+
+def compare(
+    canonical: Sequence[Mapping[str, Any]],
+    commands: Iterable[Mapping[str, Any]],
+    listing: Sequence[Mapping[str, Any]] | None,
+) -> list[Change]:
+    """What applying `commands` changes in the live table `listing` (None: no table), given
+    the kernel's own listing of their skeleton (`canonical`): `diff` of the two, keyed.
+
+    A table as mtd left it lists its skeleton exactly as `canonical` does, object for object
+    and in the same order, once elements and counter values are set aside: then a plain
+    equality (C speed) stands for the keyed comparison of every object and rule, the most
+    of a small pass's time, and only elements are compared. Any other listing (drift, an
+    anonymous set listed in another order) takes the keyed diff, which names each change."""
+    if listing is not None and same_skeleton(canonical, listing):
+        want = rendered_elements(commands)
+        have = {n: _elements(o, n) for n, o in _sets(listing)}
+        changes: list[Change] = []
+        for name in sorted(have):
+            changes += _element_changes(name, want.get(name, {}), have[name])
+        return changes
+    return diff(desired(from_listing(canonical), commands), live(listing))
+
+
+def same_skeleton(
+    canonical: Sequence[Mapping[str, Any]], listing: Sequence[Mapping[str, Any]]
+) -> bool:
+    """Whether a live listing holds exactly the canonical skeleton, elements aside."""
+    return _bare(listing) == _bare(canonical)
+
+
+_BARE = ("elem", "packets", "bytes")  # set aside by `compare`; `from_listing` drops them too
+
+
+def _bare(listing: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A listing without set elements and counter values (shallow: objects only)."""
+    out: list[Mapping[str, Any]] = []
+    for item in listing:
+        if len(item) == 1:
+            ((kind, obj),) = item.items()
+            if kind in ("set", "map", "counter") and isinstance(obj, dict):
+                item = {kind: {k: v for k, v in obj.items() if k not in _BARE}}
+        out.append(item)
+    return out
+
+
+def _sets(listing: Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for item in listing:
+        for kind, obj in item.items():
+            if kind in ("set", "map"):
+                yield obj["name"], obj
 
 
 def diff(want: Table, have: Table) -> list[Change]:
@@ -238,6 +300,12 @@ def _rule_changes(chain: str, old: list[dict[str, Any]], new: list[dict[str, Any
     for `-`, in the desired one for `+`."""
     if old == new:
         return []
+    if not old or not new:  # a chain added or removed whole: nothing to align
+        return [
+            Change("-", "rule", f"{chain}#{i}", rule_text(chain, r)) for i, r in enumerate(old)
+        ] + [Change("+", "rule", f"{chain}#{j}", rule_text(chain, r)) for j, r in enumerate(new)]
+    from difflib import SequenceMatcher  # only for a chain changed in place
+
     a = [json.dumps(r, sort_keys=True) for r in old]
     b = [json.dumps(r, sort_keys=True) for r in new]
     out = []

@@ -371,9 +371,10 @@ def render(
     key = _render_key(dirs, name, ctx) if _cacheable(state) else None
     reused = _reuse(key, dirs) if key is not None else None
     if reused is not None:
-        text, where, read = *reused, []
+        text, where, read, kept_paths = reused
     else:
         text, where, read = _render_text(dirs, name, ctx, state.template)
+        kept_paths = None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -383,17 +384,22 @@ def render(
         ) from None
     except RecursionError:
         doc = None
-    if doc is None or _too_deep(doc):
+    # A kept text was checked for depth when it was rendered (and kept only if it passed).
+    if doc is None or (reused is None and _too_deep(doc)):
         raise TemplateError(
             f"{where}: rendered JSON nested more than {MAX_JSON_DEPTH} levels deep: expected "
             "a libnftables document (about 12 levels)"
         )
+    paths = kept_paths if reused is not None else []
     if _TOKEN_JSON in text:
-        _splice(doc, {h.token: h for h in _placeholders(ctx)})
+        bulk = {h.token: h for h in _placeholders(ctx)}
+        if not _splice_at(doc, kept_paths, bulk, text.count(_TOKEN_JSON)):
+            paths = _splice(doc, bulk)
     commands = _commands(doc, state, where)
-    if key is not None and reused is None and _keep(key, dirs, name, ctx, text):
+    # Kept once rendered, and again when a kept entry did not say where its placeholders sit.
+    if key is not None and paths != kept_paths and (reused or _keep(key, dirs, name, ctx, text)):
         assert _RENDERED is not None
-        _RENDERED.put(key, {"where": where, "templates": read, "text": text})
+        _RENDERED.put(key, {"where": where, "templates": read, "text": text, "paths": paths})
     return commands
 
 
@@ -517,9 +523,10 @@ def _keep(key: str, dirs: list[Path], name: str, ctx: Mapping[str, Any], text: s
     return len(text) <= MAX_CACHED_TEXT and _render_key(dirs, name, ctx) == key
 
 
-def _reuse(key: str, dirs: list[Path]) -> tuple[str, str] | None:
-    """The text and its template's file name, from the render cache, if every template file
-    it was rendered from is still the one found first in `dirs`, with the same source."""
+def _reuse(key: str, dirs: list[Path]) -> tuple[str, str, Any, Any] | None:
+    """The text, its template's file name, the template files it came from and where its
+    placeholders sit, from the render cache, if every template file it was rendered from is
+    still the one found first in `dirs`, with the same source."""
     assert _RENDERED is not None
     entry = _RENDERED.get(key)
     try:
@@ -535,7 +542,7 @@ def _reuse(key: str, dirs: list[Path]) -> tuple[str, str] | None:
                 return None
     except (TypeError, KeyError, ValueError, OSError):
         return None
-    return text, where
+    return text, where, read, entry.get("paths")
 
 
 def _find(dirs: list[Path], name: str) -> str | None:
@@ -587,16 +594,49 @@ def _placeholders(ctx: Mapping[str, Any]) -> list[Elements | Hidden]:
     return [*ctx["elements"].values(), *hidden, ctx["seed"]]
 
 
-def _splice(node: dict | list, bulk: dict[str, Elements | Hidden]) -> None:
+def _splice(
+    node: dict | list, bulk: dict[str, Elements | Hidden], at: tuple[str | int, ...] = ()
+) -> list[list[str | int]]:
     """Replace, in place, each placeholder by its value (an element list stays an
-    `Elements`, written by `bulk.dumps`)."""
+    `Elements`, written by `bulk.dumps`); returns where each one was (keys from the top)."""
+    paths = []
     for k, v in node.items() if isinstance(node, dict) else enumerate(node):
         if isinstance(v, str):
             if v in bulk:
-                found = bulk[v]
-                node[k] = found if isinstance(found, Elements) else found._value  # type: ignore[index]
+                node[k] = _value(bulk[v])  # type: ignore[index]
+                paths.append([*at, k])
         elif isinstance(v, dict | list):
-            _splice(v, bulk)
+            paths += _splice(v, bulk, (*at, k))
+    return paths
+
+
+def _splice_at(doc: Any, paths: Any, bulk: dict[str, Elements | Hidden], count: int) -> bool:
+    """Splice at the places `_splice` found when the text was kept, without walking the
+    whole document; False, with nothing changed, unless they lead to exactly the `count`
+    placeholders the text holds (a stale or damaged entry: the caller walks instead)."""
+    if not isinstance(paths, list) or len(paths) != count:
+        return False
+    found = []
+    try:
+        for path in paths:
+            node = doc
+            for k in path[:-1]:
+                node = node[k]
+            v = node[path[-1]]
+            if not isinstance(v, str) or v not in bulk:
+                return False
+            found.append((node, path[-1], bulk[v]))
+    except (TypeError, KeyError, IndexError):
+        return False
+    if len({(id(node), k) for node, k, _ in found}) != count:  # one place named twice
+        return False
+    for node, k, value in found:
+        node[k] = _value(value)
+    return True
+
+
+def _value(found: Elements | Hidden) -> Any:
+    return found if isinstance(found, Elements) else found._value
 
 
 # What a template may ask for: `add` only (mtd itself adds the delete of its table), and

@@ -126,11 +126,11 @@ def reconcile(
     changes = [UNREAD]
     if read_live:
         with t("read"):
-            skeleton = diff.from_listing(_canonical(backend, commands, state.table))
-            have = diff.live(backend.list_table(state.table))
+            canonical = _canonical(backend, commands, state.table)
+            listing = backend.list_table(state.table)
         with t("diff"):
-            changes = diff.diff(diff.desired(skeleton, commands), have)
-            del have  # up to a million elements: not kept through the apply
+            changes = diff.compare(canonical, commands, listing)
+            del listing  # up to a million elements: not kept through the apply
     if state.ownership == "ruleset":
         # The host's configuration asked mtd to own the whole ruleset: every other table
         # goes with the flush, and the preview says which.
