@@ -16,7 +16,6 @@ import hmac
 import json
 import os
 import re
-import secrets
 import socket
 import stat
 from collections.abc import Iterator
@@ -197,7 +196,7 @@ def load_secret(path: str | Path, *, create: bool = False) -> bytes:
             pass
         else:
             with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(SECRET_BYTES))
+                f.write(os.urandom(SECRET_BYTES))  # what secrets.token_bytes reads
     elif not p.exists() and not p.is_symlink():
         raise MtdError(f"{p}: no secret file yet: `mtd apply` creates it (this command only reads)")
     return read_private_key(p, "secret file")

@@ -15,16 +15,18 @@ import ctypes
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from reconciler.adapters import bindings
 from reconciler.core.bulk import dumps
 from reconciler.errors import KernelError
+
+if TYPE_CHECKING:
+    import subprocess
 
 FAMILY = "inet"
 _NOT_FOUND = "No such file or directory"
@@ -389,6 +391,8 @@ def _learn(text: str, name: str, commands: Sequence[dict[str, Any]]) -> list[dic
 
 def _scratch(argv: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
     """Run argv in a new, empty network namespace that disappears with it."""
+    import subprocess  # once per skeleton (cached): not in every command's start-up
+
     return subprocess.run(
         ["unshare", "--net", *argv], input=stdin, capture_output=True, text=True, check=False
     )

@@ -233,7 +233,7 @@ def compare(
     the kernel's own listing of their skeleton (`canonical`): `diff` of the two, keyed.
 
     A table as mtd left it lists its skeleton exactly as `canonical` does, object for object
-    and in the same order, once elements and counter values are set aside: then a plain
+    and in the same order, once elements, counter values and handles are set aside: then a plain
     equality (C speed) stands for the keyed comparison of every object and rule, the most
     of a small pass's time, and only elements are compared. Any other listing (drift, an
     anonymous set listed in another order) takes the keyed diff, which names each change."""
@@ -254,16 +254,19 @@ def same_skeleton(
     return _bare(listing) == _bare(canonical)
 
 
-_BARE = ("elem", "packets", "bytes")  # set aside by `compare`; `from_listing` drops them too
+# Set aside by `compare` (`from_listing` drops them too): elements, counter values, and the
+# table's handle, which the kernel lists even without handle output and which grows with
+# every replacement.
+_BARE = frozenset(("elem", "packets", "bytes", "handle"))
 
 
 def _bare(listing: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """A listing without set elements and counter values (shallow: objects only)."""
+    """A listing without set elements, counter values and handles (objects only)."""
     out: list[Mapping[str, Any]] = []
     for item in listing:
         if len(item) == 1:
             ((kind, obj),) = item.items()
-            if kind in ("set", "map", "counter") and isinstance(obj, dict):
+            if isinstance(obj, dict) and not _BARE.isdisjoint(obj):
                 item = {kind: {k: v for k, v in obj.items() if k not in _BARE}}
         out.append(item)
     return out

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -110,7 +108,7 @@ def armed(state: State, backend: Backend, *, seconds: float, host: str) -> Itera
     path = record_path(state.epoch_file)
     before = read(path)
     rec: dict[str, Any] = {
-        "token": secrets.token_hex(16),
+        "token": os.urandom(16).hex(),  # as secrets.token_hex
         "armed": audit.timestamp(auditlog.now()),
         "deadline": time.time() + seconds,
         "seconds": seconds,
@@ -156,6 +154,8 @@ def spawn(path: Path, token: str) -> int:
     # The package this process runs, wherever it was started from (cwd is / for the watcher).
     package = str(Path(reconciler.__file__).resolve().parent.parent)
     pythonpath = os.pathsep.join(p for p in (package, os.environ.get("PYTHONPATH", "")) if p)
+    import subprocess  # only when a revert is armed: not in every apply's start-up
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler.services.confirm", str(path), token],
         env={**os.environ, "PYTHONPATH": pythonpath},

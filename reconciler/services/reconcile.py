@@ -123,10 +123,11 @@ def reconcile(
             dynamic = watching.from_kernel(state, backend)
     with t("render"):
         commands = render.render(state, mapping, templates, dynamic)
+    skeleton = diff.skeleton_commands(commands)
     changes = [UNREAD]
     if read_live:
         with t("read"):
-            canonical = _canonical(backend, commands, state.table)
+            canonical = _canonical(backend, skeleton, commands, state.table)
             listing = backend.list_table(state.table)
         with t("diff"):
             changes = diff.compare(canonical, commands, listing)
@@ -155,7 +156,6 @@ def reconcile(
                 files.restore_values(previous)  # a failed command changes nothing
                 raise
     files.remember_sysctls(files.sysctl_record(state.epoch_file), previous)
-    skeleton = diff.skeleton_commands(commands)
     fingerprint = mapping.fingerprint(secret)
     mappings = sum(len(m) for m in mapping.moves.values())
     return Result(
@@ -173,10 +173,12 @@ def reconcile(
 
 
 def _canonical(
-    backend: Backend, commands: list[dict[str, Any]], table: str
+    backend: Backend,
+    skeleton: list[dict[str, Any]],
+    commands: list[dict[str, Any]],
+    table: str,
 ) -> list[dict[str, Any]]:
     """The kernel's form of the rendered skeleton; a refusal numbered as in `commands`."""
-    skeleton = diff.skeleton_commands(commands)
     try:
         return backend.canonical(skeleton, table)
     except KernelError as exc:
