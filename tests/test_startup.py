@@ -35,6 +35,8 @@ HEAVY = (
     "redis",
     "prometheus_client",
     "deepdiff",
+    "subprocess",  # the scratch namespace (cached) and the confirm watcher only
+    "secrets",  # os.urandom is what it reads
 )
 
 
