@@ -7,6 +7,7 @@ inside it), so the fake cannot drift from what the kernel does.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -220,16 +221,20 @@ COVERAGE = {
 }
 
 
-def a_table_as_written_lists_its_canonical_skeleton(backend: Backend, state: State) -> None:
-    """What the diff's shortcut (`diff.compare`) rests on: the owned table, once loaded,
-    lists its skeleton exactly as `canonical` does, elements aside, with every class of
-    source, buckets, the tripwire and dynamic entries; a hand change breaks the equality."""
+def coverage_state() -> State:
     import tempfile
 
     from tests.conftest import write_state
 
     with tempfile.TemporaryDirectory() as tmp:
-        state = files.load_state(write_state(Path(tmp) / "state.yaml", **COVERAGE))
+        return files.load_state(write_state(Path(tmp) / "state.yaml", **COVERAGE))
+
+
+def a_table_as_written_lists_its_canonical_skeleton(backend: Backend, state: State) -> None:
+    """What the diff's shortcut (`diff.compare`) rests on: the owned table, once loaded,
+    lists its skeleton exactly as `canonical` does, elements aside, with every class of
+    source, buckets, the tripwire and dynamic entries; a hand change breaks the equality."""
+    state = coverage_state()
     mapping = shuffle.compute(state, SECRET, 0)
     commands = render.render(state, mapping, None, {"4": [("198.51.100.9", 300)], "6": []})
     for _ in range(2):  # replaced: the table's handle is no longer the scratch table's
@@ -246,6 +251,27 @@ def a_table_as_written_lists_its_canonical_skeleton(backend: Backend, state: Sta
     assert changes and {(c.op, c.kind) for c in changes} == {("+", "rule")}
 
 
+def a_seed_stand_in_learns_the_form_of_the_seed(backend: Backend, state: State) -> None:
+    """The canonical form learnt with a stand-in for the buckets' seed, the seed put back,
+    is the one learnt with the seed itself, at every epoch; and it is learnt once for all
+    epochs (the skeleton with the stand-in is the same)."""
+    from reconciler.services.reconcile import _canonical
+
+    state = coverage_state()
+    standins = []
+    for epoch in (0, 1):
+        mapping = shuffle.compute(state, SECRET, epoch)
+        commands = render.render(state, mapping)
+        skeleton = diff.skeleton_commands(commands)
+        standin = diff.without_seed(skeleton, mapping.seed)
+        assert standin is not None and standin[1] > 0
+        standins.append(standin[0])
+        learnt = _canonical(backend, skeleton, commands, TABLE, mapping.seed)
+        assert learnt == backend.canonical(skeleton, TABLE)
+        assert f'"seed": {mapping.seed}' in json.dumps(learnt)
+    assert standins[0] == standins[1]
+
+
 CASES: dict[str, Callable[[Backend, State], None]] = {
     f.__name__: f
     for f in (
@@ -260,6 +286,7 @@ CASES: dict[str, Callable[[Backend, State], None]] = {
         a_repair_batch_restores_map_elements,
         dynamic_elements_add_renew_delete_and_list,
         a_table_as_written_lists_its_canonical_skeleton,
+        a_seed_stand_in_learns_the_form_of_the_seed,
     )
 }
 

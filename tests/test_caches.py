@@ -172,10 +172,12 @@ def _doc(commands: list) -> str:
     return json.dumps(commands, default=list)  # element lists as lists
 
 
-def _rendered(tmp_path: Path, secret: bytes = b"\1" * 32, search: list[Path] | None = None):
-    """Render the test state at epoch 3 with the render cache in `tmp_path/cache`."""
+def _rendered(
+    tmp_path: Path, secret: bytes = b"\1" * 32, search: list[Path] | None = None, epoch: int = 3
+):
+    """Render the test state at `epoch` with the render cache in `tmp_path/cache`."""
     state = files.load_state(write_state(tmp_path / "state.yaml"))
-    return render.render(state, shuffle.compute(state, secret, 3), search)
+    return render.render(state, shuffle.compute(state, secret, epoch), search)
 
 
 @pytest.fixture
@@ -233,6 +235,31 @@ def test_a_kept_text_says_where_its_placeholders_are(tmp_path: Path, render_cach
         assert _doc(_rendered(tmp_path)) == first, paths
         # The walk found the places again and kept them for the next process.
         assert json.loads(path.read_text())["paths"] == entry["paths"], paths
+
+
+def test_a_new_epoch_reuses_the_text_unless_a_template_reads_the_epoch(
+    tmp_path: Path, render_cache, monkeypatch
+):
+    """The shipped templates never read `epoch` (a comment naming it does not count): the
+    next epoch splices its own mapping into the same text. A template that writes the epoch
+    is rendered again at each new one, and its text says the right epoch."""
+    first = _doc(_rendered(tmp_path, epoch=3))
+    with monkeypatch.context() as m:
+        m.setattr(render, "_render_text", lambda *_: pytest.fail("rendered again"))
+        fourth = _doc(_rendered(tmp_path, epoch=4))
+    render.use_render_cache(None)
+    assert fourth == _doc(_rendered(tmp_path, epoch=4)) != first
+    render.use_render_cache(render_cache)
+    (tmp_path / "t").mkdir()
+    shipped = (render.template_dirs()[0] / "maps.json.j2").read_text()
+    marked = shipped.replace(
+        '"name": {{ T }}', '"name": {{ T }}, "comment": "epoch {{ epoch }}"', 1
+    )
+    assert marked != shipped
+    (tmp_path / "t" / "maps.json.j2").write_text(marked)
+    for epoch in (3, 4, 3):
+        commands = _rendered(tmp_path, search=[tmp_path / "t"], epoch=epoch)
+        assert f'"comment": "epoch {epoch}"' in _doc(commands)
 
 
 def test_a_kept_text_holds_no_mapping(tmp_path: Path, render_cache):

@@ -241,3 +241,24 @@ def test_compare_takes_the_shortcut_for_what_mtd_left():
     assert diff.compare(canonical, rendered(), LIVE_CASES["in sync"]) == []
     (change,) = diff.compare(canonical, rendered(), LIVE_CASES["an element changed"])
     assert change.text == "element m { 192.0.2.3 . 17 : 4 -> 3 }"
+
+
+def jhash_rule(seed):
+    key = {
+        "jhash": {"mod": 4, "seed": seed, "expr": {"payload": {"protocol": "ip", "field": "saddr"}}}
+    }
+    return {"add": {"rule": {"chain": "c", "expr": [{"vmap": {"key": key, "data": "@v"}}]}}}
+
+
+def test_the_seed_is_learnt_as_a_stand_in_and_put_back():
+    skeleton = [{"add": {"chain": {"name": "c"}}}, jhash_rule(7), jhash_rule(7), jhash_rule(9)]
+    standin, swapped = diff.without_seed(skeleton, 7)
+    assert swapped == 2 and standin[1:] == [jhash_rule(diff.SEED_STAND_IN)] * 2 + [jhash_rule(9)]
+    assert skeleton[1] == jhash_rule(7)  # not changed in place
+    listing = [c["add"] for c in standin]  # as a kernel would list it back
+    assert diff.with_seed(listing, 7, swapped) == [c["add"] for c in skeleton]
+    assert diff.with_seed(listing, 7, 3) is None  # not every stand-in found again: learn anew
+    # No jhash, the seed being the stand-in, or a template's own stand-in value: none.
+    assert diff.without_seed(skeleton[:1], 7) is None
+    assert diff.without_seed(skeleton, diff.SEED_STAND_IN) is None
+    assert diff.without_seed([*skeleton, jhash_rule(diff.SEED_STAND_IN)], 7) is None

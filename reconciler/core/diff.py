@@ -194,6 +194,73 @@ def skeleton_commands(commands: Iterable[Mapping[str, Any]]) -> list[dict[str, A
     return out
 
 
+# What the buckets' jhash seed is learnt as (`without_seed`): not 0, which the kernel may
+# list as no seed at all.
+SEED_STAND_IN = 0x6D746421
+
+
+def without_seed(
+    skeleton: list[dict[str, Any]], seed: int
+) -> tuple[list[dict[str, Any]], int] | None:
+    """The skeleton with `seed` swapped for `SEED_STAND_IN` in every rule statement
+    `vmap` keyed by a jhash (the buckets' dispatch), and how many were swapped; None when
+    none is, or when the stand-in could be taken for a template's own value.
+
+    The seed changes with every epoch, and with it the skeleton: learnt with a stand-in,
+    the kernel's canonical form (a scratch namespace) is the same from one epoch to the
+    next, and `with_seed` puts the epoch's seed back into it."""
+    if seed == SEED_STAND_IN:
+        return None
+    out, swapped = [], 0
+    for cmd in skeleton:
+        rule = cmd.get("add", {}).get("rule")
+        if isinstance(rule, dict) and isinstance(rule.get("expr"), list):
+            expr, n = _reseeded(rule["expr"], seed, SEED_STAND_IN)
+            if n < 0:
+                return None
+            if n:
+                cmd, swapped = {"add": {"rule": {**rule, "expr": expr}}}, swapped + n
+        out.append(cmd)
+    return (out, swapped) if swapped else None
+
+
+def with_seed(
+    listing: list[dict[str, Any]], seed: int, swapped: int
+) -> list[dict[str, Any]] | None:
+    """A canonical listing learnt `without_seed`, with the epoch's seed back in place; None
+    unless exactly the `swapped` stand-ins are found again (then learn it as it is)."""
+    out, found = [], 0
+    for item in listing:
+        rule = item.get("rule")
+        if isinstance(rule, dict) and isinstance(rule.get("expr"), list):
+            expr, n = _reseeded(rule["expr"], SEED_STAND_IN, seed)
+            if n < 0:
+                return None
+            if n:
+                item, found = {"rule": {**rule, "expr": expr}}, found + n
+        out.append(item)
+    return out if found == swapped else None
+
+
+def _reseeded(expr: list[Any], old: int, new: int) -> tuple[list[Any], int]:
+    """`expr` with each jhash-keyed vmap's seed `old` set to `new`, and how many; -1 when a
+    statement already holds `new` (a stand-in that would be ambiguous)."""
+    out, n = list(expr), 0
+    for i, stmt in enumerate(expr):
+        vmap = stmt.get("vmap") if isinstance(stmt, dict) else None
+        key = vmap.get("key") if isinstance(vmap, dict) else None
+        jhash = key.get("jhash") if isinstance(key, dict) else None
+        if not isinstance(jhash, dict):
+            continue
+        if jhash.get("seed") == new:
+            return expr, -1
+        if jhash.get("seed") == old:
+            jhash = {**jhash, "seed": new}
+            out[i] = {**stmt, "vmap": {**vmap, "key": {**key, "jhash": jhash}}}
+            n += 1
+    return out, n
+
+
 def skeleton_positions(commands: Iterable[Mapping[str, Any]]) -> list[int]:
     """Where each command of `skeleton_commands(commands)` sits in `commands`."""
     return [i for i, cmd in enumerate(commands) if not _is_element(cmd)]

@@ -369,9 +369,9 @@ def render(
     name = state.template + SUFFIX
     ctx = context(state, mapping, dynamic)
     key = _render_key(dirs, name, ctx) if _cacheable(state) else None
-    reused = _reuse(key, dirs) if key is not None else None
+    reused = _reuse(key, dirs, mapping.epoch) if key is not None else None
     if reused is not None:
-        text, where, read, kept_paths = reused
+        text, where, read, kept_paths, _ = reused
     else:
         text, where, read = _render_text(dirs, name, ctx, state.template)
         kept_paths = None
@@ -399,8 +399,20 @@ def render(
     # Kept once rendered, and again when a kept entry did not say where its placeholders sit.
     if key is not None and paths != kept_paths and (reused or _keep(key, dirs, name, ctx, text)):
         assert _RENDERED is not None
-        _RENDERED.put(key, {"where": where, "templates": read, "text": text, "paths": paths})
+        epoch = reused[4] if reused else _epoch_read(dirs, ctx)
+        entry = {"where": where, "templates": read, "text": text, "paths": paths}
+        _RENDERED.put(key, entry | {"epoch": epoch})
     return commands
+
+
+def _epoch_read(dirs: list[Path], ctx: Mapping[str, Any]) -> int | None:
+    """The epoch a kept text depends on: None when no template it came from reads `epoch`
+    (the shipped ones do not), so the next epoch reuses it too."""
+    from reconciler.core import sandbox
+
+    return (
+        ctx["epoch"] if sandbox.reads_variable(_cached_environment(tuple(dirs)), "epoch") else None
+    )
 
 
 def _render_text(
@@ -504,10 +516,12 @@ def _cacheable(state: State) -> bool:
 
 
 def _render_key(dirs: list[Path], name: str, ctx: Mapping[str, Any]) -> str:
-    """Everything a template may read but the mapping: mtd's version, where templates are
-    searched, which one, and the context, element lists as their placeholder and length
-    (a text that read more of them is not kept: `_keep`)."""
-    text = f"{__version__}\0{[str(d) for d in dirs]!r}\0{name}\0{ctx!r}"
+    """Everything a template may read but the mapping and the epoch: mtd's version, where
+    templates are searched, which one, and the context, element lists as their placeholder
+    and length (a text that read more of them is not kept: `_keep`). The epoch is kept with
+    the text when a template reads it (`_epoch_read`), and must then match (`_reuse`)."""
+    rest = {k: v for k, v in ctx.items() if k != "epoch"}
+    text = f"{__version__}\0{[str(d) for d in dirs]!r}\0{name}\0{rest!r}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -523,15 +537,18 @@ def _keep(key: str, dirs: list[Path], name: str, ctx: Mapping[str, Any], text: s
     return len(text) <= MAX_CACHED_TEXT and _render_key(dirs, name, ctx) == key
 
 
-def _reuse(key: str, dirs: list[Path]) -> tuple[str, str, Any, Any] | None:
-    """The text, its template's file name, the template files it came from and where its
-    placeholders sit, from the render cache, if every template file it was rendered from is
-    still the one found first in `dirs`, with the same source."""
+def _reuse(key: str, dirs: list[Path], epoch: int) -> tuple[str, str, Any, Any, Any] | None:
+    """The text, its template's file name, the template files it came from, where its
+    placeholders sit and the epoch it depends on, from the render cache, if every template
+    file it was rendered from is still the one found first in `dirs`, with the same source,
+    and it depends on no epoch or on this one."""
     assert _RENDERED is not None
     entry = _RENDERED.get(key)
     try:
         text, where, read = entry["text"], entry["where"], entry["templates"]
         if not (isinstance(text, str) and isinstance(where, str) and read):
+            return None
+        if entry["epoch"] is not None and entry["epoch"] != epoch:
             return None
         for name, filename, digest in read:
             found = _find(dirs, name)
@@ -542,7 +559,7 @@ def _reuse(key: str, dirs: list[Path]) -> tuple[str, str, Any, Any] | None:
                 return None
     except (TypeError, KeyError, ValueError, OSError):
         return None
-    return text, where, read, entry.get("paths")
+    return text, where, read, entry.get("paths"), entry["epoch"]
 
 
 def _find(dirs: list[Path], name: str) -> str | None:

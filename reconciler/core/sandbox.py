@@ -221,12 +221,14 @@ class _Loader(jinja2.FileSystemLoader):
     def __init__(self, searchpath: list[str]) -> None:
         super().__init__(searchpath)
         self.read: dict[str, tuple[str, str]] = {}
+        self.sources: dict[str, str] = {}
 
     def get_source(
         self, environment: jinja2.Environment, template: str
     ) -> tuple[str, str, Callable[[], bool]]:
         source, filename, uptodate = super().get_source(environment, template)
         self.read[template] = (filename, hashlib.sha256(source.encode()).hexdigest())
+        self.sources[template] = source
         return source, filename, uptodate
 
 
@@ -235,3 +237,22 @@ def templates_read(env: jinja2.Environment) -> list[tuple[str, str, str]]:
     loader = env.loader
     read = loader.read if isinstance(loader, _Loader) else {}
     return [(name, filename, digest) for name, (filename, digest) in sorted(read.items())]
+
+
+def reads_variable(env: jinja2.Environment, name: str) -> bool:
+    """Whether a template `env` has read may look up the top-level variable `name`: Jinja's
+    own analysis of each source (`meta.find_undeclared_variables`, what its code generator
+    resolves from the context), so a name in a comment or a local `set` does not count. A
+    template reaches the context only by naming a variable; when in doubt, True."""
+    import jinja2.meta
+
+    loader = env.loader
+    if not isinstance(loader, _Loader) or not loader.sources:
+        return True
+    for source in loader.sources.values():
+        try:
+            if name in jinja2.meta.find_undeclared_variables(env.parse(source)):
+                return True
+        except jinja2.TemplateSyntaxError:
+            return True
+    return False

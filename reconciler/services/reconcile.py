@@ -127,7 +127,8 @@ def reconcile(
     changes = [UNREAD]
     if read_live:
         with t("read"):
-            canonical = _canonical(backend, skeleton, commands, state.table)
+            seed = mapping.seed if mapping.buckets else None
+            canonical = _canonical(backend, skeleton, commands, state.table, seed)
             listing = backend.list_table(state.table)
         with t("diff"):
             changes = diff.compare(canonical, commands, listing)
@@ -177,9 +178,17 @@ def _canonical(
     skeleton: list[dict[str, Any]],
     commands: list[dict[str, Any]],
     table: str,
+    seed: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The kernel's form of the rendered skeleton; a refusal numbered as in `commands`."""
+    """The kernel's form of the rendered skeleton; a refusal numbered as in `commands`.
+    With the buckets' `seed`, learnt with a stand-in for it (`diff.without_seed`), so a
+    new epoch finds the form its predecessor learnt."""
     try:
+        standin = diff.without_seed(skeleton, seed) if seed is not None else None
+        if standin is not None:
+            learnt = diff.with_seed(backend.canonical(standin[0], table), seed, standin[1])
+            if learnt is not None:
+                return learnt
         return backend.canonical(skeleton, table)
     except KernelError as exc:
         raise exc.renumbered(diff.skeleton_positions(commands)) from None
