@@ -272,6 +272,30 @@ def a_seed_stand_in_learns_the_form_of_the_seed(backend: Backend, state: State) 
     assert standins[0] == standins[1]
 
 
+def unchanged_holds_until_anything_is_committed(backend: Backend, state: State) -> None:
+    """`unchanged` after mtd's own replace, for the very commands it sent; never after
+    another commit (here a dynamic watch element, which the diff itself ignores), until a
+    listing compared equal says `in_sync`; never for other commands, another table, or a
+    deleted table."""
+    state = coverage_state()
+    commands, other = rendered(state), rendered(state, 1)
+    assert not backend.unchanged(TABLE, commands)  # nothing sent yet
+    backend.replace_table(TABLE, commands)
+    assert backend.unchanged(TABLE, commands)
+    assert not backend.unchanged(TABLE, other) and not backend.unchanged("other", commands)
+    backend.run(watch.commands(TABLE, [("198.51.100.7", 100)]))
+    assert not backend.unchanged(TABLE, commands)
+    result = reconcile(state, 0, backend, secret=SECRET, check=True)
+    assert result.changes == [] and backend.unchanged(TABLE, commands)
+    backend.run(watch.commands(TABLE, remove=["198.51.100.7"]))
+    listing = backend.list_table(TABLE)
+    backend.run(watch.commands(TABLE, [("198.51.100.8", 100)]))  # while "comparing"
+    backend.in_sync(TABLE, commands)  # too late: something was committed since the listing
+    assert listing is not None and not backend.unchanged(TABLE, commands)
+    backend.delete_table(TABLE)
+    assert not backend.unchanged(TABLE, commands)
+
+
 CASES: dict[str, Callable[[Backend, State], None]] = {
     f.__name__: f
     for f in (
@@ -287,6 +311,7 @@ CASES: dict[str, Callable[[Backend, State], None]] = {
         dynamic_elements_add_renew_delete_and_list,
         a_table_as_written_lists_its_canonical_skeleton,
         a_seed_stand_in_learns_the_form_of_the_seed,
+        unchanged_holds_until_anything_is_committed,
     )
 }
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.adapters.kernel import FAMILY, describe
+from reconciler.core import diff
 from reconciler.core.diff import elem_text
 from reconciler.errors import KernelError
 
@@ -59,6 +60,9 @@ class FakeKernel:
     list_calls: int = 0
     canonical_calls: int = 0
     commits: int = 0  # transactions that changed something, as `Nft.commits` counts them
+    generation: int = 0  # every commit and every `drift` moves it, as the kernel's does
+    _committed: tuple[int, str, str] | None = None  # after mtd's replace: see `unchanged`
+    _listed: tuple[str, int] = ("", -1)  # the last listing's table and generation
     _refusals: list[_Refusal] = field(default_factory=list)
 
     # -- what tests tell it ---------------------------------------------------------------
@@ -85,6 +89,7 @@ class FakeKernel:
         """Change the stored table behind mtd's back: by `mutate(listing)`, or by default
         dropping the first element found (as `nft delete element` would)."""
         listing = self.tables[name]
+        self.generation += 1
         if mutate is not None:
             mutate(listing)
             return
@@ -104,6 +109,7 @@ class FakeKernel:
 
     def list_table(self, name: str) -> Listing | None:
         self.list_calls += 1
+        self._listed = (name, self.generation)
         listing = self.tables.get(name)
         return None if listing is None else copy.deepcopy(listing)
 
@@ -129,6 +135,15 @@ class FakeKernel:
             self.tables.clear()
         self.tables[name] = listing
         self.commits += 1
+        self.generation += 1
+        self._committed = (self.generation, name, diff.digest(name, commands))
+
+    def unchanged(self, name: str, commands: Sequence[dict[str, Any]]) -> bool:
+        return self._committed == (self.generation, name, diff.digest(name, commands))
+
+    def in_sync(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
+        if self._listed == (name, self.generation):
+            self._committed = (self.generation, name, diff.digest(name, commands))
 
     def list_tables(self) -> list[tuple[str, str]]:
         return [(FAMILY, name) for name in sorted(self.tables)]
@@ -143,6 +158,7 @@ class FakeKernel:
             return False
         del self.tables[name]
         self.commits += 1
+        self.generation += 1
         return True
 
     def canonical(self, commands: Sequence[dict[str, Any]], name: str) -> Listing:
@@ -180,6 +196,7 @@ class FakeKernel:
         if not check:
             self.tables = tables
             self.commits += 1
+            self.generation += 1
 
     # -- internals ------------------------------------------------------------------------
 

@@ -514,6 +514,11 @@ SCHEMA_VERDICTS = "schema-accepted.json"  # in the cache directory next to the e
 _VERDICTS_KEEP = 16  # states accepted lately (an inventory's hosts, a few edits back)
 
 
+def read_private_json(path: Path) -> Any:
+    """`read_json`, only from mtd's private cache directory (what a check it skips rests on)."""
+    return read_json(path) if _private(path.parent) else None
+
+
 def _private(directory: Path) -> bool:
     """Ours and writable by nobody else: what a cache that skips a check must be in."""
     try:

@@ -80,6 +80,18 @@ class Backend(Protocol):
         maps' million), or None when the table or the set does not exist."""
         ...
 
+    def unchanged(self, name: str, commands: Sequence[dict[str, Any]]) -> bool:
+        """Whether the owned table is, for certain, what `commands` make (`diff.digest`):
+        mtd's last `replace_table` sent them, or its last listing compared equal to them
+        (`in_sync`), and nothing has been committed since. False whenever that cannot be
+        told: then the caller lists and compares."""
+        ...
+
+    def in_sync(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
+        """The last `list_table(name)` compared equal to `commands`: `unchanged` may say so
+        until the next commit (if nothing was committed while it listed)."""
+        ...
+
 
 class Nft:
     """libnftables with JSON output, bound to the caller's network namespace.
@@ -102,6 +114,8 @@ class Nft:
         self.write_cache = write_cache
         self.commits = 0  # transactions committed: the monitor tells them from others'
         self._canonical: dict[str, list[dict[str, Any]]] = {}
+        self._committed: dict[str, Any] | None = None  # see `unchanged`
+        self._listed: tuple[str, str | None] = ("", None)  # the last listing's table, mark
 
     def abandon(self) -> None:
         """At the end of a process that ran one command: never free the context. Freeing
@@ -130,6 +144,7 @@ class Nft:
         return rc, out, err
 
     def list_table(self, name: str) -> list[dict[str, Any]] | None:
+        self._listed = (name, ruleset_mark())
         rc, out, err = self._cmd(f"list table {FAMILY} {name}")
         if rc != 0:
             exc = kernel_error(err, context=f"list table {FAMILY} {name}")
@@ -185,7 +200,61 @@ class Nft:
         check: bool = False,
     ) -> None:
         batch = replace_batch(name, commands, flush_ruleset=flush_ruleset)
+        before = None if check else ruleset_mark()
         self.run(batch, check=check, first=len(batch) - len(commands))
+        if before is not None:
+            self._remember(name, commands, before)
+
+    # The last table mtd replaced, and where the ruleset stood right after: while the
+    # ruleset has not moved since, that table is exactly as sent, and a command that would
+    # send the same (`unchanged`) need not list it (40 s at a million elements). Where it
+    # stands is this boot, this network namespace and its nf_tables generation, which every
+    # transaction of any process moves (packets only touch the dynamic sets, which the diff
+    # ignores); the namespace by its cookie, never reused within a boot, unlike its inode.
+    COMMITTED = "committed.json"
+
+    def _remember(self, name: str, commands: Sequence[dict[str, Any]], before: str) -> None:
+        """After mtd's own commit: only if the generation moved by exactly that one."""
+        boot, cookie, gen = before.rsplit(":", 2)
+        self._record(name, commands, f"{boot}:{cookie}:{int(gen) + 1}")
+
+    def in_sync(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
+        listed, mark = self._listed
+        if listed == name and mark is not None:
+            self._record(name, commands, mark)
+
+    def _record(self, name: str, commands: Sequence[dict[str, Any]], expected: str) -> None:
+        """Remember that the table is `commands` at the ruleset mark `expected`, if the
+        ruleset is still there (else forget: what was remembered is stale anyway)."""
+        from reconciler.core import diff
+
+        after = ruleset_mark()
+        if after != expected:
+            self._committed = None
+            return
+        self._committed = {"mark": after, "table": name, "digest": diff.digest(name, commands)}
+        path = self.cache_dir / self.COMMITTED if self.cache_dir is not None else None
+        if path is not None and self.write_cache:
+            from reconciler.adapters import files
+
+            files.keep_cached(path, json.dumps(self._committed), 1)
+
+    def unchanged(self, name: str, commands: Sequence[dict[str, Any]]) -> bool:
+        now = ruleset_mark()
+        if now is None:
+            return False
+        record = self._committed
+        if record is None and self.cache_dir is not None:
+            from reconciler.adapters import files
+
+            record = files.read_private_json(self.cache_dir / self.COMMITTED)
+        if not isinstance(record, dict) or record.get("mark") != now:
+            return False
+        if record.get("table") != name:
+            return False
+        from reconciler.core import diff
+
+        return record.get("digest") == diff.digest(name, commands)
 
     def delete_table(self, name: str) -> bool:
         try:
@@ -302,6 +371,31 @@ def _platform() -> str:
     except OSError:
         lib = "unknown"
     return f"{lib}\0{os.uname().release}"
+
+
+SO_NETNS_COOKIE = 71  # asm-generic/socket.h; other values on some architectures
+_COOKIE_MACHINES = ("x86_64", "aarch64", "riscv64")
+
+
+def ruleset_mark() -> str | None:
+    """`BOOT:NETNS:GENERATION` of the caller's ruleset, or None when any part cannot be
+    read (an older kernel, another architecture): what `Nft.unchanged` compares."""
+    import socket
+
+    from reconciler.adapters import monitor
+
+    if os.uname().machine not in _COOKIE_MACHINES:
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, monitor.NETLINK_NETFILTER) as s:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        if len(raw) != 8 or not boot:
+            return None
+        return f"{boot}:{int.from_bytes(raw, sys.byteorder)}:{monitor.generation()}"
+    except OSError:
+        return None
 
 
 def kernel_error(err: str, *, context: str | None = None) -> KernelError:

@@ -8,6 +8,7 @@ the millions, are compared as dicts.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import socket
@@ -312,6 +313,23 @@ def compare(
             changes += _element_changes(name, want.get(name, {}), have[name])
         return changes
     return diff(desired(from_listing(canonical), commands), live(listing))
+
+
+def digest(name: str, commands: Iterable[Mapping[str, Any]]) -> str:
+    """What a table made of `commands` holds that the diff compares: the commands, but the
+    elements of the dynamic watch sets (runtime state, whose timeouts change every second),
+    hashed. Equal digests, equal tables: what `Backend.unchanged` is asked about."""
+    from reconciler.core.bulk import dumps
+
+    kept = []
+    for cmd in commands:
+        (verb, body), *_ = cmd.items()
+        (kind, obj), *_ = body.items() if isinstance(body, dict) else ((None, None),)
+        if kind == "set" and isinstance(obj, dict) and obj.get("name") in RUNTIME_SETS:
+            cmd = {verb: {kind: {k: v for k, v in obj.items() if k != "elem"}}}
+        kept.append(cmd)
+    text = dumps({"table": name, "nftables": kept})
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def same_skeleton(

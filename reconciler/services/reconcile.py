@@ -125,7 +125,9 @@ def reconcile(
         commands = render.render(state, mapping, templates, dynamic)
     skeleton = diff.skeleton_commands(commands)
     changes = [UNREAD]
-    if read_live:
+    if read_live and state.ownership != "ruleset" and backend.unchanged(state.table, commands):
+        changes = []  # mtd's own last commit, and nothing committed since: nothing to list
+    elif read_live:
         with t("read"):
             seed = mapping.seed if mapping.buckets else None
             canonical = _canonical(backend, skeleton, commands, state.table, seed)
@@ -133,6 +135,8 @@ def reconcile(
         with t("diff"):
             changes = diff.compare(canonical, commands, listing)
             del listing  # up to a million elements: not kept through the apply
+        if not changes and state.ownership != "ruleset":
+            backend.in_sync(state.table, commands)
     if state.ownership == "ruleset":
         # The host's configuration asked mtd to own the whole ruleset: every other table
         # goes with the flush, and the preview says which.
