@@ -432,3 +432,18 @@ def test_a_repository_commit_cannot_choose_where_parsed_states_are_read(tmp_path
     key = files.parsed_key(docs, trusting)
     (evil / f"parsed-{key[:40]}.json").write_text(json.dumps({"key": key, "documents": planted}))
     assert files.load_state(clone / "state", local=trusting).table == "mtd"
+
+
+def test_a_text_that_depends_on_a_missing_template_is_never_kept(tmp_path: Path, render_cache):
+    """`{% include [a, b] %}` or `ignore missing`: the text depends on a file being absent,
+    which a kept entry could not check, so it is rendered each time (and sees the file once
+    it is there)."""
+    (tmp_path / "t").mkdir()
+    shipped = (render.template_dirs()[0] / "maps.json.j2").read_text()
+    head = '{%- include ["local.j2", "empty.j2"] -%}\n'
+    (tmp_path / "t" / "empty.j2").write_text("")
+    (tmp_path / "t" / "maps.json.j2").write_text(head + shipped)
+    sandbox.cached_environment.cache_clear()
+    _rendered(tmp_path, search=[tmp_path / "t"])
+    assert not list((tmp_path / "cache").glob("rendered-*.json"))
+    sandbox.cached_environment.cache_clear()

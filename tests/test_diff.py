@@ -262,3 +262,46 @@ def test_the_seed_is_learnt_as_a_stand_in_and_put_back():
     assert diff.without_seed(skeleton[:1], 7) is None
     assert diff.without_seed(skeleton, diff.SEED_STAND_IN) is None
     assert diff.without_seed([*skeleton, jhash_rule(diff.SEED_STAND_IN)], 7) is None
+
+
+def set_cmd(name, **extra):
+    return {
+        "add": {
+            "set": {"family": "inet", "table": "mtd", "name": name, "type": "ipv4_addr", **extra}
+        }
+    }
+
+
+def rule_cmd(*expr):
+    return {"add": {"rule": {"family": "inet", "table": "mtd", "chain": "c", "expr": list(expr)}}}
+
+
+def add_to(target):
+    saddr = {"payload": {"protocol": "ip", "field": "saddr"}}
+    return {"set": {"op": "add", "elem": saddr, "set": target}}
+
+
+@pytest.mark.parametrize(
+    "commands",
+    [
+        [set_cmd("allow", flags=["timeout"])],  # its elements expire: no transaction says so
+        [set_cmd("allow", timeout=60)],
+        [set_cmd("allow", flags="dynamic")],
+        [set_cmd("allow", elem=[{"elem": {"val": "192.0.2.1", "timeout": 60}}])],
+        [set_cmd("allow"), rule_cmd(add_to("@allow"))],  # packets fill it
+        [rule_cmd({"match": {"op": "==", "left": 1, "right": 1}}, {"meter": {"name": "m"}})],
+    ],
+)
+def test_a_table_that_changes_by_itself_has_no_digest(commands):
+    """Such a table moves with no nf_tables generation: only a listing can tell."""
+    assert diff.digest("mtd", commands) is None
+
+
+def test_the_dynamic_watch_sets_change_nothing_the_digest_covers():
+    watched = [
+        set_cmd("dyn4", flags=["timeout"], elem=[{"elem": {"val": "192.0.2.1", "timeout": 60}}]),
+        rule_cmd(add_to("@dyn4")),
+    ]
+    later = [set_cmd("dyn4", flags=["timeout"]), watched[1]]
+    assert diff.digest("mtd", watched) == diff.digest("mtd", later) is not None
+    assert diff.digest("mtd", watched) != diff.digest("other", watched)

@@ -136,14 +136,19 @@ class FakeKernel:
         self.tables[name] = listing
         self.commits += 1
         self.generation += 1
-        self._committed = (self.generation, name, diff.digest(name, commands))
+        self._remember(name, commands)
+
+    def _remember(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
+        digest = diff.digest(name, commands)
+        self._committed = None if digest is None else (self.generation, name, digest)
 
     def unchanged(self, name: str, commands: Sequence[dict[str, Any]]) -> bool:
-        return self._committed == (self.generation, name, diff.digest(name, commands))
+        digest = diff.digest(name, commands)
+        return digest is not None and self._committed == (self.generation, name, digest)
 
     def in_sync(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
         if self._listed == (name, self.generation):
-            self._committed = (self.generation, name, diff.digest(name, commands))
+            self._remember(name, commands)
 
     def list_tables(self) -> list[tuple[str, str]]:
         return [(FAMILY, name) for name in sorted(self.tables)]

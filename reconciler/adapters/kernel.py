@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import json
 import os
+import struct
 import sys
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -232,7 +233,11 @@ class Nft:
         if after != expected:
             self._committed = None
             return
-        self._committed = {"mark": after, "table": name, "digest": diff.digest(name, commands)}
+        digest = diff.digest(name, commands)
+        if digest is None:  # such a table changes by itself: only listings tell
+            self._committed = None
+            return
+        self._committed = {"mark": after, "table": name, "digest": digest}
         path = self.cache_dir / self.COMMITTED if self.cache_dir is not None else None
         if path is not None and self.write_cache:
             from reconciler.adapters import files
@@ -254,7 +259,8 @@ class Nft:
             return False
         from reconciler.core import diff
 
-        return record.get("digest") == diff.digest(name, commands)
+        digest = diff.digest(name, commands)
+        return digest is not None and record.get("digest") == digest
 
     def delete_table(self, name: str) -> bool:
         try:
@@ -394,7 +400,7 @@ def ruleset_mark() -> str | None:
         if len(raw) != 8 or not boot:
             return None
         return f"{boot}:{int.from_bytes(raw, sys.byteorder)}:{monitor.generation()}"
-    except OSError:
+    except (OSError, ValueError, struct.error):  # a short or odd netlink reply too
         return None
 
 

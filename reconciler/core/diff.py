@@ -315,21 +315,64 @@ def compare(
     return diff(desired(from_listing(canonical), commands), live(listing))
 
 
-def digest(name: str, commands: Iterable[Mapping[str, Any]]) -> str:
+def digest(name: str, commands: Iterable[Mapping[str, Any]]) -> str | None:
     """What a table made of `commands` holds that the diff compares: the commands, but the
     elements of the dynamic watch sets (runtime state, whose timeouts change every second),
-    hashed. Equal digests, equal tables: what `Backend.unchanged` is asked about."""
+    hashed. Equal digests, equal tables: what `Backend.unchanged` is asked about. None when
+    such a table can change without a transaction (`_changes_by_itself`): only a listing
+    tells then."""
     from reconciler.core.bulk import dumps
 
     kept = []
     for cmd in commands:
         (verb, body), *_ = cmd.items()
         (kind, obj), *_ = body.items() if isinstance(body, dict) else ((None, None),)
-        if kind == "set" and isinstance(obj, dict) and obj.get("name") in RUNTIME_SETS:
+        if not isinstance(obj, dict):
+            return None
+        runtime = obj.get("name") in RUNTIME_SETS
+        if kind in ("set", "map", "element") and not runtime and _changes_by_itself(obj):
+            return None
+        if kind == "rule" and _writes_a_set(obj.get("expr")):
+            return None
+        if kind == "set" and runtime:
             cmd = {verb: {kind: {k: v for k, v in obj.items() if k != "elem"}}}
         kept.append(cmd)
     text = dumps({"table": name, "nftables": kept})
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _changes_by_itself(obj: Mapping[str, Any]) -> bool:
+    """A set or map whose elements time out (or that packets may fill): its content moves
+    with no transaction, so no generation says it did."""
+    flags = obj.get("flags")
+    flags = [flags] if isinstance(flags, str) else flags if isinstance(flags, list) else []
+    if "timeout" in obj or "timeout" in flags or "dynamic" in flags:
+        return True
+    elems = obj.get("elem")
+    return isinstance(elems, list) and any(
+        isinstance(e, dict) and isinstance(e.get("elem"), dict) for e in elems
+    )
+
+
+def _writes_a_set(expr: Any) -> bool:
+    """Whether a rule changes a set in the packet path (`add @s`, `update @m`, a meter)
+    other than the dynamic watch sets, whose content the diff ignores."""
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if "meter" in node:
+                return True
+            for key in ("set", "map"):
+                stmt = node.get(key)
+                if isinstance(stmt, dict) and "op" in stmt:
+                    target = stmt.get("set") if key == "set" else stmt.get("map")
+                    if not (isinstance(target, str) and target.lstrip("@") in RUNTIME_SETS):
+                        return True
+            stack.extend(v for v in node.values() if isinstance(v, dict | list))
+    return False
 
 
 def same_skeleton(

@@ -534,6 +534,10 @@ def _keep(key: str, dirs: list[Path], name: str, ctx: Mapping[str, Any], text: s
     context), and it is small."""
     if ctx["pairs"].read or any(h.read for h in _placeholders(ctx)):
         return False
+    from reconciler.core import sandbox
+
+    if sandbox.missed_templates(_cached_environment(tuple(dirs))):
+        return False
     return len(text) <= MAX_CACHED_TEXT and _render_key(dirs, name, ctx) == key
 
 

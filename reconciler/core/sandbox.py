@@ -222,11 +222,16 @@ class _Loader(jinja2.FileSystemLoader):
         super().__init__(searchpath)
         self.read: dict[str, tuple[str, str]] = {}
         self.sources: dict[str, str] = {}
+        self.missed: set[str] = set()
 
     def get_source(
         self, environment: jinja2.Environment, template: str
     ) -> tuple[str, str, Callable[[], bool]]:
-        source, filename, uptodate = super().get_source(environment, template)
+        try:
+            source, filename, uptodate = super().get_source(environment, template)
+        except jinja2.TemplateNotFound:
+            self.missed.add(template)  # `include [a, b]`, `ignore missing`: may appear later
+            raise
         self.read[template] = (filename, hashlib.sha256(source.encode()).hexdigest())
         self.sources[template] = source
         return source, filename, uptodate
@@ -237,6 +242,13 @@ def templates_read(env: jinja2.Environment) -> list[tuple[str, str, str]]:
     loader = env.loader
     read = loader.read if isinstance(loader, _Loader) else {}
     return [(name, filename, digest) for name, (filename, digest) in sorted(read.items())]
+
+
+def missed_templates(env: jinja2.Environment) -> bool:
+    """Whether a template name was looked up and not found: a text rendered so depends on
+    a file's absence, which the render cache does not check, so it is not kept."""
+    loader = env.loader
+    return not isinstance(loader, _Loader) or bool(loader.missed)
 
 
 def reads_variable(env: jinja2.Environment, name: str) -> bool:
