@@ -305,3 +305,43 @@ def test_the_dynamic_watch_sets_change_nothing_the_digest_covers():
     later = [set_cmd("dyn4", flags=["timeout"]), watched[1]]
     assert diff.digest("mtd", watched) == diff.digest("mtd", later) is not None
     assert diff.digest("mtd", watched) != diff.digest("other", watched)
+
+
+def with_objects(limit_rate=10, quota_bytes=1000, used=0):
+    return [
+        *listing_of(rules=RULES, elems=E1),
+        {
+            "limit": {
+                "family": "inet",
+                "table": "mtd",
+                "name": "l",
+                "rate": limit_rate,
+                "per": "second",
+            }
+        },
+        {
+            "quota": {
+                "family": "inet",
+                "table": "mtd",
+                "name": "q",
+                "bytes": quota_bytes,
+                "used": used,
+            }
+        },
+    ]
+
+
+def test_every_named_object_a_template_may_add_is_compared():
+    """A limit's rate or a quota's size changed by hand is drift; what packets move (a
+    quota's use, like a counter's values) is not."""
+    canonical = [
+        {k: {a: b for a, b in v.items() if a != "elem"}}
+        for o in with_objects()
+        for k, v in o.items()
+    ]
+    commands = [{"add": o} for o in with_objects()]
+    assert diff.compare(canonical, commands, with_objects(used=500)) == []
+    for live in (with_objects(limit_rate=10_000), with_objects(quota_bytes=10**9)):
+        changes = diff.compare(canonical, commands, live)
+        assert [c.op + c.kind for c in changes] in (["~limit"], ["~quota"]), changes
+        assert changes == slow(canonical, commands, live)

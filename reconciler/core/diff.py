@@ -19,10 +19,16 @@ from typing import Any
 
 from reconciler.core.watch import RUNTIME_SETS
 
-OBJECT_KINDS = ("table", "chain", "set", "map", "counter")
-# Dropped from every object: kernel bookkeeping, and a counter's values (packets move them;
-# they are telemetry, never drift).
-_VOLATILE = ("handle", "family", "table", "packets", "bytes")
+# Every named object a template may add (`render.OBJECTS`): one the diff left out could be
+# changed by hand unseen (a limit's rate, say).
+OBJECT_KINDS = (
+    "table", "chain", "set", "map", "counter", "quota", "limit", "flowtable", "ct helper",
+    "ct timeout", "ct expectation", "secmark", "synproxy",
+)  # fmt: skip
+# Dropped from every object: kernel bookkeeping.
+_VOLATILE = ("handle", "family", "table")
+# What packets move, by kind: telemetry, never drift (a quota's `bytes` is its limit).
+_STATE = {"counter": ("packets", "bytes"), "quota": ("used",)}
 _FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
@@ -126,8 +132,9 @@ def keyed(obj: Mapping[str, Any]) -> dict[str, str | None]:
     return _elements(obj)
 
 
-def _attrs(obj: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in obj.items() if k not in _VOLATILE and k != "elem"}
+def _attrs(kind: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+    state = _STATE.get(kind, ())
+    return {k: v for k, v in obj.items() if k not in _VOLATILE and k != "elem" and k not in state}
 
 
 def from_listing(listing: Iterable[Mapping[str, Any]]) -> Table:
@@ -156,7 +163,7 @@ def from_commands(commands: Iterable[Mapping[str, Any]]) -> Table:
 def _add(t: Table, kind: str, obj: Mapping[str, Any]) -> None:
     if kind in OBJECT_KINDS:
         name = obj["name"]
-        t.objects[f"{kind} {name}"] = _attrs(obj)
+        t.objects[f"{kind} {name}"] = _attrs(kind, obj)
         if kind in ("set", "map"):
             t.elements.setdefault(name, {}).update(_elements(obj, name))
     elif kind == "rule":
@@ -382,20 +389,18 @@ def same_skeleton(
     return _bare(listing) == _bare(canonical)
 
 
-# Set aside by `compare` (`from_listing` drops them too): elements, counter values, and the
-# table's handle, which the kernel lists even without handle output and which grows with
-# every replacement.
-_BARE = frozenset(("elem", "packets", "bytes", "handle"))
-
-
 def _bare(listing: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """A listing without set elements, counter values and handles (objects only)."""
+    """A listing without what `compare` sets aside (`from_listing` drops it too): set
+    elements, what packets move (`_STATE`), and handles (the kernel lists the table's even
+    without handle output, and it grows with every replacement). Objects only."""
     out: list[Mapping[str, Any]] = []
     for item in listing:
         if len(item) == 1:
             ((kind, obj),) = item.items()
-            if isinstance(obj, dict) and not _BARE.isdisjoint(obj):
-                item = {kind: {k: v for k, v in obj.items() if k not in _BARE}}
+            if isinstance(obj, dict):
+                drop = ("handle", "elem", *_STATE.get(kind, ()))
+                if any(k in obj for k in drop):
+                    item = {kind: {k: v for k, v in obj.items() if k not in drop}}
         out.append(item)
     return out
 
