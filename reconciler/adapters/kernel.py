@@ -393,8 +393,7 @@ def ruleset_mark() -> str | None:
     if os.uname().machine not in _COOKIE_MACHINES:
         return None
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
+        boot = _boot_id()
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, monitor.NETLINK_NETFILTER) as s:
             raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
         if len(raw) != 8 or not boot:
@@ -402,6 +401,12 @@ def ruleset_mark() -> str | None:
         return f"{boot}:{int.from_bytes(raw, sys.byteorder)}:{monitor.generation()}"
     except (OSError, ValueError, struct.error):  # a short or odd netlink reply too
         return None
+
+
+@cache
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
 
 
 def kernel_error(err: str, *, context: str | None = None) -> KernelError:

@@ -363,22 +363,19 @@ def _changes_by_itself(obj: Mapping[str, Any]) -> bool:
 
 def _writes_a_set(expr: Any) -> bool:
     """Whether a rule changes a set in the packet path (`add @s`, `update @m`, a meter)
-    other than the dynamic watch sets, whose content the diff ignores."""
-    stack = [expr]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, dict):
-            if "meter" in node:
-                return True
-            for key in ("set", "map"):
-                stmt = node.get(key)
-                if isinstance(stmt, dict) and "op" in stmt:
-                    target = stmt.get("set") if key == "set" else stmt.get("map")
-                    if not (isinstance(target, str) and target.lstrip("@") in RUNTIME_SETS):
-                        return True
-            stack.extend(v for v in node.values() if isinstance(v, dict | list))
+    other than the dynamic watch sets, whose content the diff ignores. Statements stand
+    only at the top of a rule's expression list, so that is where to look."""
+    for stmt in expr if isinstance(expr, list) else ():
+        if not isinstance(stmt, dict):
+            continue
+        if "meter" in stmt:
+            return True
+        for key in ("set", "map"):
+            body = stmt.get(key)
+            if isinstance(body, dict) and "op" in body:
+                target = body.get(key)
+                if not (isinstance(target, str) and target.lstrip("@") in RUNTIME_SETS):
+                    return True
     return False
 
 
