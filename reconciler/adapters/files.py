@@ -290,8 +290,9 @@ def write_epoch(path: str | Path, epoch: int) -> None:
     write_atomic(path, json.dumps({"epoch": epoch}) + "\n")
 
 
-def write_atomic(path: str | Path, text: str, mode: int = 0o644) -> None:
-    """Write a temporary file of our own (never through a link), then rename it over."""
+def write_atomic(path: str | Path, text: str, mode: int = 0o644, *, sync: bool = True) -> None:
+    """Write a temporary file of our own (never through a link), then rename it over;
+    `sync`: on disk before the rename (state that must survive a crash, not a cache)."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -300,8 +301,9 @@ def write_atomic(path: str | Path, text: str, mode: int = 0o644) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, p)
     except OSError as exc:
         raise MtdError(f"{p}: cannot write: {exc.strerror or exc}") from None
@@ -425,7 +427,8 @@ def keep_cached(path: Path, text: str, keep: int) -> None:
         private_dir(path.parent)
         if not _private(path.parent):
             return
-        write_atomic(path, text, mode=0o600)
+        # No fsync: an entry lost or torn by a crash is unreadable, and only costs time.
+        write_atomic(path, text, mode=0o600, sync=False)
         kept = sorted(path.parent.glob(f"{kind}-*.json"), key=_mtime, reverse=True)
         for old in kept[keep:]:
             old.unlink(missing_ok=True)
