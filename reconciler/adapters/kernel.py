@@ -210,8 +210,9 @@ class Nft:
     # ruleset has not moved since, that table is exactly as sent, and a command that would
     # send the same (`unchanged`) need not list it (40 s at a million elements). Where it
     # stands is this boot, this network namespace and its nf_tables generation, which every
-    # transaction of any process moves (packets only touch the dynamic sets, which the diff
-    # ignores); the namespace by its cookie, never reused within a boot, unlike its inode.
+    # transaction of any process moves (a table that timeouts or packets change without one
+    # has no `diff.digest`: always listed); the namespace by its cookie, never reused within
+    # a boot, unlike its inode.
     COMMITTED = "committed.json"
 
     def _remember(self, name: str, commands: Sequence[dict[str, Any]], before: str) -> None:
