@@ -296,6 +296,45 @@ def unchanged_holds_until_anything_is_committed(backend: Backend, state: State) 
     assert not backend.unchanged(TABLE, commands)
 
 
+def interleave(backend: Backend, foreign: list[dict[str, Any]]) -> None:
+    """Make another process's commit (`foreign`) land inside mtd's next `replace_table`,
+    after mtd read where the ruleset stood and before its own commit."""
+    from reconciler.adapters.fake import FakeKernel
+
+    if isinstance(backend, FakeKernel):
+
+        def once() -> None:
+            backend.interleave = None
+            backend.run(foreign)
+
+        backend.interleave = once
+        return
+    run = backend.run  # Nft: replace_table reads the mark, then sends its batch by `run`
+
+    def first_foreign(*args: Any, **kwargs: Any) -> None:
+        del backend.run  # type: ignore[attr-defined]  # once: the method is back
+        run(foreign)
+        run(*args, **kwargs)
+
+    backend.run = first_foreign  # type: ignore[method-assign]
+
+
+def a_commit_inside_mtds_own_is_never_taken_for_it(backend: Backend, state: State) -> None:
+    """mtd records the mark before its commit plus one, without reading it again after: a
+    commit of another process in between leaves the ruleset past that mark for good, so the
+    table is listed again, until a listing compares equal."""
+    state = coverage_state()
+    commands = rendered(state)
+    backend.replace_table(TABLE, commands)
+    interleave(backend, watch.commands(TABLE, [("198.51.100.7", 100)]))
+    backend.replace_table(TABLE, commands)
+    assert not backend.unchanged(TABLE, commands)
+    result = reconcile(state, 0, backend, secret=SECRET, check=True)
+    assert result.changes == [] and backend.unchanged(TABLE, commands)
+    backend.replace_table(TABLE, commands)  # and mtd's own commit alone still counts
+    assert backend.unchanged(TABLE, commands)
+
+
 CASES: dict[str, Callable[[Backend, State], None]] = {
     f.__name__: f
     for f in (
@@ -312,6 +351,7 @@ CASES: dict[str, Callable[[Backend, State], None]] = {
         a_table_as_written_lists_its_canonical_skeleton,
         a_seed_stand_in_learns_the_form_of_the_seed,
         unchanged_holds_until_anything_is_committed,
+        a_commit_inside_mtds_own_is_never_taken_for_it,
     )
 }
 

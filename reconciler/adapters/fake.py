@@ -64,6 +64,9 @@ class FakeKernel:
     _committed: tuple[int, str, str] | None = None  # after mtd's replace: see `unchanged`
     _listed: tuple[str, int] = ("", -1)  # the last listing's table and generation
     _refusals: list[_Refusal] = field(default_factory=list)
+    # Called inside `replace_table` between reading the generation and committing: another
+    # process's commit landing there, which no test can time against the real kernel.
+    interleave: Callable[[], None] | None = None
 
     # -- what tests tell it ---------------------------------------------------------------
 
@@ -131,24 +134,28 @@ class FakeKernel:
             raise
         if check:
             return
+        before = self.generation  # as `Nft` does: the mark before, plus its own one step
+        if self.interleave is not None:
+            self.interleave()
         if flush_ruleset:
             self.tables.clear()
         self.tables[name] = listing
         self.commits += 1
         self.generation += 1
-        self._remember(name, commands)
+        self._remember(name, commands, before + 1)
 
-    def _remember(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
+    def _remember(self, name: str, commands: Sequence[dict[str, Any]], generation: int) -> None:
         digest = diff.digest(name, commands)
-        self._committed = None if digest is None else (self.generation, name, digest)
+        self._committed = None if digest is None else (generation, name, digest)
 
     def unchanged(self, name: str, commands: Sequence[dict[str, Any]]) -> bool:
         digest = diff.digest(name, commands)
         return digest is not None and self._committed == (self.generation, name, digest)
 
     def in_sync(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
-        if self._listed == (name, self.generation):
-            self._remember(name, commands)
+        listed, generation = self._listed
+        if listed == name:
+            self._remember(name, commands, generation)
 
     def list_tables(self) -> list[tuple[str, str]]:
         return [(FAMILY, name) for name in sorted(self.tables)]

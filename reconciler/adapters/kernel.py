@@ -213,10 +213,17 @@ class Nft:
     # transaction of any process moves (a table that timeouts or packets change without one
     # has no `diff.digest`: always listed); the namespace by its cookie, never reused within
     # a boot, unlike its inode.
+    #
+    # What is recorded is the mark read *before* the fact (before the commit, plus the one
+    # step the commit takes; before the listing), never read again after it: a generation
+    # only grows, so if anything else was committed in between, the ruleset has already
+    # left the recorded mark for good (short of 2^32 commits) and the record never
+    # matches. Reading it right after a commit would also wait about 10 ms for the kernel
+    # to finish that commit's clean-up.
     COMMITTED = "committed.json"
 
     def _remember(self, name: str, commands: Sequence[dict[str, Any]], before: str) -> None:
-        """After mtd's own commit: only if the generation moved by exactly that one."""
+        """After mtd's own commit, which moved the generation by one from `before`."""
         boot, cookie, gen = before.rsplit(":", 2)
         self._record(name, commands, f"{boot}:{cookie}:{int(gen) + 1}")
 
@@ -225,20 +232,15 @@ class Nft:
         if listed == name and mark is not None:
             self._record(name, commands, mark)
 
-    def _record(self, name: str, commands: Sequence[dict[str, Any]], expected: str) -> None:
-        """Remember that the table is `commands` at the ruleset mark `expected`, if the
-        ruleset is still there (else forget: what was remembered is stale anyway)."""
+    def _record(self, name: str, commands: Sequence[dict[str, Any]], mark: str) -> None:
+        """Remember that the table is `commands` at the ruleset mark `mark`."""
         from reconciler.core import diff
 
-        after = ruleset_mark()
-        if after != expected:
-            self._committed = None
-            return
         digest = diff.digest(name, commands)
         if digest is None:  # such a table changes by itself: only listings tell
             self._committed = None
             return
-        self._committed = {"mark": after, "table": name, "digest": digest}
+        self._committed = {"mark": mark, "table": name, "digest": digest}
         path = self.cache_dir / self.COMMITTED if self.cache_dir is not None else None
         if path is not None and self.write_cache:
             from reconciler.adapters import files
