@@ -58,6 +58,28 @@ def test_host_bits_in_prefix():
     assert "has host bits set" in error_of(BASE + "watched: [{source: 192.0.2.3/24}]\n")
 
 
+@pytest.mark.parametrize(
+    ("key", "given", "expected"),
+    [
+        ("watched: [{source: '%s'}]", "::ffff:192.0.2.3", "192.0.2.3"),
+        ("watched: [{source: '%s'}]", "::ffff:192.0.2.0/120", "192.0.2.0/24"),
+        ("trusted: ['%s']", "::ffff:203.0.113.0/120", "203.0.113.0/24"),
+        ("trusted: ['%s']", "::ffff:0:0/96", "0.0.0.0/0"),
+    ],
+)
+def test_an_ipv4_mapped_source_is_refused_with_its_ipv4_form(key: str, given: str, expected: str):
+    """No packet carries an IPv4-mapped source: taken as written, a watched entry would
+    hide nothing and a trusted one exempt no one, silently."""
+    msg = error_of(BASE + key % given + "\n")
+    assert f"{given!r} is IPv4-mapped" in msg and msg.endswith(f"expected the IPv4 form {expected}")
+
+
+def test_prefixes_around_the_ipv4_mapped_range_are_kept():
+    s = parse_one(BASE + "watched: [{source: '::/64'}, {source: '::fffe:0:0/95'}]\n")
+    assert [str(w.source) for w in s.watched] == ["::/64", "::fffe:0:0/95"]
+    assert parse_one(BASE + "watched: [{source: '::/0', per_source: true}]\n").watched
+
+
 def test_duplicate_source():
     msg = error_of(BASE + "watched: [{source: 192.0.2.3}, {source: 192.0.2.3/32}]\n")
     assert "watched[1].source" in msg and "already watched[0]" in msg

@@ -655,7 +655,7 @@ def _source(
 ) -> Network | None:
     """An address or a prefix without host bits; None (and one problem) otherwise."""
     try:
-        return _network(text)
+        net = _network(text)
     except ValueError as exc:
         hint = "has host bits set" if "host bits" in str(exc) else "is not an address"
         problems.append(
@@ -666,6 +666,28 @@ def _source(
             )
         )
         return None
+    if net.version == 6 and net.subnet_of(_V4_MAPPED):
+        # How a dual-stack socket names an IPv4 peer, never a packet's source: an IPv4
+        # client sends IPv4 packets, which an ip6 match never sees. Taken as written, the
+        # entry would silently hide nothing (watched) or exempt no one (trusted).
+        v4 = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+        problems.append(
+            locate(
+                path,
+                f"{text!r} is IPv4-mapped, how a dual-stack socket names an IPv4 peer: no "
+                f"packet comes from it: expected the IPv4 form {_plain(v4)}",
+            )
+        )
+        return None
+    return net
+
+
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _plain(net: Network) -> str:
+    """A host as an address, a prefix in CIDR: as an operator writes them."""
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
 def _trusted(items: Sequence[str], locate: _Locator, problems: list[str]) -> tuple[Network, ...]:
