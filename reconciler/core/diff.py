@@ -308,7 +308,7 @@ def compare(
     the kernel's own listing of their skeleton (`canonical`): `diff` of the two, keyed.
 
     A table as mtd left it lists its skeleton exactly as `canonical` does, object for object
-    and in the same order, once elements, counter values and handles are set aside: then a plain
+    and in the same order, once elements, what packets move and handles are set aside: a plain
     equality (C speed) stands for the keyed comparison of every object and rule, the most
     of a small pass's time, and only elements are compared. Any other listing (drift, an
     anonymous set listed in another order) takes the keyed diff, which names each change."""
