@@ -447,3 +447,45 @@ def test_a_text_that_depends_on_a_missing_template_is_never_kept(tmp_path: Path,
     _rendered(tmp_path, search=[tmp_path / "t"])
     assert not list((tmp_path / "cache").glob("rendered-*.json"))
     sandbox.cached_environment.cache_clear()
+
+
+def test_dynamic_entries_change_every_second_and_the_kept_text_still_serves(
+    tmp_path: Path, render_cache, monkeypatch
+):
+    """The seconds left of the dynamic entries are placeholders (`dynamic_elements`), out
+    of the key: a command with live entries reuses the text as long as their number holds,
+    and the document says each entry's own time. A template that iterates over `dynamic`
+    reads the values: it is rendered again every time, never served a stale time."""
+    state = files.load_state(write_state(tmp_path / "state.yaml"))
+    mapping = shuffle.compute(state, b"\1" * 32, 3)
+
+    def rendered(left: int, search: list[Path] | None = None) -> list:
+        dynamic = {"4": [("198.51.100.7", left)], "6": [("2001:db8:7::", left + 1)]}
+        return render.render(state, mapping, search, dynamic)
+
+    def dyn(commands: list, v: str) -> list:
+        return next(
+            c["add"]["set"]["elem"] for c in commands if c["add"].get("set", {}).get("name") == v
+        )
+
+    rendered(100)
+    with monkeypatch.context() as m:
+        m.setattr(render, "_render_text", lambda *_: pytest.fail("rendered again"))
+        commands = rendered(99)
+    assert dyn(commands, "dyn4") == [{"elem": {"val": "198.51.100.7", "timeout": 99}}]
+    assert dyn(commands, "dyn6") == [{"elem": {"val": "2001:db8:7::", "timeout": 100}}]
+    render.use_render_cache(None)
+    assert _doc(rendered(99)) == _doc(commands)
+    render.use_render_cache(render_cache)
+    (tmp_path / "t").mkdir()
+    shipped = (render.template_dirs()[0] / "maps.json.j2").read_text()
+    looped = shipped.replace(
+        "{{ dynamic_elements[v] | tojson }}",
+        '[{%- for src, left in dynamic[v] %}{"elem": {"val": {{ src | tojson }}, '
+        '"timeout": {{ left }}}}{{ "," if not loop.last }}{% endfor %}]',
+    )
+    assert looped != shipped
+    (tmp_path / "t" / "maps.json.j2").write_text(looped)
+    for left in (50, 49, 50):
+        got = dyn(rendered(left, [tmp_path / "t"]), "dyn4")
+        assert got == [{"elem": {"val": "198.51.100.7", "timeout": left}}]

@@ -103,10 +103,11 @@ class Elements(Sequence[Any]):
 
 
 class Hidden(Sequence[Any]):
-    """A small secret-derived value (a bucket's map elements, the jhash seed) that a
-    template writes as a placeholder: `{{ seed }}` and `| tojson` write its token, which
-    `render` swaps for the value after parsing, so a kept text (the render cache) never
-    holds it and its cache key never depends on it. Anything else a template does with it
+    """A value that a template writes as a placeholder: a small secret-derived one (a
+    bucket's map elements, the jhash seed), or the dynamic entries with the seconds they
+    have left. `{{ seed }}` and `| tojson` write its token, which `render` swaps for the
+    value after parsing, so a kept text (the render cache) never holds it and its cache key
+    never depends on it (only on its length). Anything else a template does with it
     (iterate, index, compare) reads the value and marks it `read`: such a text is not kept."""
 
     def __init__(self, name: str, value: Any) -> None:
@@ -205,6 +206,7 @@ def context(
     state: State, mapping: PortMap, dynamic: Mapping[str, Sequence[Any]] | None = None
 ) -> dict[str, Any]:
     """Everything a template may use. Element lists are ready for `| tojson`."""
+    entries = {v: list((dynamic or {}).get(v, ())) for v in ("4", "6")}
     elements = {
         f"{proto}{v}{kind}": Elements(f"elements.{proto}{v}{kind}")
         for proto in PROTOCOLS
@@ -264,8 +266,17 @@ def context(
         "trusted": {v: _trusted(state, v) for v in ("4", "6")},
         "tripwire": _tripwire(state),
         "pairs": Lazy(lambda: _pairs(ordered, mapping)),
+        # Placeholders too: their seconds left change every second, and a text that only
+        # writes them with `| tojson` (as `maps` does) is kept and reused whatever they are.
         "dynamic": {
-            v: [[str(src), int(left)] for src, left in (dynamic or {}).get(v, ())]
+            v: Hidden(f"dynamic.{v}", [[str(src), int(left)] for src, left in entries[v]])
+            for v in ("4", "6")
+        },
+        "dynamic_elements": {
+            v: Hidden(
+                f"dynamic_elements.{v}",
+                [{"elem": {"val": str(src), "timeout": int(left)}} for src, left in entries[v]],
+            )
             for v in ("4", "6")
         },
     }
@@ -612,7 +623,8 @@ def _bounded_text(chunks: Iterable[str], where: str) -> str:
 def _placeholders(ctx: Mapping[str, Any]) -> list[Elements | Hidden]:
     """Every value a template writes as a placeholder: what holds the mapping."""
     hidden = [h for bucket in ctx["buckets"] for h in bucket.values()]
-    return [*ctx["elements"].values(), *hidden, ctx["seed"]]
+    dynamic = [*ctx["dynamic"].values(), *ctx["dynamic_elements"].values()]
+    return [*ctx["elements"].values(), *hidden, ctx["seed"], *dynamic]
 
 
 def _splice(
