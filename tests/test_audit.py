@@ -99,6 +99,8 @@ def test_mapping_of_uses_the_most_specific_watched_entry(state_file: Path):
     host = audit.mapping_of(state, secret, 3, "192.0.2.3")
     assert sorted(host.moves["tcp"]) == [3, 4, 5]  # 1 and 2 are ignored for it
     assert audit.mapping_of(state, secret, 3, "192.0.2.2").watched is None
+    # As a dual-stack log names that client: the IPv4 source's mapping, not "not watched".
+    assert audit.mapping_of(state, secret, 3, "::ffff:192.0.2.3").moves == host.moves
     with pytest.raises(MtdError, match="--source 'x'"):
         audit.mapping_of(state, secret, 3, "x")
 

@@ -290,6 +290,24 @@ def add_to(target):
         [set_cmd("allow", elem=[{"elem": {"val": "192.0.2.1", "timeout": 60}}])],
         [set_cmd("allow"), rule_cmd(add_to("@allow"))],  # packets fill it
         [rule_cmd({"match": {"op": "==", "left": 1, "right": 1}}, {"meter": {"name": "m"}})],
+        # Gone when the netlink socket of the process that made it closes (its exit).
+        [{"add": {"table": {"family": "inet", "name": "mtd", "flags": ["owner"]}}}],
+        [{"add": {"table": {"family": "inet", "name": "mtd", "flags": "persist"}}}],
+        [
+            {
+                "add": {
+                    "chain": {
+                        "family": "inet",
+                        "table": "mtd",
+                        "name": "i",
+                        "type": "filter",
+                        "hook": "ingress",
+                        "dev": "eth0",  # goes when the device does
+                        "prio": 0,
+                    }
+                }
+            }
+        ],
     ],
 )
 def test_a_table_that_changes_by_itself_has_no_digest(commands):

@@ -71,7 +71,7 @@ def test_an_ipv4_mapped_source_is_refused_with_its_ipv4_form(key: str, given: st
     """No packet carries an IPv4-mapped source: taken as written, a watched entry would
     hide nothing and a trusted one exempt no one, silently."""
     msg = error_of(BASE + key % given + "\n")
-    assert f"{given!r} is IPv4-mapped" in msg and msg.endswith(f"expected the IPv4 form {expected}")
+    assert msg.endswith(f"{given!r} is IPv4-mapped: expected its IPv4 form {expected}")
 
 
 def test_prefixes_around_the_ipv4_mapped_range_are_kept():

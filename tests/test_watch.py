@@ -80,6 +80,7 @@ def test_a_source_is_an_address_or_an_ipv6_64(text: str, want: str):
         ("example.org", "not an address"),
         ("", "expected an IPv4 address"),
         ("1" * 500, "expected an IPv4 address"),
+        ("::ffff:192.0.2.7/64", "IPv4-mapped: expected its IPv4 address 192.0.2.7"),  # not ::/64
     ],
 )
 def test_prefixes_and_garbage_are_refused_in_one_line(text: str, why: str):

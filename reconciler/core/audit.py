@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from reconciler.core import bucket, shuffle, watch
-from reconciler.core.state import PROTOCOLS, State, Watched
+from reconciler.core.state import PROTOCOLS, State, Watched, ipv4_mapped
 from reconciler.errors import MtdError
 
 ORIGINS = ("start", "redis", "pull", "drift", "manual", "revert")
@@ -99,6 +99,7 @@ def mapping_of(
         raise MtdError(
             f"--source {source!r}: expected an IPv4/IPv6 address such as 192.0.2.3"
         ) from None
+    addr = ipv4_mapped(addr) or addr  # a dual-stack log's IPv4 client: that IPv4 source
     portmap = shuffle.compute(state, secret, epoch)
     print_ = portmap.fingerprint(secret)
     if state.is_trusted(addr):

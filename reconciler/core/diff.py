@@ -339,6 +339,8 @@ def digest(name: str, commands: Iterable[Mapping[str, Any]]) -> str | None:
         runtime = obj.get("name") in RUNTIME_SETS
         if kind in ("set", "map", "element") and not runtime and _changes_by_itself(obj):
             return None
+        if (kind == "table" and obj.get("flags")) or (kind == "chain" and _device_bound(obj)):
+            return None  # removed with no transaction: by the socket's close, the device's
         if kind == "rule" and _writes_a_set(obj.get("expr")):
             return None
         if kind == "set" and runtime:
@@ -359,6 +361,10 @@ def _changes_by_itself(obj: Mapping[str, Any]) -> bool:
     return isinstance(elems, list) and any(
         isinstance(e, dict) and isinstance(e.get("elem"), dict) for e in elems
     )
+
+
+def _device_bound(obj: Mapping[str, Any]) -> bool:
+    return "dev" in obj or "devices" in obj
 
 
 def _writes_a_set(expr: Any) -> bool:

@@ -666,17 +666,12 @@ def _source(
             )
         )
         return None
-    if net.version == 6 and net.subnet_of(_V4_MAPPED):
-        # How a dual-stack socket names an IPv4 peer, never a packet's source: an IPv4
-        # client sends IPv4 packets, which an ip6 match never sees. Taken as written, the
-        # entry would silently hide nothing (watched) or exempt no one (trusted).
-        v4 = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    v4 = ipv4_mapped(net)
+    if v4 is not None:
+        # Taken as written, the entry would silently hide nothing (watched) or exempt no
+        # one (trusted): an IPv4 client sends IPv4 packets, which an ip6 match never sees.
         problems.append(
-            locate(
-                path,
-                f"{text!r} is IPv4-mapped, how a dual-stack socket names an IPv4 peer: no "
-                f"packet comes from it: expected the IPv4 form {_plain(v4)}",
-            )
+            locate(path, f"{text!r} is IPv4-mapped: expected its IPv4 form {plain(v4)}")
         )
         return None
     return net
@@ -685,7 +680,15 @@ def _source(
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
-def _plain(net: Network) -> str:
+def ipv4_mapped(net: Network) -> ipaddress.IPv4Network | None:
+    """The IPv4 network an IPv4-mapped one (`::ffff:192.0.2.0/120`) stands for, else None.
+    How a dual-stack socket names an IPv4 peer; no packet ever comes from such a source."""
+    if net.version != 6 or not net.subnet_of(_V4_MAPPED):  # type: ignore[arg-type]
+        return None
+    return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+
+
+def plain(net: Network) -> str:
     """A host as an address, a prefix in CIDR: as an operator writes them."""
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 

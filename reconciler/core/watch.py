@@ -85,7 +85,11 @@ def canonical(text: str, trusted: Iterable[Any] = ()) -> str:
             f"{_short(raw)}: not an address: expected an IPv4 address (192.0.2.7) or an IPv6 "
             "address or /64 (2001:db8:1:2::/64)"
         ) from None
-    if ip.version == 6 and ip.ipv4_mapped is not None and not slash:
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        if slash:  # its /64 is ::/64, which no packet comes from
+            raise WatchError(
+                f"{_short(raw)}: IPv4-mapped: expected its IPv4 address {ip.ipv4_mapped}"
+            )
         # How a dual-stack socket names an IPv4 client (fail2ban reads it from such logs):
         # that IPv4 source, not the /64 ::/64, which no IPv4 packet ever comes from.
         ip = ip.ipv4_mapped
