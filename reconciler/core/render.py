@@ -621,7 +621,8 @@ def _bounded_text(chunks: Iterable[str], where: str) -> str:
 
 
 def _placeholders(ctx: Mapping[str, Any]) -> list[Elements | Hidden]:
-    """Every value a template writes as a placeholder: what holds the mapping."""
+    """Every value a template writes as a placeholder: what holds the mapping, and the
+    dynamic entries."""
     hidden = [h for bucket in ctx["buckets"] for h in bucket.values()]
     dynamic = [*ctx["dynamic"].values(), *ctx["dynamic_elements"].values()]
     return [*ctx["elements"].values(), *hidden, ctx["seed"], *dynamic]

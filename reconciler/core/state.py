@@ -671,7 +671,7 @@ def _source(
         # Taken as written, the entry would silently hide nothing (watched) or exempt no
         # one (trusted): an IPv4 client sends IPv4 packets, which an ip6 match never sees.
         problems.append(
-            locate(path, f"{text!r} is IPv4-mapped: expected its IPv4 form {plain(v4)}")
+            locate(path, f"{text!r} is IPv4-mapped: expected its IPv4 form {_plain(v4)}")
         )
         return None
     return net
@@ -688,7 +688,7 @@ def ipv4_mapped(net: Network) -> ipaddress.IPv4Network | None:
     return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
 
 
-def plain(net: Network) -> str:
+def _plain(net: Network) -> str:
     """A host as an address, a prefix in CIDR: as an operator writes them."""
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
