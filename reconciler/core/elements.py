@@ -158,6 +158,7 @@ class Desired:
     def __init__(self, containers: Mapping[str, list[tuple[bool, Any]]]) -> None:
         self._containers = dict(containers)  # name -> [(is_map, elem list or Elements)]
         self._index: dict[str, tuple[dict[str, Mapping[int, int]], dict[str, str | None]]] = {}
+        self._reverse: dict[tuple[str, str], dict[int, int]] = {}
 
     @classmethod
     def from_commands(cls, commands: Iterable[Mapping[str, Any]]) -> Desired:
@@ -189,8 +190,17 @@ class Desired:
         p = int(port)
         to = moves.get(p)
         if to is None:  # the other direction of the swap: hidden -> real
-            to = next((real for real, hidden in moves.items() if hidden == p), None)
+            to = self._reversed(name, source, moves).get(p)
         return (False, None) if to is None else (True, str(to))
+
+    def _reversed(self, name: str, source: str, moves: Mapping[int, int]) -> dict[int, int]:
+        """hidden -> real of one source's moves, built at its first reverse lookup: a map
+        flushed by hand asks for every element, each source's once per moved port."""
+        key = (name, source)
+        found = self._reverse.get(key)
+        if found is None:
+            found = self._reverse[key] = {hidden: real for real, hidden in moves.items()}
+        return found
 
     def _indexed(self, name: str) -> tuple[dict[str, Mapping[int, int]], dict[str, str | None]]:
         found = self._index.get(name)
