@@ -84,6 +84,14 @@ HOSTILE_DOCUMENTS = {
         "nftables[0]: add 'ruleset': expected one of table, chain",
     ),
     "a command that is a list": ([["add", {}]], "nftables[0]: a list: expected exactly one verb"),
+    "a table that goes with mtd's process": (
+        [{"add": {"table": {**MTD_TABLE, "flags": ["owner"]}}}],
+        'nftables[0]: add table inet mtd with flags ["owner"]: expected none',
+    ),
+    "a table switched off": (
+        [{"add": {"table": {**MTD_TABLE, "flags": "dormant"}}}],
+        'nftables[0]: add table inet mtd with flags "dormant": expected none',
+    ),
     "extra top-level keys": (
         {"nftables": [], "metainfo": {}},
         'expected a JSON object {"nftables": [...]} and nothing else',

@@ -684,7 +684,8 @@ OBJECTS = (
 
 def _commands(doc: Any, state: State, where: str) -> list[dict]:
     """Check every command's structure before anything else sees it: exactly one verb (from
-    `VERBS`), exactly one object (from `OBJECTS`), family inet, the owned table.
+    `VERBS`), exactly one object (from `OBJECTS`), family inet, the owned table, and that
+    table without flags.
 
     libnftables acts on every key of a command object, in its own order: reading only the
     first key let an object with two keys smuggle a rule into another table.
@@ -729,6 +730,12 @@ def _commands(doc: Any, state: State, where: str) -> list[dict]:
             raise TemplateError(
                 f"{where}: nftables[{i}]: {verb} {kind} to table {family} {table}: expected "
                 f"only table {owned} (mtd never touches other tables)"
+            )
+        if kind == "table" and obj.get("flags"):
+            raise TemplateError(
+                f"{where}: nftables[{i}]: add table {owned} with flags "
+                f"{json.dumps(obj['flags'])}: expected none (owner would take the table away "
+                "with mtd's process, dormant would switch it off)"
             )
     return commands
 
