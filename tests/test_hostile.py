@@ -165,6 +165,9 @@ HOSTILE_STATES = {
     "a duplicate key": (STATE + "ports: {range: [1, 99], services: {}}\n", "key 'ports'"),
     "a mapping as a key": (STATE + "? {a: 1}\n: x\n", "expected a plain text key"),
     "binary garbage": ("\x00\x01\x02\xff" * 1000, "invalid YAML"),
+    # Python reads no decimal integer of over 4,300 digits: it raised inside the loader.
+    "a huge number": (STATE + "buckets: 1" + "0" * 5000 + "\n", ":4: a number of 5001 characters"),
+    "a huge base 60 number": (STATE + "buckets: 1:" + "0" * 5000 + "\n", "a number of 5002"),
 }
 
 

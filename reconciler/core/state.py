@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -254,6 +255,8 @@ MAX_DOCUMENT_BYTES = 64 << 20
 MAX_DEPTH = 64
 MAX_EXPANDED_EVENTS = 4_000_000  # YAML events once every alias is expanded
 MAX_PROBLEMS = 20  # lines printed; the rest are counted
+MAX_NUMBER_CHARS = 1_000  # digits of a plain number (no port, count or epoch comes close)
+_NUMBER = re.compile(r"[-+]?[0-9_]+(?::[0-9_]+)*")  # YAML 1.1 decimal and base 60 integers
 
 
 @gc_paused()
@@ -327,6 +330,13 @@ def _check_events(name: str, text: str) -> None:
             size = 1
             if ev.anchor is not None:
                 anchors[ev.anchor] = 1
+            if len(ev.value) > MAX_NUMBER_CHARS and ev.implicit[0] and _NUMBER.fullmatch(ev.value):
+                # Python refuses to read a decimal integer of over 4,300 digits: a
+                # ValueError naming no file, from deep inside the YAML loader.
+                raise StateError(
+                    f"{name}:{ev.start_mark.line + 1}: a number of {len(ev.value)} characters: "
+                    f"expected at most {MAX_NUMBER_CHARS}"
+                )
             if stack:
                 _key(name, stack[-1], ev, ev.value)
         else:
