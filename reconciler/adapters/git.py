@@ -91,14 +91,20 @@ class Repo:
             raise GitError(f"{what}: timed out after {self.timeout:g} s") from None
         return proc.returncode, out, err.decode(errors="replace")
 
-    def ensure(self, url: str) -> None:
-        """A clone whose origin is `url` (created empty; `fetch` fills it)."""
+    def ensure(self, url: str, only: str = "") -> None:
+        """A clone whose origin is `url` (created empty; `fetch` fills it), whose checkout
+        writes each blob byte for byte and, with `only`, that directory alone."""
         if not (self.path / ".git").is_dir():
             files.private_dir(self.path)
             self.git("init", "-q", what=f"git init {self.path}")
             self.git("remote", "add", "origin", url, what="git remote add")
         elif self.url() != url:
             self.git("remote", "set-url", "origin", url, what="git remote set-url")
+        info = self.path / ".git" / "info"
+        info.mkdir(mode=0o700, exist_ok=True)
+        _keep_text(info / "attributes", _ATTRIBUTES)
+        if _keep_text(info / "sparse-checkout", _sparse(only)):
+            self.git("config", "core.sparseCheckout", "true", what="git config")
 
     def url(self) -> str | None:
         try:
@@ -217,6 +223,32 @@ class Repo:
         except GitError:
             return False
         return True
+
+
+# A commit's own .gitattributes may not make its checkout differ from the blobs mtd
+# validated (line ends, `working-tree-encoding`, `ident`, filters): the clone's
+# info/attributes outranks every .gitattributes, and unsets them all.
+_ATTRIBUTES = "* -text -eol -crlf -ident -filter -working-tree-encoding\n"
+
+
+def _sparse(only: str) -> str:
+    """The sparse-checkout pattern of one directory, every character taken literally (the
+    whole tree when empty): the checkout writes nothing a round did not check."""
+    name = only.strip("/")
+    if not name:
+        return "/*\n"
+    return "/" + "".join(c if c.isalnum() or c == "/" else "\\" + c for c in name) + "/\n"
+
+
+def _keep_text(path: Path, text: str) -> bool:
+    """Write `text` unless the file already holds it; whether it was written."""
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    files.write_private(path, text.encode())
+    return True
 
 
 def _one_line(err: str) -> str:

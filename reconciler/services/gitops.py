@@ -26,7 +26,7 @@ from typing import Any
 from reconciler import defaults
 from reconciler.adapters import auditlog, files
 from reconciler.adapters.credentials import redact
-from reconciler.adapters.git import GitError, Repo
+from reconciler.adapters.git import Entry, GitError, Repo
 from reconciler.adapters.kernel import Backend
 from reconciler.core import audit, inventory, render
 from reconciler.core.state import MAX_DOCUMENT_BYTES, Local, State
@@ -170,7 +170,7 @@ class Puller:
         rec["remote"] = {"url": redact(cfg.url), "branch": cfg.branch, "path": cfg.path}
         rec["host"] = cfg.host
         try:
-            self.repo.ensure(cfg.url)
+            self.repo.ensure(cfg.url, only=cfg.path)
             head = self.repo.fetch(cfg.branch)
         except GitError as exc:
             self.failures += 1
@@ -403,7 +403,9 @@ def export(repo: Repo, commit: str, path: str, dest: Path) -> None:
                 "(symbolic links are refused: the checkout would differ from what was validated)"
             )
     wanted = []
-    for entry in repo.files(commit, base):
+    tree = repo.files(commit, base)  # what the (sparse) checkout writes, once applied
+    _check_checkout(tree)
+    for entry in tree:
         rel = entry.path[len(base) + 1 :] if base else entry.path
         if entry.mode in ("120000", "160000"):
             # A link (to a directory, too) or a submodule: the checkout would show other
@@ -427,8 +429,51 @@ def export(repo: Repo, commit: str, path: str, dest: Path) -> None:
     if not any(inventory.kind(rel) for rel, _ in wanted):
         where = f"{base}/" if base else "the repository root"
         raise MtdError(f"{where}: no *.yaml files: expected the desired state here")
+    total = sum(e.size or 0 for _, e in wanted)
+    if total > MAX_EXPORT_BYTES:
+        where = f"{base}/" if base else "the repository root"
+        raise MtdError(
+            f"{where}: {len(wanted)} state files and templates of {total} bytes in all: "
+            f"expected at most {MAX_EXPORT_BYTES} (the same blob under many names is read "
+            "once per name)"
+        )
     for (rel, _), blob in zip(wanted, repo.blobs([e.oid for _, e in wanted]), strict=True):
         files.write_private(dest / rel, blob)
+
+
+# Bounds of what a round reads and the checkout writes, checked before anything is
+# applied: a checkout that fails after the apply would leave the commit live but never
+# recorded, retried every round. Generous for a state repository.
+MAX_EXPORT_BYTES = 2 * MAX_DOCUMENT_BYTES  # state files and templates, read in memory
+MAX_TREE_FILES = 100_000  # files the checkout writes
+MAX_TREE_BYTES = 1 << 30  # and their bytes, on the disk of /var/lib/mtd
+NAME_MAX, PATH_MAX = 255, 3_800  # bytes; PATH_MAX leaves room for the clone's own path
+
+
+def _check_checkout(tree: list[Entry]) -> None:
+    """Every name the checkout would write fits the file system, and the whole fits the
+    bounds above."""
+    if len(tree) > MAX_TREE_FILES:
+        raise MtdError(
+            f"{len(tree)} files: expected at most {MAX_TREE_FILES} in the state directory"
+        )
+    total = 0
+    for entry in tree:
+        raw = entry.path.encode(errors="surrogateescape")
+        longest = max(len(part) for part in raw.split(b"/"))
+        if longest > NAME_MAX or len(raw) > PATH_MAX:
+            what = f"a name of {longest} bytes" if longest > NAME_MAX else f"{len(raw)} bytes"
+            limit = f"{NAME_MAX} per name" if longest > NAME_MAX else f"{PATH_MAX} in all"
+            raise MtdError(
+                f"{entry.path[:60]!r}...: {what}: expected at most {limit} (the checkout "
+                "could not write it)"
+            )
+        total += entry.size or 0
+    if total > MAX_TREE_BYTES:
+        raise MtdError(
+            f"{len(tree)} files of {total} bytes in all: expected at most {MAX_TREE_BYTES} "
+            "in the state directory"
+        )
 
 
 def _is_template(rel: str) -> bool:
