@@ -160,3 +160,42 @@ def test_what_the_checkout_could_not_write_is_rejected_before_anything_is_applie
     assert out.status == "rejected" and out.message.endswith(
         "4 files: expected at most 3 in the state directory"
     )
+
+
+def test_a_malformed_commit_is_rejected_and_never_holds_back_the_next(tmp_path: Path):
+    """git's fsck refuses a tree with a `.git` entry, and went on refusing every fetch of
+    a history that held it: the fleet stayed at its commit, backing off as if the remote
+    were down. Now that commit is rejected by name, and the next one is applied."""
+    remote, kernel = Remote(tmp_path), FakeKernel()
+    p = puller(tmp_path, remote)
+    first = remote.commit({"state.yaml": state_doc(tmp_path)})
+    assert p.round(kernel).status == "applied"
+
+    def commit_tree(entries: dict[str, str], parent: str) -> str:
+        lines = []
+        for name, text in entries.items():
+            oid = subprocess.run(
+                ["git", "hash-object", "-w", "--stdin"],
+                input=text, cwd=remote.work, capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
+            lines.append(f"100644 blob {oid}\t{name}\n")
+        tree = subprocess.run(
+            ["git", "mktree"], input="".join(lines), cwd=remote.work,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        commit = git(remote.work, "commit-tree", tree, "-p", parent, "-m", "plumbing").strip()
+        git(remote.work, "push", "-q", "--force", str(remote.bare), f"{commit}:refs/heads/main")
+        return commit
+
+    bad = commit_tree({".git": "x\n", "state.yaml": state_doc(tmp_path)}, first)
+    out = p.round(kernel)
+    assert out.status == "rejected" and out.message.startswith(f"commit {bad[:12]}: git fetch")
+    assert "fsck" in out.message and p.next_delay() == p.config.interval
+    again = p.round(kernel)
+    assert (again.status, again.new) == ("rejected", False)
+    fixed = state_doc(tmp_path, watched=[{"source": "192.0.2.9"}])
+    good = commit_tree({"state.yaml": fixed}, bad)  # its history still holds the bad tree
+    out = p.round(kernel)
+    assert (out.status, out.commit, p.repo.head()) == ("applied", good, good)
+    audit = [json.loads(ln) for ln in Path(out.state.audit_log).read_text().splitlines()]
+    assert [a["result"] for a in audit] == ["changed", "rejected", "changed"]

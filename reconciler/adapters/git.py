@@ -26,6 +26,17 @@ _FOREGROUND = ("-c", "gc.autoDetach=false", "-c", "maintenance.autoDetach=false"
 _SHA = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
 
 
+_FSCK = "fsck error"  # what git says of an object its fsck refuses, whatever the check
+
+
+class MalformedCommit(GitError):
+    """The branch's tip holds an object git's fsck refuses (`commit`: its id, if known)."""
+
+    def __init__(self, message: str, *, commit: str | None) -> None:
+        super().__init__(message)
+        self.commit = commit
+
+
 @dataclass(frozen=True)
 class Entry:
     """One file of a commit's tree."""
@@ -113,21 +124,43 @@ class Repo:
             return None
 
     def fetch(self, branch: str) -> str:
-        """Fetch `branch` (forced: a rewritten history replaces the old one); its commit."""
+        """Fetch `branch` (forced: a rewritten history replaces the old one); its commit.
+
+        Objects are checked (`fetch.fsckObjects`): a malformed tree (a `..` or `.git` name)
+        is refused. One anywhere in the history would refuse every later fetch too, and
+        hold the fleet at its commit until someone rewrote the history: then only the tip
+        is fetched (`--depth 1`, the clone shallow from there on). A malformed tip itself
+        is `MalformedCommit`, named, so a round rejects that commit and takes the next."""
         ref = f"refs/remotes/origin/{branch}"
-        self.git(
+        what = f"git fetch {redact(self.url() or 'origin')} {branch}"
+        args = [
             "-c",
-            "fetch.fsckObjects=true",  # malformed trees (`..` names, `.git`) are refused
+            "fetch.fsckObjects=true",
             "fetch",
             "--quiet",
             "--prune",
             "--no-tags",
             "--no-recurse-submodules",
-            "origin",
-            f"+refs/heads/{branch}:{ref}",
-            what=f"git fetch {redact(self.url() or 'origin')} {branch}",
-        )
+        ]
+        spec = ["origin", f"+refs/heads/{branch}:{ref}"]
+        rc, _, err = self._run([*args, *spec], None, None, what)
+        if rc != 0 and _FSCK in err:
+            rc, _, err = self._run([*args, "--depth", "1", *spec], None, None, what)
+            if rc != 0 and _FSCK in err:
+                raise MalformedCommit(
+                    f"{what}: {_one_line(err)}: expected only objects git's fsck accepts (no "
+                    "tree entry named .git or ..)",
+                    commit=self._remote_tip(branch, what),
+                )
+        if rc != 0:
+            raise GitError(f"{what}: {_one_line(err)}")
         return self.resolve(ref)
+
+    def _remote_tip(self, branch: str, what: str) -> str | None:
+        """The commit `branch` points at on the remote, without fetching any object."""
+        rc, out, _ = self._run(["ls-remote", "origin", f"refs/heads/{branch}"], None, None, what)
+        tip = out.decode(errors="replace").split("\t", 1)[0].strip() if rc == 0 else ""
+        return tip if _SHA.match(tip) else None
 
     def resolve(self, rev: str) -> str:
         out = self.git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", what=rev)

@@ -26,7 +26,7 @@ from typing import Any
 from reconciler import defaults
 from reconciler.adapters import auditlog, files
 from reconciler.adapters.credentials import redact
-from reconciler.adapters.git import Entry, GitError, Repo
+from reconciler.adapters.git import Entry, GitError, MalformedCommit, Repo
 from reconciler.adapters.kernel import Backend
 from reconciler.core import audit, inventory, render
 from reconciler.core.state import MAX_DOCUMENT_BYTES, Local, State
@@ -172,17 +172,12 @@ class Puller:
         try:
             self.repo.ensure(cfg.url, only=cfg.path)
             head = self.repo.fetch(cfg.branch)
+        except MalformedCommit as exc:
+            if exc.commit is None:  # the remote's tip unknown: as if unreachable
+                return self._unreachable(rec, exc)
+            return self._malformed(rec, exc, exc.commit, check=check)
         except GitError as exc:
-            self.failures += 1
-            since = (rec.get("unreachable") or {}).get("since") or audit.timestamp(auditlog.now())
-            rec["unreachable"] = {"since": since, "error": str(exc), "failures": self.failures}
-            _write_record(cfg.record_path, rec)
-            return Outcome(
-                "unreachable",
-                None,
-                f"{exc} (keeping the current state)",
-                new=self.failures == 1,
-            )
+            return self._unreachable(rec, exc)
         self.failures = 0
         rec["unreachable"] = None
         rec["head"] = head
@@ -192,14 +187,7 @@ class Puller:
             _write_record(cfg.record_path, rec)
             return Outcome("unchanged", head, f"ok: commit {head[:12]} is applied", new=False)
         if not check and head == rejected.get("commit"):
-            _write_record(cfg.record_path, rec)
-            return Outcome(
-                "rejected",
-                head,
-                rejected.get("error", f"commit {head[:12]}: rejected"),
-                new=False,
-                problems=list(rejected.get("problems") or []),
-            )
+            return self._rejected_before(rec, head)
         problems: list[str] = []
         try:
             state, result, audit_error = self._apply(
@@ -214,19 +202,7 @@ class Puller:
         except Exception as exc:  # nothing in a commit may crash the puller (or the daemon)
             problems = [f"commit {head[:12]}: internal error: {type(exc).__name__}: {exc}"]
         if problems:
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            message = problems[0] + more
-            if check:
-                return Outcome("rejected", head, message, problems=problems)
-            rec["rejected"] = {
-                "commit": head,
-                "time": audit.timestamp(auditlog.now()),
-                "error": message,
-                "problems": problems[:20],
-            }
-            _write_record(cfg.record_path, rec)
-            self._audit_rejection(head, message)
-            return Outcome("rejected", head, message, problems=problems)
+            return self._rejected(rec, head, problems, check=check)
         if check:
             return Outcome("applied", head, f"{result.line()} commit {head[:12]}", result=result)
         rec["applied"] = {
@@ -248,6 +224,57 @@ class Puller:
             audit_error=audit_error,
             problems=[audit_error] if audit_error else [],
         )
+
+    def _unreachable(self, rec: dict[str, Any], exc: GitError) -> Outcome:
+        """The remote could not be read: keep the state, back off (`next_delay`)."""
+        self.failures += 1
+        since = (rec.get("unreachable") or {}).get("since") or audit.timestamp(auditlog.now())
+        rec["unreachable"] = {"since": since, "error": str(exc), "failures": self.failures}
+        _write_record(self.config.record_path, rec)
+        return Outcome(
+            "unreachable", None, f"{exc} (keeping the current state)", new=self.failures == 1
+        )
+
+    def _malformed(
+        self, rec: dict[str, Any], exc: MalformedCommit, head: str, *, check: bool
+    ) -> Outcome:
+        """The tip itself holds an object git refuses: that commit is rejected, once (the
+        remote was reached: no back-off), and the next commit pushed is fetched."""
+        self.failures = 0
+        rec["unreachable"] = None
+        rec["head"] = head
+        if not check and (rec.get("rejected") or {}).get("commit") == head:
+            return self._rejected_before(rec, head)
+        return self._rejected(rec, head, [f"commit {head[:12]}: {exc}"], check=check)
+
+    def _rejected_before(self, rec: dict[str, Any], head: str) -> Outcome:
+        """A commit rejected by an earlier round: said again, never tried again."""
+        _write_record(self.config.record_path, rec)
+        rejected = rec["rejected"]
+        return Outcome(
+            "rejected",
+            head,
+            rejected.get("error", f"commit {head[:12]}: rejected"),
+            new=False,
+            problems=list(rejected.get("problems") or []),
+        )
+
+    def _rejected(
+        self, rec: dict[str, Any], head: str, problems: list[str], *, check: bool
+    ) -> Outcome:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        message = problems[0] + more
+        if check:
+            return Outcome("rejected", head, message, problems=problems)
+        rec["rejected"] = {
+            "commit": head,
+            "time": audit.timestamp(auditlog.now()),
+            "error": message,
+            "problems": problems[:20],
+        }
+        _write_record(self.config.record_path, rec)
+        self._audit_rejection(head, message)
+        return Outcome("rejected", head, message, problems=problems)
 
     def _apply(
         self,
