@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -85,6 +86,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         skip = pytest.mark.skip(reason="needs root, nft and ip (run `make test` as root)")
         for item in needs:
             item.add_marker(skip)
+
+
+def log_events(text: str) -> list[dict]:
+    """The JSON lines of a daemon's log file, read while it may be writing: a last line
+    without its newline is still being written, and is left for the next read."""
+    done = text[: text.rfind("\n") + 1]
+    return [json.loads(x) for x in done.splitlines() if x.startswith("{")]
 
 
 def write_state(path: Path, **overrides: object) -> Path:

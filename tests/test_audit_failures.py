@@ -3,7 +3,6 @@ still fails after the change, reported as "applied, audit failed", distinctly an
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 from reconciler.adapters import files
 from reconciler.lab.netns import Lab
 from reconciler.services import gitops
-from tests.conftest import ROOT, mtd, write_state
+from tests.conftest import ROOT, log_events, mtd, write_state
 from tests.kernel import table_text
 from tests.test_gitops import Remote, applied_commit, state_doc, wait_for
 
@@ -91,7 +90,7 @@ def test_a_pull_whose_audit_fails_is_applied_once_and_never_flip_flops(lab: Lab,
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
-    events = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    events = log_events(log.read_text())
     pulls = [e for e in events if e.get("event") == "pull"]
     assert [e["result"] for e in pulls] == ["applied", "applied"], pulls
     assert all("applied, audit failed" in e["message"] for e in pulls)

@@ -26,7 +26,7 @@ from reconciler.adapters import bus, files
 from reconciler.core.shuffle import MAX_EPOCH
 from reconciler.errors import MtdError
 from reconciler.lab.netns import Lab, free_port
-from tests.conftest import MTD, ROOT, mtd, write_state
+from tests.conftest import MTD, ROOT, log_events, mtd, write_state
 from tests.redis_fixtures import needs_redis
 from tests.test_bus import Recorder, config
 
@@ -381,7 +381,7 @@ def test_daemon_survives_a_hostile_channel(tmp_path: Path):
                 )
 
             def events() -> list[dict]:
-                return [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+                return log_events(log.read_text())
 
             def wait(pred, timeout: float = 30) -> dict:
                 deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ import pytest
 
 from reconciler.adapters import files
 from reconciler.lab.netns import Lab
-from tests.conftest import MTD, ROOT, mtd, write_state
+from tests.conftest import MTD, ROOT, log_events, mtd, write_state
 from tests.kernel import table_text
 
 pytestmark = pytest.mark.netns
@@ -44,7 +44,7 @@ def test_a_daemon_keeps_its_secret_until_told(tmp_path: Path):
             proc = lab.spawn("srv", argv, stdout=subprocess.DEVNULL, stderr=out, cwd=ROOT)
 
         def events() -> list[Event]:
-            return [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+            return log_events(log.read_text())
 
         def wait(pred: Callable[[Event], bool], since: int = 0) -> Event:
             deadline = time.monotonic() + 30

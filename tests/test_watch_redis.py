@@ -16,7 +16,7 @@ import pytest
 
 from reconciler.adapters import bus
 from reconciler.lab.netns import Lab
-from tests.conftest import MTD, ROOT, mtd, write_state
+from tests.conftest import MTD, ROOT, log_events, mtd, write_state
 from tests.redis_fixtures import needs_redis, redis_server
 from tests.test_bus import Recorder, config
 from tests.test_watch import DYN_TEMPLATE
@@ -202,7 +202,7 @@ class Daemons:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         text = (self.tmp / f"{name}.log").read_text()
-        return [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+        return log_events(text)
 
     def wait(self, name: str, pred: Any, timeout: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
