@@ -69,6 +69,9 @@ def test_encode_decode_round_trip(signed: bool):
         (b'{"epoch": 5, "time": "now"}', "time 'now'"),
         (b'{"epoch": 5, "time": NaN}', "not JSON"),
         (b'{"epoch": 5, "time": -1}', "time -1"),
+        # No float holds it: isfinite raised OverflowError, out of every decoder.
+        (b'{"epoch": 5, "time": 1' + b"0" * 200 + b"}", "time 1000"),  # past the bound
+        (b'{"epoch": 5, "time": 1e300}', "time 1e+300"),
     ],
 )
 def test_bad_messages_are_one_line_errors(data: bytes, why: str):
@@ -426,3 +429,20 @@ def test_cli_publish_without_redis_is_one_line(tmp_path: Path):
     assert out.returncode == 1
     assert out.stderr.startswith(f"mtd: error: {url}: cannot publish a rotation: ")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_time_no_float_holds_is_a_bad_message_in_every_decoder():
+    """Rotations, pull notices and watch orders share the time check; a stored copy (the
+    signed :last, the watch hash) is decoded by the same functions."""
+    cfg = bus.BusConfig(**{**config().__dict__, "max_message_bytes": 1024})  # the default
+    huge = "1" + "0" * 400  # past float's range, and 420 bytes: under the default limit
+    for decode, text in [
+        (lambda d: bus.decode(d, cfg), f'{{"epoch": 5, "time": {huge}}}'),
+        (lambda d: bus.decode_pull(d, cfg, "mtd:pull"), f'{{"time": {huge}}}'),
+        (
+            lambda d: bus.decode_watch(d, cfg),
+            f'{{"watch": "add", "source": "192.0.2.7", "for": 60, "time": {huge}}}',
+        ),
+    ]:
+        with pytest.raises(bus.BadMessage, match="expected the publish time"):
+            decode(text.encode())

@@ -201,6 +201,7 @@ CORPUS = [
     b'{"epoch": NaN, "time": 1}',
     b'{"epoch": 11, "time": Infinity}',
     b'{"epoch": 11, "time": 1e999}',
+    b'{"epoch": 11, "time": 1' + b"0" * 400 + b"}",  # an int: OverflowError in isfinite
     b'{"epoch": {"epoch": 11}, "time": 1}',
     b'{"epoch": [11], "time": [[[[[[[[1]]]]]]]]}',
     b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON parser's recursion limit

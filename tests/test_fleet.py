@@ -228,6 +228,10 @@ def test_status_classifies_each_host():
         (record(in_sync=1), "in_sync 1: expected true or false"),
         (record(host="other"), "record names host 'other'"),
         (b"{" + b" " * 5000 + b"}", "5002 bytes"),
+        # No float holds it: `now - time` raised OverflowError out of `mtd fleet status`.
+        (record(time=10**400), "expected unix seconds"),
+        (record(time=float("nan")), "time nan: expected unix seconds"),  # invalid in --json
+        (record(time=float("inf")), "time inf"),
     ],
 )
 def test_hostile_records_are_shown_invalid_never_trusted(raw: bytes, why: str):

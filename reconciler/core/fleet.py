@@ -60,7 +60,12 @@ def parse(raw: bytes | str | None) -> dict[str, Any]:
         value = rec.get(key)
         if type(value) not in types or (type(value) is int and value < 0):
             raise ValueError(f"{key} {clean(repr(value), 40)}: expected {_kind(types)}")
+    if not 0 <= rec["time"] <= MAX_TIME:  # NaN, infinity, an int no float holds
+        raise ValueError(f"time {clean(repr(rec['time']), 40)}: expected unix seconds")
     return {k: rec[k] for k in _FIELDS}
+
+
+MAX_TIME = 1 << 40  # unix seconds
 
 
 def _kind(types: tuple[type, ...]) -> str:
