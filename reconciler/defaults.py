@@ -54,3 +54,7 @@ START_WAIT = 2.0  # at start, how long to wait for the fleet epoch before the fi
 BRANCH = "main"
 PULL_INTERVAL = 60.0
 GIT_TIMEOUT = 120.0  # per git command
+
+# The latest time a message or a heartbeat may carry, unix seconds (36,000 years): exact
+# as a float, so one chained comparison bounds any JSON number, a 400-digit integer too.
+MAX_UNIX_SECONDS = 1 << 40

@@ -402,7 +402,7 @@ def _publish_time(msg: dict) -> float:
     published = msg.get("time")
     # One chained comparison, exact for any int (a 400-digit one overflowed isfinite, an
     # OverflowError out of the subscriber) and false for NaN.
-    if type(published) not in (int, float) or not 0 <= published <= MAX_PUBLISH_TIME:
+    if type(published) not in (int, float) or not 0 <= published <= defaults.MAX_UNIX_SECONDS:
         raise BadMessage(
             f"time {_short(published)}: expected the publish time in unix seconds", "bad time"
         )
@@ -416,9 +416,6 @@ def _check_signature(msg: dict, want: str, prefix: str = "") -> None:
     # compare_digest refuses non-ASCII text (TypeError): such a signature is simply wrong.
     if not isinstance(sig, str) or not sig.isascii() or not hmac.compare_digest(sig, want):
         raise BadMessage(f"{prefix}bad signature: expected one made with the key", "bad signature")
-
-
-MAX_PUBLISH_TIME = 1 << 40  # unix seconds: 36,000 years, and exact as a float
 
 
 PULL_KEYS = frozenset({"time", "sig"})

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler import defaults
+
 STATUSES = ("ok", "changed", "behind", "rejected", "silent")
 CONVERGED = frozenset({"ok", "changed"})
 MAX_RECORD = 4096  # bytes; a heartbeat is about 300
@@ -60,12 +62,9 @@ def parse(raw: bytes | str | None) -> dict[str, Any]:
         value = rec.get(key)
         if type(value) not in types or (type(value) is int and value < 0):
             raise ValueError(f"{key} {clean(repr(value), 40)}: expected {_kind(types)}")
-    if not 0 <= rec["time"] <= MAX_TIME:  # NaN, infinity, an int no float holds
+    if not 0 <= rec["time"] <= defaults.MAX_UNIX_SECONDS:  # NaN, infinity, an int no float holds
         raise ValueError(f"time {clean(repr(rec['time']), 40)}: expected unix seconds")
     return {k: rec[k] for k in _FIELDS}
-
-
-MAX_TIME = 1 << 40  # unix seconds
 
 
 def _kind(types: tuple[type, ...]) -> str:
