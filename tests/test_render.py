@@ -71,7 +71,7 @@ def test_template_variables_documented_shape():
     assert set(ctx) == {
         "table", "family", "epoch", "mark", "state", "elements", "sources", "networks",
         "services", "pairs", "dynamic", "bucketed", "buckets", "seed", "trusted", "tripwire",
-        "dynamic_size", "dynamic_elements",
+        "dynamic_size", "dynamic_elements", "fixed",
     }  # fmt: skip
     assert ctx["epoch"] == 7 and ctx["table"] == "mtd"
     # Watched prefixes as disjoint pieces (the /24 split around the /25 inside it).

@@ -256,6 +256,7 @@ def context(
         "sources": sources,
         "networks": networks,
         "services": {proto: list(state.services[proto]) for proto in PROTOCOLS},
+        "fixed": {proto: sorted(state.fixed[proto]) for proto in PROTOCOLS},
         "bucketed": bucketed,
         "buckets": [
             {proto: Hidden(f"buckets.{k}.{proto}", elems) for proto, elems in by.items()}

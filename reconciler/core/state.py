@@ -109,13 +109,16 @@ class State:
     trusted: tuple[Network, ...] = ()
     buckets: int = DEFAULT_BUCKETS
     tripwire: Tripwire | None = None
+    # ports.fixed: never moved for any source, never a target. Every entry's `ignore` (and
+    # so the buckets') already holds them, so what moves needs no second rule.
+    fixed: Mapping[str, frozenset[int]] = field(default_factory=lambda: _NO_IGNORE)
 
     @cached_property
     def bucket_ignore(self) -> Mapping[str, frozenset[int]]:
         """The ports the bucket mappings leave in place: the per_source entries' shared
-        ignore list (validated equal), none when no entry is per_source."""
+        ignore list (validated equal), `ports.fixed` alone when no entry is per_source."""
         first = next((w for w in self.watched if w.per_source), None)
-        return first.ignore if first is not None else _NO_IGNORE
+        return first.ignore if first is not None else self.fixed
 
     def bucket_ports(self, proto: str) -> list[int]:
         """Service ports of `proto` the bucket mappings move."""
@@ -160,8 +163,9 @@ class State:
         return None
 
     def free_ports(self, proto: str) -> FreePorts:
-        """Ports of the range a service of `proto` may be moved to: never a service port."""
-        return FreePorts(*self.port_range, self.services[proto])
+        """Ports of the range a service of `proto` may be moved to: never a service port,
+        never a fixed one."""
+        return FreePorts(*self.port_range, (*self.services[proto], *self.fixed[proto]))
 
 
 @dataclass(frozen=True)
@@ -559,6 +563,8 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
             locate(["ports", "range"], f"[{lo}, {hi}]: expected [low, high] with low <= high")
         )
     services = {p: tuple(sorted(doc["ports"]["services"].get(p, []))) for p in PROTOCOLS}
+    given_fixed = doc["ports"].get("fixed") or {}
+    fixed = {p: frozenset(given_fixed.get(p, [])) for p in PROTOCOLS}
     watched: list[Watched] = []
     seen: dict[Network, int] = {}
     for i, entry in enumerate(doc.get("watched") or []):
@@ -588,12 +594,14 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
                         f"{stray} not in ports.services.{proto}: expected service ports only",
                     )
                 )
+        if any(fixed.values()):
+            ignore = {p: ignore[p] | fixed[p] for p in PROTOCOLS}
         watched.append(
             Watched(source=net, ignore=ignore, index=i, per_source=bool(entry.get("per_source")))
         )
     problems += _per_source_problems(watched, locate)
     trusted = _trusted(doc.get("trusted") or [], locate, problems)
-    tripwire = _tripwire(doc.get("tripwire"), services, locate, problems)
+    tripwire = _tripwire(doc.get("tripwire"), services, locate, problems, fixed)
     # Every default filled in, derived ones included: templates see it as `state`.
     full["secret_file"] = secret_file
     full["epoch_file"] = full.get("epoch_file") or str(PurePath(secret_file).with_name("epoch"))
@@ -606,6 +614,7 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
     full["ports"] = {
         **full["ports"],
         "services": {**{p: [] for p in PROTOCOLS}, **full["ports"]["services"]},
+        "fixed": {**{p: [] for p in PROTOCOLS}, **(full["ports"].get("fixed") or {})},
     }
     state = State(
         table=full["table"],
@@ -624,6 +633,7 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
         trusted=trusted,
         buckets=int(full.get("buckets", DEFAULT_BUCKETS)),
         tripwire=tripwire,
+        fixed=fixed if any(fixed.values()) else _NO_IGNORE,
         schema_key=key,
     )
     problems += _forbidden_paths(state, local, locate)
@@ -722,21 +732,24 @@ def _tripwire(
     services: Mapping[str, tuple[int, ...]],
     locate: _Locator,
     problems: list[str],
+    fixed: Mapping[str, frozenset[int]] = _NO_IGNORE,
 ) -> Tripwire | None:
-    """Tripwire ports are never service ports (a client of a service would trip it)."""
+    """Tripwire ports are never service ports (a client of a service would trip it), nor
+    fixed ones (a port clients reach in place)."""
     if not given:
         return None
     ports = {p: tuple(sorted(given.get(p, []))) for p in PROTOCOLS}
     for proto in PROTOCOLS:
-        clash = sorted(set(ports[proto]) & set(services[proto]))
-        if clash:
-            problems.append(
-                locate(
-                    ["tripwire", proto],
-                    f"{clash} in ports.services.{proto}: expected ports no service uses "
-                    "(every client of that service would trip it)",
+        for used, key in ((services[proto], "services"), (fixed[proto], "fixed")):
+            clash = sorted(set(ports[proto]) & set(used))
+            if clash:
+                problems.append(
+                    locate(
+                        ["tripwire", proto],
+                        f"{clash} in ports.{key}.{proto}: expected ports no service uses "
+                        "(every client of that service would trip it)",
+                    )
                 )
-            )
     return Tripwire(ports=ports, seconds=int(given["for"]))
 
 

@@ -1,0 +1,105 @@
+"""`ports.fixed`: a port that never moves for any class of source, and is never a target.
+
+Real nmap scans from four clients, one per class of watched source (an explicit address, a
+per_source prefix, a source the tripwire caught, one added with `mtd watch`), over IPv4 and
+IPv6, before and after a rotation: the fixed port answers in place, every other service
+where the mapping puts it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.adapters import files
+from reconciler.core import audit, shuffle, watch
+from reconciler.core import state as state_mod
+from reconciler.lab.netns import Lab, nmap_open, standard_lab
+from tests.conftest import mtd, write_state
+from tests.kernel import apply, visible
+
+SERVICES = [1, 2, 3, 4, 5]
+FIXED = 1  # "SSH": reachable in place by everyone
+SERVERS = {"v4": "192.0.2.1", "v6": "2001:db8::1"}
+CLIENTS = {  # role -> (IPv4, IPv6) of a source of that class
+    "unt": ("192.0.2.3", "2001:db8::3"),  # explicit entries
+    "net": ("198.51.100.7", "2001:db8:bad::7"),  # per_source prefixes
+    "trp": ("192.0.2.9", "2001:db8:7::9"),  # tripped
+    "wat": ("192.0.2.10", "2001:db8:8::10"),  # mtd watch add
+}
+STATE = {
+    "ports": {
+        "range": [1, 20],
+        "services": {"tcp": SERVICES, "udp": [53]},
+        "fixed": {"tcp": [FIXED, 6]},  # 6: no service, and never a target either
+    },
+    "watched": [
+        {"source": "192.0.2.3", "ignore": {"tcp": [2]}},
+        {"source": "2001:db8::3"},
+        {"source": "198.51.100.0/24", "per_source": True},
+        {"source": "2001:db8:bad::/48", "per_source": True},
+    ],
+    "buckets": 4,
+    "tripwire": {"tcp": [23], "for": 600},
+}
+
+
+def test_fixed_ports_leave_every_mapping_and_every_pool():
+    """The pure side, with and without a per_source entry (dynamic sources then take the
+    fixed ports alone as what stays in place)."""
+    for watched in (STATE["watched"], STATE["watched"][:2]):
+        doc = {**STATE, "watched": watched}
+        s = state_mod.build([("s.yaml", doc)], {})
+        assert FIXED not in s.free_ports("tcp") and 6 not in s.free_ports("tcp")
+        portmap = shuffle.compute(s, b"k" * 32, 7)
+        for moves in [*portmap.moves.values(), *(b["tcp"] for b in portmap.buckets)]:
+            assert FIXED not in moves and not {FIXED, 6} & set(moves.values()), moves
+        assert portmap.moves[("192.0.2.3", "tcp")].keys() == {3, 4, 5}
+        assert all(b["tcp"].keys() == {2, 3, 4, 5} for b in portmap.buckets)
+
+
+def test_a_tripwire_port_may_not_be_fixed():
+    doc = {**STATE, "tripwire": {"tcp": [6], "for": 60}}
+    with pytest.raises(state_mod.StateError, match=r"tripwire\.tcp: \[6\] in ports\.fixed\.tcp"):
+        state_mod.build([("s.yaml", doc)], {})
+
+
+def _expected(state: Path, source: str, dynamic: set[str]) -> set[int]:
+    """Where `source` finds the services (ports), from the secret mtd made."""
+    s = files.load_state(state)
+    secret, epoch = files.load_secret(s.secret_file), files.read_epoch(s.epoch_file)
+    moves = audit.mapping_of(s, secret, epoch, source, dynamic).moves.get("tcp", {})
+    assert moves and FIXED not in moves, (source, moves)  # watched, and the fixed one stays
+    return visible(dict(moves), SERVICES)
+
+
+def _scan_all(lab: Lab, state: Path, dynamic: set[str]) -> None:
+    for role, addrs in CLIENTS.items():
+        for family, source in zip(("v4", "v6"), addrs, strict=True):
+            found = nmap_open(lab, role, SERVERS[family], "-sS")
+            want = _expected(state, source, dynamic)
+            assert set(found) == want and FIXED in found, (role, family, found, want)
+
+
+@pytest.mark.netns
+def test_a_fixed_port_stays_in_place_for_every_class_of_source(tmp_path):
+    state = write_state(tmp_path / "state.yaml", **STATE)
+    with standard_lab() as lab:
+        for role in ("trp", "wat"):
+            lab.add_client(role, *CLIENTS[role])
+        lab.sh("srv", "ip -6 route add 2001:db8::/32 dev br0 metric 2048")
+        assert apply(lab, state).returncode == 0
+        for source in CLIENTS["wat"]:
+            out = mtd("-s", str(state), "watch", "add", source, "--for", "1h", ns=lab)
+            assert out.returncode == 0, out.stderr
+        for target in SERVERS.values():
+            assert lab.probe("trp", "tcp", target, 23) == "closed"  # the trip
+        listed = lab.sh("srv", "nft list set inet mtd dyn4; nft list set inet mtd dyn6")
+        assert "192.0.2.9" in listed and "2001:db8:7::" in listed, listed
+        dynamic = {watch.unit_of(a) for a in (*CLIENTS["trp"], *CLIENTS["wat"])}
+        _scan_all(lab, state, dynamic)
+        before = files.read_epoch(files.load_state(state).epoch_file)
+        assert apply(lab, state, cmd="rotate").returncode == 0
+        assert files.read_epoch(files.load_state(state).epoch_file) == before + 1
+        _scan_all(lab, state, dynamic)
