@@ -209,7 +209,8 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     out = step(0, first, changed=True)
     assert out.stdout.splitlines()[-1].startswith("changed: table inet mtd epoch 0: ")
     assert out.stdout.rstrip().endswith(f"commit {first[:12]}")
-    assert "+ element tcp4 { 192.0.2.3 . 3 : " in out.stdout  # the diff is shown
+    assert "+ element src4 { 192.0.2.3 }" in out.stdout  # the diff is shown
+    assert "~ map tcp4: +" in out.stdout and "192.0.2.3 . 3 :" not in out.stdout  # no mapping
     assert step(0, first, changed=False).stdout.startswith(f"ok: commit {first[:12]} is applied")
 
     watched = [{"source": "192.0.2.3", "ignore": {"tcp": [1, 2]}}, {"source": "192.0.2.2"}]

@@ -335,7 +335,8 @@ def test_an_unusable_secret_path_is_one_line(tmp_path: Path):
         secret_file=str(blocker / "sub" / "secret"),
         audit_log=str(tmp_path / "audit.jsonl"),
     )
-    assert "no secret file yet" in mtd("-s", str(state), "render").stderr  # render only reads
+    out = mtd("-s", str(state), "render")  # render only reads (a preview: the epoch's path)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     out = mtd("-s", str(state), "apply")  # apply creates it, and cannot
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith(f"mtd: error: {blocker}/sub/")  # its lock or the secret

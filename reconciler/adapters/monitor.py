@@ -104,10 +104,23 @@ class Change:
         if ("-", "table", "") in self.what:
             return "-table (and all it held)"
         counts: dict[str, int] = {}
+        hidden = 0
         for op, kind, name in self.what:
+            if name.startswith("__"):  # an anonymous set of a rule: the rule says it
+                hidden += 1
+                continue
             key = f"{op}{kind} {name}".rstrip()
             counts[key] = counts.get(key, 0) + 1
-        return ", ".join(f"{k} x{n}" if n > 1 else k for k, n in counts.items())
+        items = [f"{k} x{n}" if n > 1 else k for k, n in counts.items()]
+        if len(items) > MAX_NAMED:  # a table replaced by hand: hundreds of objects
+            rest = len(items) - MAX_NAMED
+            items = [*items[:MAX_NAMED], f"and {rest} more object{'s' if rest > 1 else ''}"]
+        if hidden and not items:
+            items = [f"{hidden} anonymous set{'s' if hidden > 1 else ''}"]
+        return ", ".join(items)
+
+
+MAX_NAMED = 6  # objects one drift log line names
 
 
 @dataclass

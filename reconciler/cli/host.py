@@ -29,6 +29,12 @@ from reconciler.cli.common import (
 from reconciler.core import audit, diff, render, shuffle
 from reconciler.errors import MtdError
 
+SHOW_MAPPING_OPTION = click.option(
+    "--show-mapping",
+    is_flag=True,
+    help="Print the mapped ports of map element changes (secret) instead of counts per map.",
+)
+
 
 @cli.command(
     epilog=examples(
@@ -90,10 +96,33 @@ def render_cmd(ctx: Ctx, epoch: int | None) -> None:
     """Print the nftables JSON document (contains the mapping: treat as secret)."""
     _check_epoch(epoch)
     state = ctx.state()
-    secret = files.load_secret(state.secret_file)
+    drawn = _no_secret_yet(state)
+    secret = PLACEHOLDER_SECRET if drawn else files.load_secret(state.secret_file)
     epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
     commands = render.render(state, shuffle.compute(state, secret, epoch), ctx.templates)
+    if drawn:
+        commands = render.placeholders(commands, diff.DRAWN)
     click.echo(json.dumps({"nftables": commands}, indent=1, default=list))  # element lists
+    if drawn:
+        _drawn_note()
+        sys.exit(EXIT_PENDING)
+
+
+# The stand-in secret of a preview on a host that has none yet (`diff`, `apply --check`,
+# `render`): never written anywhere, and whatever it draws is printed as a placeholder.
+PLACEHOLDER_SECRET = bytes(32)
+
+
+def _no_secret_yet(state: Any) -> bool:
+    return not Path(state.secret_file).exists()
+
+
+def _drawn_note() -> None:
+    click.echo(
+        "mtd: note: no secret file yet: the mapping is shown as placeholders (drawn at "
+        "apply), the rest is what the first apply creates; nothing was written",
+        err=True,
+    )
 
 
 def _check_epoch(epoch: int | None) -> None:
@@ -113,6 +142,7 @@ def _pass(
     creates: bool = False,
     force: bool = False,
     confirm_seconds: int | None = None,
+    preview: bool = False,
 ) -> Any:
     from reconciler.services import confirm, lockout, watching
     from reconciler.services.reconcile import provision_secret, reconcile
@@ -122,8 +152,13 @@ def _pass(
         auditlog.check_writable(state.audit_log)
     nft = ctx.nft(state, write=creates and not check, rendered=True)
     with files.reconcile_lock(state.epoch_file, shared=check):
+        drawn = False
         if creates and not check:
             secret = provision_secret(state, nft)
+        elif preview and _no_secret_yet(
+            state
+        ):  # a preview from day zero: a stand-in, never written
+            secret, drawn = PLACEHOLDER_SECRET, True
         else:  # read-only: never creates one
             secret = files.load_secret(state.secret_file)
         current = files.read_epoch(state.epoch_file) + (1 if advance else 0)
@@ -164,6 +199,8 @@ def _pass(
         if advance and not check:
             files.write_epoch(state.epoch_file, current)
         result.pending = pending
+        if drawn:
+            result.drawn, result.fingerprint = True, ""
         if result.status == "changed":
             auditlog.log_result(state, result, origin="manual", host=ctx.hostname, force=forced)
         return result
@@ -176,47 +213,69 @@ def _pass(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--stat", is_flag=True, help="Counts only.")
 @click.option("--epoch", type=int, help="Compare against this epoch instead of the current one.")
+@SHOW_MAPPING_OPTION
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def diff_cmd(ctx: Ctx, as_json: bool, stat: bool, epoch: int | None) -> None:
+def diff_cmd(ctx: Ctx, as_json: bool, stat: bool, epoch: int | None, show_mapping: bool) -> None:
     """Preview: what `mtd apply` would change. Exit 0 in sync, 2 pending, 1 error."""
     _check_epoch(epoch)
-    result = _pass(ctx, check=True, epoch=epoch)
+    result = _pass(ctx, check=True, epoch=epoch, preview=True)
     if as_json:
-        out = result.as_dict() | {"changes": [c.as_dict() for c in result.changes]}
-        click.echo(json.dumps(out, indent=1))
+        click.echo(json.dumps(_json(result, show_mapping), indent=1))
     else:
         click.echo(f"--- live    table inet {result.table}")
         click.echo(f"+++ desired table inet {result.table} (epoch {result.epoch})")
         if stat or not result.changes:
             click.echo(result.line())
         else:
-            for c in result.changes:
-                click.echo(f"{c.op} {c.text}")
+            for line in diff.brief(result.changes, show_mapping=show_mapping, drawn=result.drawn):
+                click.echo(line)
+    if result.drawn:
+        _drawn_note()
     sys.exit(EXIT_PENDING if result.changes else 0)
 
 
-def _applied(run: Callable[[], Any], show_diff: bool) -> Any:
+def _json(result: Any, show_mapping: bool) -> dict[str, Any]:
+    """`diff --json`: every change but the mapping's, which are counted per map (`maps`)."""
+    shown = show_mapping and not result.drawn
+    changes = [c for c in result.changes if shown or not diff.is_mapping(c)]
+    hidden = diff.DRAWN if result.drawn else diff.SECRET
+    out = result.as_dict() | {
+        "changes": [
+            c.as_dict() | ({} if shown else {"text": diff.masked(c.text, hidden)}) for c in changes
+        ]
+    }
+    if not shown:
+        out["maps"] = diff.map_counts(result.changes)
+    if result.drawn:
+        out["drawn_at_apply"] = True
+    return out
+
+
+def _applied(run: Callable[[], Any], show_diff: bool, show_mapping: bool = False) -> Any:
     """Report a pass; a change made but not recorded exits 3 ("applied, audit failed"): the
     table did change, so neither the usual result nor the usual error would be true."""
     try:
         result = run()
     except auditlog.AuditFailed as exc:
-        _report(exc.result, show_diff)
+        _report(exc.result, show_diff, show_mapping)
         for line in exc.problems:
             click.echo(f"mtd: error: {line}", err=True)
         sys.exit(EXIT_AUDIT_FAILED)
-    _report(result, show_diff)
+    _report(result, show_diff, show_mapping)
     return result
 
 
-def _report(result: Any, show_diff: bool) -> None:
+def _report(result: Any, show_diff: bool, show_mapping: bool = False) -> None:
+    drawn = getattr(result, "drawn", False)
     if show_diff:
-        for c in result.changes:
-            click.echo(f"{c.op} {c.text}")
+        for line in diff.brief(result.changes, show_mapping=show_mapping, drawn=drawn):
+            click.echo(line)
     click.echo(result.line())
+    if drawn:
+        _drawn_note()
     pending = getattr(result, "pending", None)
     if pending is not None:
         due = audit.timestamp(datetime.fromtimestamp(pending["deadline"], UTC))
@@ -256,6 +315,7 @@ EXIT_CODE_OPTION = click.option(
 )
 @click.option("--check", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--diff", "show_diff", is_flag=True, help="Also print the changes.")
+@SHOW_MAPPING_OPTION
 @EXIT_CODE_OPTION
 @FORCE_OPTION
 @click.option(
@@ -273,6 +333,7 @@ def apply(
     ctx: Ctx,
     check: bool,
     show_diff: bool,
+    show_mapping: bool,
     exit_code: bool,
     force: bool,
     confirm_seconds: int | None,
@@ -281,8 +342,16 @@ def apply(
     if check and confirm_seconds is not None:
         raise MtdError("--confirm: expected no --check (nothing is changed to revert)")
     result = _applied(
-        lambda: _pass(ctx, check=check, creates=True, force=force, confirm_seconds=confirm_seconds),
+        lambda: _pass(
+            ctx,
+            check=check,
+            creates=True,
+            force=force,
+            confirm_seconds=confirm_seconds,
+            preview=check,
+        ),
         show_diff,
+        show_mapping,
     )
     if exit_code and result.changes:
         sys.exit(EXIT_PENDING)
@@ -297,12 +366,15 @@ def apply(
     help="Rotate the fleet instead: increment the epoch in Redis and publish it "
     "(every `mtd run` applies it; needs no root).",
 )
+@SHOW_MAPPING_OPTION
 @FORCE_OPTION
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool, force: bool) -> None:
+def rotate(
+    ctx: Ctx, check: bool, show_diff: bool, publish: bool, show_mapping: bool, force: bool
+) -> None:
     """Start a new epoch on this host (a reshuffle) and reconcile."""
     if publish:
         if check or show_diff:
@@ -324,6 +396,7 @@ def rotate(ctx: Ctx, check: bool, show_diff: bool, publish: bool, force: bool) -
             force=force,
         ),
         show_diff,
+        show_mapping,
     )
 
 

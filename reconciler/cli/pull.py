@@ -127,6 +127,11 @@ def pull_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--once", is_flag=True, help="One round, then exit (1: rejected or unreachable).")
 @click.option("--check", is_flag=True, help="One round that only shows what would change.")
 @click.option(
+    "--show-mapping",
+    is_flag=True,
+    help="With --once or --check: print the mapped ports of map element changes (secret).",
+)
+@click.option(
     "--notify",
     is_flag=True,
     help="Only tell every `mtd run --pull` to fetch now, through Redis (from CI, after a merge).",
@@ -153,6 +158,7 @@ def pull(
     url: str,
     once: bool,
     check: bool,
+    show_mapping: bool,
     notify: bool,
     interval: float,
     force: bool,
@@ -174,6 +180,7 @@ def pull(
     from reconciler.services import gitops
 
     puller = gitops.Puller(pull.config(ctx, url, interval, session_check=True, force=force))
+    puller.show_mapping = show_mapping
     nft = ctx.nft(cache_dir=Path(ctx.state_dir) / defaults.CACHE, write=not check)
     if once or check:
         outcome = puller.round(nft, check=check, show=click.echo)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -620,3 +621,180 @@ def _expr(e: Any) -> str:
     if kind in ("accept", "drop", "return", "notrack", "continue"):
         return kind
     return json.dumps(e, sort_keys=True)
+
+
+# What a preview may print. The mapping (which port hides behind which) is the one thing mtd
+# hides: map elements are counted per map, and the buckets' jhash seed is masked, unless the
+# operator asks for them (`--show-mapping`); without a secret yet they are placeholders.
+SECRET = "secret"
+DRAWN = "drawn at apply"
+_SEED = re.compile(r"\bseed 0x[0-9a-f]+")
+# The number in a name that a template repeats per bucket (`b12_nat4`, `@b12_tcp`): lines
+# that differ only by it are printed once, with how many there are.
+_NUMBERED = re.compile(r"(?<=[A-Za-z])\d+(?=_)")
+MAX_SET_LINES = 10  # elements of one set printed before "... and N more"
+MAX_SAME_RULES = 3  # rules with one and the same change printed before they are grouped
+
+
+def is_mapping(c: Change) -> bool:
+    """A map element's change (`key : value`): part of the mapping. Set elements (sources,
+    services, trusted prefixes) are not."""
+    return c.kind == "element" and " : " in c.text
+
+
+def masked(text: str, hidden: str = SECRET) -> str:
+    """A text with the buckets' jhash seed (secret-derived) replaced by `<hidden>`."""
+    return _SEED.sub(f"seed <{hidden}>", text)
+
+
+def brief(
+    changes: Sequence[Change], *, show_mapping: bool = False, drawn: bool = False
+) -> list[str]:
+    """The lines a person reads: objects and rules by what changed, map elements as counts
+    per map (the ports only with `show_mapping`), a set's elements up to `MAX_SET_LINES`.
+    `drawn`: no secret yet, the mapping is a placeholder whatever `show_mapping` says."""
+    if show_mapping and not drawn:
+        return [f"{c.op} {c.text}" for c in changes]
+    hidden = DRAWN if drawn else SECRET
+    out: list[str] = []
+    plain: list[str] = []
+    rules: dict[str, list[str]] = {}  # one change text -> the rules it happened to
+    maps: dict[str, dict[str, int]] = {}  # map name -> {op: count}
+    sets: dict[str, list[str]] = {}
+    i = 0
+    while i < len(changes):
+        c = changes[i]
+        if c.kind == "rule":
+            j, pairs = _rule_pairs(changes, i)
+            if pairs:
+                for name, old, new in pairs:
+                    rules.setdefault(_rule_delta(old, new, hidden), []).append(name)
+                i = j
+                continue
+            plain.append(f"{c.op} {masked(c.text, hidden)}")
+        elif is_mapping(c):
+            counts = maps.setdefault(c.name, {})
+            counts[c.op] = counts.get(c.op, 0) + 1
+        elif c.kind == "element":
+            sets.setdefault(c.name, []).append(f"{c.op} {c.text}")
+        else:
+            plain.append(f"{c.op} {masked(c.text, hidden)}")
+        i += 1
+    out += [_compact(line) for line in _grouped(plain)]
+    for what, names in rules.items():
+        if len(names) <= MAX_SAME_RULES:
+            out += [f"~ rule {n}: {what}" for n in names]
+        else:
+            chains = sorted({_NUMBERED.sub("*", n.split("#", 1)[0]) for n in names})
+            out.append(f"~ {len(names)} rules in {', '.join(chains)}: {what}")
+    for name, lines in sets.items():
+        out += lines[:MAX_SET_LINES]
+        if len(lines) > MAX_SET_LINES:
+            out.append(f"  ... and {len(lines) - MAX_SET_LINES} more elements of {name}")
+    out += _map_lines(maps, hidden)
+    if maps:
+        out.append(
+            "(the mapping is drawn at apply: no secret file yet)"
+            if drawn
+            else "(mapping not shown: --show-mapping prints the ports)"
+        )
+    return out
+
+
+def map_counts(changes: Iterable[Change]) -> dict[str, dict[str, int]]:
+    """{map: {"+": n, "-": n, "~": n}} of the map element changes (what a log may carry)."""
+    out: dict[str, dict[str, int]] = {}
+    for c in changes:
+        if is_mapping(c):
+            counts = out.setdefault(c.name, {})
+            counts[c.op] = counts.get(c.op, 0) + 1
+    return out
+
+
+def _map_lines(maps: Mapping[str, Mapping[str, int]], hidden: str) -> list[str]:
+    """One line per map, or per family of maps that differ only by numbers (a rotation's 64
+    buckets: `b*_tcp`) when more than 3 of them changed alike."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(maps, key=_natural):
+        groups.setdefault(_NUMBERED.sub("*", name), []).append(name)
+    out = []
+    for pattern, names in groups.items():
+        rows = [names] if len(names) > 3 else [[n] for n in names]
+        for row in rows:
+            total: dict[str, int] = {}
+            for n in row:
+                for op, k in maps[n].items():
+                    total[op] = total.get(op, 0) + k
+            counts = ", ".join(f"{op}{total[op]}" for op in "+-~" if total.get(op))
+            label = row[0] if len(row) == 1 else f"{pattern} ({len(row)} maps)"
+            out.append(f"~ map {label}: {counts} elements ({hidden})")
+    return out
+
+
+def _grouped(lines: Sequence[str]) -> list[str]:
+    """Lines in order, those that differ only by a bucket's number once (`b*_`, `(x64)`)."""
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        groups.setdefault(_NUMBERED.sub("*", line), []).append(line)
+    out = []
+    for pattern, members in groups.items():
+        out += members if len(members) <= 3 else [f"{pattern} (x{len(members)})"]
+    return out
+
+
+_LITERAL = re.compile(r"\{ ([^{}]*) \}")
+MAX_LITERAL_ITEMS = 6
+
+
+def _compact(line: str) -> str:
+    """A long anonymous set or verdict map (`{ 0 : jump b0_nat4, ... }`, one item per bucket)
+    as its first and last items and how many there are."""
+
+    def short(m: re.Match[str]) -> str:
+        items = m.group(1).split(", ")
+        if len(items) <= MAX_LITERAL_ITEMS:
+            return m.group(0)
+        return f"{{ {items[0]}, {items[1]}, ..., {items[-1]} ({len(items)} items) }}"
+
+    return _LITERAL.sub(short, line)
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _rule_pairs(changes: Sequence[Change], i: int) -> tuple[int, list[tuple[str, str, str]]]:
+    """At a run of `-rule` changes of one chain followed by as many `+rule` of it (a rule
+    changed in place): where the run ends, and (name, old text, new text) per rule."""
+    j = i
+    while j < len(changes) and changes[j].op == "-" and changes[j].kind == "rule":
+        j += 1
+    k = j
+    while k < len(changes) and changes[k].op == "+" and changes[k].kind == "rule":
+        k += 1
+    old, new = changes[i:j], changes[j:k]
+    chain = changes[i].name.split("#", 1)[0]
+    if not old or len(old) != len(new) or any(c.name.split("#", 1)[0] != chain for c in old + new):
+        return i, []
+    return k, [(n.name, o.text, n.text) for o, n in zip(old, new, strict=True)]
+
+
+def _rule_delta(old: str, new: str, hidden: str) -> str:
+    """What changed in a rule: the words between the common start and end, both sides."""
+    a, b = masked(old, hidden).split(" "), masked(new, hidden).split(" ")
+    if a == b:
+        return f"jhash seed changed ({hidden})"
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    start, end = max(0, start - 1), max(0, end - 1)  # a word of context each side
+    was = " ".join(a[start : len(a) - end]) or "(nothing)"
+    now = " ".join(b[start : len(b) - end]) or "(nothing)"
+    return f"{_cut(was)} -> {_cut(now)}"
+
+
+def _cut(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -754,3 +754,31 @@ def _touches(body: Any) -> str:
 
 def _kind(value: Any) -> str:
     return {list: "a list", str: "text", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def placeholders(commands: Sequence[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """Rendered commands with the mapping written as `text` (a preview without a secret):
+    each map's elements become one count, the buckets' jhash seed the text itself. Sets
+    (sources, services, trusted prefixes) stay as they are: they are the state, not secret."""
+    maps = {c["add"]["map"].get("name") for c in commands if "map" in c.get("add", {})}
+    out = []
+    for cmd in commands:
+        ((verb, body),) = cmd.items()
+        ((kind, obj),) = body.items()
+        if kind in ("map", "element") and obj.get("elem") is not None and obj["name"] in maps:
+            obj = {**obj, "elem": f"<{len(obj['elem'])} elements {text}>"}
+        elif kind == "rule":
+            obj = {**obj, "expr": _seedless(obj.get("expr"), text)}
+        out.append({verb: {kind: obj}})
+    return out
+
+
+def _seedless(expr: Any, text: str) -> Any:
+    if isinstance(expr, list):
+        return [_seedless(x, text) for x in expr]
+    if isinstance(expr, dict):
+        out = {k: _seedless(v, text) for k, v in expr.items()}
+        if "jhash" in out and isinstance(out["jhash"], dict) and "seed" in out["jhash"]:
+            out["jhash"] = {**out["jhash"], "seed": f"<{text}>"}
+        return out
+    return expr

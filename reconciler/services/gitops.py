@@ -28,7 +28,7 @@ from reconciler.adapters import auditlog, files
 from reconciler.adapters.credentials import redact
 from reconciler.adapters.git import Entry, GitError, MalformedCommit, Repo
 from reconciler.adapters.kernel import Backend
-from reconciler.core import audit, inventory, render
+from reconciler.core import audit, diff, inventory, render
 from reconciler.core.state import MAX_DOCUMENT_BYTES, Local, State
 from reconciler.core.state import STATE_DIR as DEFAULT_STATE_DIR
 from reconciler.errors import MtdError
@@ -130,6 +130,7 @@ class Puller:
         self.repo = Repo(config.clone_dir, timeout=config.timeout)
         unreachable = read_record(config.record_path).get("unreachable") or {}
         self.failures = int(unreachable.get("failures", 0))
+        self.show_mapping = False  # what `show` gets: map element changes or their counts
 
     def next_delay(self) -> float:
         """Seconds until the next round: the interval, or, while the remote is unreachable,
@@ -341,8 +342,8 @@ class Puller:
                 except auditlog.AuditFailed as exc:
                     audit_error = "; ".join(exc.problems)
         if show:
-            for c in result.changes:
-                show(f"{c.op} {c.text}")
+            for line in diff.brief(result.changes, show_mapping=self.show_mapping):
+                show(line)
         return state, result, audit_error
 
     def _session_check(

@@ -48,6 +48,7 @@ class Result:
     # the element events with.
     desired: elements.Desired | None = field(default=None, repr=False, compare=False)
     repaired: str = ""  # an event-driven repair: what it restored ("2 element(s)", ...)
+    drawn: bool = False  # a preview without a secret yet: the mapping is a placeholder
 
     @property
     def in_sync(self) -> bool:
