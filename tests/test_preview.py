@@ -76,7 +76,7 @@ def test_without_a_secret_diff_and_apply_check_exit_2_and_create_nothing(tmp_pat
         lab.add_server()
         out = mtd("-s", str(state), "diff", ns=lab)
         assert out.returncode == 2, out.stderr
-        assert "(the mapping is drawn at apply: no secret file yet)" in out.stdout
+        assert "(the mapping is drawn at apply: placeholders, no secret used)" in out.stdout
         assert "no secret file yet" in out.stderr and "Traceback" not in out.stderr
         assert not _ports_shown(out.stdout)
         out = mtd("-s", str(state), "apply", "--check", "--exit-code", "--diff", ns=lab)
@@ -104,3 +104,21 @@ def test_the_drift_line_names_a_few_objects_and_counts_the_rest():
         "+chain b5_nat4, and 59 more objects"
     )
     assert "__set" not in text
+
+
+def test_a_repositorys_ci_diffs_a_commit_against_the_previous_one_without_a_secret(tmp_path):
+    old = host_state(tmp_path)
+    text = old.read_text().replace("  - {source: 192.0.2.3}\n", "  - {source: 192.0.2.3}\n"
+                                   "  - {source: 192.0.2.9}\n")  # fmt: skip
+    new = tmp_path / "new.yaml"
+    new.write_text(text.replace("tcp: [22, 80, 443, 5432]", "tcp: [22, 80, 443, 5432, 8080]"))
+    out = mtd("-s", str(new), "diff", "--against", str(old))
+    assert out.returncode == 2, out.stderr
+    lines = out.stdout.splitlines()
+    assert "+ element src4 { 192.0.2.9 }" in lines and "+ element svc_tcp { 8080 }" in lines
+    assert "~ 4 rules in nat_prerouting: 5432, 80 } -> 5432, 80, 8080 }" in lines
+    assert any(line.startswith("~ map tcp4: +") for line in lines)
+    assert not _ports_shown(out.stdout) and len(lines) < SCREEN
+    same = mtd("-s", str(old), "diff", "--against", str(old))
+    assert same.returncode == 0 and same.stdout.endswith("ok: no change\n"), same.stdout
+    assert not (tmp_path / "secret").exists()

@@ -213,14 +213,29 @@ def _pass(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--stat", is_flag=True, help="Counts only.")
 @click.option("--epoch", type=int, help="Compare against this epoch instead of the current one.")
+@click.option(
+    "--against",
+    metavar="PATH",
+    help="Compare with this desired state (a previous commit's) instead of the live table: "
+    "no kernel, no root, no secret; the mapping is drawn at apply.",
+)
 @SHOW_MAPPING_OPTION
 @state_options
 @host_option
 @pass_ctx
 @friendly
-def diff_cmd(ctx: Ctx, as_json: bool, stat: bool, epoch: int | None, show_mapping: bool) -> None:
+def diff_cmd(
+    ctx: Ctx,
+    as_json: bool,
+    stat: bool,
+    epoch: int | None,
+    against: str | None,
+    show_mapping: bool,
+) -> None:
     """Preview: what `mtd apply` would change. Exit 0 in sync, 2 pending, 1 error."""
     _check_epoch(epoch)
+    if against is not None:
+        _diff_states(ctx, against, as_json, stat)
     result = _pass(ctx, check=True, epoch=epoch, preview=True)
     if as_json:
         click.echo(json.dumps(_json(result, show_mapping), indent=1))
@@ -235,6 +250,43 @@ def diff_cmd(ctx: Ctx, as_json: bool, stat: bool, epoch: int | None, show_mappin
     if result.drawn:
         _drawn_note()
     sys.exit(EXIT_PENDING if result.changes else 0)
+
+
+def _diff_states(ctx: Ctx, against: str, as_json: bool, stat: bool) -> None:
+    """`diff --against OLD`: what the state changes against an earlier one, both rendered
+    with the stand-in secret (the same sources get the same placeholders): a state
+    repository's CI, with no host's kernel or secret, sees structure, sources and counts."""
+    new = ctx.state()
+    old = files.load_state(against, ctx.hostname, ctx.local(), ctx.config)
+
+    def table(state: Any) -> diff.Table:
+        portmap = shuffle.compute(state, PLACEHOLDER_SECRET, 0)
+        return diff.from_commands(render.render(state, portmap, ctx.templates))
+
+    changes = diff.diff(table(new), table(old))
+    counts = ", ".join(f"{k} {n}" for k, n in sorted(diff.summary(changes).items()))
+    if as_json:
+        out = {
+            "against": against,
+            "in_sync": not changes,
+            "summary": diff.summary(changes),
+            "changes": [
+                c.as_dict() | {"text": diff.masked(c.text, diff.DRAWN)}
+                for c in changes
+                if not diff.is_mapping(c)
+            ],
+            "maps": diff.map_counts(changes),
+            "drawn_at_apply": True,
+        }
+        click.echo(json.dumps(out, indent=1))
+    else:
+        click.echo(f"--- {against}: table inet {old.table}")
+        click.echo(f"+++ {ctx.state_path}: table inet {new.table}")
+        if not stat:
+            for line in diff.brief(changes, drawn=True):
+                click.echo(line)
+        click.echo(f"{'would change' if changes else 'ok'}: {counts or 'no change'}")
+    sys.exit(EXIT_PENDING if changes else 0)
 
 
 def _json(result: Any, show_mapping: bool) -> dict[str, Any]:

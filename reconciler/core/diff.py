@@ -694,7 +694,7 @@ def brief(
     out += _map_lines(maps, hidden)
     if maps:
         out.append(
-            "(the mapping is drawn at apply: no secret file yet)"
+            "(the mapping is drawn at apply: placeholders, no secret used)"
             if drawn
             else "(mapping not shown: --show-mapping prints the ports)"
         )
