@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MTD := $(VENV)/bin/mtd
 STATE ?= desired_state
 HOST ?=
-DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg
+DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg fail2ban
 HOST_ARG := $(if $(HOST),--host $(HOST),)
 
 .PHONY: setup deb venv test unit lint diff apply rotate status demo bench bench-quick install fuzz clean

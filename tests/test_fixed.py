@@ -103,3 +103,31 @@ def test_a_fixed_port_stays_in_place_for_every_class_of_source(tmp_path):
         assert apply(lab, state, cmd="rotate").returncode == 0
         assert files.read_epoch(files.load_state(state).epoch_file) == before + 1
         _scan_all(lab, state, dynamic)
+
+
+WARNING_CASES = [
+    ({"watched": [{"source": "0.0.0.0/0", "per_source": True},
+                  {"source": "::/0", "per_source": True}]},
+     "tripwire: every IPv4 and IPv6 source is watched or trusted already"),
+    ({"watched": [{"source": "0.0.0.0/1"}], "trusted": ["128.0.0.0/1"]},
+     "tripwire: every IPv4 source is watched or trusted already"),
+    ({"tripwire": {"tcp": [], "for": 60}}, "tripwire: no port listed: it can never fire"),
+    ({"ports": {"range": [1, 20], "services": {"tcp": [1, 2]}, "fixed": {"tcp": [1, 2]}}},
+     "ports.fixed: every service port is fixed: this state hides nothing"),
+    ({"watched": [], "tripwire": None}, "watched: no source and no tripwire"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "line"), WARNING_CASES)
+def test_validate_warns_in_one_line_for_what_cannot_work(tmp_path, overrides, line):
+    doc = {**STATE, **overrides}
+    state = write_state(tmp_path / "s.yaml", **{k: v for k, v in doc.items() if v is not None})
+    out = mtd("-s", str(state), "validate")
+    assert out.returncode == 0 and out.stdout.startswith("ok: "), out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("mtd: warning: "), out.stderr
+    assert f"{state}: {line}" in out.stderr, out.stderr
+
+
+def test_a_state_that_works_warns_nothing(tmp_path):
+    out = mtd("-s", str(write_state(tmp_path / "s.yaml", **STATE)), "validate")
+    assert out.returncode == 0 and out.stderr == "", out.stderr

@@ -36,6 +36,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -1102,6 +1103,7 @@ class Subscriber:
         )
         epoch = self._catch_up(client, connecting=True)
         self._catch_up_watches(client)
+        self._publish_kept()
         self._connects += 1
         if self.pull_channel and self._connects > 1:
             self.sink.pull_now("reconnect")  # a notice may have been sent while we were away
@@ -1236,6 +1238,36 @@ class Subscriber:
                 )
             self._watches_seen.append(seen)
         watch(order, origin)
+
+    def _publish_kept(self) -> None:
+        """What `mtd watch` applied on this host alone while Redis was down (the sink's
+        `unpublished`): published to the fleet now, with the time each has left."""
+        take = getattr(self.sink, "unpublished", None)
+        if take is None:
+            return
+        changes = take()
+        for i, c in enumerate(changes):
+            now = time.time()
+            left = math.ceil(c["expires_at"] - now) if c["op"] == "add" else 0
+            if c["op"] == "add" and left < 1:
+                continue  # expired while Redis was down
+            order = WatchOrder(c["op"], c["source"], left, c["reason"], round(now, 6))
+            try:
+                publish_watch(self.config, order)
+            except MtdError as exc:
+                self.sink.keep_unpublished(changes[i:])
+                self._report(f"watch {c['op']} {c['source']} kept on this host: {exc}")
+                return
+            event(
+                self.log,
+                logging.INFO,
+                "watch",
+                f"published watch {c['op']} {c['source']}"
+                + (f" for {left} s" if c["op"] == "add" else "")
+                + f" on {self.config.channel}: applied on this host alone while Redis was down",
+                source=c["source"],
+                op=c["op"],
+            )
 
     def _catch_up_watches(self, client: redis.Redis) -> None:
         """The fleet's live watch entries kept in Redis: what was published while this

@@ -103,3 +103,66 @@ def put(entries: dict[str, Entry], entry: Entry, now: float) -> str | None:
         )
     entries[entry.source] = entry
     return None
+
+
+# Watch changes `mtd watch` made on this host alone because the fleet's Redis was down:
+# `mtd run` publishes them once it is connected again (`unpublished` in the daemon).
+UNPUBLISHED = "watch-unpublished.json"
+
+
+def unpublished_path(epoch_file: str | Path) -> Path:
+    return Path(epoch_file).with_name(UNPUBLISHED)
+
+
+def keep_unpublished(epoch_file: str | Path, changes: list[dict[str, Any]]) -> None:
+    """Add changes ({"op", "source", "reason", "expires_at"}) for the fleet, bounded: the
+    newest `watch.MAX_ENTRIES` (one per source and op: a later change replaces one before)."""
+    with locked(epoch_file):
+        kept = {(c["op"], c["source"]): c for c in _unpublished(epoch_file)}
+        for c in changes:
+            other = ("del" if c["op"] == "add" else "add", c["source"])
+            kept.pop(other, None)  # a del after an add (or the reverse): only the last counts
+            kept[(c["op"], c["source"])] = c
+        items = list(kept.values())[-watch.MAX_ENTRIES :]
+        text = json.dumps({"changes": items}, separators=(",", ":"))
+        files.write_atomic(unpublished_path(epoch_file), text + "\n", mode=0o600)
+
+
+def take_unpublished(epoch_file: str | Path) -> list[dict[str, Any]]:
+    """The kept changes, removed from the file (the caller keeps back what it could not
+    publish); an unreadable file counts as none, and is removed."""
+    with locked(epoch_file):
+        out = _unpublished(epoch_file)
+        with contextlib.suppress(FileNotFoundError):
+            unpublished_path(epoch_file).unlink()
+    return out
+
+
+def _unpublished(epoch_file: str | Path) -> list[dict[str, Any]]:
+    p = unpublished_path(epoch_file)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        data = json.loads(raw) if len(raw) <= MAX_BYTES else {}
+        items = data.get("changes") if isinstance(data, dict) else None
+    except (OSError, ValueError, RecursionError):
+        return []
+    out = []
+    for item in items if isinstance(items, list) else []:
+        try:
+            if not isinstance(item, dict) or item.get("op") not in ("add", "del"):
+                raise TypeError
+            expires = item.get("expires_at", 0)
+            if type(expires) not in (int, float):
+                raise TypeError
+            out.append(
+                {
+                    "op": item["op"],
+                    "source": watch.canonical(item["source"]),
+                    "reason": watch.reason(item.get("reason", "")),
+                    "expires_at": float(expires),
+                }
+            )
+        except (KeyError, TypeError, watch.WatchError):
+            continue
+    return out

@@ -50,6 +50,7 @@ class Ctx:
         self.config: str | None = None  # --config; None: the default file, if present
         self.state_dir = STATE_DIR  # --state-dir: mtd's own files, the pull's clone
         self.untrusted = False  # True when the state path is a repository's (mtd run --pull)
+        self.warned: set[str] = set()  # warnings about the state already printed
 
     @property
     def templates(self) -> list[Path]:
@@ -82,7 +83,19 @@ class Ctx:
                 f"no desired state: looked for ./{DEFAULT_STATE} and {INSTALLED_STATE}: expected "
                 f"-s PATH, $MTD_STATE, or the state in {INSTALLED_STATE} (make install)"
             )
-        return files.load_state(self.state_path, self.hostname, self.local(), self.config)
+        state = files.load_state(self.state_path, self.hostname, self.local(), self.config)
+        self.warn(state)
+        return state
+
+    def warn(self, state: State, prefix: str = "") -> None:
+        """What the state declares that cannot work (`state.warnings`), once a process, on
+        stderr: the command goes on."""
+        from reconciler.core.state import warnings
+
+        for line in warnings(state):
+            if prefix + line not in self.warned:
+                self.warned.add(prefix + line)
+                click.echo(f"mtd: warning: {prefix}{self.state_path}: {line}", err=True)
 
     def nft(
         self,

@@ -77,6 +77,7 @@ def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
     for host in hosts:
         try:
             state = files.load_state(ctx.state_path, host, ctx.local())
+            ctx.warn(state, prefix=f"{host}: ")
             render.check(state, ctx.templates)
         except MtdError as exc:
             problems += [f"{host}: {line}" for line in exc.problems]

@@ -8,6 +8,7 @@ it within a second (and one that was away applies it when it reconnects); otherw
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from reconciler.adapters import files, watchstore
 from reconciler.cli.common import Ctx, cli, examples, friendly, host_option, pass_ctx, state_options
 from reconciler.core import watch
 from reconciler.core.watch import Entry
-from reconciler.errors import KernelError, MtdError
+from reconciler.errors import BusError, KernelError, MtdError
 
 LOCAL_HELP = "Act on this host alone (the store and the kernel), not through Redis."
 
@@ -49,7 +50,8 @@ def watch_group() -> None:
     default=str(watch.DEFAULT_SECONDS),
     show_default=True,
     metavar="DURATION",
-    help=f"How long: {watch.DURATION_FORM}; at most {watch.MAX_SECONDS // 86400} days.",
+    help=f"How long: {watch.DURATION_FORM}; longer (or -1, a permanent ban) is "
+    f"{watch.MAX_SECONDS // 86400} days, the maximum.",
 )
 @click.option("--reason", default="", help="Why (shown by mtd watch list).")
 @click.option("--local", is_flag=True, help=LOCAL_HELP)
@@ -58,18 +60,38 @@ def watch_group() -> None:
 @pass_ctx
 @friendly
 def add(ctx: Ctx, source: str, duration: str, reason: str, local: bool) -> None:
-    """Watch SOURCE (an IPv4 address, or an IPv6 address: its /64) for DURATION."""
-    state = ctx.state()
-    from reconciler.services import watching
+    """Watch SOURCE (an IPv4 address, or an IPv6 address: its /64) for DURATION.
 
-    canonical = watch.canonical(source, watching.trusted(state))
-    seconds = watch.seconds(duration)
+    An IDS's ban is never lost: a trusted or already watched source is a no-op (exit 0, one
+    line), a duration over the maximum is capped, and with Redis down the ban is applied
+    on this host alone and published by `mtd run` once Redis is back."""
+    state = ctx.state()
+    canonical = watch.canonical(source)
+    seconds, note = watch.capped(duration)
     why = watch.reason(reason)
-    if _fleet(state) and not local:
-        _publish(state, "add", canonical, seconds, why)
+    if note:
+        click.echo(f"mtd: note: {note}", err=True)
+    trusted = watch.trusted_over(canonical, state.trusted)
+    if trusted is not None:
+        click.echo(f"no effect: {canonical} is inside trusted {trusted}: nothing to do")
         return
-    entry = Entry(canonical, "cli", why, time.time() + seconds)
-    _local(ctx, state, add=[entry])
+    covered = _covered(state, canonical)
+    if _fleet(state) and not local:
+        try:
+            _publish(state, "add", canonical, seconds, why, covered)
+            return
+        except BusError as exc:
+            fallback = str(exc)
+    else:
+        fallback = ""
+    if covered:
+        click.echo(f"no effect: {canonical} {covered}: nothing to do")
+        return
+    expires = time.time() + seconds
+    _local(ctx, state, add=[Entry(canonical, "cli", why, expires)])
+    if fallback:
+        change = {"op": "add", "source": canonical, "reason": why, "expires_at": expires}
+        _kept(state, change, fallback)
 
 
 @watch_group.command("del", epilog=examples("mtd watch del 192.0.2.7"))
@@ -83,10 +105,36 @@ def delete(ctx: Ctx, source: str, local: bool) -> None:
     """Stop watching SOURCE (a dynamic entry; `watched:` in the state is not changed)."""
     state = ctx.state()
     canonical = watch.canonical(source)
+    fallback = ""
     if _fleet(state) and not local:
-        _publish(state, "del", canonical, 0, "")
-        return
+        try:
+            _publish(state, "del", canonical, 0, "")
+            return
+        except BusError as exc:
+            fallback = str(exc)
     _local(ctx, state, remove=[canonical])
+    if fallback:
+        change = {"op": "del", "source": canonical, "reason": "", "expires_at": 0}
+        _kept(state, change, fallback)
+
+
+def _covered(state: Any, source: str) -> str:
+    """Why a dynamic entry for `source` would change nothing ("" when it would): a watched
+    entry holds its whole unit, and the most specific watched entry beats dynamic ones."""
+    unit = ipaddress.ip_network(f"{source}/{32 if ':' not in source else watch.V6_UNIT}")
+    w = state.covering(unit)
+    if w is None:
+        return ""
+    kind = ", per_source" if w.per_source else ""
+    return f"is watched already by watched[{w.index}] ({w.label}{kind}), which wins"
+
+
+def _kept(state: Any, change: dict[str, Any], problem: str) -> None:
+    """Redis was down: the change is made on this host, and kept for `mtd run` to publish."""
+    watchstore.keep_unpublished(state.epoch_file, [change])
+    click.echo(
+        f"on this host alone: {problem}; mtd run publishes it to the fleet once Redis is back"
+    )
 
 
 @watch_group.command("list", epilog=examples("mtd watch list", "mtd watch list --json"))
@@ -157,7 +205,7 @@ def _local(
     click.echo(out.line(state.table))
 
 
-def _publish(state: Any, op: str, source: str, seconds: int, why: str) -> None:
+def _publish(state: Any, op: str, source: str, seconds: int, why: str, covered: str = "") -> None:
     from reconciler.adapters import bus
 
     config = bus.BusConfig.from_state(state)
@@ -167,4 +215,5 @@ def _publish(state: Any, op: str, source: str, seconds: int, why: str) -> None:
     click.echo(
         f"published: {what} on {config.channel} at {config.where} "
         f"({receivers} subscriber{'' if receivers == 1 else 's'}; kept in {config.watch_key})"
+        + (f"; no effect on this host: {source} {covered}" if covered else "")
     )

@@ -150,6 +150,21 @@ def seconds(text: str | int) -> int:
     return value
 
 
+def capped(text: str) -> tuple[int, str]:
+    """`--for` as an IDS gives it: a duration over `MAX_SECONDS` (fail2ban's
+    `bantime.increment`), or -1 (its permanent ban), is the maximum, with the note to show;
+    otherwise `seconds(text)` and no note. A ban is never lost for its length."""
+    days = MAX_SECONDS // 86400
+    if str(text).strip() == "-1":
+        return MAX_SECONDS, f"--for -1 (a permanent ban): watched for {days} days, the maximum"
+    m = _DURATION.match(str(text))
+    if m is not None and int(m[1]) * _UNITS[m[2]] > MAX_SECONDS:
+        return MAX_SECONDS, f"--for {_short(str(text))}: more than {days} days: watched for " + (
+            f"{days} days, the maximum"
+        )
+    return seconds(text), ""
+
+
 def reason(text: str | None) -> str:
     """Printable, one line, at most `MAX_REASON` characters; longer is refused (not cut, so
     what is listed is what was given)."""

@@ -391,6 +391,18 @@ class Daemon:
     def ignored(self, outcome: str) -> None:
         self.metrics.triggers.labels(outcome).inc()
 
+    def unpublished(self) -> list[dict[str, Any]]:
+        """Watch changes `mtd watch` applied here alone while Redis was down, for the
+        subscriber to publish now that it is connected (removed from their file)."""
+        try:
+            return watchstore.take_unpublished(self.state.epoch_file)
+        except MtdError:
+            return []
+
+    def keep_unpublished(self, changes: list[dict[str, Any]]) -> None:
+        with contextlib.suppress(MtdError):
+            watchstore.keep_unpublished(self.state.epoch_file, changes)
+
     # -- the monitor reports here (from its thread) --------------------------------------
 
     def changed(self, change: Any) -> None:
