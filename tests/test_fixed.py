@@ -8,6 +8,7 @@ where the mapping puts it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,14 @@ CLIENTS = {  # role -> (IPv4, IPv6) of a source of that class
     "net": ("198.51.100.7", "2001:db8:bad::7"),  # per_source prefixes
     "trp": ("192.0.2.9", "2001:db8:7::9"),  # tripped
     "wat": ("192.0.2.10", "2001:db8:8::10"),  # mtd watch add
+    "tru": ("192.0.2.2", "2001:db8::2"),  # trusted
+}
+CLASS = {  # role -> what `mtd mapping --json` says of its sources: watched, dynamic, trusted
+    "unt": (lambda a: a, None, False),
+    "net": (lambda a: "198.51.100.0/24" if "." in a else "2001:db8:bad::/48", None, False),
+    "trp": (lambda a: "dynamic", "tripwire", False),
+    "wat": (lambda a: "dynamic", "cli", False),
+    "tru": (lambda a: None, None, True),
 }
 STATE = {
     "ports": {
@@ -40,6 +49,7 @@ STATE = {
         {"source": "198.51.100.0/24", "per_source": True},
         {"source": "2001:db8:bad::/48", "per_source": True},
     ],
+    "trusted": ["192.0.2.2", "2001:db8::2"],
     "buckets": 4,
     "tripwire": {"tcp": [23], "for": 600},
 }
@@ -75,11 +85,24 @@ def _expected(state: Path, source: str, dynamic: set[str]) -> set[int]:
 
 
 def _scan_all(lab: Lab, state: Path, dynamic: set[str]) -> None:
+    """Each client's scan finds the services where `mtd mapping --source` (run on the host,
+    where it also reads the tripwire's kernel entries) says, the fixed port in place."""
     for role, addrs in CLIENTS.items():
         for family, source in zip(("v4", "v6"), addrs, strict=True):
             found = nmap_open(lab, role, SERVERS[family], "-sS")
-            want = _expected(state, source, dynamic)
-            assert set(found) == want and FIXED in found, (role, family, found, want)
+            out = mtd("-s", str(state), "mapping", "--source", source, "--json", ns=lab)
+            assert out.returncode == 0, out.stderr
+            view = json.loads(out.stdout)
+            label, origin, trusted = CLASS[role]
+            assert (view["watched"], view["dynamic"], view["trusted"]) == (
+                label(source),
+                origin,
+                trusted,
+            ), (role, view)
+            assert set(found) == set(view["tcp"].values()), (role, family, found, view)
+            assert view["tcp"][str(FIXED)] == FIXED and view["fixed"]["tcp"] == [FIXED, 6]
+            if not trusted:  # watched: the rest moved, as the library computes it
+                assert set(found) == _expected(state, source, dynamic) != set(SERVICES)
 
 
 @pytest.mark.netns

@@ -7,9 +7,10 @@ does this client find port 22 right now". It reads the secret file and never cre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import click
@@ -26,25 +27,38 @@ from reconciler.cli.common import (
 )
 from reconciler.core import audit, watch
 from reconciler.core.state import PROTOCOLS, State
+from reconciler.errors import KernelError, MtdError
 
 
 def view(
-    state: State, secret: bytes, epoch: int, source: str, dynamic: Collection[str] = ()
+    state: State,
+    secret: bytes,
+    epoch: int,
+    source: str,
+    dynamic: Collection[str] | Mapping[str, str] = (),
 ) -> dict[str, Any]:
-    """{"source", "watched", "bucket", "trusted", "epoch", "tcp": {real: seen}, "udp": {...}}
-    for one source, with the ruleset's precedence (`audit.mapping_of`): trusted, the most
-    specific watched entry (a per_source one's bucket), a dynamic source's bucket; every
-    service listed, those that stay in place as themselves."""
-    seen = audit.mapping_of(state, secret, epoch, source.split("%", 1)[0], dynamic)
+    """{"source", "watched", "bucket", "trusted", "dynamic", "epoch", "fixed", "tcp": {real:
+    seen}, "udp": {...}} for one source, with the ruleset's precedence (`audit.mapping_of`):
+    trusted, the most specific watched entry (a per_source one's bucket), a dynamic source's
+    bucket; every service listed, those that stay in place as themselves. `dynamic` may map
+    each dynamic source to its origin (cli, redis, tripwire): then `dynamic` says which."""
+    addr = source.split("%", 1)[0]  # fe80::1%eth0
+    seen = audit.mapping_of(state, secret, epoch, addr, dynamic)
     label = seen.watched.label if seen.watched is not None else None
+    origin = None
     if label is None and seen.bucket is not None:
         label = "dynamic"
+        if isinstance(dynamic, Mapping):
+            with contextlib.suppress(ValueError):
+                origin = dynamic.get(watch.unit_of(addr))
     out: dict[str, Any] = {
-        "source": source.split("%", 1)[0],  # fe80::1%eth0
+        "source": addr,
         "watched": label,
         "bucket": seen.bucket,
         "trusted": seen.trusted,
+        "dynamic": origin,
         "epoch": epoch,
+        "fixed": {p: sorted(state.fixed[p]) for p in PROTOCOLS},
     }
     for proto in PROTOCOLS:
         moved = seen.moves.get(proto, {})
@@ -71,8 +85,11 @@ def mapping_cmd(ctx: Ctx, source: str, epoch: int | None, as_json: bool) -> None
     state = ctx.state()
     secret = files.read_private_key(state.secret_file, "secret file")
     epoch = files.read_epoch(state.epoch_file) if epoch is None else epoch
-    entries = watch.live(watchstore.load(watchstore.path_for(state.epoch_file)), time.time())
-    result = view(state, secret, epoch, source, set(entries))
+    now = time.time()
+    entries = watch.live(watchstore.load(watchstore.path_for(state.epoch_file)), now)
+    kernel, note = _kernel(ctx, state)
+    merged = watch.harvest(entries, kernel, now)  # the tripwire's live only in the kernel
+    result = view(state, secret, epoch, source, {s: e.origin for s, e in merged.items()})
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -81,12 +98,28 @@ def mapping_cmd(ctx: Ctx, source: str, epoch: int | None, as_json: bool) -> None
         how = "trusted: services in place"
     elif label is None:
         how = "not watched: services in place"
+    elif result["dynamic"]:
+        how = f"watched dynamically ({result['dynamic']}), bucket {result['bucket']}"
     elif result["bucket"] is not None:
         how = f"watched as {label}, bucket {result['bucket']}"
     else:
         how = f"watched as {label}"
-    click.echo(f"source {result['source']}: {how}, epoch {epoch}")
+    click.echo(f"source {result['source']}: {how}, epoch {epoch}{note}")
     for proto in PROTOCOLS:
         for real, seen in result[proto].items():
-            note = "" if seen != real else ("  (in place)" if label else "")
-            click.echo(f"{proto} {real} -> {seen}{note}")
+            why = ""
+            if seen == real and label:
+                why = "  (fixed)" if real in result["fixed"][proto] else "  (in place)"
+            click.echo(f"{proto} {real} -> {seen}{why}")
+
+
+def _kernel(ctx: Ctx, state: State) -> tuple[dict[str, int], str]:
+    """The dynamic sources the live table holds (the tripwire's are only there until the
+    next replacement), and a note when it cannot be read (not root, no table)."""
+    from reconciler.services import watching
+
+    try:
+        found = watching.kernel_entries(state, ctx.nft(state, write=False))
+    except (KernelError, MtdError) as exc:
+        return {}, f" (tripped sources unknown: {str(exc).splitlines()[0]})"
+    return found or {}, ""
