@@ -62,6 +62,7 @@ def test_fixed_ports_leave_every_mapping_and_every_pool():
         doc = {**STATE, "watched": watched}
         s = state_mod.build([("s.yaml", doc)], {})
         assert FIXED not in s.free_ports("tcp") and 6 not in s.free_ports("tcp")
+        assert s.watched[1].ignore is s.watched[-1].ignore  # shared, not one per entry
         portmap = shuffle.compute(s, b"k" * 32, 7)
         for moves in [*portmap.moves.values(), *(b["tcp"] for b in portmap.buckets)]:
             assert FIXED not in moves and not {FIXED, 6} & set(moves.values()), moves

@@ -565,6 +565,9 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
     services = {p: tuple(sorted(doc["ports"]["services"].get(p, []))) for p in PROTOCOLS}
     given_fixed = doc["ports"].get("fixed") or {}
     fixed = {p: frozenset(given_fixed.get(p, [])) for p in PROTOCOLS}
+    with_fixed: dict[tuple[frozenset[int], ...], Mapping[str, frozenset[int]]] = {}
+    if any(fixed.values()):
+        with_fixed[tuple(_NO_IGNORE[p] for p in PROTOCOLS)] = {p: fixed[p] for p in PROTOCOLS}
     watched: list[Watched] = []
     seen: dict[Network, int] = {}
     for i, entry in enumerate(doc.get("watched") or []):
@@ -594,8 +597,11 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
                         f"{stray} not in ports.services.{proto}: expected service ports only",
                     )
                 )
-        if any(fixed.values()):
-            ignore = {p: ignore[p] | fixed[p] for p in PROTOCOLS}
+        if with_fixed:  # one shared mapping per distinct list: 100k entries, a few lists
+            k = tuple(ignore[p] for p in PROTOCOLS)
+            ignore = with_fixed.get(k) or with_fixed.setdefault(
+                k, {p: ignore[p] | fixed[p] for p in PROTOCOLS}
+            )
         watched.append(
             Watched(source=net, ignore=ignore, index=i, per_source=bool(entry.get("per_source")))
         )
