@@ -199,3 +199,27 @@ def test_fail2ban_bans_through_a_stopped_redis_reach_the_table_then_redis(tmp_pa
             wait_for(lambda: "192.0.2.7" in r.cli("HKEYS", key), daemon_log.read_text)
             assert "published watch add 192.0.2.7" in daemon_log.read_text()
             assert not (tmp_path / "watch-unpublished.json").exists()
+
+
+def test_kept_changes_are_bounded_and_read_as_data(tmp_path: Path):
+    """The record of changes kept while Redis was down: a later change for a source
+    replaces an earlier one, and a damaged or hostile record costs its entries only."""
+    from reconciler.adapters import watchstore
+
+    epoch = tmp_path / "epoch"
+    add = {"op": "add", "source": "192.0.2.7", "reason": "r", "expires_at": 4e9}
+    watchstore.keep_unpublished(epoch, [add])
+    watchstore.keep_unpublished(epoch, [{**add, "op": "del", "expires_at": 0}])
+    assert [c["op"] for c in watchstore.take_unpublished(epoch)] == ["del"]
+    assert watchstore.take_unpublished(epoch) == []  # taken: gone
+    path = watchstore.unpublished_path(epoch)
+    path.write_text(
+        '{"changes": [{"op": "add", "source": "192.0.2.9", "reason": "", "expires_at": '
+        'Infinity}, {"op": "add", "source": "not an address", "expires_at": 1}, {"op": "x"}, '
+        '{"op": "add", "source": "2001:db8:1:2::5", "reason": "ok", "expires_at": 5e9}]}'
+    )
+    assert watchstore.take_unpublished(epoch) == [
+        {"op": "add", "source": "2001:db8:1:2::", "reason": "ok", "expires_at": 5e9}
+    ]
+    path.write_text("[" * 100_000)
+    assert watchstore.take_unpublished(epoch) == [] and not path.exists()

@@ -1245,10 +1245,13 @@ class Subscriber:
         take = getattr(self.sink, "unpublished", None)
         if take is None:
             return
+        from reconciler.core.watch import MAX_SECONDS
+
         changes = take()
         for i, c in enumerate(changes):
             now = time.time()
             left = math.ceil(c["expires_at"] - now) if c["op"] == "add" else 0
+            left = min(left, MAX_SECONDS)  # a record from a clock set back
             if c["op"] == "add" and left < 1:
                 continue  # expired while Redis was down
             order = WatchOrder(c["op"], c["source"], left, c["reason"], round(now, 6))

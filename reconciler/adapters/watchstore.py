@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,8 +154,8 @@ def _unpublished(epoch_file: str | Path) -> list[dict[str, Any]]:
             if not isinstance(item, dict) or item.get("op") not in ("add", "del"):
                 raise TypeError
             expires = item.get("expires_at", 0)
-            if type(expires) not in (int, float):
-                raise TypeError
+            if type(expires) not in (int, float) or not math.isfinite(expires):
+                raise TypeError  # json reads Infinity and NaN too
             out.append(
                 {
                     "op": item["op"],
