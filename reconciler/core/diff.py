@@ -8,6 +8,7 @@ the millions, are compared as dicts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -754,6 +755,8 @@ def _compact(line: str) -> str:
         items = m.group(1).split(", ")
         if len(items) <= MAX_LITERAL_ITEMS:
             return m.group(0)
+        with contextlib.suppress(TypeError):  # 0, 1, 2 ... 63, not 0, 1, 10 ... 9
+            items.sort(key=_natural)
         return f"{{ {items[0]}, {items[1]}, ..., {items[-1]} ({len(items)} items) }}"
 
     return _LITERAL.sub(short, line)
