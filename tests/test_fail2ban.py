@@ -185,8 +185,17 @@ def test_fail2ban_bans_through_a_stopped_redis_reach_the_table_then_redis(tmp_pa
         assert "192.0.2.2" not in dyn_set(lab, "dyn4")  # trusted: a no-op, and no error
         wait_for(lambda: "192.0.2.2" in log(), log)
         assert "ERROR" not in log() and "returned" not in log(), log()
+        # By hand too: one line says where it went, exit 0; a del likewise.
+        for op in ("add", "del"):
+            out = mtd("watch", op, "192.0.2.9", *shlex.split(opts), ns=lab)
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.splitlines()[-1].startswith("on this host alone: "), out.stdout
+            assert "mtd run publishes it to the fleet once Redis is back" in out.stdout
         kept = json.loads((tmp_path / "watch-unpublished.json").read_text())["changes"]
-        assert [(c["op"], c["source"]) for c in kept] == [("add", "192.0.2.7")]
+        assert [(c["op"], c["source"]) for c in kept] == [
+            ("add", "192.0.2.7"),
+            ("del", "192.0.2.9"),
+        ]
         # Redis is back, with `mtd run`: the ban kept on this host reaches the fleet.
         with redis_server(tmp_path / "redis", lab=lab, role="srv", port=port) as r:
             daemon_log = tmp_path / "run.log"

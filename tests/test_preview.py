@@ -6,6 +6,7 @@ The golden files are `tests/golden/preview/*.txt` (UPDATE_GOLDEN=1 regenerates t
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def test_without_a_secret_diff_and_apply_check_exit_2_and_create_nothing(tmp_pat
         assert "(the mapping is drawn at apply: placeholders, no secret used)" in out.stdout
         assert "no secret file yet" in out.stderr and "Traceback" not in out.stderr
         assert not _ports_shown(out.stdout)
+        out = mtd("-s", str(state), "diff", "--json", ns=lab)
+        doc = json.loads(out.stdout)
+        assert out.returncode == 2 and doc["drawn_at_apply"] and doc["fingerprint"] == ""
+        assert doc["maps"]["tcp4"] == {"+": 6} and not _ports_shown(out.stdout)
         out = mtd("-s", str(state), "apply", "--check", "--exit-code", "--diff", ns=lab)
         assert out.returncode == 2, out.stderr
         assert "would change: table inet mtd epoch 0" in out.stdout
