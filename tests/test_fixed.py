@@ -9,6 +9,8 @@ where the mapping puts it.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,33 @@ def test_validate_warns_in_one_line_for_what_cannot_work(tmp_path, overrides, li
 def test_a_state_that_works_warns_nothing(tmp_path):
     out = mtd("-s", str(write_state(tmp_path / "s.yaml", **STATE)), "validate")
     assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_mtd_run_logs_what_cannot_work_at_start(tmp_path):
+    from reconciler.adapters.fake import FakeKernel
+    from reconciler.services.daemon import Daemon, Options
+    from tests.test_daemon_logic import NoBus, Recorder
+
+    everyone = [{"source": "0.0.0.0/0", "per_source": True}, {"source": "::/0", "per_source": True}]
+    state = write_state(tmp_path / "s.yaml", watched=everyone, tripwire={"tcp": [23], "for": 60})
+    log, logger = Recorder(), logging.getLogger("mtd.test.fixed")
+    logger.addHandler(log)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    daemon = Daemon(
+        lambda: files.load_state(state),
+        FakeKernel(),
+        host="h1",
+        options=Options(drift_interval=60, start_wait=0),
+        logger=logger,
+        subscribe=NoBus,
+    )
+    thread = threading.Thread(target=daemon.serve, daemon=True)
+    thread.start()
+    try:
+        ev = log.wait(lambda e: e["event"] == "state")
+        assert ev["level"] == "warning" and ev["message"].startswith("tripwire: every IPv4 and")
+    finally:
+        daemon.request_stop()
+        thread.join(timeout=20)
+    assert not thread.is_alive()

@@ -43,6 +43,7 @@ from reconciler.adapters.credentials import redact
 from reconciler.adapters.kernel import Backend
 from reconciler.core import diff, render, repair, shuffle, watch
 from reconciler.core.state import State
+from reconciler.core.state import warnings as state_warnings
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
 from reconciler.services import watching
@@ -542,6 +543,7 @@ class Daemon:
             min_interval=self.min_interval,
             signed=config is not None and config.signing_key is not None,
         )
+        self._warn(self.state)
         if config is not None and config.signing_key is None and not config.local:
             event(
                 self.log,
@@ -680,6 +682,12 @@ class Daemon:
                 error=ev.reason,
             )
 
+    def _warn(self, state: State) -> None:
+        """What the state declares that cannot work (`core.state.warnings`), one line each,
+        as every command that loads it says."""
+        for line in state_warnings(state):
+            event(self.log, logging.WARNING, "state", line, warning=line)
+
     def _reload(self, secret: bool = False) -> None:
         """SIGHUP (`secret`): a new state is taken only if it validates and renders, and the
         secret file is read again (a missing or unreadable one: the loaded secret is kept).
@@ -706,6 +714,7 @@ class Daemon:
         if state.table != self.state.table and self.monitor is not None:
             self.monitor.set_table(state.table)
         self.state = state
+        self._warn(state)
         self._clean = False
         self._trusted = False
         self._dirty = True
