@@ -96,6 +96,10 @@ def test_without_a_secret_diff_and_apply_check_exit_2_and_create_nothing(tmp_pat
         out = mtd("-s", str(state), "rotate", "--check", "--diff", ns=lab)
         assert out.returncode == 0 and len(out.stdout.splitlines()) <= SCREEN, out.stdout
         assert not _ports_shown(out.stdout) and "jhash seed changed (secret)" in out.stdout
+        # With the table live, a missing secret was lost: no preview pretends otherwise.
+        (tmp_path / "secret").unlink()
+        out = mtd("-s", str(state), "diff", ns=lab)
+        assert out.returncode == 1 and "the secret was lost" in out.stderr, out.stderr
 
 
 def test_the_drift_line_names_a_few_objects_and_counts_the_rest():

@@ -156,9 +156,14 @@ def _pass(
         drawn = False
         if creates and not check:
             secret = provision_secret(state, nft)
-        elif preview and _no_secret_yet(
-            state
-        ):  # a preview from day zero: a stand-in, never written
+        elif preview and _no_secret_yet(state):
+            # A preview from day zero: a stand-in secret, never written. Not day zero when
+            # the table is live: the secret was lost, as `apply` would say.
+            if ("inet", state.table) in nft.list_tables():
+                raise MtdError(
+                    f"{state.secret_file}: no secret file, but table inet {state.table} is "
+                    "live: the secret was lost: restore it from a backup (nothing to preview)"
+                )
             secret, drawn = PLACEHOLDER_SECRET, True
         else:  # read-only: never creates one
             secret = files.load_secret(state.secret_file)
