@@ -181,9 +181,7 @@ def test_the_store_round_trips_privately_and_drops_expired_entries(tmp_path: Pat
         "{",
         "[]",
         '{"entries": 5}',
-        '{"entries": [{"source": "192.0.2.0/24", "origin": "cli", "reason": "", "expires_at": 1}]}',
-        '{"entries": [{"source": "192.0.2.1", "origin": "root", "reason": "", "expires_at": 1}]}',
-        '{"entries": [{"source": "192.0.2.1", "origin": "cli", "reason": "", "expires_at": "1"}]}',
+        '{"entry": []}',
     ],
 )
 def test_a_damaged_store_is_one_line(tmp_path: Path, text: str):

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from reconciler import defaults
 from reconciler.adapters import files
 from reconciler.core import watch
 from reconciler.core.watch import Entry
 from reconciler.errors import MtdError
+from reconciler.logs import LOGGER, event
 
 NAME = "watch.json"
+LOG = logging.getLogger(f"{LOGGER}.watch")
 MAX_BYTES = 64 << 20  # a store of MAX_ENTRIES entries is about 20 MB
 
 
@@ -38,8 +42,13 @@ def locked(epoch_file: str | Path) -> Iterator[Path]:
         yield p
 
 
-def load(path: str | Path) -> dict[str, Entry]:
-    """The entries (expired ones too: callers drop them); {} when there is no store yet."""
+def load(path: str | Path, dropped: list[str] | None = None) -> dict[str, Entry]:
+    """The entries (expired ones too: callers drop them); {} when there is no store yet.
+
+    An entry that is not canonical (a zone, a prefix, an unknown origin: an older mtd, or
+    an edit by hand) costs that entry alone: it is left out with one line, appended to
+    `dropped` when given (the caller rewrites the store without it), else logged. Only a
+    store that is not mtd's format at all is refused whole."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -55,16 +64,43 @@ def load(path: str | Path) -> dict[str, Entry]:
         items = data["entries"]
         if not isinstance(items, list):
             raise TypeError
-        out: dict[str, Entry] = {}
-        for item in items:
-            e = _entry(item)
-            out[e.source] = e
-        return out
-    except (ValueError, KeyError, TypeError, RecursionError, watch.WatchError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise MtdError(
             f'{p}: unreadable watch store: expected {{"entries": [{{"source", "origin", '
             '"reason", "expires_at"}, ...]} (remove it to start afresh)'
         ) from None
+    out: dict[str, Entry] = {}
+    problems: list[str] = []
+    for i, item in enumerate(items):
+        try:
+            e = _entry(item)
+        except watch.WatchError as exc:
+            problems.append(f"{p}: entry {i}: {exc}: dropped")
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"{p}: entry {i}: {ENTRY_FORM}: dropped")
+        else:
+            out[e.source] = e
+    if dropped is not None:
+        dropped.extend(problems)
+    else:
+        report(problems)
+    return out
+
+
+ENTRY_FORM = (
+    'expected {"source": ADDRESS, "origin": "cli"|"redis"|"tripwire", "reason": TEXT, '
+    '"expires_at": UNIX_SECONDS}'
+)
+LOG_LINES = 5  # dropped entries logged one by one, then counted
+
+
+def report(problems: list[str]) -> None:
+    """Dropped entries in the log: a few lines, then one with the count of the rest."""
+    for line in problems[:LOG_LINES]:
+        event(LOG, logging.WARNING, "watch", line, error=line)
+    if len(problems) > LOG_LINES:
+        more = f"{len(problems) - LOG_LINES} more dropped watch entries"
+        event(LOG, logging.WARNING, "watch", more, error=more)
 
 
 def _entry(item: Any) -> Entry:
@@ -73,7 +109,14 @@ def _entry(item: Any) -> Entry:
     origin, expires = item["origin"], item["expires_at"]
     if origin not in watch.ORIGINS or type(expires) not in (int, float):
         raise ValueError
-    return Entry(watch.canonical(item["source"]), origin, watch.reason(item["reason"]), expires)
+    if not isinstance(item["source"], str):
+        raise TypeError
+    if not 0 <= expires <= defaults.MAX_UNIX_SECONDS:
+        raise ValueError
+    source = watch.canonical(item["source"])
+    if source != item["source"]:
+        raise watch.WatchError(f"{item['source']!r:.60}: expected its canonical form {source}")
+    return Entry(source, origin, watch.reason(item["reason"]), float(expires))
 
 
 def save(path: str | Path, entries: dict[str, Entry], now: float | None = None) -> None:

@@ -71,8 +71,9 @@ def canonical(text: str, trusted: Iterable[Any] = ()) -> str:
 
     An IPv4 address (or /32); an IPv6 address or /64 prefix, kept as the /64's network
     address. A wider or narrower IPv6 prefix, or any IPv4 prefix, is refused: a dynamic
-    entry is one attacker's unit. A source inside `trusted` (prefixes) is refused: trusted
-    beats dynamic, so the entry would have no effect.
+    entry is one attacker's unit. So is a zone (`%eth0`), which no set element holds: what
+    comes back is the text libnftables takes and lists back. A source inside `trusted`
+    (prefixes) is refused: trusted beats dynamic, so the entry would have no effect.
     """
     raw = str(text).strip()
     if not raw or len(raw) > 64:
@@ -85,6 +86,13 @@ def canonical(text: str, trusted: Iterable[Any] = ()) -> str:
             f"{_short(raw)}: not an address: expected an IPv4 address (192.0.2.7) or an IPv6 "
             "address or /64 (2001:db8:1:2::/64)"
         ) from None
+    if ip.version == 6 and ip.scope_id is not None:
+        # A zone names an interface of the host that wrote it; libnftables refuses it in a
+        # set element, and one such element would fail every full replacement.
+        raise WatchError(
+            f"{_short(raw)}: an IPv6 zone (%ZONE) names a local interface: expected an "
+            "address without one"
+        )
     if ip.version == 6 and ip.ipv4_mapped is not None:
         if slash:  # its /64 is ::/64, which no packet comes from
             raise WatchError(

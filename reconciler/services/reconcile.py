@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.adapters import files
+from reconciler.adapters import files, watchstore
 from reconciler.adapters.kernel import Backend
-from reconciler.core import diff, elements, render, repair, shuffle
+from reconciler.core import diff, elements, render, repair, shuffle, watch
 from reconciler.core.bulk import gc_paused
 from reconciler.core.state import State
 from reconciler.core.watch import Dynamic
@@ -49,6 +49,7 @@ class Result:
     desired: elements.Desired | None = field(default=None, repr=False, compare=False)
     repaired: str = ""  # an event-driven repair: what it restored ("2 element(s)", ...)
     drawn: bool = False  # a preview without a secret yet: the mapping is a placeholder
+    dropped: list[str] = field(default_factory=list)  # dynamic entries the kernel refused
 
     @property
     def in_sync(self) -> bool:
@@ -148,16 +149,14 @@ def reconcile(
             for family, name in backend.list_tables()
             if (family, name) != ("inet", state.table)
         ]
-    status, applied_at = "ok", None
+    status, applied_at, dropped = "ok", None, []
     previous = {} if check else backend.set_sysctls(SYSCTLS)
     if changes:
         status = "would change" if check else "changed"
         with t("apply"):
             applied_at = time.time()
             try:
-                backend.replace_table(
-                    state.table, commands, flush_ruleset=state.ownership == "ruleset", check=check
-                )
+                dropped = _replace(state, backend, commands, check, dynamic, mapping, templates)
             except BaseException:
                 files.restore_values(previous)  # a failed command changes nothing
                 raise
@@ -175,7 +174,65 @@ def reconcile(
         mappings=mappings,
         applied_at=applied_at,
         desired=elements.Desired.from_commands(commands),
+        dropped=dropped,
     )
+
+
+def _replace(
+    state: State,
+    backend: Backend,
+    commands: list[dict[str, Any]],
+    check: bool,
+    dynamic: Dynamic,
+    mapping: Any,
+    templates: list[Path] | None,
+) -> list[str]:
+    """Replace the table; the dynamic entries the kernel refused (one line each).
+
+    A refused replacement that holds dynamic entries is tried again without them: when that
+    one is taken, the entries were the cause, and they go back in small element
+    transactions, halved until each refused one stands alone and is left out. One bad entry
+    (a store from an older mtd, an edit by hand) costs that entry, never the table."""
+    flush = state.ownership == "ruleset"
+    try:
+        backend.replace_table(state.table, commands, flush_ruleset=flush, check=check)
+        return []
+    except KernelError as exc:
+        if not any(dynamic.get(v) for v in watch.SETS):
+            raise
+        original = exc
+    bare = render.render(state, mapping, templates, {v: [] for v in watch.SETS})
+    try:
+        backend.replace_table(state.table, bare, flush_ruleset=flush, check=check)
+    except KernelError:
+        raise original from None  # not the entries: the table itself is refused
+    if check:
+        n = sum(len(dynamic.get(v, ())) for v in watch.SETS)
+        return [f"{n} dynamic entries: the kernel refuses them together: not checked one by one"]
+    dropped = []
+    for fam, name in watch.SETS.items():
+        pending = [list(dynamic.get(fam, ()))]
+        while pending:
+            chunk = pending.pop()
+            if not chunk:
+                continue
+            ref = {"family": "inet", "table": state.table, "name": name}
+            elems = [watch.element(src, left) for src, left in chunk]
+            try:
+                backend.run([{"add": {"element": ref | {"elem": elems}}}])
+            except KernelError as exc:
+                if exc.not_found:  # the template has no such set: nothing goes there
+                    break
+                if len(chunk) == 1:
+                    dropped.append(
+                        f"dynamic entry {chunk[0][0]!r:.60}: refused by the kernel "
+                        f"({exc.reason}): left out of table inet {state.table}"
+                    )
+                else:
+                    half = len(chunk) // 2
+                    pending += [chunk[half:], chunk[:half]]
+    watchstore.report(dropped)
+    return dropped
 
 
 def _canonical(

@@ -59,10 +59,12 @@ def gather(state: State, backend: Backend, *, write: bool, now: float | None = N
     path = watchstore.path_for(state.epoch_file)
     if write:
         with watchstore.locked(state.epoch_file):
-            entries = watchstore.load(path)
+            dropped: list[str] = []
+            entries = watchstore.load(path, dropped)
             merged = watch.harvest(entries, kernel, now)
-            if merged != entries:
+            if merged != entries or dropped:
                 watchstore.save(path, merged, now)
+        watchstore.report(dropped)  # once: the store no longer holds them
     else:
         merged = watch.harvest(watchstore.load(path), kernel, now)
     return _render_input(state, merged, now)
@@ -111,8 +113,9 @@ def change(
     caller holds the reconcile lock (and the monitor's quiet window, in the daemon)."""
     now = time.time() if now is None else now
     out = Outcome()
+    dropped: list[str] = []
     with watchstore.locked(state.epoch_file) as path:
-        entries = watch.live(watchstore.load(path), now)
+        entries = watch.live(watchstore.load(path, dropped), now)
         chosen = dict(entries)  # before this change: whose kernel elements are an operator's
         for entry in add:
             problem = watchstore.put(entries, entry, now)
@@ -124,6 +127,7 @@ def change(
             entries.pop(source, None)
             out.removed.append(source)
         watchstore.save(path, entries, now)
+    watchstore.report(dropped)
     kernel = kernel_entries(state, backend)
     if kernel is None or not (out.added or out.removed):
         return out
