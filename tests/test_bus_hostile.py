@@ -441,3 +441,171 @@ def test_daemon_survives_a_hostile_channel(tmp_path: Path):
             if proc is not None and proc.poll() is None:
                 proc.kill()
             lab.close()
+
+
+# -- keys: bounded before they are read, parsed alike by Lua and Python -------------------------
+
+# A subscriber with a sink that takes watch orders, in a process of its own under a memory
+# limit: it prints one JSON line per event the test waits for.
+_BOUNDED = r"""
+import json, logging, sys, threading, time
+from reconciler.adapters import bus
+url = sys.argv[1]
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+class Sink:
+    def __init__(self, known):
+        self.known, self.lock = known, threading.Lock()
+    def say(self, **kw):
+        with self.lock:
+            print(json.dumps(kw), flush=True)
+    def known_epoch(self): return self.known
+    def applied_epoch(self): return self.known
+    def trigger(self, t):
+        self.known = max(self.known, t.epoch)
+        self.say(trigger=t.epoch)
+    def connection(self, up): self.say(up=up)
+    def ignored(self, outcome): self.say(ignored=outcome)
+    def watch(self, order, origin="message"): self.say(watch=order.source, origin=origin)
+cfg = bus.BusConfig(url=url, channel="mtd:rotate", epoch_key="mtd:epoch", max_message_bytes=1024,
+                    check_interval=0.2, reconnect_min=0.05, reconnect_max=0.2, timeout=2.0,
+                    signing_key=b"k" * 32)
+sub = bus.Subscriber(cfg, Sink(int(sys.argv[2])))
+sub.start()
+for line in sys.stdin:  # the test says when to stop
+    break
+sub.stop()
+print(json.dumps({"stopped": True}), flush=True)
+"""
+
+
+class Bounded:
+    """`_BOUNDED` under `prlimit --as` and a timeout; its events as they come."""
+
+    def __init__(self, url: str, known: int = 0, limit: int = 600 << 20) -> None:
+        self.proc = subprocess.Popen(
+            ["prlimit", f"--as={limit}", "timeout", "120", sys.executable, "-c", _BOUNDED, url,
+             str(known)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+        )  # fmt: skip
+        self.events: list[dict] = []
+
+    def wait(self, pred, timeout: float = 30) -> dict:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        for ev in self.events:
+            if pred(ev):
+                return ev
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            assert line, f"exited {self.proc.wait()}: {self.stop()[-3000:]}"
+            self.events.append(json.loads(line))
+            if pred(self.events[-1]):
+                return self.events[-1]
+        raise AssertionError(self.events)
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            try:
+                _, err = self.proc.communicate("stop\n", timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                _, err = self.proc.communicate()
+            return err
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+
+_BIG = 400 << 20  # made in the server (SETRANGE, string.rep): never sent by the test
+
+
+def test_large_values_are_never_downloaded(tmp_path: Path):
+    """A 400 MB `mtd:epoch:last` and 100 MB values in the watch hash: one line naming the
+    key each, the subscriber (at most 600 MB of address space) alive, the next good trigger
+    and the good kept watch applied; a forced reconnect hands nothing over twice."""
+    with unix_redis(tmp_path / "r") as r:
+        c = r.client
+        c.setrange("mtd:epoch:last", _BIG - 1, "x")
+        c.eval(
+            "redis.call('HSET', KEYS[1], 'a', string.rep('x', 100 * 1048576));"
+            "redis.call('HSET', KEYS[1], string.rep('f', 1048576), 'x')",
+            1,
+            "mtd:epoch:watch",
+        )
+        cfg = config(url=r.url, signed=True)
+        add = bus.WatchOrder("add", "192.0.2.7", 600, "", round(time.time(), 6))
+        good = bus.encode_watch(cfg, add)
+        c.hset("mtd:epoch:watch", "192.0.2.7", good)
+        b = Bounded(r.url)
+        try:
+            b.wait(lambda e: e.get("up") is True)
+            b.wait(lambda e: e.get("watch") == "192.0.2.7" and e["origin"] == "catch-up")
+            assert bus.publish_rotation(cfg).epoch == 1  # a last trigger too large: none
+            b.wait(lambda e: e.get("trigger") == 1)
+            # one message larger than the pub/sub output buffer: Redis drops the client
+            c.config_set("client-output-buffer-limit", "pubsub 1mb 1mb 0")
+            c.publish("mtd:rotate", b"x" * (2 << 20))
+            b.wait(lambda e: e.get("up") is False)
+            b.wait(lambda e: e.get("up") is True)
+            assert bus.publish_rotation(cfg).epoch == 2
+            b.wait(lambda e: e.get("trigger") == 2)
+        finally:
+            err = b.stop()
+        assert b.proc.returncode == 0, err[-3000:]
+        assert [e for e in b.events if "watch" in e] == [
+            {"watch": "192.0.2.7", "origin": "catch-up"}
+        ]
+        lines = err.splitlines()
+        big = [x for x in lines if "mtd:epoch:last" in x and f"{_BIG} bytes" in x]
+        assert len(big) == 1, lines  # logged when it appears, not at every read
+        kept = [x for x in lines if "mtd:epoch:watch field" in x]
+        assert len(kept) == 4 and all("left unread" in x for x in kept), lines  # 2 a connect
+        assert max(len(x) for x in lines) < 500
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"1e3", b"0x10", b" 12", b"12 ", b"+5", b"1_0", b"\xd9\xa3", b"010", b"-0", b"nan", b"inf",
+     b"1099511627777", b"1" * 400, b"", b"1099511627776", b"0", b"5"],
+)  # fmt: skip
+def test_the_epoch_key_is_read_alike_by_lua_and_python(tmp_path: Path, value: bytes):
+    """What the put-back (Lua) takes as an epoch is exactly what a subscriber (Python)
+    reads as one: plain decimal digits up to MAX_EPOCH."""
+    with unix_redis(tmp_path / "r") as r:
+        cfg = config(url=r.url)
+        r.client.set(cfg.epoch_key, value)
+        try:
+            python: int | None = bus.read_epoch(r.client, cfg)
+        except MtdError as exc:
+            python = None
+            assert "\n" not in str(exc) and cfg.epoch_key in str(exc)
+        try:
+            raised = bus.put_back(r.client, cfg, MAX_EPOCH)
+            lua: int | None = int(value)
+            assert raised == (lua < MAX_EPOCH)
+        except MtdError as exc:
+            lua = None
+            assert "\n" not in str(exc) and cfg.epoch_key in str(exc)
+        assert python == lua
+        assert (python is not None) == (value in (b"1099511627776", b"0", b"5"))
+
+
+def test_keys_of_another_type_are_one_line_not_a_reconnect(tmp_path: Path, caplog):
+    caplog.set_level(logging.INFO, logger="mtd")
+    with unix_redis(tmp_path / "r") as r:
+        cfg = config(url=r.url)
+        r.client.hset(cfg.last_key, "a", "b")
+        r.client.set(cfg.watch_key, "x")
+        with pytest.raises(bus.BadMessage, match=r"key mtd:epoch:last holds a hash"):
+            bus.read_epoch(r.client, config(url=r.url, signed=True))
+        with pytest.raises(MtdError, match=r"key mtd:epoch:watch is a string, not a hash"):
+            list(bus.read_watches(r.client, cfg))
+        r.client.rpush(cfg.epoch_key, "1")
+        with pytest.raises(MtdError, match="key mtd:epoch holds a list"):
+            bus.read_epoch(r.client, cfg)
+        sink = Recorder()
+        with subscribed(cfg, sink):
+            r.client.delete(cfg.epoch_key)
+            r.client.set(cfg.epoch_key, 2)
+            sink.wait(lambda: [t.epoch for t in sink.triggers] == [2])
+        assert sink.ups == [True]  # connected once: no reconnect loop

@@ -141,7 +141,20 @@ def test_state_validation_of_the_new_keys(tmp_path: Path):
 @pytest.mark.parametrize("signed", [False, True])
 def test_pull_notice_round_trip(signed: bool):
     cfg = config(signed=signed)
-    assert bus.decode_pull(bus.encode_pull(cfg, "mtd:pull", 12.5), cfg, "mtd:pull") == 12.5
+    assert bus.decode_pull(bus.encode_pull(cfg, "mtd:pull", 12.5), cfg, "mtd:pull", 12.5) == 12.5
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_pull_notices_carry_an_age_limit(signed: bool):
+    """Like watch messages: a notice kept and sent again after a restart (when the list of
+    those seen is empty) is refused, as is one from a clock far ahead."""
+    cfg = config(signed=signed)
+    notice = bus.encode_pull(cfg, "mtd:pull", 1000.0)
+    for now in (1000.0 + bus.WATCH_MAX_AGE + 1, 1000.0 - bus.WATCH_MAX_AGE - 1):
+        with pytest.raises(bus.BadMessage, match="expected within 300 s") as exc:
+            bus.decode_pull(notice, cfg, "mtd:pull", now)
+        assert exc.value.kind == "stale"
+    assert bus.decode_pull(notice, cfg, "mtd:pull", 1000.0 + bus.WATCH_MAX_AGE) == 1000.0
 
 
 @pytest.mark.parametrize(

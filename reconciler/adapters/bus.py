@@ -41,7 +41,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,13 +80,23 @@ LOG = logging.getLogger(f"{LOGGER}.bus")
 # trigger message (ARGV[2]) with it. Atomic, so concurrent daemons and publishers never
 # lower the epoch.
 _PUT_BACK = """
-local raw = redis.call('GET', KEYS[1])
+local t = redis.call('TYPE', KEYS[1])['ok']
 local current = 0
-if raw then
-  current = tonumber(raw)
-  if current == nil then
-    return redis.error_reply('holds ' .. string.sub(raw, 1, 40) .. ': expected an integer')
+if t ~= 'none' then
+  if t ~= 'string' then
+    return redis.error_reply('is a ' .. t .. ': expected a string holding an integer')
   end
+  local n = redis.call('STRLEN', KEYS[1])
+  if n > #ARGV[3] then
+    return redis.error_reply('holds ' .. n .. ' bytes: expected an integer')
+  end
+  local raw = redis.call('GET', KEYS[1])
+  if not (raw == '0' or string.match(raw, '^[1-9][0-9]*$')) or #raw > #ARGV[3]
+     or (#raw == #ARGV[3] and raw > ARGV[3]) then
+    return redis.error_reply('holds ' .. string.sub(raw, 1, 40) ..
+      ': expected an integer from 0 to ' .. ARGV[3])
+  end
+  current = tonumber(raw)
 end
 if current >= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
@@ -436,13 +446,24 @@ def encode_pull(config: BusConfig, channel: str, published: float) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode()
 
 
-def decode_pull(data: bytes | str, config: BusConfig, channel: str) -> float:
+def decode_pull(
+    data: bytes | str, config: BusConfig, channel: str, now: float | None = None
+) -> float:
     """The publish time of a "fetch now" notice, or `BadMessage`. It carries no repository,
-    branch or commit: the daemon fetches what it is configured to follow, nothing else."""
+    branch or commit: the daemon fetches what it is configured to follow, nothing else.
+    Like a watch message it must be at most `WATCH_MAX_AGE` old (or early): a notice kept
+    by someone is not replayable after a restart, when the list of those seen is empty."""
     msg = _envelope(data, config, PULL_KEYS, PULL_FORMAT)
     published = _publish_time(msg)
     if config.signing_key is not None:
         _check_signature(msg, pull_signature(config.signing_key, channel, published))
+    now = time.time() if now is None else now
+    if abs(now - published) > WATCH_MAX_AGE:
+        raise BadMessage(
+            f"time {published:.0f}: published {now - published:.0f} s from now: expected "
+            f"within {WATCH_MAX_AGE:g} s (replayed, or a clock is off)",
+            "stale",
+        )
     return published
 
 
@@ -546,7 +567,22 @@ def decode_message(data: bytes | str, config: BusConfig, now: float | None = Non
     unknown = sorted(set(msg) - MESSAGE_KEYS)
     if unknown:
         raise BadMessage(f"unknown key {unknown[0]!r:.40}: expected {FORMAT}", "unknown key")
-    return _trigger(msg, config)
+    trigger = _trigger(msg, config)
+    now = time.time() if now is None else now
+    if trigger.published is not None and not plausible(trigger.published, now):
+        # Still a trigger (its epoch is what counts), but its time says nothing about the
+        # latency: `"time": 1` would put 57 years into the histogram.
+        return Trigger(trigger.epoch, None, trigger.origin)
+    return trigger
+
+
+LATENCY_SKEW = 2.0  # seconds a publisher's clock may be ahead of ours for a latency
+
+
+def plausible(published: float, now: float) -> bool:
+    """A publish time a latency can be measured from: at most `WATCH_MAX_AGE` ago, and
+    at most `LATENCY_SKEW` ahead (clocks)."""
+    return -LATENCY_SKEW <= now - published <= WATCH_MAX_AGE
 
 
 def decode_watch(data: bytes | str, config: BusConfig) -> WatchOrder:
@@ -623,16 +659,69 @@ def publish_watch(config: BusConfig, order: WatchOrder) -> int:
     return int(receivers)
 
 
-def read_watches(client: redis.Redis, config: BusConfig) -> list[bytes]:
-    """The kept watch messages (bounded; expired ones are the reader's to skip)."""
+# One page of a hash (HSCAN from cursor ARGV[1], about ARGV[2] fields): {next cursor,
+# {values}, {field prefix, field bytes, value bytes, ...}}: fields longer than ARGV[3]
+# bytes or values longer than ARGV[4] are only described, never sent. Errors for a key
+# that is not a hash or holds more than ARGV[5] fields.
+_READ_HASH = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' then return {'0', {}, {}} end
+if t ~= 'hash' then return redis.error_reply('is a ' .. t .. ', not a hash') end
+local n = redis.call('HLEN', KEYS[1])
+if n > tonumber(ARGV[5]) then
+  return redis.error_reply('holds ' .. n .. ' fields: expected at most ' .. ARGV[5])
+end
+local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local items, vals, bad = r[2], {}, {}
+for i = 1, #items, 2 do
+  local f, v = items[i], items[i + 1]
+  if #f > tonumber(ARGV[3]) or #v > tonumber(ARGV[4]) then
+    bad[#bad + 1] = string.sub(f, 1, 40)
+    bad[#bad + 1] = #f
+    bad[#bad + 1] = #v
+  else
+    vals[#vals + 1] = v
+  end
+end
+return {r[1], vals, bad}
+"""
+HASH_PAGE = 256  # fields asked for per page: what one reply holds, about
+MAX_FIELD = 64  # bytes of a watch hash's field (a source)
+
+
+def read_hash(
+    client: Any, key: str, max_fields: int, max_value: int, where: str = ""
+) -> Iterator[tuple[list[bytes], list[str]]]:
+    """A hash's values page by page, each value at most `max_value` bytes, with one line
+    for each field or value that is too large (left in Redis, never downloaded). Raises
+    `MtdError` for a key that is not a hash or holds more than `max_fields` fields."""
+    cursor = "0"
+    while True:
+        try:
+            reply = client.eval(_READ_HASH, 1, key, cursor, HASH_PAGE, MAX_FIELD, max_value,
+                                max_fields)  # fmt: skip
+        except redis.ResponseError as exc:
+            prefix = f"{where}: " if where else ""
+            raise MtdError(f"{prefix}key {key} {_one_line(exc)}") from None
+        cursor = _text(reply[0])
+        bad = reply[2]
+        lines = [
+            f"{key} field {_text(bad[i])!r}: {int(bad[i + 1])} bytes, value {int(bad[i + 2])} "
+            f"bytes: expected at most {MAX_FIELD} and {max_value}: left unread"
+            for i in range(0, len(bad) - 2, 3)
+        ]
+        yield [v for v in reply[1] if isinstance(v, bytes)], lines
+        if cursor == "0":
+            return
+
+
+def read_watches(client: redis.Redis, config: BusConfig) -> Iterator[tuple[list[bytes], list[str]]]:
+    """The kept watch messages, page by page, each no larger than a message may be."""
     from reconciler.core import watch
 
-    count = client.hlen(config.watch_key)
-    if count > watch.MAX_ENTRIES:
-        raise MtdError(
-            f"{config.watch_key} holds {count} entries: expected at most {watch.MAX_ENTRIES}"
-        )
-    return [v for v in client.hvals(config.watch_key) if isinstance(v, bytes)]
+    return read_hash(
+        client, config.watch_key, watch.MAX_ENTRIES, config.max_message_bytes, config.where
+    )
 
 
 def heartbeat_host_key(config: BusConfig, host: str) -> str:
@@ -747,17 +836,24 @@ def connect(config: BusConfig) -> redis.Redis:
         raise BusError(f"redis.url {config.where!r}: {redact(_one_line(exc))}") from None
 
 
+# An epoch as Lua (`_PUT_BACK`) and Python both read it: plain decimal digits, no sign,
+# space, exponent, hex or underscore (`int` and Lua's `tonumber` each take some of those).
+_EPOCH_EXPECTED = f"expected an integer epoch from 0 to {MAX_EPOCH} (2**40; {RECOVER})"
+EPOCH_TEXT = re.compile(rb"0|[1-9][0-9]{0,%d}" % (len(str(MAX_EPOCH)) - 1))
+
+
 def _epoch_value(raw: bytes | None, config: BusConfig) -> int:
     if raw is None:
         return 0
     try:
+        if EPOCH_TEXT.fullmatch(raw) is None:
+            raise ValueError
         value = int(raw)
         if not 0 <= value <= MAX_EPOCH:
             raise ValueError
     except ValueError:
         raise MtdError(
-            f"{config.where}: key {config.epoch_key} holds {_preview(raw)}: expected an "
-            f"integer epoch from 0 to {MAX_EPOCH} (2**40; {RECOVER})"
+            f"{config.where}: key {config.epoch_key} holds {_preview(raw)}: {_EPOCH_EXPECTED}"
         ) from None
     return value
 
@@ -796,10 +892,10 @@ def _publisher_base(client: Any, config: BusConfig) -> int:
     key is only trusted as far as subscribers trust it): a key someone raised or garbled by
     hand cannot stop the fleet's rotations; a bad last trigger counts as none (the daemons
     put back a signed one when the new epoch turns out to be behind theirs)."""
-    raw, last = client.mget([config.epoch_key, config.last_key])
+    raw, last = _epoch_and_last(client, config)
     if config.signing_key is None:
-        return _epoch_value(raw, config)
-    if last is None:
+        return _epoch_value(_raise(raw), config)
+    if last is None or isinstance(last, MtdError):
         return 0
     try:
         return decode(last, config).epoch
@@ -840,15 +936,84 @@ def _replicated(client: redis.Redis) -> int:
     return int(client.execute_command("WAIT", 1, int(REPLICA_WAIT * 1000)))
 
 
+# Each of KEYS if it is a string of at most ARGV[i] bytes: {1, value}; else {0} (none),
+# {2, type} or {3, length}. Checked and read in one step, so a value cannot grow between
+# the check and the read, and no large value ever leaves the server.
+_READ_STRINGS = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local t = redis.call('TYPE', k)['ok']
+  if t == 'none' then
+    out[i] = {0}
+  elseif t ~= 'string' then
+    out[i] = {2, t}
+  else
+    local n = redis.call('STRLEN', k)
+    if n > tonumber(ARGV[i]) then out[i] = {3, n} else out[i] = {1, redis.call('GET', k)} end
+  end
+end
+return out
+"""
+
+
+def read_strings(
+    client: Any, keys: list[tuple[str, int]], where: str = "", expected: str = ""
+) -> list[bytes | MtdError | None]:
+    """The values of string keys (None: no such key), each at most its bound in bytes: a
+    key that is larger or not a string comes back as the `MtdError` naming it (raised by
+    the caller that needs it). Bounded before it is read, whoever wrote it."""
+    if not keys:
+        return []
+    replies = client.eval(_READ_STRINGS, len(keys), *[k for k, _ in keys], *[n for _, n in keys])
+    out: list[bytes | MtdError | None] = []
+    prefix = f"{where}: " if where else ""
+    for (key, bound), reply in zip(keys, replies, strict=True):
+        kind = int(reply[0])
+        if kind == 1:
+            value = reply[1]
+            out.append(value if isinstance(value, bytes) else str(value).encode())
+        elif kind == 0:
+            out.append(None)
+        else:
+            what = f"a {_text(reply[1])}" if kind == 2 else f"{int(reply[1])} bytes"
+            want = expected or f"expected a string of at most {bound} bytes"
+            out.append(MtdError(f"{prefix}key {key} holds {what}: {want}"))
+    return out
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace")[:40] if isinstance(value, bytes) else str(value)[:40]
+
+
+def _epoch_and_last(client: Any, config: BusConfig) -> list[bytes | MtdError | None]:
+    """The epoch key and the last trigger, each bounded (an epoch's digits, a message)."""
+    (raw,) = read_strings(client, [(config.epoch_key, EPOCH_BYTES)], config.where, _EPOCH_EXPECTED)
+    if config.signing_key is None:  # unsigned, the last trigger is not read at all
+        return [raw, None]
+    (last,) = read_strings(client, [(config.last_key, config.max_message_bytes)], config.where)
+    return [raw, last]
+
+
+EPOCH_BYTES = 64  # read of the epoch key at most: past its 13 digits, still shown as a value
+
+
+def _raise(value: bytes | MtdError | None) -> bytes | None:
+    if isinstance(value, MtdError):
+        raise value
+    return value
+
+
 def read_epoch(client: redis.Redis, config: BusConfig) -> int:
     """The fleet's epoch as a subscriber may trust it: the key, or, with signing on, the
     epoch of the signed last trigger (a key anyone with Redis access could have set is not
     enough). 0 when Redis holds none. Raises `BadMessage` for a bad last trigger and
-    `MtdError` for a key that is not an integer."""
-    raw, last = client.mget([config.epoch_key, config.last_key])
-    epoch = _epoch_value(raw, config)
+    `MtdError` for a key that is not an integer (or too large to be read)."""
+    raw, last = _epoch_and_last(client, config)
+    epoch = _epoch_value(_raise(raw), config)
     if config.signing_key is None:
         return epoch
+    if isinstance(last, MtdError):
+        raise BadMessage(str(last), "too large")
     if last is None:
         return 0
     return decode(last, config).epoch
@@ -858,7 +1023,9 @@ def put_back(client: redis.Redis, config: BusConfig, epoch: int) -> bool:
     """Raise the key to `epoch` if it is lower or missing; True when it was raised."""
     msg = encode(config, epoch, round(time.time(), 6)) if epoch > 0 else b""
     try:
-        done = client.eval(_PUT_BACK, 2, config.epoch_key, config.last_key, epoch, msg)
+        done = client.eval(
+            _PUT_BACK, 2, config.epoch_key, config.last_key, epoch, msg, str(MAX_EPOCH)
+        )
     except redis.ResponseError as exc:
         raise BusError(f"{config.where}: key {config.epoch_key} {_one_line(exc)}") from None
     return bool(done)
@@ -994,6 +1161,7 @@ class Subscriber:
         self._watches_seen: collections.deque[tuple[str, str, float]] = collections.deque(
             maxlen=4096
         )
+        self._kept_seen: set[tuple[str, float]] = set()  # handed over at the last catch-up
 
     @property
     def pull_channel(self) -> str | None:
@@ -1274,32 +1442,49 @@ class Subscriber:
 
     def _catch_up_watches(self, client: redis.Redis) -> None:
         """The fleet's live watch entries kept in Redis: what was published while this
-        daemon was away (or before it started). Expired and invalid ones are skipped."""
+        daemon was away (or before it started). Expired and invalid ones are skipped, and
+        one already handed over at an earlier connect is not handed over again: a forced
+        reconnect costs a bounded read, never a kernel transaction."""
         if getattr(self.sink, "watch", None) is None:
             return
+        what = "kept watch in " + self.config.watch_key
+        now = time.time()
+        delivered: set[tuple[str, float]] = set()
         try:
-            kept = read_watches(client, self.config)
+            for values, too_large in read_watches(client, self.config):
+                for line in too_large:
+                    self._rejected(BadMessage(line, "too large"), what)
+                for data in values:
+                    order = self._kept(data, now, what)
+                    if order is None:
+                        continue
+                    seen = (order.source, order.published)
+                    delivered.add(seen)
+                    if seen not in self._kept_seen:
+                        self._on_watch(order, "catch-up")
         except MtdError as exc:
             self._report(str(exc))
             return
-        now = time.time()
-        for data in kept:
-            try:
-                order = decode_watch(data, self.config)
-            except BadMessage as exc:
-                self._rejected(exc, "kept watch in " + self.config.watch_key)
-                continue
-            if order.published > now + WATCH_MAX_AGE:
-                self._rejected(
-                    BadMessage(
-                        f"watch {order.op} {order.source}: published in the future "
-                        f"({order.published - now:.0f} s ahead: a clock is off)",
-                        "stale watch",
-                    ),
-                    "kept watch in " + self.config.watch_key,
-                )
-            elif order.op == "add" and order.expires_at > now + 1:
-                self._on_watch(order, "catch-up")
+        self._kept_seen = delivered
+
+    def _kept(self, data: bytes, now: float, what: str) -> WatchOrder | None:
+        """A kept watch message worth handing over (a live add), or None (said why)."""
+        try:
+            order = decode_watch(data, self.config)
+        except BadMessage as exc:
+            self._rejected(exc, what)
+            return None
+        if order.published > now + WATCH_MAX_AGE:
+            self._rejected(
+                BadMessage(
+                    f"watch {order.op} {order.source}: published in the future "
+                    f"({order.published - now:.0f} s ahead: a clock is off)",
+                    "stale watch",
+                ),
+                what,
+            )
+            return None
+        return order if order.op == "add" and order.expires_at > now + 1 else None
 
     @staticmethod
     def _kind(exc: BadMessage) -> str:
@@ -1342,9 +1527,12 @@ class Subscriber:
         further ahead is reported once, with the command to follow it on purpose)."""
         try:
             epoch = read_epoch(client, self.config)
-        except (MtdError, BadMessage) as exc:
+        except BadMessage as exc:  # a bad last trigger: a put-back writes a good one
             self._report(f"cannot read the fleet epoch: {exc}")
             epoch, connecting = 0, False
+        except MtdError as exc:  # a key no put-back can raise either: said once, left alone
+            self._report(f"cannot read the fleet epoch: {exc}")
+            return self.sink.known_epoch()
         known = self.sink.known_epoch()
         if connecting and epoch == known:
             event(
