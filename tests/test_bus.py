@@ -446,3 +446,18 @@ def test_a_time_no_float_holds_is_a_bad_message_in_every_decoder():
     ]:
         with pytest.raises(bus.BadMessage, match="expected the publish time"):
             decode(text.encode())
+
+
+@pytest.mark.parametrize(
+    ("published", "kept"),
+    [(1, False), (NOW_LATENCY := 1_800_000_000.0, True), (NOW_LATENCY - 299, True),
+     (NOW_LATENCY - 301, False), (NOW_LATENCY + 1.5, True), (NOW_LATENCY + 3, False)],
+)  # fmt: skip
+def test_a_latency_is_measured_only_from_a_plausible_publish_time(published: float, kept: bool):
+    """`"time": 1` is still a trigger (its epoch counts), but 57 years of "latency" must
+    not reach mtd_trigger_to_applied_seconds: the time is dropped, not the trigger."""
+    for signed in (False, True):
+        cfg = config(signed=signed)
+        data = bus.encode(cfg, 5, published)
+        trigger = bus.decode_message(data, cfg, now=NOW_LATENCY)
+        assert trigger.epoch == 5 and trigger.published == (float(published) if kept else None)

@@ -277,3 +277,39 @@ def test_two_daemons_enforce_a_watch_through_rotation_restart_and_expiry(tmp_pat
         d.until(lambda: not any("192.0.2.7" in d.dyn4(n) for n in ("a", "b")))
         for name in ("a", "b"):
             assert not [e for e in d.events(name) if e.get("event") == "drift"]
+
+
+@pytest.mark.netns
+def test_a_zone_kept_in_redis_or_in_the_store_never_stops_a_daemon(tmp_path: Path):
+    """`2001:db8::%x` in the kept hash (signed: a publisher with the key) and in watch.json
+    on disk: each is one line naming where it was, the daemon starts with its table and the
+    good entries, and applies the next trigger."""
+    from reconciler.adapters import files, watchstore
+    from tests.test_bus_hostile import unix_redis
+
+    with unix_redis(tmp_path / "r") as r, Lab(prefix="mtdk") as lab:
+        d = Daemons(lab, tmp_path, r.url)
+        state = files.load_state(d.state("a"))
+        cfg = bus.BusConfig.from_state(state)
+        now = round(time.time(), 6)
+        zone: dict[str, Any] = {"watch": "add", "source": "2001:db8::%x", "for": 600,
+                                "reason": "", "time": now}  # fmt: skip
+        zone["sig"] = bus.watch_signature(KEY, cfg.channel, "add", zone["source"], 600, "", now)
+        r.client.hset(cfg.watch_key, zone["source"], json.dumps(zone))
+        good = bus.WatchOrder("add", "192.0.2.7", 600, "", now)
+        r.client.hset(cfg.watch_key, good.source, bus.encode_watch(cfg, good))
+        rows = [
+            {"source": s, "origin": "redis", "reason": "", "expires_at": now + 600}
+            for s in ("2001:db8::%y", "192.0.2.8")
+        ]
+        watchstore.path_for(state.epoch_file).write_text(json.dumps({"entries": rows}))
+        d.start("a")
+        d.until(lambda: {"192.0.2.7", "192.0.2.8"} <= set(d.dyn4("a")))
+        lines = [e["message"] for e in d.events("a")]
+        kept = [x for x in lines if "%x" in x]
+        assert len(kept) == 1 and cfg.watch_key in kept[0] and "zone" in kept[0], kept
+        stored = [x for x in lines if "%y" in x]
+        assert len(stored) == 1 and "watch.json: entry 0" in stored[0], stored
+        assert d.cli("rotate", "--publish").returncode == 0
+        d.wait("a", lambda e: e.get("event") == "reconcile" and e.get("epoch") == 1)
+        assert {"192.0.2.7", "192.0.2.8"} <= set(d.dyn4("a"))
