@@ -609,3 +609,35 @@ def test_keys_of_another_type_are_one_line_not_a_reconnect(tmp_path: Path, caplo
             r.client.set(cfg.epoch_key, 2)
             sink.wait(lambda: [t.epoch for t in sink.triggers] == [2])
         assert sink.ups == [True]  # connected once: no reconnect loop
+
+
+def test_fleet_status_leaves_large_records_in_redis(tmp_path: Path):
+    """`mtd fleet status` (at most 600 MB of address space) with a 400 MB last record, a
+    400 MB live record and a live key of another type: each host shown invalid with its
+    size, the good one ok, in one run that never downloads them."""
+    from tests.test_fleet import record
+
+    with unix_redis(tmp_path / "r") as r:
+        c = r.client
+        c.set("mtd:epoch", 0)
+        good = record("web1", time=time.time())
+        c.hset("mtd:hosts", "web1", good)
+        c.set("mtd:hosts:web1", good, ex=60)
+        c.hset("mtd:hosts", "web2", good.replace(b"web1", b"web2"))
+        c.setrange("mtd:hosts:web2", _BIG - 1, "x")
+        c.eval("redis.call('HSET', KEYS[1], 'web3', string.rep('x', 100 * 1048576))", 1,
+               "mtd:hosts")  # fmt: skip
+        c.hset("mtd:hosts", "web4", good.replace(b"web1", b"web4"))
+        c.rpush("mtd:hosts:web4", "x")
+        state = write_state(tmp_path / "s.yaml", redis={"url": r.url})
+        out = subprocess.run(
+            ["prlimit", f"--as={600 << 20}", "timeout", "60", *MTD, "-s", str(state), "fleet",
+             "status", "--json"],
+            capture_output=True, text=True, cwd=ROOT, check=False,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr[-2000:]
+        hosts = {h["host"]: h for h in json.loads(out.stdout)["hosts"]}
+        assert hosts["web1"]["status"] == "ok"
+        for name, why in (("web2", f"{_BIG} bytes"), ("web3", f"{100 << 20} bytes"),
+                          ("web4", "a key of another type")):  # fmt: skip
+            assert hosts[name]["status"] == "invalid" and why in hosts[name]["why"], hosts[name]

@@ -660,9 +660,9 @@ def publish_watch(config: BusConfig, order: WatchOrder) -> int:
 
 
 # One page of a hash (HSCAN from cursor ARGV[1], about ARGV[2] fields): {next cursor,
-# {values}, {field prefix, field bytes, value bytes, ...}}: fields longer than ARGV[3]
-# bytes or values longer than ARGV[4] are only described, never sent. Errors for a key
-# that is not a hash or holds more than ARGV[5] fields.
+# {field, value, ...}, {field, field bytes, value bytes, ...}}: a field longer than
+# ARGV[3] bytes (then only its first 40 bytes) or a value longer than ARGV[4] is only
+# described, never sent. Errors for a key that is not a hash or has over ARGV[5] fields.
 _READ_HASH = """
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t == 'none' then return {'0', {}, {}} end
@@ -672,56 +672,82 @@ if n > tonumber(ARGV[5]) then
   return redis.error_reply('holds ' .. n .. ' fields: expected at most ' .. ARGV[5])
 end
 local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
-local items, vals, bad = r[2], {}, {}
+local items, good, bad = r[2], {}, {}
 for i = 1, #items, 2 do
   local f, v = items[i], items[i + 1]
   if #f > tonumber(ARGV[3]) or #v > tonumber(ARGV[4]) then
-    bad[#bad + 1] = string.sub(f, 1, 40)
+    if #f > tonumber(ARGV[3]) then bad[#bad + 1] = string.sub(f, 1, 40) else bad[#bad + 1] = f end
     bad[#bad + 1] = #f
     bad[#bad + 1] = #v
   else
-    vals[#vals + 1] = v
+    good[#good + 1] = f
+    good[#good + 1] = v
   end
 end
-return {r[1], vals, bad}
+return {r[1], good, bad}
 """
 HASH_PAGE = 256  # fields asked for per page: what one reply holds, about
 MAX_FIELD = 64  # bytes of a watch hash's field (a source)
 
 
+@dataclass(frozen=True)
+class Oversized:
+    """A hash field left in Redis: its field (cut to 40 bytes when too long) and sizes."""
+
+    field: str
+    field_bytes: int
+    value_bytes: int
+
+
 def read_hash(
-    client: Any, key: str, max_fields: int, max_value: int, where: str = ""
-) -> Iterator[tuple[list[bytes], list[str]]]:
-    """A hash's values page by page, each value at most `max_value` bytes, with one line
-    for each field or value that is too large (left in Redis, never downloaded). Raises
-    `MtdError` for a key that is not a hash or holds more than `max_fields` fields."""
+    client: Any,
+    key: str,
+    max_fields: int,
+    max_value: int,
+    where: str = "",
+    max_field: int = MAX_FIELD,
+) -> Iterator[tuple[list[tuple[str, bytes]], list[Oversized]]]:
+    """A hash page by page: (field, value) pairs, each field at most `max_field` bytes and
+    each value at most `max_value`, and what was too large (left in Redis, never
+    downloaded). Raises `MtdError` for a key that is not a hash or holds more than
+    `max_fields` fields."""
     cursor = "0"
     while True:
         try:
-            reply = client.eval(_READ_HASH, 1, key, cursor, HASH_PAGE, MAX_FIELD, max_value,
+            reply = client.eval(_READ_HASH, 1, key, cursor, HASH_PAGE, max_field, max_value,
                                 max_fields)  # fmt: skip
         except redis.ResponseError as exc:
             prefix = f"{where}: " if where else ""
             raise MtdError(f"{prefix}key {key} {_one_line(exc)}") from None
         cursor = _text(reply[0])
-        bad = reply[2]
-        lines = [
-            f"{key} field {_text(bad[i])!r}: {int(bad[i + 1])} bytes, value {int(bad[i + 2])} "
-            f"bytes: expected at most {MAX_FIELD} and {max_value}: left unread"
+        items, bad = reply[1], reply[2]
+        pairs = [
+            (_text(items[i], 1 << 30), items[i + 1])
+            for i in range(0, len(items) - 1, 2)
+            if isinstance(items[i + 1], bytes)
+        ]
+        over = [
+            Oversized(_text(bad[i], 1 << 30), int(bad[i + 1]), int(bad[i + 2]))
             for i in range(0, len(bad) - 2, 3)
         ]
-        yield [v for v in reply[1] if isinstance(v, bytes)], lines
+        yield pairs, over
         if cursor == "0":
             return
 
 
 def read_watches(client: redis.Redis, config: BusConfig) -> Iterator[tuple[list[bytes], list[str]]]:
-    """The kept watch messages, page by page, each no larger than a message may be."""
+    """The kept watch messages, page by page, each no larger than a message may be, with
+    one line for each entry left unread."""
     from reconciler.core import watch
 
-    return read_hash(
-        client, config.watch_key, watch.MAX_ENTRIES, config.max_message_bytes, config.where
-    )
+    key, limit = config.watch_key, config.max_message_bytes
+    for pairs, over in read_hash(client, key, watch.MAX_ENTRIES, limit, config.where):
+        lines = [
+            f"{key} field {o.field[:40]!r}: {o.field_bytes} bytes, value {o.value_bytes} "
+            f"bytes: expected at most {MAX_FIELD} and {limit}: left unread"
+            for o in over
+        ]
+        yield [v for _, v in pairs], lines
 
 
 def heartbeat_host_key(config: BusConfig, host: str) -> str:
@@ -742,24 +768,37 @@ def write_heartbeat(client: redis.Redis, config: BusConfig, record: dict[str, An
         pipe.execute()
 
 
+MAX_HOST = 256  # bytes of a host name in the heartbeat hash
+_LIVE_BATCH = 1000  # live records read per script call
+
+
 def read_heartbeats(
     client: redis.Redis, config: BusConfig
-) -> tuple[dict[str, bytes], dict[str, bytes | None]]:
-    """(last record of every host ever seen, live record of each or None when expired)."""
+) -> tuple[dict[str, bytes | int], dict[str, bytes | int | None]]:
+    """(last record of every host ever seen, live record of each or None when expired).
+    A record larger than `fleet.MAX_RECORD` is left in Redis and given as its size."""
+    from reconciler.core.fleet import MAX_RECORD
+
     assert config.heartbeat_key
-    count = client.hlen(config.heartbeat_key)
-    if count > MAX_HOSTS:
+    last: dict[str, bytes | int] = {}
+    try:
+        for pairs, over in read_hash(
+            client, config.heartbeat_key, MAX_HOSTS, MAX_RECORD, config.where, MAX_HOST
+        ):
+            last.update(pairs)
+            last.update((o.field, o.value_bytes) for o in over)
+    except MtdError as exc:
         raise MtdError(
-            f"{config.where}: {config.heartbeat_key} lists {count} hosts: expected at most "
-            f"{MAX_HOSTS} (written by something else than mtd run? --forget the extra ones)"
-        )
-    last = {
-        (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v
-        for k, v in client.hgetall(config.heartbeat_key).items()
-    }
+            f"{exc.problems[0]} (written by something else than mtd run? --forget the extra ones)"
+        ) from None
     hosts = sorted(last)
-    live = client.mget([heartbeat_host_key(config, h) for h in hosts]) if hosts else []
-    return last, dict(zip(hosts, live, strict=True))
+    live: dict[str, bytes | int | None] = {}
+    for i in range(0, len(hosts), _LIVE_BATCH):
+        batch = hosts[i : i + _LIVE_BATCH]
+        keys = [(heartbeat_host_key(config, h), MAX_RECORD) for h in batch]
+        for host, value in zip(batch, read_strings(client, keys, config.where), strict=True):
+            live[host] = value.size if isinstance(value, TooLarge) else value
+    return last, live
 
 
 def forget_host(client: redis.Redis, config: BusConfig, host: str) -> bool:
@@ -956,6 +995,14 @@ return out
 """
 
 
+class TooLarge(MtdError):
+    """A key left unread: larger than its bound (`size`: its bytes) or of another type."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
 def read_strings(
     client: Any, keys: list[tuple[str, int]], where: str = "", expected: str = ""
 ) -> list[bytes | MtdError | None]:
@@ -977,12 +1024,14 @@ def read_strings(
         else:
             what = f"a {_text(reply[1])}" if kind == 2 else f"{int(reply[1])} bytes"
             want = expected or f"expected a string of at most {bound} bytes"
-            out.append(MtdError(f"{prefix}key {key} holds {what}: {want}"))
+            size = int(reply[1]) if kind == 3 else -1
+            out.append(TooLarge(f"{prefix}key {key} holds {what}: {want}", size=size))
     return out
 
 
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace")[:40] if isinstance(value, bytes) else str(value)[:40]
+def _text(value: object, limit: int = 40) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return text[:limit]
 
 
 def _epoch_and_last(client: Any, config: BusConfig) -> list[bytes | MtdError | None]:

@@ -45,10 +45,14 @@ class Row:
         return self.status in CONVERGED
 
 
-def parse(raw: bytes | str | None) -> dict[str, Any]:
-    """One heartbeat record; `ValueError` saying what is wrong with it."""
+def parse(raw: bytes | str | int | None) -> dict[str, Any]:
+    """One heartbeat record; `ValueError` saying what is wrong with it. An int is a record
+    the reader left in Redis: its size in bytes (-1: a key that is not a string)."""
     if raw is None:
         raise ValueError("no record")
+    if isinstance(raw, int):
+        what = "a key of another type" if raw < 0 else f"{raw} bytes"
+        raise ValueError(f"{what}: expected a string of at most {MAX_RECORD} bytes")
     data = raw.encode() if isinstance(raw, str) else raw
     if len(data) > MAX_RECORD:
         raise ValueError(f"{len(data)} bytes: expected at most {MAX_RECORD}")
@@ -76,7 +80,9 @@ def _kind(types: tuple[type, ...]) -> str:
 
 
 def classify(
-    last: Mapping[str, bytes | None], live: Mapping[str, bytes | None], fleet_epoch: int
+    last: Mapping[str, bytes | int | None],
+    live: Mapping[str, bytes | int | None],
+    fleet_epoch: int,
 ) -> list[Row]:
     """One row per host ever seen: silent when its live record expired; else rejected (its
     last pass failed or its pull head was refused), behind (an older epoch, or not in sync),
