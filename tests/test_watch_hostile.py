@@ -94,7 +94,7 @@ def _dyn(lab: Lab, name: str) -> set[str]:
 
 
 _INJECT = r"""
-import json, sys
+import json, sys, time
 from pathlib import Path
 from reconciler.adapters import files
 from reconciler.adapters.kernel import Nft
@@ -106,6 +106,13 @@ dynamic = {"4": [("192.0.2.7", 600), ("192.0.2.9", 600)],
 result = reconcile(state, int(sys.argv[2]), Nft(), secret=secret, templates=[Path(sys.argv[3])],
                    dynamic=dynamic, read_live=False)
 print(json.dumps({"status": result.status, "dropped": result.dropped}))
+if len(sys.argv) > 4:  # and one small element transaction (a watch message, --local)
+    from reconciler.core.watch import Entry
+    from reconciler.services import watching
+    at = time.time() + 600
+    add = [Entry(s, "redis", "", at) for s in ("2001:db8::%z", "2001:db8:3::", "192.0.2.10")]
+    out = watching.change(state, Nft(), add)
+    print(json.dumps({"added": [e.source for e in out.added], "problems": out.problems}))
 """
 
 
@@ -136,6 +143,16 @@ def test_a_zone_in_the_store_or_the_render_input_never_stops_the_table(tmp_path:
         assert len(result["dropped"]) == 1 and "'2001:db8::%x'" in result["dropped"][0]
         assert _dyn(lab, "dyn4") == {"192.0.2.7", "192.0.2.9"}
         assert _dyn(lab, "dyn6") == {"2001:db8:1::", "2001:db8:2::"}
+        run = lab.run(
+            "srv",
+            [MTD[0], "-c", _INJECT, str(state), "2", str(tmp_path / "tpl"), "change"],
+            cwd=ROOT,
+        )
+        assert run.returncode == 0, run.stderr
+        change = json.loads(run.stdout.splitlines()[-1])
+        assert change["added"] == ["2001:db8:3::", "192.0.2.10"]
+        assert len(change["problems"]) == 1 and "'2001:db8::%z'" in change["problems"][0]
+        assert "2001:db8:3::" in _dyn(lab, "dyn6") and "192.0.2.10" in _dyn(lab, "dyn4")
 
 
 def test_entries_are_canonical_both_ways():

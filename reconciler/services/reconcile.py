@@ -209,28 +209,7 @@ def _replace(
     if check:
         n = sum(len(dynamic.get(v, ())) for v in watch.SETS)
         return [f"{n} dynamic entries: the kernel refuses them together: not checked one by one"]
-    dropped = []
-    for fam, name in watch.SETS.items():
-        pending = [list(dynamic.get(fam, ()))]
-        while pending:
-            chunk = pending.pop()
-            if not chunk:
-                continue
-            ref = {"family": "inet", "table": state.table, "name": name}
-            elems = [watch.element(src, left) for src, left in chunk]
-            try:
-                backend.run([{"add": {"element": ref | {"elem": elems}}}])
-            except KernelError as exc:
-                if exc.not_found:  # the template has no such set: nothing goes there
-                    break
-                if len(chunk) == 1:
-                    dropped.append(
-                        f"dynamic entry {chunk[0][0]!r:.60}: refused by the kernel "
-                        f"({exc.reason}): left out of table inet {state.table}"
-                    )
-                else:
-                    half = len(chunk) // 2
-                    pending += [chunk[half:], chunk[:half]]
+    dropped = list(watching.add_each(backend, state.table, dynamic).values())
     watchstore.report(dropped)
     return dropped
 

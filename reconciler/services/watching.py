@@ -138,9 +138,22 @@ def change(
     try:
         backend.run(batch)
     except KernelError as exc:
-        if not exc.not_found:  # the table went away meanwhile: the store has it
+        if exc.not_found:  # the table went away meanwhile: the store has it
+            return out
+        if len(out.added) < 2:
             raise
-        return out
+        # One entry the kernel refuses must not cost the others: the removals and the
+        # room first, then the entries by halves (the refused ones said, one line each).
+        rest = [*_make_room(state.table, kernel, chosen, out.added, out.removed)]
+        rest += watch.commands(state.table, [], out.removed) if out.removed else []
+        if rest:
+            backend.run(rest)
+        pairs: Dynamic = {"4": [], "6": []}
+        for e in out.added:
+            pairs[e.family].append((e.source, e.left(now)))
+        dropped = add_each(backend, state.table, pairs, renew=True)
+        out.problems += dropped.values()
+        out.added = [e for e in out.added if e.source not in dropped]
     out.kernel = True
     return out
 
@@ -176,3 +189,37 @@ def _make_room(
             ref = {"family": "inet", "table": table, "name": name, "elem": evict}
             out.append({"delete": {"element": ref}})
     return out
+
+
+def add_each(backend: Backend, table: str, dynamic: Dynamic, renew: bool = False) -> dict[str, str]:
+    """Put entries into dyn4/dyn6 in element transactions, halved until each one the kernel
+    refuses stands alone and is left out: {source: the line saying why}. `renew`: the elements may
+    be there already (their timeout is set anew). A family whose set is missing is skipped
+    (a template without it)."""
+    dropped: dict[str, str] = {}
+    for fam, name in watch.SETS.items():
+        pending = [list(dynamic.get(fam, ()))]
+        while pending:
+            chunk = pending.pop()
+            if not chunk:
+                continue
+            if renew:
+                batch = watch.commands(table, chunk)
+            else:
+                ref = {"family": "inet", "table": table, "name": name}
+                elems = [watch.element(src, left) for src, left in chunk]
+                batch = [{"add": {"element": ref | {"elem": elems}}}]
+            try:
+                backend.run(batch)
+            except KernelError as exc:
+                if exc.not_found:
+                    break
+                if len(chunk) == 1:
+                    dropped[chunk[0][0]] = (
+                        f"dynamic entry {chunk[0][0]!r:.60}: refused by the kernel "
+                        f"({exc.reason}): left out of table inet {table}"
+                    )
+                else:
+                    half = len(chunk) // 2
+                    pending += [chunk[half:], chunk[:half]]
+    return dropped
