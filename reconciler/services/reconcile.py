@@ -206,10 +206,11 @@ def _replace(
         backend.replace_table(state.table, bare, flush_ruleset=flush, check=check)
     except KernelError:
         raise original from None  # not the entries: the table itself is refused
-    if check:
+    if check:  # no table to add them to: said, not tried one by one
         n = sum(len(dynamic.get(v, ())) for v in watch.SETS)
-        return [f"{n} dynamic entries: the kernel refuses them together: not checked one by one"]
-    dropped = list(watching.add_each(backend, state.table, dynamic).values())
+        dropped = [f"{n} dynamic entries: refused by the kernel together: left out of the check"]
+    else:
+        dropped = list(watching.add_each(backend, state.table, dynamic).values())
     watchstore.report(dropped)
     return dropped
 
