@@ -25,6 +25,8 @@ Anyone who can publish on the channel (or write the keys) is untrusted: an epoch
 `MAX_EPOCH`, or more than `redis.max_epoch_step` ahead of the epoch this host last applied,
 is rejected and never put back into Redis; rejections are logged a few at a time, then as
 one summary line per `LOG_WINDOW` with counts by reason, so a flood cannot flood the log.
+Every key is read by a short script that checks its type and length first (`read_strings`,
+`read_hash`): nothing larger than mtd's own values ever leaves Redis.
 """
 
 from __future__ import annotations
