@@ -5,11 +5,14 @@ out by itself while the table is applied (the real kernel, in a lab namespace)."
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reconciler.adapters import bus, files, watchstore
 from reconciler.core import watch
@@ -162,3 +165,28 @@ def test_entries_are_canonical_both_ways():
         assert watch.canonical(source) == source
         e = Entry(source, "cli", "", 1.0)
         assert watchstore._entry(e.as_dict()) == e
+
+
+_TEXT = st.one_of(
+    st.ip_addresses().map(str),
+    st.tuples(st.ip_addresses(v=6).map(str), st.text(min_size=0, max_size=8)).map("%".join),
+    st.tuples(st.ip_addresses().map(str), st.integers(-1, 200).map(str)).map("/".join),
+    st.text(alphabet="0123456789abcdefABCDEF:.%/ x", max_size=45),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_TEXT)
+def test_what_canonical_returns_is_an_address_no_kernel_refuses(text: str):
+    """Whatever a writer sends, `canonical` refuses it in one line or returns the plain
+    text form of an IPv4 address or an IPv6 /64's network address: no zone, no prefix,
+    and canonical again."""
+    try:
+        source = watch.canonical(text)
+    except WatchError as exc:
+        assert "\n" not in str(exc)
+        return
+    ip = ipaddress.ip_address(source)
+    assert str(ip) == source and "%" not in source and "/" not in source
+    assert ip.version == 4 or int(ip) & ((1 << 64) - 1) == 0
+    assert watch.canonical(source) == source
