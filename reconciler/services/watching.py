@@ -151,9 +151,9 @@ def change(
         pairs: Dynamic = {"4": [], "6": []}
         for e in out.added:
             pairs[e.family].append((e.source, e.left(now)))
-        dropped = add_each(backend, state.table, pairs, renew=True)
-        out.problems += dropped.values()
-        out.added = [e for e in out.added if e.source not in dropped]
+        refused = add_each(backend, state.table, pairs, renew=True)
+        out.problems += refused.values()
+        out.added = [e for e in out.added if e.source not in refused]
     out.kernel = True
     return out
 
