@@ -434,3 +434,25 @@ def test_a_bad_redis_url_in_the_state_never_shows_its_password(tmp_path: Path):
             out = mtd("-s", str(state), *args)
             assert out.returncode == 1 and "hunter2" not in out.stdout + out.stderr, out.stderr
             assert "***" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@needs_redis
+def test_forced_reconnects_ask_for_one_pull_a_pull_interval(server: RedisServer):
+    """Anyone who can publish can make Redis drop the subscribers (one message over the
+    pub/sub output buffer): a reconnect asks for a pull (a notice may have been missed),
+    but a burst of them asks once."""
+    cfg = config(server.url)
+    sink = PullSink()
+    sub = bus.Subscriber(cfg, sink)
+    sub.start()
+    try:
+        wait(lambda: sink.ups == [True])
+        server.cli("CONFIG", "SET", "client-output-buffer-limit", "pubsub 1mb 1mb 0")
+        c = bus.connect(cfg)
+        for n in range(3):
+            c.publish("mtd:rotate", b"x" * (2 << 20))
+            wait(lambda n=n: sink.ups.count(True) == n + 2)
+        c.close()
+        assert sink.notices == ["reconnect"]
+    finally:
+        sub.stop()

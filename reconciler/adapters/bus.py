@@ -489,6 +489,7 @@ WATCH_FORMAT = (
     '"time": UNIX_SECONDS[, "sig": HEX]}'
 )
 ANY_FORMAT = f"{FORMAT} or {WATCH_FORMAT}"
+RECONNECT_PULL_GAP = defaults.PULL_INTERVAL  # seconds between pulls asked by reconnects
 WATCH_MAX_AGE = 300.0  # seconds a watch message on the channel may be old (or early: clocks)
 
 # Keep the fleet's live watch messages for daemons that were away, pruned of expired ones
@@ -1213,6 +1214,7 @@ class Subscriber:
             maxlen=4096
         )
         self._kept_seen: set[tuple[str, float]] = set()  # handed over at the last catch-up
+        self._reconnect_pulled: float | None = None  # monotonic time of the last such pull
 
     @property
     def pull_channel(self) -> str | None:
@@ -1324,13 +1326,23 @@ class Subscriber:
         self._catch_up_watches(client)
         self._publish_kept()
         self._connects += 1
-        if self.pull_channel and self._connects > 1:
+        if self.pull_channel and self._connects > 1 and self._reconnect_pull_due():
             self.sink.pull_now("reconnect")  # a notice may have been sent while we were away
         self._next_beat = 0.0
         self._heartbeat(client)
         self.sink.connection(True)
         self.first_attempt.set()
         return epoch
+
+    def _reconnect_pull_due(self) -> bool:
+        """At most one pull for reconnects per `RECONNECT_PULL_GAP`: anyone who can publish
+        can force reconnects (one message over Redis' pub/sub output buffer), and each must
+        not cost a fetch; a notice missed meanwhile waits for the pull interval at worst."""
+        now = time.monotonic()
+        if self._reconnect_pulled is not None and now - self._reconnect_pulled < RECONNECT_PULL_GAP:
+            return False
+        self._reconnect_pulled = now
+        return True
 
     def _listen(self, client: redis.Redis, pubsub: Any) -> None:
         next_check = time.monotonic() + self.config.check_interval
