@@ -566,7 +566,7 @@ def test_large_values_are_never_downloaded(tmp_path: Path):
 @pytest.mark.parametrize(
     "value",
     [b"1e3", b"0x10", b" 12", b"12 ", b"+5", b"1_0", b"\xd9\xa3", b"010", b"-0", b"nan", b"inf",
-     b"1099511627777", b"1" * 400, b"", b"1099511627776", b"0", b"5"],
+     b"5\x00", b"5\n", b"1099511627777", b"1" * 400, b"", b"1099511627776", b"0", b"5"],
 )  # fmt: skip
 def test_the_epoch_key_is_read_alike_by_lua_and_python(tmp_path: Path, value: bytes):
     """What the put-back (Lua) takes as an epoch is exactly what a subscriber (Python)
