@@ -94,7 +94,10 @@ def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
 @pass_ctx
 @friendly
 def render_cmd(ctx: Ctx, epoch: int | None) -> None:
-    """Print the nftables JSON document (contains the mapping: treat as secret)."""
+    """Print the nftables JSON document (contains the mapping: treat as secret), byte for
+    byte as libnftables receives it (one line; `| jq .` indents it)."""
+    from reconciler.core.bulk import dumps
+
     _check_epoch(epoch)
     state = ctx.state()
     drawn = _no_secret_yet(state)
@@ -103,7 +106,7 @@ def render_cmd(ctx: Ctx, epoch: int | None) -> None:
     commands = render.render(state, shuffle.compute(state, secret, epoch), ctx.templates)
     if drawn:
         commands = render.placeholders(commands, diff.DRAWN)
-    click.echo(json.dumps({"nftables": commands}, indent=1, default=list))  # element lists
+    click.echo(dumps({"nftables": commands}))
     if drawn:
         _drawn_note()
         sys.exit(EXIT_PENDING)
