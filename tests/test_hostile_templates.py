@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -629,3 +631,79 @@ def test_the_check_accepts_exactly_what_the_allow_list_builds(tmp_path_factory, 
         assert f": nftables[{where}]: add " in exc.problems[0], (bad, exc.problems)
     else:
         assert bad == "none"
+
+
+# --- the daemon: alive, its table as before, the next good commit applied ---------------------
+
+
+@pytest.mark.netns
+def test_the_daemon_outlives_hostile_repository_templates(tmp_path: Path):
+    """`mtd run --pull` on a host that allows repository templates: a conntrack helper, a
+    pinned gigabyte, a hidden include of a chain that drops everything. The first two are
+    rejected in one line; the third renders as validated (`maps`), and so does the reload
+    after it; `inet filter` stays as it was, no host setting is logged, and the next good
+    commit is applied."""
+    from reconciler.adapters.git import Repo
+    from reconciler.lab.netns import Lab
+    from tests.test_gitops import wait_for
+
+    remote, sd = Remote(tmp_path), tmp_path / "sd"
+    config = tmp_path / "mtd.yaml"
+    config.write_text(CONFIG.replace("192.0.2.1", "127.0.0.1"))
+    good = "ports: {range: [1, 40], services: {tcp: [22, 3]}}\nwatched: [{source: 192.0.2.3}]\n"
+    first = remote.commit({"state.yaml": good})
+    with Lab() as lab:
+        lab.add_server()
+        lab.sh("srv", "nft add table inet filter && nft add chain inet filter input "
+                      "'{ type filter hook input priority 0; policy accept; }'")  # fmt: skip
+        argv = [*MTD, "--state-dir", str(sd), "--config", str(config), "run", "--pull",
+                str(remote.bare), "--pull-interval", "0.2", "--reconnect-max", "0.5",
+                "--log-json"]  # fmt: skip
+        with (tmp_path / "err").open("w") as err:
+            proc = lab.spawn("srv", argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: Repo(sd / "repo").head() == first)
+            wait_for(
+                lambda: lab.run("srv", ["nft", "list", "table", "inet", "mtd"]).returncode == 0
+            )
+            filter_before = lab.sh("srv", "nft list table inet filter")
+            mtd_before = lab.sh("srv", "nft list table inet mtd")
+            for case in (
+                "a conntrack helper object",
+                "a set that pins a gigabyte of kernel memory",
+            ):
+                commands, expected = OUTSIDE[case]
+                evil = {"templates/evil.json.j2": f"{HEAD}, {commands}]}}"}
+                sha = remote.commit({"state.yaml": good + "template: evil\n", **evil})
+                wait_for(lambda sha=sha: _rejected(sd) == sha)
+                assert expected in gitops.read_record(sd / "pull.json")["rejected"]["error"]
+                assert proc.poll() is None
+                assert lab.sh("srv", "nft list table inet mtd") == mtd_before
+            hidden = remote.commit({
+                "state.yaml": good + "# hidden\ntemplate: mine\n",
+                "templates/evil.json.j2": None,
+                "templates/mine.json.j2": '{% include ["sub/x.json.j2", "maps.json.j2"] %}',
+                "templates/sub/x.json.j2": HIDDEN,
+            })  # fmt: skip
+            wait_for(lambda: Repo(sd / "repo").head() == hidden)
+            reloads = (tmp_path / "err").read_text().count('"reloaded"')
+            proc.send_signal(signal.SIGHUP)  # `systemctl reload`: the state again, from the clone
+            wait_for(lambda: (tmp_path / "err").read_text().count('"reloaded"') > reloads)
+            assert lab.sh("srv", "nft list table inet mtd") == mtd_before  # `maps`, as before
+            assert "hook input" not in lab.sh("srv", "nft list table inet mtd")
+            last = remote.commit({"state.yaml": good.replace("192.0.2.3", "192.0.2.4")})
+            wait_for(lambda: Repo(sd / "repo").head() == last)
+            wait_for(lambda: "192.0.2.4" in lab.sh("srv", "nft list table inet mtd"))
+            assert proc.poll() is None
+            assert lab.sh("srv", "nft list table inet filter") == filter_before
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+    log = (tmp_path / "err").read_text()
+    assert "Traceback" not in log and PASSWORD not in log
+    for path in (sd / "pull.json", sd / "audit.jsonl"):
+        assert PASSWORD not in path.read_text()
+
+
+def _rejected(sd: Path) -> str | None:
+    return (gitops.read_record(sd / "pull.json").get("rejected") or {}).get("commit")
