@@ -232,7 +232,7 @@ class _Loader(jinja2.FileSystemLoader):
         super().__init__(searchpath)
         # A repository's directory serves what a pull round exports: its top-level files,
         # no dotfile, no sub-folder (the round never saw those; README, Security).
-        self.flat = [p for p in searchpath if p not in (repository or [])]
+        self.host_paths = [p for p in searchpath if p not in (repository or [])]
         self.read: dict[str, tuple[str, str]] = {}
         self.sources: dict[str, str] = {}
         self.missed: set[str] = set()
@@ -241,10 +241,10 @@ class _Loader(jinja2.FileSystemLoader):
         self, environment: jinja2.Environment, template: str
     ) -> tuple[str, str, Callable[[], bool]]:
         try:
-            if len(self.flat) < len(self.searchpath) and (
+            if len(self.host_paths) < len(self.searchpath) and (
                 "/" in template or template.startswith(".")
             ):
-                found = jinja2.FileSystemLoader(self.flat).get_source(environment, template)
+                found = jinja2.FileSystemLoader(self.host_paths).get_source(environment, template)
             else:
                 found = super().get_source(environment, template)
             source, filename, uptodate = found
