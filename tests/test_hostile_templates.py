@@ -707,3 +707,21 @@ def test_the_daemon_outlives_hostile_repository_templates(tmp_path: Path):
 
 def _rejected(sd: Path) -> str | None:
     return (gitops.read_record(sd / "pull.json").get("rejected") or {}).get("commit")
+
+
+def test_a_commit_applied_before_templates_were_kept_is_applied_again_once(tmp_path: Path):
+    """Upgrading: the clone's commit was applied by a version that rendered from the clone.
+    The first round validates it again and keeps its templates; the next finds it applied."""
+    remote, kernel = Remote(tmp_path), FakeKernel()
+    puller = _puller(tmp_path, remote)
+    sha = remote.commit({"state.yaml": GOOD + "template: mine\n",
+                         "templates/mine.json.j2": '{% include "maps.json.j2" %}'})  # fmt: skip
+    assert puller.round(kernel).status == "applied"
+    record = gitops.read_record(puller.config.record_path)
+    del record["applied"]["kept_templates"]
+    puller.config.record_path.write_text(json.dumps(record))
+    files.keep_templates(tmp_path / "sd", None, sha)  # as an earlier version left it
+    out = puller.round(kernel)
+    assert (out.status, out.commit) == ("applied", sha)
+    assert (files.kept_templates(tmp_path / "sd") / "mine.json.j2").is_file()
+    assert puller.round(kernel).status == "unchanged"

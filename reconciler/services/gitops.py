@@ -186,7 +186,10 @@ class Puller:
         rec["head"] = head
         applied = (rec.get("applied") or {}).get("commit")
         rejected = rec.get("rejected") or {}
-        if not check and head == applied and self.repo.head() == head:
+        # A commit applied by an earlier version has no kept templates (`keep_templates`):
+        # it is validated and applied again once, so later renders read what a round read.
+        kept = (rec.get("applied") or {}).get("kept_templates")
+        if not check and head == applied and self.repo.head() == head and kept:
             _write_record(cfg.record_path, rec)
             return Outcome("unchanged", head, f"ok: commit {head[:12]} is applied", new=False)
         if not check and head == rejected.get("commit"):
@@ -215,6 +218,7 @@ class Puller:
             "result": result.status,
             "fingerprint": result.fingerprint,
             "audit_error": audit_error,
+            "kept_templates": True,
         }
         _write_record(cfg.record_path, rec)
         message = f"{result.line()} commit {head[:12]}"
