@@ -162,6 +162,14 @@ OUTSIDE = {
         f'{{"add": {{"set": {{{T}, "name": "s", "type": "ipv4_addr", "size": 16777216}}}}}}',
         "nftables[1]: add set: size 16777216: expected at most 65536",
     ),
+    "many sets that together pin a gigabyte": (
+        ", ".join(
+            f'{{"add": {{"set": {{{T}, "name": "s{i}", "type": "ipv4_addr", "size": 65536}}}}}}'
+            for i in range(300)
+        ),
+        "nftables[5]: add set: size 65536 makes 327680 for every set and map together: "
+        "expected at most 262144",
+    ),
     "a rule comment (where a secret could go)": (
         f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
         f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [], "comment": "x"}}}}}}',
@@ -725,3 +733,27 @@ def test_a_commit_applied_before_templates_were_kept_is_applied_again_once(tmp_p
     assert (out.status, out.commit) == ("applied", sha)
     assert (files.kept_templates(tmp_path / "sd") / "mine.json.j2").is_file()
     assert puller.round(kernel).status == "unchanged"
+
+
+def test_the_number_of_objects_is_bounded_and_the_largest_shipped_table_is_within(
+    tmp_path: Path,
+):
+    """Rules and chains are kernel memory too: `maps` at its largest (1024 buckets, both
+    families, the whole internet per source) is within the bound, one command more is not."""
+    largest = parse([("s.yaml", STATE.replace("2001:db8::/48", "::/0") + "buckets: 1024\n")])
+    commands = render.render(largest, shuffle.compute(largest, SECRET, 0))
+    mtds = lambda value: isinstance(value, render.Elements)  # noqa: E731
+    assert len(commands) * 2 < templates.MAX_COMMANDS
+    assert templates.check_repository(commands, largest.mark, mtds) is None
+    counters = (
+        "{%- for i in range("
+        + str(templates.MAX_COMMANDS)
+        + ') %}, {"add": {"counter": {'
+        + T
+        + ', "name": "c{{ i }}"}}}{% endfor %}'
+    )
+    line = _refusal(tmp_path, HEAD + counters + "]}")
+    assert line.endswith(
+        f"{templates.MAX_COMMANDS + 1} commands: expected at most {templates.MAX_COMMANDS}: not "
+        "allowed in a repository template"
+    )

@@ -62,6 +62,7 @@ _UNDECLARED = Support()
 # drops) is absent. To allow more, add it here: this table is the whole of the rule.
 
 MAX_SET_SIZE = 65536  # a set's or map's `size`: the kernel memory it may pin (dyn4, dyn6)
+MAX_COMMANDS = 100_000  # `maps` at 1024 buckets writes about 33,000
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class Allowed:
     set_ops: frozenset[str]  # what a rule may do to a set of its table
     mangle_payload: frozenset[tuple[str, str]]  # (protocol, field) a rule may rewrite
     max_set_size: int = MAX_SET_SIZE
+    max_total_size: int = 4 * MAX_SET_SIZE  # of every set and map together (dyn4 + dyn6: 2)
+    max_commands: int = MAX_COMMANDS  # objects in the kernel (rules, chains, sets, ...)
 
 
 def _keys(*names: str) -> frozenset[str]:
@@ -163,6 +166,8 @@ def check_repository(
     None. `commands` passed `render._commands` (one add of one object of the owned table);
     `mark`: the host's mark bits, the only ones a rule may set; `opaque(value)`: an element
     list mtd wrote itself (not walked: it is mtd's data, and large)."""
+    if len(commands) > allowed.max_commands:
+        return f"{len(commands)} commands: expected at most {allowed.max_commands}"
     sizes: dict[str, Any] = {}
     for i, cmd in enumerate(commands):
         ((kind, obj),) = cmd["add"].items()
@@ -189,6 +194,12 @@ def _object(
         size = obj.get("size")
         if size is not None and not (_int(size) and 0 < size <= allowed.max_set_size):
             raise NotAllowed(f"size {_short(size)}: expected at most {allowed.max_set_size}")
+        total = sum(n for n in sizes.values() if n) + (size or 0)
+        if total > allowed.max_total_size:
+            raise NotAllowed(
+                f"size {size} makes {total} for every set and map together: expected at most "
+                f"{allowed.max_total_size}"
+            )
         flags = obj.get("flags", [])
         flags = [flags] if isinstance(flags, str) else flags
         if not isinstance(flags, list) or not all(_in(f, allowed.set_flags) for f in flags):
