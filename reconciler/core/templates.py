@@ -1,4 +1,5 @@
-"""What each shipped template supports, in one table that validation reads.
+"""What each shipped template supports, in one table that validation reads; and what a
+template kept in the state repository may write, in one table that rendering checks.
 
 Pure. A template not listed (a user's own) declares no limit: mtd cannot know what it
 handles, and the kernel still refuses what it cannot load. A listed template's limits turn
