@@ -46,7 +46,8 @@ SHOW_MAPPING_OPTION = click.option(
 @click.option(
     "--repository",
     is_flag=True,
-    help="Check it as a pulled commit: a host-local key (README: Security) is an error.",
+    help="Check it as a pulled commit: a host-local key, or a template the host's "
+    "configuration does not allow (README: Security), is an error.",
 )
 @state_options
 @host_option
