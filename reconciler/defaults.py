@@ -28,6 +28,7 @@ STATE: dict[str, Any] = {
     "ownership": "table",
     "mark": MARK,
     "drift_interval": DRIFT_INTERVAL,
+    "repository_templates": False,  # a commit that carries templates is rejected
 }
 MAX_MESSAGE_BYTES = 1024
 MAX_EPOCH_STEP = 10_000  # a trigger further ahead of the applied epoch is rejected

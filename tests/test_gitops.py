@@ -195,9 +195,11 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     sd = tmp_path / "sd"
     applied = sd / "repo" / "mtd"
 
-    def step(expect_rc: int, expect_commit: str, *, changed: bool) -> subprocess.CompletedProcess:
+    def step(
+        expect_rc: int, expect_commit: str, *args: str, changed: bool
+    ) -> subprocess.CompletedProcess:
         before = table_text(lab)
-        out = pull(lab, remote, sd, "--path", "mtd")
+        out = pull(lab, remote, sd, "--path", "mtd", *args)
         assert out.returncode == expect_rc, out.stdout + out.stderr
         assert "Traceback" not in out.stderr
         assert applied_commit(sd) == expect_commit
@@ -237,15 +239,24 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     assert "99999" in status["pull"]["error"]
     step(1, third, changed=False)  # the same bad head again: still never applied
 
-    bad_template = remote.commit(
+    carried = remote.commit(
         {"mtd/templates/mine.json.j2": "{% if %}", "mtd/state.yaml": ranged + "template: mine\n"}
     )
-    out = step(1, third, changed=False)
+    out = step(1, third, changed=False)  # templates come from the host unless it allows them
+    assert out.stderr == (
+        f"mtd: error: commit {carried[:12]}: mtd/templates/mine.json.j2: a template in the "
+        "state repository: expected none (this host takes templates from its own directories; "
+        "its local configuration may allow the repository's: repository_templates: true)\n"
+    )
+    config = tmp_path / "mtd.yaml"
+    config.write_text("repository_templates: true\n")
+    bad_template = remote.commit({"mtd/templates/mine.json.j2": "{% if %} "})
+    out = step(1, third, "--config", str(config), changed=False)
     assert (
         f"commit {bad_template[:12]}: mtd/templates/mine.json.j2:1: template syntax" in out.stderr
     )
     refused = remote.commit({"mtd/templates/mine.json.j2": KERNEL_REFUSES})
-    out = step(1, third, changed=False)
+    out = step(1, third, "--config", str(config), changed=False)
     assert f"commit {refused[:12]}: nftables refused rendered command 1 (add set tiny)" in (
         out.stderr
     )
@@ -271,6 +282,7 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
         (second, "changed"),
         (third, "changed"),
         (bad_schema, "rejected"),
+        (carried, "rejected"),
         (bad_template, "rejected"),
         (refused, "rejected"),
         (fixed, "ok"),
@@ -278,7 +290,7 @@ def test_pull_applies_good_commits_and_never_a_bad_one(lab: Lab, remote: Remote,
     ]
     assert {e["origin"] for e in entries} == {"pull"}
     history = mtd("--state-dir", str(sd), "-s", str(applied), "history", ns=lab)
-    assert history.returncode == 0 and len(history.stdout.splitlines()) == 1 + 8  # a header
+    assert history.returncode == 0 and len(history.stdout.splitlines()) == 1 + 9  # a header
     # What 192.0.2.2 saw while `third` was live, from that commit's state (it is not in the
     # current one), confirmed by the recorded fingerprint.
     at = mtd(

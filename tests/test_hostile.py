@@ -251,6 +251,7 @@ HOST_LOCAL_VALUES = {
     "audit_log": "/root/.bashrc",
     "drift_interval": 0.001,
     "redis": {"url": "redis://203.0.113.9:6379/0"},
+    "repository_templates": True,  # a commit may not allow its own templates
 }
 
 

@@ -18,6 +18,7 @@ from prometheus_client import generate_latest
 
 from reconciler.adapters import auditlog, bus, files
 from reconciler.core import render, shuffle
+from reconciler.core import state as state_module
 from reconciler.core.state import Local
 from reconciler.errors import MtdError
 from reconciler.services.daemon import Metrics
@@ -122,8 +123,10 @@ def test_the_template_variable_state_has_every_default(tmp_path: Path):
     assert doc["epoch_file"] == state.epoch_file and doc["audit_log"] == state.audit_log
     assert doc["redis"] == dict(state.redis) and "epoch_key" in doc["redis"]
     assert set(doc["ports"]["services"]) == {"tcp", "udp"}
-    table = render.context(state, shuffle.compute(state, b"\0" * 32, 0))["state"]
-    assert table is doc
+    seen = render.context(state, shuffle.compute(state, b"\0" * 32, 0))["state"]
+    # Templates see the fleet's keys, none of the host's own (Redis, paths, table, mark).
+    assert seen == {k: v for k, v in doc.items() if k not in state_module.HOST_LOCAL}
+    assert "redis" not in seen and "secret_file" not in seen and seen["ports"] is doc["ports"]
 
 
 # -- mtd history -------------------------------------------------------------------------

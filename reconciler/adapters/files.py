@@ -138,6 +138,48 @@ def state_templates(path: str | Path) -> list[Path]:
     return [t] if Path(path).is_dir() and t.is_dir() else []
 
 
+KEPT_TEMPLATES = "repo-templates"  # in the state directory: the applied commit's templates
+
+
+def kept_templates(state_dir: str | Path) -> Path:
+    """Where the applied commit's templates are kept, as its pull round validated them
+    (`keep_templates`): what every later render of that commit reads, never the clone."""
+    return Path(state_dir) / KEPT_TEMPLATES
+
+
+def keep_templates(state_dir: str | Path, source: Path | None, commit: str) -> None:
+    """Keep a private copy of the templates a round validated (`source`, None: the commit
+    has none) for the commit it applied: a directory per commit, and a link to it swapped
+    in one rename, so a render reads one commit's whole set or the other's."""
+    import shutil
+
+    link = kept_templates(state_dir)
+    old = os.readlink(link) if os.path.islink(link) else None
+    target = None
+    try:
+        if source is not None and source.is_dir():
+            target = f".{KEPT_TEMPLATES}-{commit}"
+            dest = Path(state_dir) / target
+            shutil.rmtree(dest, ignore_errors=True)
+            private_dir(dest)
+            for f in sorted(source.iterdir()):
+                if f.is_file() and not f.is_symlink():
+                    write_private(dest / f.name, f.read_bytes())
+            tmp = link.with_name(f".{KEPT_TEMPLATES}.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.symlink(target, tmp)
+            os.replace(tmp, link)
+        elif old is not None or link.exists():
+            os.unlink(link)
+    except OSError as exc:
+        raise MtdError(
+            f"{link}: cannot keep the commit's templates: {exc.strerror or exc}"
+        ) from None
+    if old is not None and old != target and "/" not in old:
+        shutil.rmtree(Path(state_dir) / old, ignore_errors=True)
+
+
 def _host(host: str | None) -> str:
     return host or socket.gethostname()
 

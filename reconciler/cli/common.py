@@ -55,10 +55,27 @@ class Ctx:
     @property
     def templates(self) -> list[Path]:
         """User directories first, so a custom template can add to or shadow a shipped one;
-        then a templates/ directory kept with the state files (in the state repository)."""
+        then a templates/ directory kept with the state files: a repository's (README,
+        Security) when the state is one (`--repository`), and for the pull's clone, the
+        templates its round validated, never the clone's own folder."""
         if self._templates is not None:
             return self._templates
-        return self.user_templates + files.state_templates(self.state_path) + render.template_dirs()
+        kept = files.state_templates(self.state_path)
+        if self.in_clone:
+            kept = [files.kept_templates(self.state_dir)]
+        if self.untrusted or self.in_clone:
+            kept = [render.RepositoryDir(d) for d in kept]
+        return self.user_templates + kept + render.template_dirs()
+
+    @property
+    def in_clone(self) -> bool:
+        """Whether the state path is inside the pull's clone (`-s /var/lib/mtd/repo/mtd`):
+        what commits wrote, as untrusted as a pull round's."""
+        clone = (Path(self.state_dir) / "repo").resolve()
+        try:
+            return Path(self.state_path).resolve().is_relative_to(clone)
+        except (OSError, RuntimeError):
+            return False
 
     @templates.setter
     def templates(self, dirs: list[Path]) -> None:
@@ -73,7 +90,7 @@ class Ctx:
         return Local(
             documents=files.local_config(self.config),
             state_dir=self.state_dir,
-            untrusted=self.untrusted if untrusted is None else untrusted,
+            untrusted=(self.untrusted or self.in_clone) if untrusted is None else untrusted,
             forbidden=(str(Path(self.state_dir) / "repo"),),
         )
 

@@ -46,7 +46,8 @@ SHOW_MAPPING_OPTION = click.option(
 @click.option(
     "--repository",
     is_flag=True,
-    help="Check it as a pulled commit: a host-local key (README: Security) is an error.",
+    help="Check it as a pulled commit: a host-local key, or a template the host's "
+    "configuration does not allow (README: Security), is an error.",
 )
 @state_options
 @host_option
@@ -94,7 +95,10 @@ def _validate_inventory(ctx: Ctx, hosts: list[str]) -> None:
 @pass_ctx
 @friendly
 def render_cmd(ctx: Ctx, epoch: int | None) -> None:
-    """Print the nftables JSON document (contains the mapping: treat as secret)."""
+    """Print the nftables JSON document (contains the mapping: treat as secret), byte for
+    byte as libnftables receives it (one line; `| jq .` indents it)."""
+    from reconciler.core.bulk import dumps
+
     _check_epoch(epoch)
     state = ctx.state()
     drawn = _no_secret_yet(state)
@@ -103,7 +107,7 @@ def render_cmd(ctx: Ctx, epoch: int | None) -> None:
     commands = render.render(state, shuffle.compute(state, secret, epoch), ctx.templates)
     if drawn:
         commands = render.placeholders(commands, diff.DRAWN)
-    click.echo(json.dumps({"nftables": commands}, indent=1, default=list))  # element lists
+    click.echo(dumps({"nftables": commands}))
     if drawn:
         _drawn_note()
         sys.exit(EXIT_PENDING)

@@ -13,13 +13,13 @@ import ipaddress
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from reconciler import __version__
 from reconciler.core.diff import elem_text
 from reconciler.core.shuffle import PortMap
-from reconciler.core.state import PROTOCOLS, Network, State, Watched
+from reconciler.core.state import HOST_LOCAL, PROTOCOLS, Network, State, Watched
 from reconciler.core.watch import MAX_KERNEL
 from reconciler.errors import MtdError, TemplateError
 
@@ -39,6 +39,29 @@ def template_dirs() -> list[Path]:
     return [d for d in (package / "templates", package.parent / "templates") if d.is_dir()]
 
 
+class RepositoryDir(PosixPath):
+    """A template directory whose files came from the state repository (README, Security):
+    read only when the host's configuration allows it (`repository_templates`), and what
+    is rendered through a search path holding one gets the allow-list check
+    (`core.templates.REPOSITORY`). Never equal to a plain path: environments are cached by
+    their search path, and a repository's directory is searched with fewer names."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is RepositoryDir and super().__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(("repository", str(self)))
+
+
+def repository_templates(search: Iterable[Path]) -> list[str]:
+    """The template files of the repository directories in `search`, by name."""
+    found = []
+    for d in search:
+        if isinstance(d, RepositoryDir) and d.is_dir():
+            found += sorted(str(f) for f in d.iterdir())
+    return found
+
+
 class Elements(Sequence[Any]):
     """A map's elements `[{"concat": [key, port]}, port]`, kept as one row per source.
 
@@ -56,6 +79,7 @@ class Elements(Sequence[Any]):
         self._len = 0
         self._list: list[Any] | None = None
         self.read = False
+        self.written = 0  # times spliced into the document
 
     def __repr__(self) -> str:  # the same for the same state: part of the render cache key
         return f"Elements({self.token!r}, {self._len})"
@@ -95,7 +119,7 @@ class Elements(Sequence[Any]):
     def json_text(self) -> str:
         self.read = True
         parts = [
-            f'[{{"concat":[{key},{real}]}},{hidden}],[{{"concat":[{key},{hidden}]}},{real}]'
+            f'[{{"concat":[{key},{real:d}]}},{hidden:d}],[{{"concat":[{key},{hidden:d}]}},{real:d}]'
             for _, key, moves in self._rows
             for real, hidden in moves.items()
         ]
@@ -114,6 +138,7 @@ class Hidden(Sequence[Any]):
         self.token = _TOKEN + name
         self._value = value
         self.read = False
+        self.written = 0
 
     @property
     def value(self) -> Any:
@@ -148,6 +173,24 @@ class Hidden(Sequence[Any]):
     __hash__ = None  # type: ignore[assignment]
 
 
+class Opaque:
+    """A host-local value a template writes but never reads: the owned table's name, the
+    mark bits. `{{ mark }}` and `| tojson` write its token, which `render` swaps for the
+    value after parsing; nothing else can be done with it (README, Template variables)."""
+
+    read = False
+
+    def __init__(self, name: str, value: Any) -> None:
+        self.token = _TOKEN + name
+        self._value = value
+
+    def __repr__(self) -> str:  # the same whatever the value: part of the render cache key
+        return f"Opaque({self.token!r})"
+
+    def __str__(self) -> str:
+        return json.dumps(self.token)
+
+
 class Lazy(Sequence[Any]):
     """A list built on first use: `pairs` costs a dict per moved port and only per-pair
     templates (classic) read it."""
@@ -178,9 +221,14 @@ class Lazy(Sequence[Any]):
         return len(self._list())
 
 
+# No attribute of theirs is a template's: nothing in the context can be called to change
+# what is written (the sandbox refuses every attribute of these).
+CONTEXT_TYPES = (Elements, Hidden, Opaque, Lazy)
+
+
 def dumps(obj: Any, **kwargs: Any) -> str:
     """`| tojson`: compact; an `Elements` as its placeholder; a `Lazy` as a list."""
-    if isinstance(obj, Elements | Hidden):
+    if isinstance(obj, Elements | Hidden | Opaque):
         return json.dumps(obj.token)
     return json.dumps(obj, default=_plain, **kwargs)
 
@@ -190,6 +238,8 @@ def _plain(obj: Any) -> Any:
         return list(obj)
     if isinstance(obj, Hidden):
         return obj.value
+    if isinstance(obj, Opaque):
+        return obj.token
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
@@ -247,11 +297,11 @@ def context(
             for key in keys:
                 out.add(key, moves)
     return {
-        "table": state.table,
+        "table": Opaque("table", state.table),
         "family": "inet",
         "epoch": mapping.epoch,
-        "mark": state.mark,
-        "state": state.doc,
+        "mark": Opaque("mark", state.mark),
+        "state": fleet_state(state),
         "elements": elements,
         "sources": sources,
         "networks": networks,
@@ -281,6 +331,12 @@ def context(
             for v in ("4", "6")
         },
     }
+
+
+def fleet_state(state: State) -> dict[str, Any]:
+    """The desired state as templates see it: the fleet's keys, none of the host's own
+    (Redis, paths, keys, table, mark, ownership: `state.HOST_LOCAL`)."""
+    return {k: v for k, v in state.doc.items() if k not in HOST_LOCAL}
 
 
 def _bucket_elements(by_proto: Mapping[str, Mapping[int, int]]) -> dict[str, list[list[int]]]:
@@ -388,7 +444,7 @@ def render(
         text, where, read = _render_text(dirs, name, ctx, state.template)
         kept_paths = None
     try:
-        doc = json.loads(text)
+        doc = json.loads(sent := _host_values(text, ctx))
     except json.JSONDecodeError as exc:
         raise TemplateError(
             f"{where}: rendered output is not JSON: {exc.msg} "
@@ -403,11 +459,14 @@ def render(
             "a libnftables document (about 12 levels)"
         )
     paths = kept_paths if reused is not None else []
-    if _TOKEN_JSON in text:
+    if _TOKEN_JSON in sent:
         bulk = {h.token: h for h in _placeholders(ctx)}
-        if not _splice_at(doc, kept_paths, bulk, text.count(_TOKEN_JSON)):
+        if not _splice_at(doc, kept_paths, bulk, sent.count(_TOKEN_JSON)):
             paths = _splice(doc, bulk)
+        _written_once(ctx, where)
     commands = _commands(doc, state, where)
+    if repository_templates(dirs):
+        _allowed(commands, state, ctx, dirs, where)
     # Kept once rendered, and again when a kept entry did not say where its placeholders sit.
     if key is not None and paths != kept_paths and (reused or _keep(key, dirs, name, ctx, text)):
         assert _RENDERED is not None
@@ -621,6 +680,50 @@ def _bounded_text(chunks: Iterable[str], where: str) -> str:
     return "".join(out)
 
 
+def _host_values(text: str, ctx: Mapping[str, Any]) -> str:
+    """The host's own values in place of their tokens (`Opaque`): each token is one whole
+    JSON string, so the text stays JSON (a token inside another string breaks it)."""
+    for opaque in (ctx["table"], ctx["mark"]):
+        text = text.replace(json.dumps(opaque.token), json.dumps(opaque._value))
+    return text
+
+
+def _written_once(ctx: Mapping[str, Any], where: str) -> None:
+    """Each element list at most once: the elements written are then bounded by the
+    validated state (a list written a thousand times by reference was 10^8 elements)."""
+    for h in _placeholders(ctx):
+        if h.written > 1 and (isinstance(h, Elements) or isinstance(h._value, list)):
+            raise TemplateError(
+                f"{where}: {h.token[len(_TOKEN) :]} written {h.written} times: expected each "
+                "element list at most once"
+            )
+
+
+def _allowed(
+    commands: list[dict], state: State, ctx: Mapping[str, Any], dirs: list[Path], where: str
+) -> None:
+    """A repository template (README, Security): only if the host allows them, and then
+    only what `templates.REPOSITORY` lists."""
+    from reconciler.core import templates
+
+    if not state.repository_templates:
+        first = repository_templates(dirs)[0]
+        raise TemplateError(
+            f"{first}: a template from the state repository: expected templates only from this "
+            "host (its local configuration may allow them: repository_templates: true)"
+        )
+    lists = {
+        id(h._value) for h in _placeholders(ctx) if isinstance(h, Hidden) and type(h._value) is list
+    }
+
+    def opaque(value: Any) -> bool:
+        return isinstance(value, Elements) or id(value) in lists
+
+    refused = templates.check_repository(commands, state.mark, opaque)
+    if refused is not None:
+        raise TemplateError(f"{where}: {refused}: not allowed in a repository template")
+
+
 def _placeholders(ctx: Mapping[str, Any]) -> list[Elements | Hidden]:
     """Every value a template writes as a placeholder: what holds the mapping, and the
     dynamic entries."""
@@ -671,6 +774,7 @@ def _splice_at(doc: Any, paths: Any, bulk: dict[str, Elements | Hidden], count: 
 
 
 def _value(found: Elements | Hidden) -> Any:
+    found.written += 1
     return found if isinstance(found, Elements) else found._value
 
 

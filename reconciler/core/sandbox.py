@@ -53,6 +53,13 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
 
     code_generator_class = _Codegen
 
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        """The context is read-only data: its own objects (element lists, placeholders)
+        have no attribute a template may read or call (`add` wrote past every bound)."""
+        if isinstance(obj, render.CONTEXT_TYPES):
+            return False
+        return super().is_safe_attribute(obj, attr, value)
+
     def concat_bounded(self, parts: Iterable[Any]) -> str:
         texts = [str(p) for p in parts]
         if sum(map(len, texts)) > render.MAX_RENDERED_CHARS:
@@ -140,7 +147,10 @@ def environment(
 ) -> jinja2.Environment:
     """The sandbox for `search`; `bytecode` makes the cache of compiled templates."""
     env = _Sandbox(
-        loader=_Loader([str(p) for p in search]),
+        loader=_Loader(
+            [str(p) for p in search],
+            [str(p) for p in search if isinstance(p, render.RepositoryDir)],
+        ),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
@@ -218,8 +228,11 @@ class _Loader(jinja2.FileSystemLoader):
     """Notes every template it reads (name, file, sha256 of the source): a rendered text
     kept across processes is reused only while those files are unchanged."""
 
-    def __init__(self, searchpath: list[str]) -> None:
+    def __init__(self, searchpath: list[str], repository: list[str] | None = None) -> None:
         super().__init__(searchpath)
+        # A repository's directory serves what a pull round exports: its top-level files,
+        # no dotfile, no sub-folder (the round never saw those; README, Security).
+        self.host_paths = [p for p in searchpath if p not in (repository or [])]
         self.read: dict[str, tuple[str, str]] = {}
         self.sources: dict[str, str] = {}
         self.missed: set[str] = set()
@@ -228,7 +241,13 @@ class _Loader(jinja2.FileSystemLoader):
         self, environment: jinja2.Environment, template: str
     ) -> tuple[str, str, Callable[[], bool]]:
         try:
-            source, filename, uptodate = super().get_source(environment, template)
+            if len(self.host_paths) < len(self.searchpath) and (
+                "/" in template or template.startswith(".")
+            ):
+                found = jinja2.FileSystemLoader(self.host_paths).get_source(environment, template)
+            else:
+                found = super().get_source(environment, template)
+            source, filename, uptodate = found
         except jinja2.TemplateNotFound:
             self.missed.add(template)  # `include [a, b]`, `ignore missing`: may appear later
             raise

@@ -62,6 +62,7 @@ HOST_LOCAL = (
     "audit_log",
     "drift_interval",
     "redis",
+    "repository_templates",
 )
 REDIS_DEFAULTS: dict[str, Any] = defaults.REDIS
 
@@ -131,6 +132,12 @@ class State:
         from reconciler.core.templates import support
 
         return "per_source" in support(self.template).features
+
+    @property
+    def repository_templates(self) -> bool:
+        """Whether the host's configuration allows templates kept in the state repository
+        (README, Security): host-local, so never a repository's say."""
+        return self.doc.get("repository_templates") is True
 
     def is_trusted(self, addr: Network) -> bool:
         return any(

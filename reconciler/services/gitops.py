@@ -92,11 +92,13 @@ class PullConfig:
         )
 
     def template_dirs(self) -> list[Path]:
-        """Template search path of passes between pulls: --templates, the applied commit's
-        templates/, the shipped ones (a round uses the new commit's own). The applied
-        commit's directory is listed even while absent, so the list stays right after a
-        pull adds it (Jinja2 skips a missing directory)."""
-        return [*self.templates, self.state_path / TEMPLATES, *render.template_dirs()]
+        """Template search path of passes between pulls: --templates, the templates the
+        round that applied the commit validated (`files.keep_templates`, never the clone:
+        it may hold more), the shipped ones (a round uses the new commit's own). The kept
+        directory is listed even while absent, so the list stays right after a pull adds
+        it (Jinja2 skips a missing directory)."""
+        kept = render.RepositoryDir(files.kept_templates(self.state_dir))
+        return [*self.templates, kept, *render.template_dirs()]
 
 
 @dataclass
@@ -184,7 +186,10 @@ class Puller:
         rec["head"] = head
         applied = (rec.get("applied") or {}).get("commit")
         rejected = rec.get("rejected") or {}
-        if not check and head == applied and self.repo.head() == head:
+        # A commit applied by an earlier version has no kept templates (`keep_templates`):
+        # it is validated and applied again once, so later renders read what a round read.
+        kept = (rec.get("applied") or {}).get("kept_templates")
+        if not check and head == applied and self.repo.head() == head and kept:
             _write_record(cfg.record_path, rec)
             return Outcome("unchanged", head, f"ok: commit {head[:12]} is applied", new=False)
         if not check and head == rejected.get("commit"):
@@ -213,6 +218,7 @@ class Puller:
             "result": result.status,
             "fingerprint": result.fingerprint,
             "audit_error": audit_error,
+            "kept_templates": True,
         }
         _write_record(cfg.record_path, rec)
         message = f"{result.line()} commit {head[:12]}"
@@ -330,6 +336,8 @@ class Puller:
             audit_error = None
             if not check:
                 try:
+                    kept = next((d for d in templates if isinstance(d, render.RepositoryDir)), None)
+                    files.keep_templates(cfg.state_dir, kept, commit)
                     self.repo.checkout(commit)
                 except MtdError as exc:
                     raise AfterApplyError(
@@ -381,9 +389,16 @@ class Puller:
     ) -> Iterator[tuple[State, list[Path]]]:
         cfg = self.config
         try:
-            export(self.repo, commit, cfg.path, tmp)
+            carried = export(self.repo, commit, cfg.path, tmp)
             state = files.load_state(tmp, host or cfg.host, cfg.local())
-            templates = [*cfg.templates, *files.state_templates(tmp), *render.template_dirs()]
+            if carried and not state.repository_templates:
+                raise MtdError(
+                    f"{carried[0]}: a template in the state repository: expected none (this "
+                    "host takes templates from its own directories; its local configuration "
+                    "may allow the repository's: repository_templates: true)"
+                )
+            kept = [render.RepositoryDir(d) for d in files.state_templates(tmp)]
+            templates = [*cfg.templates, *kept, *render.template_dirs()]
             yield state, templates
         except MtdError as exc:
             prefix = cfg.path.strip("/") + "/" if cfg.path.strip("/") else ""
@@ -418,8 +433,9 @@ class Puller:
             return  # the rejection is in pull.json and the log line: nothing changed
 
 
-def export(repo: Repo, commit: str, path: str, dest: Path) -> None:
-    """Write the commit's state files (and its templates/ directory) below `path` to `dest`."""
+def export(repo: Repo, commit: str, path: str, dest: Path) -> list[str]:
+    """Write the commit's state files (and its templates/ directory) below `path` to `dest`;
+    returns every file of the tree under templates/ (in sub-folders and dotfiles too)."""
     base = path.strip("/")
     parts = PurePosixPath(base).parts if base else ()
     for i in range(len(parts)):  # the state directory itself, and each one above it
@@ -430,7 +446,7 @@ def export(repo: Repo, commit: str, path: str, dest: Path) -> None:
                 f"{above}: not a directory (mode {entry.mode}): expected the state directory "
                 "(symbolic links are refused: the checkout would differ from what was validated)"
             )
-    wanted = []
+    wanted, carried = [], []
     tree = repo.files(commit, base)  # what the (sparse) checkout writes, once applied
     _check_checkout(tree)
     for entry in tree:
@@ -444,6 +460,8 @@ def export(repo: Repo, commit: str, path: str, dest: Path) -> None:
             )
         if {"..", ".", ""} & set(rel.split("/")):  # git's fsck refuses these too
             raise MtdError(f"{entry.path!r}: a path out of the state directory: expected a name")
+        if rel.split("/")[0] == TEMPLATES:
+            carried.append(entry.path)
         if not (inventory.kind(rel) or _is_template(rel)):
             continue
         if not entry.is_file:
@@ -467,6 +485,7 @@ def export(repo: Repo, commit: str, path: str, dest: Path) -> None:
         )
     for (rel, _), blob in zip(wanted, repo.blobs([e.oid for _, e in wanted]), strict=True):
         files.write_private(dest / rel, blob)
+    return carried
 
 
 # Bounds of what a round reads and the checkout writes, checked before anything is
