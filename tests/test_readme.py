@@ -64,8 +64,12 @@ def test_every_command_has_a_row_and_each_row_names_real_options():
 def exported_metrics() -> dict[str, tuple[str, dict[str, set[str]]]]:
     """Name as scraped -> (type, label -> values created at start); with `--pull`, so the
     pull metrics are there too (test_operator checks they are not without it)."""
+    from reconciler.services import crowdsec
+
     out = {}
-    for family in Metrics(pull=True).registry.collect():
+    metrics = Metrics(pull=True)
+    crowdsec.register(metrics)  # with `crowdsec:` in the host's configuration
+    for family in metrics.registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
         labels: dict[str, set[str]] = {}
         for sample in family.samples:

@@ -62,6 +62,7 @@ HOST_LOCAL = (
     "audit_log",
     "drift_interval",
     "redis",
+    "crowdsec",
 )
 REDIS_DEFAULTS: dict[str, Any] = defaults.REDIS
 
@@ -767,6 +768,7 @@ def _forbidden_paths(state: State, local: Local, locate: _Locator) -> list[str]:
         ("epoch_file",): state.epoch_file,
         ("audit_log",): state.audit_log,
         ("redis", "signing_key_file"): state.redis.get("signing_key_file"),
+        ("crowdsec", "key_file"): (state.doc.get("crowdsec") or {}).get("key_file"),
     }
     out = []
     for key, path in paths.items():

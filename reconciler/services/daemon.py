@@ -347,6 +347,9 @@ class Daemon:
         self._pull_info = self._read_pull_info()
         self._scrape_nft: Any = None
         self._watches: list[bus.WatchOrder] = []  # watch changes not applied yet
+        from reconciler.services import crowdsec  # `crowdsec:` of the host's configuration
+
+        self.crowdsec = crowdsec.follower(self.state, self)
         self.packets = self.metrics.packets
         self.packets.read = self._read_counters
 
@@ -388,6 +391,29 @@ class Daemon:
         if origin == "message":
             self.metrics.watches.labels("accepted").inc()
         self._queue.put(_Event("watch", order=order, reason=origin))
+
+    def crowdsec_orders(self, orders: list[bus.WatchOrder]) -> None:
+        """CrowdSec's decisions (from the follower's thread): to the fleet, as `mtd watch`
+        does; on this host alone without Redis, or while it cannot take them."""
+        config = self.bus_config
+        if config is not None:
+            try:
+                _, problems = bus.publish_watches(config, orders)
+            except MtdError as exc:
+                problem = "; ".join(exc.problems)
+                event(
+                    self.log,
+                    logging.WARNING,
+                    "crowdsec",
+                    f"{problem}: CrowdSec decisions applied on this host only",
+                    error=problem,
+                )
+            else:
+                for problem in problems:
+                    event(self.log, logging.ERROR, "crowdsec", problem, error=problem)
+                return
+        for order in orders:
+            self._queue.put(_Event("watch", order=order, reason="crowdsec"))
 
     def ignored(self, outcome: str) -> None:
         self.metrics.triggers.labels(outcome).inc()
@@ -563,9 +589,13 @@ class Daemon:
             self.subscriber = self._subscribe(
                 config, self, wait=self.options.start_wait, logger=self.log
             )
+        if self.crowdsec is not None:
+            self.crowdsec.start()
         try:
             self._loop()
         finally:
+            if self.crowdsec is not None:
+                self.crowdsec.stop(timeout=0.1)
             if self.subscriber is not None:
                 self.subscriber.stop(timeout=0.5)
             if self.monitor is not None:
@@ -896,8 +926,11 @@ class Daemon:
         last = {o.source: o for o in orders}
         nets = watching.trusted(self.state)
         now = time.time()
-        add, remove = [], []
+        add, remove, release = [], [], []
         for o in last.values():
+            if o.op == "del" and o.origin == "crowdsec":  # never ends an operator's watch
+                release.append((o.source, o.origin))
+                continue
             if o.op == "del":
                 remove.append(o.source)
                 continue
@@ -908,12 +941,12 @@ class Daemon:
                 event(self.log, logging.WARNING, "rejected", f"watch add ignored: {exc}")
                 continue
             if o.expires_at - now >= 1:
-                add.append(watch.Entry(o.source, "redis", o.reason, o.expires_at))
-        if not add and not remove:
+                add.append(watch.Entry(o.source, o.origin, o.reason, o.expires_at))
+        if not add and not remove and not release:
             return
         try:
             with files.reconcile_lock(self.state.epoch_file), self._quiet():
-                out = watching.change(self.state, self.nft, add, remove, now=now)
+                out = watching.change(self.state, self.nft, add, remove, now=now, release=release)
         except MtdError as exc:
             problem = "; ".join(exc.problems)
             event(

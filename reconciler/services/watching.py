@@ -106,20 +106,29 @@ def change(
     remove: Iterable[str] = (),
     *,
     now: float | None = None,
+    release: Iterable[tuple[str, str]] = (),
 ) -> Outcome:
     """Store the entries, then apply them to the kernel in one small transaction. The
-    caller holds the reconcile lock (and the monitor's quiet window, in the daemon)."""
+    caller holds the reconcile lock (and the monitor's quiet window, in the daemon).
+    `release`: (source, origin) removed only while its entry has that origin (a CrowdSec
+    decision's end never ends an operator's watch); a CrowdSec entry already held as given
+    is not applied again (two hosts following one Local API publish each decision)."""
     now = time.time() if now is None else now
     out = Outcome()
     with watchstore.locked(state.epoch_file) as path:
         entries = watch.live(watchstore.load(path), now)
         chosen = dict(entries)  # before this change: whose kernel elements are an operator's
         for entry in add:
+            held = entries.get(entry.source)
+            if entry.origin == "crowdsec" and held is not None and _same(held, entry):
+                continue
             problem = watchstore.put(entries, entry, now)
             if problem:
                 out.problems.append(problem)
             elif entry.left(now) >= 1:
                 out.added.append(entry)
+        remove = list(remove)
+        remove += [s for s, origin in release if s in entries and entries[s].origin == origin]
         for source in remove:
             entries.pop(source, None)
             out.removed.append(source)
@@ -139,6 +148,10 @@ def change(
         return out
     out.kernel = True
     return out
+
+
+def _same(held: Entry, entry: Entry) -> bool:
+    return held.origin == entry.origin and abs(held.expires_at - entry.expires_at) < 2.0
 
 
 def _make_room(
