@@ -618,6 +618,7 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
     full.setdefault("trusted", [])
     full.setdefault("buckets", DEFAULT_BUCKETS)
     full.setdefault("tripwire", None)  # none: no port trips
+    full.setdefault("crowdsec", None)  # none: no CrowdSec Local API followed
     full["ports"] = {
         **full["ports"],
         "services": {**{p: [] for p in PROTOCOLS}, **full["ports"]["services"]},
