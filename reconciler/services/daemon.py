@@ -34,7 +34,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily
 
 from reconciler import __version__, defaults
@@ -90,7 +97,30 @@ class Metrics:
 
     def __init__(self, pull: bool = False) -> None:
         """`pull`: also the metrics of `--pull` (not exported at 0 by a daemon that never pulls)."""
+        # No `_created` series: a timestamp per series that no dashboard reads, doubling what
+        # every scrape carries (a process-wide switch of prometheus-client).
+        disable_created_metrics()
         r = self.registry = CollectorRegistry()
+        self.build = Gauge(
+            "mtd_build_info", "1, labelled with the running mtd's version", ["version"], registry=r
+        )
+        self.build.labels(__version__).set(1)
+        self.in_sync = Gauge(
+            "mtd_in_sync",
+            "1 while the last pass succeeded at the highest epoch known (and, with --pull, "
+            "at the branch head): what mtd fleet status shows as converged",
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "mtd_last_success_timestamp_seconds",
+            "Unix time the last reconcile pass succeeded (0: none yet)",
+            registry=r,
+        )
+        self.redis_reconnects = Counter(
+            "mtd_redis_reconnects",
+            "Times the Redis subscription came back after a loss",
+            registry=r,
+        )
         self.reconciles = Counter(
             "mtd_reconciles", "Reconcile passes by result", ["result"], registry=r
         )
@@ -352,6 +382,8 @@ class Daemon:
         self.crowdsec = crowdsec.follower(self.state, self)
         self.packets = self.metrics.packets
         self.packets.read = self._read_counters
+        self._redis_seen = self._redis_lost = False  # for mtd_redis_reconnects_total
+        self.metrics.in_sync.set_function(lambda: 1.0 if self.in_sync() else 0.0)
 
     @property
     def pulls(self) -> bool:
@@ -383,6 +415,12 @@ class Daemon:
         self._queue.put(_Event("trigger", trigger))
 
     def connection(self, up: bool) -> None:
+        if up and self._redis_lost:
+            self.metrics.redis_reconnects.inc()
+        if up:
+            self._redis_seen, self._redis_lost = True, False
+        elif self._redis_seen:
+            self._redis_lost = True
         self.metrics.redis_up.set(1 if up else 0)
 
     def watch(self, order: bus.WatchOrder, origin: str = "message") -> None:
@@ -459,11 +497,7 @@ class Daemon:
         known = self.known_epoch()
         pull = self._pull_info
         error = self._last_error or (pull["error"] if pull else None)
-        in_sync = (
-            self._last_result in ("ok", "changed")
-            and self.applied >= known
-            and (pull is None or (pull["commit"] is not None and pull["head"] == pull["commit"]))
-        )
+        in_sync = self.in_sync()
         return {
             "host": self.host,
             "epoch": self.applied,
@@ -479,6 +513,16 @@ class Daemon:
             "started": round(self._started, 3),
             "ttl": self.bus_config.heartbeat_ttl if self.bus_config else None,
         }
+
+    def in_sync(self) -> bool:
+        """The last pass succeeded at the highest epoch known, and with `--pull` at the
+        branch head (also read by the metrics thread: a snapshot of plain attributes)."""
+        pull = self._pull_info
+        return (
+            self._last_result in ("ok", "changed")
+            and self.applied >= self.known_epoch()
+            and (pull is None or (pull["commit"] is not None and pull["head"] == pull["commit"]))
+        )
 
     def _read_pull_info(self) -> dict[str, Any] | None:
         if self.puller is None:
@@ -1040,6 +1084,7 @@ class Daemon:
         self._last_result, self._last_error = result.status, None
         self._beat()
         m = self.metrics
+        m.last_success.set(time.time())
         m.reconciles.labels(result.status).inc()
         m.duration.observe(took)
         m.epoch.set(result.epoch)
