@@ -42,7 +42,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -687,6 +687,28 @@ def write_heartbeat(client: redis.Redis, config: BusConfig, record: dict[str, An
         pipe.set(heartbeat_host_key(config, host), data, px=ttl_ms)
         pipe.hset(config.heartbeat_key, host, data)
         pipe.execute()
+
+
+STOP_TIMEOUT = 0.3  # seconds the last record of a stopping daemon may take (it must stop fast)
+
+
+def write_stopped(config: BusConfig, record: dict[str, Any]) -> None:
+    """At a stop on purpose: the last record says so (`mtd fleet status` shows `stopped`,
+    not `silent`) and the live key goes. Best effort: Redis away, the host turns silent."""
+    if not config.heartbeat_key:
+        return
+    data = json.dumps(record | {"stopped": True}, separators=(",", ":"), sort_keys=True)
+    host = str(record["host"])
+    client = connect(replace(config, timeout=min(config.timeout, STOP_TIMEOUT)))
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.hset(config.heartbeat_key, host, data)
+            pipe.delete(heartbeat_host_key(config, host))
+            pipe.execute()
+    except (redis.RedisError, OSError):
+        pass
+    finally:
+        client.close()
 
 
 def read_heartbeats(
@@ -1413,6 +1435,11 @@ class Subscriber:
             return epoch
         if epoch < applied:
             try:
+                # A fresh Redis (or one that restarted without its data) holds no epoch: to
+                # be filled in, not warned about as a fleet behind this host.
+                absent = epoch == 0 and not client.exists(
+                    self.config.epoch_key, self.config.last_key
+                )
                 raised = put_back(client, self.config, applied)
             except MtdError as exc:
                 self._report(str(exc))
@@ -1431,6 +1458,15 @@ class Subscriber:
                     epoch=applied,
                     was=epoch,
                     reason=reason,
+                )
+            elif raised and absent:
+                event(
+                    self.log,
+                    logging.INFO,
+                    "redis",
+                    f"{self.config.epoch_key} not set (a new Redis, or one that restarted "
+                    f"without its data): put back epoch {applied}, this host's",
+                    epoch=applied,
                 )
             elif raised:
                 event(

@@ -383,6 +383,12 @@ class Daemon:
         self.packets = self.metrics.packets
         self.packets.read = self._read_counters
         self._redis_seen = self._redis_lost = False  # for mtd_redis_reconnects_total
+        # What `mtd status` shows of this daemon (daemon.json): written by the loop and the
+        # bus thread, so under a lock of its own.
+        self._status_lock = threading.Lock()
+        self._redis_connected = False
+        self._last_trigger: dict[str, Any] | None = None
+        self._last_pass: dict[str, Any] | None = None
         self.metrics.in_sync.set_function(lambda: 1.0 if self.in_sync() else 0.0)
 
     @property
@@ -410,6 +416,11 @@ class Daemon:
     def trigger(self, trigger: bus.Trigger) -> None:
         with self._lock:
             self._known = max(self._known, trigger.epoch)
+        self._last_trigger = {
+            "epoch": trigger.epoch,
+            "origin": trigger.origin,
+            "time": round(time.time(), 3),
+        }
         if trigger.origin == "message":
             self.metrics.triggers.labels("accepted").inc()
         self._queue.put(_Event("trigger", trigger))
@@ -422,6 +433,9 @@ class Daemon:
         elif self._redis_seen:
             self._redis_lost = True
         self.metrics.redis_up.set(1 if up else 0)
+        if up != self._redis_connected:
+            self._redis_connected = up
+            self._write_status()
 
     def watch(self, order: bus.WatchOrder, origin: str = "message") -> None:
         """A watch change from the fleet: applied by the loop at once (no `min_interval`:
@@ -642,6 +656,8 @@ class Daemon:
                 self.crowdsec.stop(timeout=0.1)
             if self.subscriber is not None:
                 self.subscriber.stop(timeout=0.5)
+                if self._stopping and self.bus_config is not None:  # on purpose: `stopped`
+                    bus.write_stopped(self.bus_config, self.heartbeat())
             if self.monitor is not None:
                 self.monitor.stop()
             self._exit()
@@ -1041,21 +1057,46 @@ class Daemon:
         self._write_status()
 
     def _write_status(self, running: bool = True) -> None:
+        """daemon.json: what `mtd status` shows of this daemon (no secret, no URL password);
+        removed when it stops."""
         path = files.daemon_status_path(self.state.epoch_file)
+        config = self.bus_config
         try:
-            if running:
-                status = {"pid": os.getpid(), "secret_problem": self.secret_problem}
-                files.write_atomic(path, json.dumps(status) + "\n", mode=0o600)
-            else:
-                path.unlink(missing_ok=True)
-        except OSError as exc:
-            event(self.log, logging.ERROR, "error", f"{path}: {exc.strerror}", error=str(exc))
+            with self._status_lock:
+                if not running:
+                    path.unlink(missing_ok=True)
+                    return
+                status = {
+                    "pid": os.getpid(),
+                    "started": round(self._started, 3),
+                    "secret_problem": self.secret_problem,
+                    "redis": None
+                    if config is None
+                    else {
+                        "where": config.where,
+                        "connected": self._redis_connected,
+                        "last_trigger": self._last_trigger,
+                    },
+                    "last_pass": self._last_pass,
+                }
+                text = json.dumps(status) + "\n"
+                files.write_atomic(path, text, mode=0o600, sync=False)
+        except (OSError, MtdError) as exc:
+            problem = "; ".join(getattr(exc, "problems", [f"{path}: {exc}"]))
+            event(self.log, logging.ERROR, "error", problem, error=problem)
 
     def _failed(self, origin: str, problem: str, took: float) -> None:
         """The next try comes with the drift timer, sooner when that is an hour away."""
         retry = min(self.drift_interval, RETRY)
         self._next_drift = self._last_run + retry
         self._last_result, self._last_error = "error", problem
+        self._last_pass = {
+            "time": round(time.time(), 3),
+            "result": "error",
+            "epoch": self.target,
+            "error": redact(problem),
+        }
+        self._write_status()
         self._beat()
         self.metrics.reconciles.labels("error").inc()
         event(
@@ -1082,9 +1123,12 @@ class Daemon:
         why: str = "",
     ) -> None:
         self._last_result, self._last_error = result.status, None
+        now = time.time()
+        self._last_pass = {"time": round(now, 3), "result": result.status, "epoch": result.epoch}
+        self._write_status()
         self._beat()
         m = self.metrics
-        m.last_success.set(time.time())
+        m.last_success.set(now)
         m.reconciles.labels(result.status).inc()
         m.duration.observe(took)
         m.epoch.set(result.epoch)
