@@ -152,7 +152,7 @@ def _pass(
     with undo as guard:
         return _pass_locked(
             ctx, state, guard, check=check, epoch=epoch, advance=advance, read_live=read_live,
-            creates=creates, force=force, confirm_seconds=confirm_seconds,
+            creates=creates, force=force, confirm_seconds=confirm_seconds, preview=preview,
         )  # fmt: skip
 
 
@@ -185,9 +185,10 @@ def _pass_locked(
     creates: bool,
     force: bool,
     confirm_seconds: int | None,
+    preview: bool,
 ) -> Any:
     from reconciler.services import confirm, lockout, watching
-    from reconciler.services.reconcile import provision_secret, reconcile
+    from reconciler.services.reconcile import provision_secret, read_secret, reconcile
 
     if not check:  # a change that could not be recorded is not made
         auditlog.check_writable(state.audit_log)
@@ -205,8 +206,8 @@ def _pass_locked(
                     "live: the secret was lost: restore it from a backup (nothing to preview)"
                 )
             secret, drawn = PLACEHOLDER_SECRET, True
-        else:  # read-only: never creates one
-            secret = files.load_secret(state.secret_file)
+        else:  # read-only: never creates one (a lost one: the advice `apply` gives)
+            secret = read_secret(state, nft)
         current = files.read_epoch(state.epoch_file) + (1 if advance else 0)
         target = current if epoch is None else epoch
         forced = False

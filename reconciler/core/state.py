@@ -618,6 +618,8 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
     full.setdefault("trusted", [])
     full.setdefault("buckets", DEFAULT_BUCKETS)
     full.setdefault("tripwire", None)  # none: no port trips
+    if tripwire is not None:  # `for: 1h` is 3600 to templates too
+        full["tripwire"] = {**full["tripwire"], "for": tripwire.seconds}
     full.setdefault("crowdsec", None)  # none: no CrowdSec Local API followed
     full["ports"] = {
         **full["ports"],
@@ -758,7 +760,14 @@ def _tripwire(
                         "(every client of that service would trip it)",
                     )
                 )
-    return Tripwire(ports=ports, seconds=int(given["for"]))
+    from reconciler.core import watch
+
+    try:
+        seconds = watch.seconds(given["for"])
+    except watch.WatchError as exc:  # the schema let a string of that shape through
+        problems.append(locate(["tripwire", "for"], str(exc).removeprefix("--for ")))
+        seconds = 1
+    return Tripwire(ports=ports, seconds=seconds)
 
 
 def _forbidden_paths(state: State, local: Local, locate: _Locator) -> list[str]:

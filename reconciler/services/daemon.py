@@ -383,6 +383,7 @@ class Daemon:
         self.packets = self.metrics.packets
         self.packets.read = self._read_counters
         self._redis_seen = self._redis_lost = False  # for mtd_redis_reconnects_total
+        self._stop_requested = threading.Event()
         # What `mtd status` shows of this daemon (daemon.json): written by the loop and the
         # bus thread, so under a lock of its own.
         self._status_lock = threading.Lock()
@@ -561,7 +562,21 @@ class Daemon:
         self._queue.put(_Event("reload"))
 
     def request_stop(self) -> None:
+        self._stop_requested.set()
         self._queue.put(_Event("stop"))
+
+    def _first_attempt(self, subscriber: Any) -> None:
+        """Up to `start_wait` for the fleet's epoch before the first pass, but not past a
+        SIGTERM: the unit promises a stop within a second, also while Redis is away."""
+        first = getattr(subscriber, "first_attempt", None)
+        if first is None:
+            return
+        deadline = time.monotonic() + self.options.start_wait
+        while not first.is_set() and not self._stop_requested.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            first.wait(min(left, 0.05))
 
     def _read_counters(self) -> dict[str, int] | None:
         """From the metrics thread: a libnftables context of its own (one is not shared)."""
@@ -644,9 +659,8 @@ class Daemon:
         self._write_status(running=False)  # what a daemon killed before left behind
         self._follow_events()
         if config is not None:
-            self.subscriber = self._subscribe(
-                config, self, wait=self.options.start_wait, logger=self.log
-            )
+            self.subscriber = self._subscribe(config, self, logger=self.log)
+            self._first_attempt(self.subscriber)
         if self.crowdsec is not None:
             self.crowdsec.start()
         try:
@@ -655,9 +669,11 @@ class Daemon:
             if self.crowdsec is not None:
                 self.crowdsec.stop(timeout=0.1)
             if self.subscriber is not None:
-                self.subscriber.stop(timeout=0.5)
-                if self._stopping and self.bus_config is not None:  # on purpose: `stopped`
-                    bus.write_stopped(self.bus_config, self.heartbeat())
+                # A thread blocked connecting to a Redis that is away is left to die with
+                # the process: a stop takes well under the second the unit promises.
+                self.subscriber.stop(timeout=0.25)
+                if self._stopping and self.bus_config is not None and self._redis_connected:
+                    bus.write_stopped(self.bus_config, self.heartbeat())  # `stopped`, on purpose
             if self.monitor is not None:
                 self.monitor.stop()
             self._exit()
