@@ -336,3 +336,16 @@ def test_crowdsec_is_a_host_setting_never_from_a_repository(tmp_path: Path):
     assert out.returncode == 1
     assert "crowdsec: a host-local setting: expected it only in the host's local" in out.stderr
     assert mtd("-s", str(path), "validate").returncode == 0
+
+
+def test_ranges_cannot_grow_the_book_past_what_the_store_holds(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(crowdsec, "MAX_HELD", 600)
+    book = Book()
+    items = [ban(i, f"10.0.{i}.0/24", scope="Range") for i in range(3)]
+    assert book.full(items, NOW) == [
+        "decision 2: 256 more sources would pass the 600 mtd watches: not added"
+    ]
+    assert book.held == 512 and len(book.units(NOW)) == 512
+    book.delta([], [ban(0, "10.0.0.0/24")], NOW)
+    assert book.delta([items[2]], [], NOW) == [] and book.held == 512
+    assert book.full(items[:2], NOW) == [] and book.held == 512  # a resync starts afresh

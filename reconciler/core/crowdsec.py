@@ -29,6 +29,7 @@ TYPES = ("ban",)  # what mtd acts on; captcha, throttle... are other bouncers' b
 SCOPES = ("ip", "range")
 MAX_UNITS = 256  # sources (IPv4 addresses, IPv6 /64s) one decision may watch: a /24, a /56
 MAX_DECISIONS = watch.MAX_ENTRIES  # in one response, and in the book
+MAX_HELD = watch.MAX_ENTRIES  # sources all held decisions watch (what the store can hold)
 MAX_VALUE = 64  # characters of a decision's value (an address or a prefix)
 SAME = 2.0  # seconds within which an expiry is the same (a duration is read at each pull)
 _GO_DURATION = re.compile(r"^(-?)((?:\d+(?:\.\d+)?(?:h|m|s|ms|us|µs|ns))+)$")
@@ -129,6 +130,7 @@ class Book:
     """The live ban decisions by id (what the Local API said, minus what expired)."""
 
     decisions: dict[int, Decision] = field(default_factory=dict)
+    held: int = 0  # units of all decisions (a source in two decisions counts twice)
 
     def units(self, now: float) -> Units:
         """Each watched unit with its latest expiry (and that decision's reason)."""
@@ -143,7 +145,7 @@ class Book:
 
     def full(self, items: Iterable[Any], now: float) -> list[str]:
         """Replace the book with a startup list; the problems, one line each."""
-        self.decisions = {}
+        self.decisions, self.held = {}, 0
         return self.delta(items, (), now)
 
     def delta(self, new: Iterable[Any], deleted: Iterable[Any], now: float) -> list[str]:
@@ -151,8 +153,8 @@ class Book:
         problems: list[str] = []
         for item in deleted:
             ident = item.get("id") if isinstance(item, dict) else None
-            if type(ident) is int:
-                self.decisions.pop(ident, None)
+            if type(ident) is int and ident in self.decisions:
+                self.held -= len(self.decisions.pop(ident).units)
         for item in new:
             try:
                 d = decision(item, now)
@@ -164,8 +166,18 @@ class Book:
             if d.id not in self.decisions and len(self.decisions) >= MAX_DECISIONS:
                 problems.append(f"decision {d.id}: {MAX_DECISIONS} decisions held: not added")
                 continue
+            old = self.decisions.get(d.id)
+            held = self.held - (len(old.units) if old else 0)
+            if held + len(d.units) > MAX_HELD:  # 100,000 /24 ranges would be 25 million
+                problems.append(
+                    f"decision {d.id}: {len(d.units)} more sources would pass the {MAX_HELD} "
+                    "mtd watches: not added"
+                )
+                continue
             self.decisions[d.id] = d
+            self.held = held + len(d.units)
         self.decisions = {i: d for i, d in self.decisions.items() if d.expires_at - now >= 1}
+        self.held = sum(len(d.units) for d in self.decisions.values())
         return problems
 
 
