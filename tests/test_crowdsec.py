@@ -349,3 +349,34 @@ def test_ranges_cannot_grow_the_book_past_what_the_store_holds(monkeypatch: pyte
     book.delta([], [ban(0, "10.0.0.0/24")], NOW)
     assert book.delta([items[2]], [], NOW) == [] and book.held == 512
     assert book.full(items[:2], NOW) == [] and book.held == 512  # a resync starts afresh
+
+
+def test_a_reload_follows_a_changed_local_api_and_stops_a_removed_one(tmp_path: Path):
+    import logging
+    from types import SimpleNamespace
+
+    from reconciler.adapters import files
+    from reconciler.services import crowdsec as service
+    from reconciler.services.daemon import Metrics
+
+    key = tmp_path / "key"
+    key.write_text("k" * 32)
+    key.chmod(0o600)
+
+    def state(url: str | None) -> Any:
+        extra = {"crowdsec": {"url": url, "key_file": str(key), "interval": 60}} if url else {}
+        return files.load_state(write_state(tmp_path / "s.yaml", **extra))
+
+    first = state("http://127.0.0.1:1")
+    daemon = SimpleNamespace(state=first, metrics=Metrics(), log=logging.getLogger("t"),
+                             crowdsec=None, crowdsec_orders=lambda orders: None)  # fmt: skip
+    daemon.crowdsec = service.reloaded(daemon, first)
+    following = daemon.crowdsec
+    assert following is not None and following.config.url == "http://127.0.0.1:1"
+    assert service.reloaded(daemon, state("http://127.0.0.1:1")) is following  # unchanged
+    other = service.reloaded(daemon, state("http://127.0.0.1:2"))
+    assert other is not None and other.config.url == "http://127.0.0.1:2"
+    assert not following._thread.is_alive()
+    daemon.crowdsec = other
+    assert service.reloaded(daemon, state(None)) is None
+    assert not other._thread.is_alive()

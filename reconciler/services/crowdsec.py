@@ -199,3 +199,23 @@ def follower(state: Any, daemon: Any) -> Follower | None:
         logger=daemon.log,
         metrics=metrics,
     )
+
+
+def reloaded(daemon: Any, state: Any) -> Follower | None:
+    """After a reload (SIGHUP): the same follower when `crowdsec:` did not change; else the
+    old one stopped and the new one started (a bad key file is logged, none followed)."""
+    old = daemon.crowdsec
+    config = lapi.Config.from_state(state)
+    if old is not None and old.config == config:
+        return old
+    if old is not None:
+        old.stop(timeout=0.1)
+    if config is None:
+        return None
+    try:
+        new = follower(state, daemon)
+    except MtdError as exc:
+        problem = "; ".join(exc.problems)
+        event(daemon.log, logging.ERROR, "crowdsec", f"not followed: {problem}", error=problem)
+        return None
+    return new.start() if new is not None else None

@@ -829,6 +829,9 @@ class Daemon:
         if secret:
             self._reload_secret(state)
         self._check_secret()
+        from reconciler.services import crowdsec
+
+        self.crowdsec = crowdsec.reloaded(self, state)
         if config != self.bus_config:
             self.bus_config = config
             if self.subscriber is not None:
