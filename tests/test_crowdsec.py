@@ -380,3 +380,14 @@ def test_a_reload_follows_a_changed_local_api_and_stops_a_removed_one(tmp_path: 
     daemon.crowdsec = other
     assert service.reloaded(daemon, state(None)) is None
     assert not other._thread.is_alive()
+
+
+def test_decisions_kept_while_redis_is_down_keep_their_origin(tmp_path: Path):
+    from reconciler.adapters import watchstore
+
+    epoch = tmp_path / "epoch"
+    change = {"op": "add", "source": "192.0.2.7", "reason": "crowdsec x",
+              "expires_at": NOW, "origin": "crowdsec"}  # fmt: skip
+    forged = change | {"source": "192.0.2.8", "origin": "tripwire"}  # not an origin to publish
+    watchstore.keep_unpublished(epoch, [change, forged])
+    assert watchstore.take_unpublished(epoch) == [change]

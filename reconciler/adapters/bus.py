@@ -1312,7 +1312,8 @@ class Subscriber:
             left = min(left, MAX_SECONDS)  # a record from a clock set back
             if c["op"] == "add" and left < 1:
                 continue  # expired while Redis was down
-            order = WatchOrder(c["op"], c["source"], left, c["reason"], round(now, 6))
+            origin = c.get("origin", "redis")  # a CrowdSec decision stays one fleet-wide
+            order = WatchOrder(c["op"], c["source"], left, c["reason"], round(now, 6), origin)
             try:
                 publish_watch(self.config, order)
             except MtdError as exc:

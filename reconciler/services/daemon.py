@@ -458,9 +458,17 @@ class Daemon:
                     self.log,
                     logging.WARNING,
                     "crowdsec",
-                    f"{problem}: CrowdSec decisions applied on this host only",
+                    f"{problem}: CrowdSec decisions applied on this host alone, published to "
+                    "the fleet once Redis is back",
                     error=problem,
                 )
+                kept = [
+                    {"op": o.op, "source": o.source, "reason": o.reason, "origin": o.origin,
+                     "expires_at": o.expires_at if o.op == "add" else 0}
+                    for o in orders
+                ]  # fmt: skip
+                with contextlib.suppress(MtdError):
+                    watchstore.keep_unpublished(self.state.epoch_file, kept)
             else:
                 for problem in problems:
                     event(self.log, logging.ERROR, "crowdsec", problem, error=problem)
