@@ -177,7 +177,9 @@ def test_the_follower_loses_nothing_while_the_lapi_is_away():
 
 
 @contextmanager
-def serving(body: bytes, status: int = 200, length: int | None = None) -> Iterator[str]:
+def serving(
+    body: bytes, status: int = 200, length: int | None = None, dribble: float = 0.0
+) -> Iterator[str]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(status)
@@ -185,7 +187,12 @@ def serving(body: bytes, status: int = 200, length: int | None = None) -> Iterat
                 self.send_header("Content-Length", str(length))
             self.end_headers()
             with suppress(OSError):
-                self.wfile.write(body)
+                if not dribble:
+                    self.wfile.write(body)
+                for i in range(len(body) if dribble else 0):  # a byte at a time, slowly
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(dribble)
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -200,9 +207,9 @@ def serving(body: bytes, status: int = 200, length: int | None = None) -> Iterat
         server.server_close()
 
 
-def _stream_in_a_box(url: str) -> subprocess.CompletedProcess:
+def _stream_in_a_box(url: str, total: float = 60.0) -> subprocess.CompletedProcess:
     code = (
-        "import sys\nfrom reconciler.adapters import crowdsec\n"
+        f"import sys\nfrom reconciler.adapters import crowdsec\ncrowdsec.TOTAL = {total}\n"
         "try:\n    print(crowdsec.Lapi(sys.argv[1], 'k' * 32).stream(True))\n"
         "except crowdsec.LapiError as e:\n    print(e)\n"
     )
@@ -232,6 +239,17 @@ def test_hostile_answers_are_bounded_and_refused_in_one_line(
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert out.stdout.startswith(f"crowdsec {url}: {line}"), out.stdout
     assert "k" * 32 not in out.stdout
+
+
+def test_an_answer_dribbled_byte_by_byte_is_given_up_on_time():
+    with serving(b'{"new": [' + b" " * 200, dribble=0.05) as url:
+        start = time.monotonic()
+        out = _stream_in_a_box(url, total=1.0)
+        took = time.monotonic() - start
+    assert out.stdout == (
+        f"crowdsec {url}: an answer still coming after 1 s: expected the decision stream at once\n"
+    ), out.stdout + out.stderr
+    assert took < 5
 
 
 def test_the_key_file_must_be_private(tmp_path: Path):

@@ -10,6 +10,7 @@ the key is sent in its header and nowhere else: never in a message, a log or an 
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,6 +24,7 @@ from reconciler.errors import MtdError
 
 MAX_BYTES = 32 << 20  # a startup list of 100,000 decisions is about 25 MB
 TIMEOUT = 10.0  # seconds for one request (connect and each read)
+TOTAL = 60.0  # seconds a whole answer may take (a peer dribbling bytes holds no more)
 STREAM = "/v1/decisions/stream"
 USER_AGENT = "mtd-bouncer"
 INTERVAL = 2.0  # seconds between two pulls: a ban is watched within seconds
@@ -98,7 +100,7 @@ class Lapi:
                 length = response.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > MAX_BYTES:
                     raise LapiError(self._too_large(int(length)))
-                body = response.read(MAX_BYTES + 1)
+                body = self._read(response)
         except urllib.error.HTTPError as exc:
             raise LapiError(self._status(exc.code)) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -108,6 +110,24 @@ class Lapi:
         if len(body) > MAX_BYTES:
             raise LapiError(self._too_large(len(body)))
         return parse(body, self.where)
+
+    def _read(self, response: Any) -> bytes:
+        """The body, at most `MAX_BYTES + 1` bytes and `TOTAL` seconds."""
+        deadline = time.monotonic() + TOTAL
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_BYTES:
+            chunk = response.read1(min(1 << 16, MAX_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if time.monotonic() > deadline:
+                raise LapiError(
+                    f"crowdsec {self.where}: an answer still coming after {TOTAL:g} s: "
+                    "expected the decision stream at once"
+                )
+        return b"".join(chunks)
 
     def _status(self, code: int) -> str:
         if code in (401, 403):
