@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 MTD := $(VENV)/bin/mtd
 STATE ?= desired_state
 HOST ?=
-DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg fail2ban
+DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg \
+	fail2ban crowdsec prometheus
 HOST_ARG := $(if $(HOST),--host $(HOST),)
 
 .PHONY: setup deb venv test unit lint diff apply rotate status demo bench bench-quick install fuzz clean
@@ -13,12 +14,19 @@ HOST_ARG := $(if $(HOST),--host $(HOST),)
 setup: deb venv
 
 # Installs only the Debian packages that are missing, so a second run changes nothing.
+# crowdsec's postinst registers to the Central API unless its credentials file exists (it
+# fails offline, leaving the package half-configured): the tests need its Local API alone.
 deb:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
 	  done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
+	  if printf '%s\n' $$missing | grep -qx crowdsec; then \
+	    install -d -m 755 /etc/crowdsec; \
+	    [ -s /etc/crowdsec/online_api_credentials.yaml ] || \
+	      echo '# no Central API: the tests use a Local API alone' > /etc/crowdsec/online_api_credentials.yaml; \
+	  fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 

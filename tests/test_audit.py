@@ -29,11 +29,11 @@ def test_one_private_json_line_per_record(tmp_path: Path):
 
 
 def test_an_existing_log_readable_by_others_is_refused_not_re_moded(tmp_path: Path):
-    """mtd never changes a file it did not create (issue 8): a 0644 file is not its log."""
+    """mtd never re-modes an audit log (issue 8): a 0644 file is refused with the fix to run."""
     log = tmp_path / "audit.jsonl"
     log.write_text("")
     log.chmod(0o644)
-    with pytest.raises(MtdError, match=r"not an audit log mtd created \(mode 0644"):
+    with pytest.raises(MtdError, match=r"mode 0644: expected 0600, the audit log is private"):
         auditlog.record(log, host="h", origin="drift", epoch=1, result="changed", fingerprint="x")
     assert stat.S_IMODE(log.stat().st_mode) == 0o644 and log.read_text() == ""
     log.chmod(0o600)

@@ -222,13 +222,17 @@ def test_status_classifies_each_host():
         ("a", "ok"), ("b", "changed"), ("c", "behind"), ("d", "behind"),
         ("e", "rejected"), ("f", "rejected"), ("g", "silent"),
     ]  # fmt: skip
-    assert fleet.recap(rows) == {"ok": 1, "changed": 1, "behind": 2, "rejected": 2, "silent": 1}
+    assert fleet.recap(rows) == {
+        "ok": 1, "changed": 1, "behind": 2, "rejected": 2, "silent": 1, "stopped": 0
+    }  # fmt: skip
     assert not fleet.converged(rows) and fleet.converged(rows[:2]) and not fleet.converged([])
     text = fleet.table(rows, 7, now=1003.0)
     assert text[0].split()[:4] == ["HOST", "STATUS", "EPOCH", "COMMIT"]
     assert text[1].split()[:6] == ["a", "ok", "7", "0d9c48f64d98", "ok", "3s"]
     assert "last pass failed: secret file has mode 0644" in text[5]
-    assert text[-1] == "recap: ok=1 changed=1 behind=2 rejected=2 silent=1 (fleet epoch 7, 7 hosts)"
+    assert text[-1] == (
+        "recap: ok=1 changed=1 behind=2 rejected=2 silent=1 stopped=0 (fleet epoch 7, 7 hosts)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -365,7 +369,9 @@ def test_fleet_status_cli(server: RedisServer, tmp_path: Path):
     out = mtd("-s", str(state), "fleet", "status", "--json")
     assert out.returncode == 2, out.stderr
     doc = json.loads(out.stdout)
-    assert doc["recap"] == {"ok": 1, "changed": 0, "behind": 1, "rejected": 0, "silent": 0}
+    assert doc["recap"] == {
+        "ok": 1, "changed": 0, "behind": 1, "rejected": 0, "silent": 0, "stopped": 0
+    }  # fmt: skip
     assert [h["status"] for h in doc["hosts"]] == ["ok", "behind"] and not doc["converged"]
     out = mtd("-s", str(state), "fleet", "status", "--forget", "web2")
     assert out.returncode == 0, out.stdout + out.stderr

@@ -39,7 +39,7 @@ def test_apply_then_in_sync_then_ok(lab: Lab, state_file: Path):
         "dynamic": {
             "watched": 0,
             "in_kernel": 0,
-            "origins": {"cli": 0, "redis": 0, "tripwire": 0},
+            "origins": {"cli": 0, "redis": 0, "tripwire": 0, "crowdsec": 0},
         },
     }
     assert set(status["packets"].values()) == {0}  # the ruleset's counters, none hit yet

@@ -117,7 +117,7 @@ def test_a_lost_secret_is_not_regenerated_under_a_live_table(lab: Lab, tmp_path:
     assert mtd("-s", str(state), "apply", ns=lab).returncode == 0
     before = table_text(lab)
     secret.unlink()
-    for args in (["apply"], ["rotate"], ["run", "--redis-timeout", "0.1"]):
+    for args in (["apply"], ["rotate"], ["run", "--redis-timeout", "0.1"], ["status"]):
         out = mtd("-s", str(state), *args, ns=lab)
         assert out.returncode == 1, out
         assert out.stderr == (

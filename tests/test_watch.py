@@ -127,7 +127,7 @@ def test_render_input_drops_expired_entries_and_keeps_the_time_left():
         "2001:db8:1:2::": Entry("2001:db8:1:2::", "tripwire", "tripwire", NOW + 5),
     }
     assert watch.dynamic(entries, NOW) == {"4": [("192.0.2.7", 100)], "6": [("2001:db8:1:2::", 5)]}
-    assert watch.counts(entries, NOW) == {"cli": 1, "redis": 0, "tripwire": 1}
+    assert watch.counts(entries, NOW) == {"cli": 1, "redis": 0, "tripwire": 1, "crowdsec": 0}
 
 
 def test_render_input_never_exceeds_the_kernel_sets_size_and_keeps_operators_entries():

@@ -94,13 +94,23 @@ def record(
 
 
 def _check_own(p: Path, st: os.stat_result) -> None:
-    """Append only to a log mtd created: a private regular file of its own user. Anything
-    else (a shell profile, a file of another user) is refused, never re-moded."""
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+    """Append only to a private regular file of this user. Anything else (a shell profile, a
+    file of another user, one others may read) is refused with what to expect and the
+    command that fixes it, never re-moded or re-owned by mtd itself."""
+    if not stat.S_ISREG(st.st_mode):
         raise MtdError(
-            f"{p}: not an audit log mtd created (mode {stat.S_IMODE(st.st_mode):04o}, owner "
-            f"{st.st_uid}): expected a private regular file (0600) of user {os.geteuid()}; "
-            "mtd never changes a file it did not create"
+            f"{p}: not a regular file: expected the audit log, a private regular file (0600); "
+            "mtd writes into nothing else"
+        )
+    if st.st_uid != os.geteuid():
+        raise MtdError(
+            f"{p}: owned by user {st.st_uid}: expected user {os.geteuid()}, who runs mtd "
+            f"(run: chown {os.geteuid()} {p})"
+        )
+    if st.st_mode & 0o077:
+        raise MtdError(
+            f"{p}: mode {stat.S_IMODE(st.st_mode):04o}: expected 0600, the audit log is private "
+            f"(run: chmod 600 {p})"
         )
 
 

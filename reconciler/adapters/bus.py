@@ -44,7 +44,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -483,11 +483,12 @@ def publish_pull(config: BusConfig, channel: str | None = None) -> int:
         client.close()
 
 
-WATCH_KEYS = frozenset({"watch", "source", "for", "reason", "time", "sig"})
+WATCH_KEYS = frozenset({"watch", "source", "for", "reason", "time", "sig", "origin"})
 WATCH_FORMAT = (
     '{"watch": "add"|"del", "source": ADDRESS, "for": SECONDS, "reason": TEXT, '
-    '"time": UNIX_SECONDS[, "sig": HEX]}'
+    '"time": UNIX_SECONDS[, "origin": "crowdsec"][, "sig": HEX]}'
 )
+WATCH_ORIGINS = ("crowdsec",)  # a message may name these; without one it is the fleet's
 ANY_FORMAT = f"{FORMAT} or {WATCH_FORMAT}"
 RECONNECT_PULL_GAP = defaults.PULL_INTERVAL  # seconds between pulls asked by reconnects
 WATCH_MAX_AGE = 300.0  # seconds a watch message on the channel may be old (or early: clocks)
@@ -522,6 +523,7 @@ class WatchOrder:
     seconds: int
     reason: str
     published: float
+    origin: str = "redis"  # of the entry it makes: redis (the fleet), or crowdsec
 
     @property
     def expires_at(self) -> float:
@@ -529,10 +531,19 @@ class WatchOrder:
 
 
 def watch_signature(
-    key: bytes, channel: str, op: str, source: str, seconds: int, why: str, published: float
+    key: bytes,
+    channel: str,
+    op: str,
+    source: str,
+    seconds: int,
+    why: str,
+    published: float,
+    origin: str = "redis",
 ) -> str:
-    """Its own domain; every field is covered (a JSON list: no separator can be forged)."""
-    fields = json.dumps([channel, op, source, seconds, why, f"{published:.6f}"])
+    """Its own domain; every field is covered (a JSON list: no separator can be forged).
+    An origin other than the fleet's is one more field (earlier messages sign as before)."""
+    listed: list[Any] = [channel, op, source, seconds, why, f"{published:.6f}"]
+    fields = json.dumps(listed + ([origin] if origin != "redis" else []))
     return hmac.new(key, f"mtd/watch/v1\n{fields}".encode(), hashlib.sha256).hexdigest()
 
 
@@ -540,6 +551,8 @@ def encode_watch(config: BusConfig, order: WatchOrder) -> bytes:
     msg: dict[str, Any] = {"watch": order.op, "source": order.source, "time": order.published}
     if order.op == "add":
         msg |= {"for": order.seconds, "reason": order.reason}
+    if order.origin != "redis":
+        msg["origin"] = order.origin
     if config.signing_key is not None:
         msg["sig"] = watch_signature(
             config.signing_key,
@@ -549,6 +562,7 @@ def encode_watch(config: BusConfig, order: WatchOrder) -> bytes:
             order.seconds if order.op == "add" else 0,
             order.reason if order.op == "add" else "",
             order.published,
+            order.origin,
         )
     return json.dumps(msg, separators=(",", ":")).encode()
 
@@ -620,46 +634,68 @@ def _watch(msg: dict, config: BusConfig) -> WatchOrder:
         raise BadMessage(
             f"watch {op} {_short(source)}: expected its canonical form {canonical}", "bad watch"
         )
+    origin = msg.get("origin", "redis")
+    if origin not in WATCH_ORIGINS and "origin" in msg:
+        raise BadMessage(
+            f"watch {op} {source}: origin {_short(origin)}: expected one of {WATCH_ORIGINS}",
+            "bad watch",
+        )
     published = _publish_time(msg)
     if config.signing_key is not None:
         want = watch_signature(
-            config.signing_key, config.channel, op, source, seconds, why, published
+            config.signing_key, config.channel, op, source, seconds, why, published, origin
         )
         _check_signature(msg, want, f"watch {op} {source}: ")
-    return WatchOrder(op, source, seconds, why, published)
+    return WatchOrder(op, source, seconds, why, published, origin)
 
 
 def publish_watch(config: BusConfig, order: WatchOrder) -> int:
     """Publish a watch change to the fleet and keep it (add) or drop it (del) in
     `watch_key`; returns the subscribers that received it."""
+    receivers, problems = publish_watches(config, [order])
+    if problems:
+        raise MtdError(*problems)
+    return receivers[0]
+
+
+def publish_watches(config: BusConfig, orders: list[WatchOrder]) -> tuple[list[int], list[str]]:
+    """`publish_watch` for many changes over one connection: (receivers of each published
+    one, one line for each the full `watch_key` refused). `BusError` when Redis fails."""
     from reconciler.core import watch
 
-    msg = encode_watch(config, order)
     client = connect(config)
+    out: list[int] = []
+    problems: list[str] = []
     try:
-        receivers = client.eval(
-            _PUBLISH_WATCH,
-            2,
-            config.watch_key,
-            f"{config.watch_key}:expiry",
-            f"{time.time():.6f}",
-            order.op,
-            order.source,
-            f"{order.expires_at:.6f}",
-            msg,
-            config.channel,
-            watch.MAX_ENTRIES,
-        )
+        for order in orders:
+            receivers = int(
+                client.eval(
+                    _PUBLISH_WATCH,
+                    2,
+                    config.watch_key,
+                    f"{config.watch_key}:expiry",
+                    f"{time.time():.6f}",
+                    order.op,
+                    order.source,
+                    f"{order.expires_at:.6f}",
+                    encode_watch(config, order),
+                    config.channel,
+                    watch.MAX_ENTRIES,
+                )
+            )
+            if receivers < 0:
+                problems.append(
+                    f"{config.where}: {config.watch_key} holds {watch.MAX_ENTRIES} live "
+                    f"entries: {order.source} not added (wait for entries to expire, or mtd "
+                    "watch del some)"
+                )
+            else:
+                out.append(receivers)
     except redis.RedisError as exc:
         raise BusError(f"{config.where}: cannot publish a watch: {_one_line(exc)}") from None
     finally:
         client.close()
-    if int(receivers) < 0:
-        raise MtdError(
-            f"{config.where}: {config.watch_key} holds {watch.MAX_ENTRIES} live entries: "
-            f"{order.source} not added (wait for entries to expire, or mtd watch del some)"
-        )
-    return int(receivers)
+    return out, problems
 
 
 # One page of a hash (HSCAN from cursor ARGV[1], about ARGV[2] fields): {next cursor,
@@ -773,6 +809,28 @@ def write_heartbeat(client: redis.Redis, config: BusConfig, record: dict[str, An
 
 MAX_HOST = 256  # bytes of a host name in the heartbeat hash
 _LIVE_BATCH = 1000  # live records read per script call
+
+
+STOP_TIMEOUT = 0.3  # seconds the last record of a stopping daemon may take (it must stop fast)
+
+
+def write_stopped(config: BusConfig, record: dict[str, Any]) -> None:
+    """At a stop on purpose: the last record says so (`mtd fleet status` shows `stopped`,
+    not `silent`) and the live key goes. Best effort: Redis away, the host turns silent."""
+    if not config.heartbeat_key:
+        return
+    data = json.dumps(record | {"stopped": True}, separators=(",", ":"), sort_keys=True)
+    host = str(record["host"])
+    client = connect(replace(config, timeout=min(config.timeout, STOP_TIMEOUT)))
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.hset(config.heartbeat_key, host, data)
+            pipe.delete(heartbeat_host_key(config, host))
+            pipe.execute()
+    except (redis.RedisError, OSError):
+        pass
+    finally:
+        client.close()
 
 
 def read_heartbeats(
@@ -1485,7 +1543,8 @@ class Subscriber:
             left = min(left, MAX_SECONDS)  # a record from a clock set back
             if c["op"] == "add" and left < 1:
                 continue  # expired while Redis was down
-            order = WatchOrder(c["op"], c["source"], left, c["reason"], round(now, 6))
+            origin = c.get("origin", "redis")  # a CrowdSec decision stays one fleet-wide
+            order = WatchOrder(c["op"], c["source"], left, c["reason"], round(now, 6), origin)
             try:
                 publish_watch(self.config, order)
             except MtdError as exc:
@@ -1628,6 +1687,11 @@ class Subscriber:
             return epoch
         if epoch < applied:
             try:
+                # A fresh Redis (or one that restarted without its data) holds no epoch: to
+                # be filled in, not warned about as a fleet behind this host.
+                absent = epoch == 0 and not client.exists(
+                    self.config.epoch_key, self.config.last_key
+                )
                 raised = put_back(client, self.config, applied)
             except MtdError as exc:
                 self._report(str(exc))
@@ -1646,6 +1710,15 @@ class Subscriber:
                     epoch=applied,
                     was=epoch,
                     reason=reason,
+                )
+            elif raised and absent:
+                event(
+                    self.log,
+                    logging.INFO,
+                    "redis",
+                    f"{self.config.epoch_key} not set (a new Redis, or one that restarted "
+                    f"without its data): put back epoch {applied}, this host's",
+                    epoch=applied,
                 )
             elif raised:
                 event(

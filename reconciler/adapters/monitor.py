@@ -303,6 +303,67 @@ def generation() -> int:
     raise OSError(errno.EPROTO, "nf_tables generation: no NFTA_GEN_ID in the reply")
 
 
+NFT_MSG_GETOBJ, NFT_MSG_NEWOBJ = 19, 18
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+_OBJ_TABLE, _OBJ_NAME, _OBJ_TYPE, _OBJ_DATA = 1, 2, 3, 4
+NFT_OBJECT_COUNTER = 1
+_COUNTER_PACKETS = 2
+MAX_OBJECTS = 4096  # counters read from one table (mtd's templates name 8)
+
+
+def counters(table: str, timeout: float = 2.0) -> dict[str, int] | None:
+    """Packets of each named counter of `inet table` (None: no counter, or no table), by a
+    netlink dump of counter objects alone (NFT_MSG_GETOBJ filtered by table and type).
+
+    Why not libnftables: any `list` there first caches the whole ruleset (every chain and
+    rule: 16 ms of CPU at 64 buckets), and a Prometheus scrape reads these every few
+    seconds. This costs a fraction of a millisecond at any table size. `OSError` when the
+    kernel refuses (no CAP_NET_ADMIN, say)."""
+    name = table.encode() + b"\0"
+    attrs = _NLA.pack(4 + len(name), _OBJ_TABLE) + name + bytes(-len(name) % 4)
+    attrs += _NLA.pack(8, _OBJ_TYPE) + struct.pack("!I", NFT_OBJECT_COUNTER)
+    body = struct.pack("=BBH", NFPROTO_INET, 0, 0) + attrs
+    mtype = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ
+    out: dict[str, int] = {}
+    with _socket() as s:
+        s.settimeout(timeout)
+        s.bind((0, 0))
+        s.send(_HDR.pack(16 + len(body), mtype, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+        while True:
+            data = s.recv(1 << 16)
+            at = 0
+            while at + 16 <= len(data):
+                length, kind, _, _, _ = _HDR.unpack_from(data, at)
+                if length < 16 or at + length > len(data):
+                    raise OSError(errno.EPROTO, "nf_tables objects: a truncated message")
+                if kind == NLMSG_DONE:
+                    return out or None
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, at + 16)[0]
+                    if code in (0, errno.ENOENT):
+                        return out or None
+                    raise OSError(code, f"nf_tables objects: {os.strerror(code)}")
+                if kind & 0xFF == NFT_MSG_NEWOBJ and len(out) < MAX_OBJECTS:
+                    _counter(data, at + 20, at + length, table, out)
+                at += (length + 3) & ~3
+
+
+def _counter(data: bytes, start: int, end: int, table: str, out: dict[str, int]) -> None:
+    name, packets, own = None, None, False
+    for kind, lo, hi in _nested(data, start, end):
+        if kind == _OBJ_TABLE:
+            own = _string(data, lo, hi) == table
+        elif kind == _OBJ_NAME:
+            name = _string(data, lo, hi)
+        elif kind == _OBJ_DATA:
+            for k, a, b in _nested(data, lo, hi):
+                if k == _COUNTER_PACKETS and b - a == 8:
+                    packets = struct.unpack_from("!Q", data, a)[0]
+    if own and name is not None and packets is not None:
+        out[name] = int(packets)
+
+
 class Monitor:
     """Follows nf_tables notifications in a thread and reports, through callbacks:
     `changed(Change)` for a foreign transaction that touched the owned table, and

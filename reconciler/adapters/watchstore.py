@@ -199,6 +199,9 @@ def _unpublished(epoch_file: str | Path) -> list[dict[str, Any]]:
             expires = item.get("expires_at", 0)
             if type(expires) not in (int, float) or not math.isfinite(expires):
                 raise TypeError  # json reads Infinity and NaN too
+            origin = item.get("origin", "redis")
+            if origin not in ("redis", "crowdsec"):
+                raise TypeError
             out.append(
                 {
                     "op": item["op"],
@@ -206,6 +209,7 @@ def _unpublished(epoch_file: str | Path) -> list[dict[str, Any]]:
                     "reason": watch.reason(item.get("reason", "")),
                     "expires_at": float(expires),
                 }
+                | ({"origin": origin} if origin != "redis" else {})
             )
         except (KeyError, TypeError, watch.WatchError):
             continue

@@ -35,6 +35,16 @@ def default_state() -> str:
     return DEFAULT_STATE if Path(DEFAULT_STATE).exists() else INSTALLED_STATE
 
 
+def command_name() -> str:
+    """`mtd watch add` as typed (whatever the program was called: mtd, python -m ...)."""
+    names: list[str] = []
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["mtd", *reversed(names)])
+
+
 class Ctx:
     """Options shared by every command, whether given before or after the command's name."""
 
@@ -114,6 +124,13 @@ class Ctx:
                 self.warned.add(prefix + line)
                 click.echo(f"mtd: warning: {prefix}{self.state_path}: {line}", err=True)
 
+    def need_nftables(self) -> None:
+        """One line, before any file is made or libnftables is called, when this process
+        may not use nftables (not root, or root without CAP_NET_ADMIN)."""
+        from reconciler.adapters import privilege
+
+        privilege.require(command_name())
+
     def nft(
         self,
         state: State | None = None,
@@ -131,6 +148,7 @@ class Ctx:
         `one_shot`: the process ends with the command (`Nft.abandon` at exit)."""
         from reconciler.adapters.kernel import Nft
 
+        self.need_nftables()
         if cache_dir is None and state is not None:
             cache_dir = Path(state.epoch_file).parent / defaults.CACHE
         if cache_dir is not None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from reconciler.adapters import auditlog, files
+from reconciler import defaults
+from reconciler.adapters import auditlog, files, fresh
 from reconciler.cli.common import (
     EXIT_AUDIT_FAILED,
     EXIT_PENDING,
@@ -149,10 +150,50 @@ def _pass(
     confirm_seconds: int | None = None,
     preview: bool = False,
 ) -> Any:
-    from reconciler.services import confirm, lockout, watching
-    from reconciler.services.reconcile import provision_secret, reconcile
-
     state = ctx.state()
+    ctx.need_nftables()  # before the audit log, the lock or the cache is made
+    undo = contextlib.nullcontext() if check else fresh.undo_on_failure(_own_files(state))
+    with undo as guard:
+        return _pass_locked(
+            ctx, state, guard, check=check, epoch=epoch, advance=advance, read_live=read_live,
+            creates=creates, force=force, confirm_seconds=confirm_seconds, preview=preview,
+        )  # fmt: skip
+
+
+def _own_files(state: Any) -> list[Path]:
+    """What a pass may create: removed again when it fails before the kernel took it."""
+    from reconciler.adapters import watchstore
+
+    epoch = Path(state.epoch_file)
+    store = watchstore.path_for(epoch)
+    return [
+        Path(state.audit_log),
+        Path(state.secret_file),
+        epoch,
+        epoch.with_name("lock"),
+        epoch.parent / defaults.CACHE,
+        store,
+        store.with_name(f"{store.name}.lock"),
+    ]
+
+
+def _pass_locked(
+    ctx: Ctx,
+    state: Any,
+    guard: Any,
+    *,
+    check: bool,
+    epoch: int | None,
+    advance: bool,
+    read_live: bool,
+    creates: bool,
+    force: bool,
+    confirm_seconds: int | None,
+    preview: bool,
+) -> Any:
+    from reconciler.services import confirm, lockout, watching
+    from reconciler.services.reconcile import provision_secret, read_secret, reconcile
+
     if not check:  # a change that could not be recorded is not made
         auditlog.check_writable(state.audit_log)
     nft = ctx.nft(state, write=creates and not check, rendered=True)
@@ -169,8 +210,8 @@ def _pass(
                     "live: the secret was lost: restore it from a backup (nothing to preview)"
                 )
             secret, drawn = PLACEHOLDER_SECRET, True
-        else:  # read-only: never creates one
-            secret = files.load_secret(state.secret_file)
+        else:  # read-only: never creates one (a lost one: the advice `apply` gives)
+            secret = read_secret(state, nft)
         current = files.read_epoch(state.epoch_file) + (1 if advance else 0)
         target = current if epoch is None else epoch
         forced = False
@@ -198,6 +239,8 @@ def _pass(
                 read_live=read_live,
                 dynamic=watching.gather(state, nft, write=not check),
             )
+        if guard is not None:
+            guard.done()  # the kernel has it: every file stays
         if (
             pending is not None
             and result.status == "ok"
@@ -505,8 +548,15 @@ def status(ctx: Ctx, as_json: bool, exit_code: bool) -> None:
     out["dynamic"] = dynamic
     if pulled:
         out["pull"] = gitops.summary(pulled)
+    from reconciler.cli import daemon_status
+    from reconciler.services import confirm
+
+    running = daemon_status.alive(daemon.get("pid"))
     if daemon:
-        out["daemon"] = daemon
+        out["daemon"] = daemon | {"running": running}
+    pending = confirm.read(confirm.record_path(ctx.state().epoch_file))
+    if pending:  # never its `previous` listing: that is the mapping of before
+        out["pending_revert"] = {k: pending.get(k) for k in ("table", "deadline", "armed")}
     if as_json:
         click.echo(json.dumps(out))
     else:
@@ -517,7 +567,13 @@ def status(ctx: Ctx, as_json: bool, exit_code: bool) -> None:
             click.echo(f"packets since the table was last replaced: {counts}")
         by = ", ".join(f"{origin} {n}" for origin, n in dynamic["origins"].items() if n)
         click.echo(f"dynamic sources watched: {dynamic['watched']}" + (f" ({by})" if by else ""))
-        for line in [*lines, *(gitops.summary_lines(pulled) if pulled else [])]:
+        now = time.time()
+        for line in [
+            *daemon_status.daemon_lines(daemon, running, now),
+            *lines,
+            *daemon_status.pending_line(pending, now),
+            *(gitops.summary_lines(pulled) if pulled else []),
+        ]:
             click.echo(line)
     if exit_code and not result.in_sync:
         sys.exit(EXIT_PENDING)
@@ -551,6 +607,7 @@ def down(ctx: Ctx) -> None:
     from reconciler.services.reconcile import take_down
 
     state = ctx.state()
+    ctx.need_nftables()  # before the audit log is made
     auditlog.check_writable(state.audit_log)  # removing the table is a change to record
     with files.reconcile_lock(state.epoch_file):
         changed, done = take_down(state, ctx.nft(state))

@@ -15,7 +15,7 @@ from typing import Any
 
 from reconciler import defaults
 
-STATUSES = ("ok", "changed", "behind", "rejected", "silent")
+STATUSES = ("ok", "changed", "behind", "rejected", "silent", "stopped")
 CONVERGED = frozenset({"ok", "changed"})
 MAX_RECORD = 4096  # bytes; a heartbeat is about 300
 _FIELDS: dict[str, tuple[type, ...]] = {
@@ -68,7 +68,10 @@ def parse(raw: bytes | str | int | None) -> dict[str, Any]:
             raise ValueError(f"{key} {clean(repr(value), 40)}: expected {_kind(types)}")
     if not 0 <= rec["time"] <= defaults.MAX_UNIX_SECONDS:  # NaN, infinity, an int no float holds
         raise ValueError(f"time {clean(repr(rec['time']), 40)}: expected unix seconds")
-    return {k: rec[k] for k in _FIELDS}
+    stopped = rec.get("stopped", False)
+    if type(stopped) is not bool:
+        raise ValueError(f"stopped {clean(repr(stopped), 40)}: expected true or false")
+    return {k: rec[k] for k in _FIELDS} | ({"stopped": True} if stopped else {})
 
 
 def _kind(types: tuple[type, ...]) -> str:
@@ -84,7 +87,8 @@ def classify(
     live: Mapping[str, bytes | int | None],
     fleet_epoch: int,
 ) -> list[Row]:
-    """One row per host ever seen: silent when its live record expired; else rejected (its
+    """One row per host ever seen: stopped when its daemon said so as it stopped on purpose
+    (its live record gone); silent when its live record expired; else rejected (its
     last pass failed or its pull head was refused), behind (an older epoch, or not in sync),
     changed (its last pass changed the table) or ok."""
     rows = []
@@ -101,7 +105,9 @@ def classify(
             rows.append(Row(name, "invalid", {}, f"record names host {clean(rec['host'], 64)!r}"))
             continue
         rec["host"] = name
-        if silent:
+        if silent and rec.get("stopped"):
+            rows.append(Row(name, "stopped", rec, "mtd run stopped on purpose"))
+        elif silent:
             rows.append(Row(name, "silent", rec, "no heartbeat"))
         elif rec["result"] == "error" or rec["pull_rejected"]:
             why = "pull head rejected" if rec["pull_rejected"] else "last pass failed"

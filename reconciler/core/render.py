@@ -508,7 +508,12 @@ def _render_text(
             raise TemplateError(
                 f"{where}: template {exc.name!r} not found in {dirs_text}"
             ) from None
-        raise TemplateError(f"template {template_name!r}: no {name} in {dirs_text}") from None
+        known = sorted({p.name[: -len(".json.j2")] for d in dirs for p in d.glob("*.json.j2")})
+        raise TemplateError(
+            f"template {template_name!r}: no {name} in {dirs_text}: expected one of "
+            f"{', '.join(known) or '(none)'}, or a directory holding {name} given with "
+            "--templates DIR"
+        ) from None
     except jinja2.TemplateSyntaxError as exc:
         where = f"{exc.filename or name}:{exc.lineno}"
         raise TemplateError(f"{where}: template syntax error: {exc.message}") from None

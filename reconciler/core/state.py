@@ -63,6 +63,7 @@ HOST_LOCAL = (
     "drift_interval",
     "redis",
     "repository_templates",
+    "crowdsec",
 )
 REDIS_DEFAULTS: dict[str, Any] = defaults.REDIS
 
@@ -624,6 +625,9 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
     full.setdefault("trusted", [])
     full.setdefault("buckets", DEFAULT_BUCKETS)
     full.setdefault("tripwire", None)  # none: no port trips
+    if tripwire is not None:  # `for: 1h` is 3600 to templates too
+        full["tripwire"] = {**full["tripwire"], "for": tripwire.seconds}
+    full.setdefault("crowdsec", None)  # none: no CrowdSec Local API followed
     full["ports"] = {
         **full["ports"],
         "services": {**{p: [] for p in PROTOCOLS}, **full["ports"]["services"]},
@@ -763,7 +767,14 @@ def _tripwire(
                         "(every client of that service would trip it)",
                     )
                 )
-    return Tripwire(ports=ports, seconds=int(given["for"]))
+    from reconciler.core import watch
+
+    try:
+        seconds = watch.seconds(given["for"])
+    except watch.WatchError as exc:  # the schema let a string of that shape through
+        problems.append(locate(["tripwire", "for"], str(exc).removeprefix("--for ")))
+        seconds = 1
+    return Tripwire(ports=ports, seconds=seconds)
 
 
 def _forbidden_paths(state: State, local: Local, locate: _Locator) -> list[str]:
@@ -774,6 +785,7 @@ def _forbidden_paths(state: State, local: Local, locate: _Locator) -> list[str]:
         ("epoch_file",): state.epoch_file,
         ("audit_log",): state.audit_log,
         ("redis", "signing_key_file"): state.redis.get("signing_key_file"),
+        ("crowdsec", "key_file"): (state.doc.get("crowdsec") or {}).get("key_file"),
     }
     out = []
     for key, path in paths.items():

@@ -19,7 +19,7 @@ from typing import Any
 
 from reconciler.errors import MtdError
 
-ORIGINS = ("cli", "redis", "tripwire")
+ORIGINS = ("cli", "redis", "tripwire", "crowdsec")
 SETS = {"4": "dyn4", "6": "dyn6"}  # the owned table's dynamic sets, by family
 RUNTIME_SETS = frozenset(SETS.values())  # their contents are runtime state, never drift
 V6_UNIT = 64  # an IPv6 source is watched by /64
@@ -43,7 +43,7 @@ class Entry:
     """One watched dynamic source. `expires_at` is unix time."""
 
     source: str  # canonical: an IPv4 address, or an IPv6 /64's network address
-    origin: str  # cli | redis | tripwire
+    origin: str  # cli | redis | tripwire | crowdsec
     reason: str
     expires_at: float
 

@@ -34,7 +34,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily
 
 from reconciler import __version__, defaults
@@ -90,7 +97,30 @@ class Metrics:
 
     def __init__(self, pull: bool = False) -> None:
         """`pull`: also the metrics of `--pull` (not exported at 0 by a daemon that never pulls)."""
+        # No `_created` series: a timestamp per series that no dashboard reads, doubling what
+        # every scrape carries (a process-wide switch of prometheus-client).
+        disable_created_metrics()
         r = self.registry = CollectorRegistry()
+        self.build = Gauge(
+            "mtd_build_info", "1, labelled with the running mtd's version", ["version"], registry=r
+        )
+        self.build.labels(__version__).set(1)
+        self.in_sync = Gauge(
+            "mtd_in_sync",
+            "1 while the last pass succeeded at the highest epoch known (and, with --pull, "
+            "at the branch head): what mtd fleet status shows as converged",
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "mtd_last_success_timestamp_seconds",
+            "Unix time the last reconcile pass succeeded (0: none yet)",
+            registry=r,
+        )
+        self.redis_reconnects = Counter(
+            "mtd_redis_reconnects",
+            "Times the Redis subscription came back after a loss",
+            registry=r,
+        )
         self.reconciles = Counter(
             "mtd_reconciles", "Reconcile passes by result", ["result"], registry=r
         )
@@ -347,8 +377,20 @@ class Daemon:
         self._pull_info = self._read_pull_info()
         self._scrape_nft: Any = None
         self._watches: list[bus.WatchOrder] = []  # watch changes not applied yet
+        from reconciler.services import crowdsec  # `crowdsec:` of the host's configuration
+
+        self.crowdsec = crowdsec.follower(self.state, self)
         self.packets = self.metrics.packets
         self.packets.read = self._read_counters
+        self._redis_seen = self._redis_lost = False  # for mtd_redis_reconnects_total
+        self._stop_requested = threading.Event()
+        # What `mtd status` shows of this daemon (daemon.json): written by the loop and the
+        # bus thread, so under a lock of its own.
+        self._status_lock = threading.Lock()
+        self._redis_connected = False
+        self._last_trigger: dict[str, Any] | None = None
+        self._last_pass: dict[str, Any] | None = None
+        self.metrics.in_sync.set_function(lambda: 1.0 if self.in_sync() else 0.0)
 
     @property
     def pulls(self) -> bool:
@@ -375,12 +417,26 @@ class Daemon:
     def trigger(self, trigger: bus.Trigger) -> None:
         with self._lock:
             self._known = max(self._known, trigger.epoch)
+        self._last_trigger = {
+            "epoch": trigger.epoch,
+            "origin": trigger.origin,
+            "time": round(time.time(), 3),
+        }
         if trigger.origin == "message":
             self.metrics.triggers.labels("accepted").inc()
         self._queue.put(_Event("trigger", trigger))
 
     def connection(self, up: bool) -> None:
+        if up and self._redis_lost:
+            self.metrics.redis_reconnects.inc()
+        if up:
+            self._redis_seen, self._redis_lost = True, False
+        elif self._redis_seen:
+            self._redis_lost = True
         self.metrics.redis_up.set(1 if up else 0)
+        if up != self._redis_connected:
+            self._redis_connected = up
+            self._write_status()
 
     def watch(self, order: bus.WatchOrder, origin: str = "message") -> None:
         """A watch change from the fleet: applied by the loop at once (no `min_interval`:
@@ -388,6 +444,37 @@ class Daemon:
         if origin == "message":
             self.metrics.watches.labels("accepted").inc()
         self._queue.put(_Event("watch", order=order, reason=origin))
+
+    def crowdsec_orders(self, orders: list[bus.WatchOrder]) -> None:
+        """CrowdSec's decisions (from the follower's thread): to the fleet, as `mtd watch`
+        does; on this host alone without Redis, or while it cannot take them."""
+        config = self.bus_config
+        if config is not None:
+            try:
+                _, problems = bus.publish_watches(config, orders)
+            except MtdError as exc:
+                problem = "; ".join(exc.problems)
+                event(
+                    self.log,
+                    logging.WARNING,
+                    "crowdsec",
+                    f"{problem}: CrowdSec decisions applied on this host alone, published to "
+                    "the fleet once Redis is back",
+                    error=problem,
+                )
+                kept = [
+                    {"op": o.op, "source": o.source, "reason": o.reason, "origin": o.origin,
+                     "expires_at": o.expires_at if o.op == "add" else 0}
+                    for o in orders
+                ]  # fmt: skip
+                with contextlib.suppress(MtdError):
+                    watchstore.keep_unpublished(self.state.epoch_file, kept)
+            else:
+                for problem in problems:
+                    event(self.log, logging.ERROR, "crowdsec", problem, error=problem)
+                return
+        for order in orders:
+            self._queue.put(_Event("watch", order=order, reason="crowdsec"))
 
     def ignored(self, outcome: str) -> None:
         self.metrics.triggers.labels(outcome).inc()
@@ -433,11 +520,7 @@ class Daemon:
         known = self.known_epoch()
         pull = self._pull_info
         error = self._last_error or (pull["error"] if pull else None)
-        in_sync = (
-            self._last_result in ("ok", "changed")
-            and self.applied >= known
-            and (pull is None or (pull["commit"] is not None and pull["head"] == pull["commit"]))
-        )
+        in_sync = self.in_sync()
         return {
             "host": self.host,
             "epoch": self.applied,
@@ -453,6 +536,16 @@ class Daemon:
             "started": round(self._started, 3),
             "ttl": self.bus_config.heartbeat_ttl if self.bus_config else None,
         }
+
+    def in_sync(self) -> bool:
+        """The last pass succeeded at the highest epoch known, and with `--pull` at the
+        branch head (also read by the metrics thread: a snapshot of plain attributes)."""
+        pull = self._pull_info
+        return (
+            self._last_result in ("ok", "changed")
+            and self.applied >= self.known_epoch()
+            and (pull is None or (pull["commit"] is not None and pull["head"] == pull["commit"]))
+        )
 
     def _read_pull_info(self) -> dict[str, Any] | None:
         if self.puller is None:
@@ -477,7 +570,21 @@ class Daemon:
         self._queue.put(_Event("reload"))
 
     def request_stop(self) -> None:
+        self._stop_requested.set()
         self._queue.put(_Event("stop"))
+
+    def _first_attempt(self, subscriber: Any) -> None:
+        """Up to `start_wait` for the fleet's epoch before the first pass, but not past a
+        SIGTERM: the unit promises a stop within a second, also while Redis is away."""
+        first = getattr(subscriber, "first_attempt", None)
+        if first is None:
+            return
+        deadline = time.monotonic() + self.options.start_wait
+        while not first.is_set() and not self._stop_requested.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            first.wait(min(left, 0.05))
 
     def _read_counters(self) -> dict[str, int] | None:
         """From the metrics thread: a libnftables context of its own (one is not shared)."""
@@ -560,14 +667,21 @@ class Daemon:
         self._write_status(running=False)  # what a daemon killed before left behind
         self._follow_events()
         if config is not None:
-            self.subscriber = self._subscribe(
-                config, self, wait=self.options.start_wait, logger=self.log
-            )
+            self.subscriber = self._subscribe(config, self, logger=self.log)
+            self._first_attempt(self.subscriber)
+        if self.crowdsec is not None:
+            self.crowdsec.start()
         try:
             self._loop()
         finally:
+            if self.crowdsec is not None:
+                self.crowdsec.stop(timeout=0.1)
             if self.subscriber is not None:
-                self.subscriber.stop(timeout=0.5)
+                # A thread blocked connecting to a Redis that is away is left to die with
+                # the process: a stop takes well under the second the unit promises.
+                self.subscriber.stop(timeout=0.25)
+                if self._stopping and self.bus_config is not None and self._redis_connected:
+                    bus.write_stopped(self.bus_config, self.heartbeat())  # `stopped`, on purpose
             if self.monitor is not None:
                 self.monitor.stop()
             self._exit()
@@ -723,6 +837,9 @@ class Daemon:
         if secret:
             self._reload_secret(state)
         self._check_secret()
+        from reconciler.services import crowdsec
+
+        self.crowdsec = crowdsec.reloaded(self, state)
         if config != self.bus_config:
             self.bus_config = config
             if self.subscriber is not None:
@@ -896,8 +1013,11 @@ class Daemon:
         last = {o.source: o for o in orders}
         nets = watching.trusted(self.state)
         now = time.time()
-        add, remove = [], []
+        add, remove, release = [], [], []
         for o in last.values():
+            if o.op == "del" and o.origin == "crowdsec":  # never ends an operator's watch
+                release.append((o.source, o.origin))
+                continue
             if o.op == "del":
                 remove.append(o.source)
                 continue
@@ -908,12 +1028,12 @@ class Daemon:
                 event(self.log, logging.WARNING, "rejected", f"watch add ignored: {exc}")
                 continue
             if o.expires_at - now >= 1:
-                add.append(watch.Entry(o.source, "redis", o.reason, o.expires_at))
-        if not add and not remove:
+                add.append(watch.Entry(o.source, o.origin, o.reason, o.expires_at))
+        if not add and not remove and not release:
             return
         try:
             with files.reconcile_lock(self.state.epoch_file), self._quiet():
-                out = watching.change(self.state, self.nft, add, remove, now=now)
+                out = watching.change(self.state, self.nft, add, remove, now=now, release=release)
         except MtdError as exc:
             problem = "; ".join(exc.problems)
             event(
@@ -964,21 +1084,46 @@ class Daemon:
         self._write_status()
 
     def _write_status(self, running: bool = True) -> None:
+        """daemon.json: what `mtd status` shows of this daemon (no secret, no URL password);
+        removed when it stops."""
         path = files.daemon_status_path(self.state.epoch_file)
+        config = self.bus_config
         try:
-            if running:
-                status = {"pid": os.getpid(), "secret_problem": self.secret_problem}
-                files.write_atomic(path, json.dumps(status) + "\n", mode=0o600)
-            else:
-                path.unlink(missing_ok=True)
-        except OSError as exc:
-            event(self.log, logging.ERROR, "error", f"{path}: {exc.strerror}", error=str(exc))
+            with self._status_lock:
+                if not running:
+                    path.unlink(missing_ok=True)
+                    return
+                status = {
+                    "pid": os.getpid(),
+                    "started": round(self._started, 3),
+                    "secret_problem": self.secret_problem,
+                    "redis": None
+                    if config is None
+                    else {
+                        "where": config.where,
+                        "connected": self._redis_connected,
+                        "last_trigger": self._last_trigger,
+                    },
+                    "last_pass": self._last_pass,
+                }
+                text = json.dumps(status) + "\n"
+                files.write_atomic(path, text, mode=0o600, sync=False)
+        except (OSError, MtdError) as exc:
+            problem = "; ".join(getattr(exc, "problems", [f"{path}: {exc}"]))
+            event(self.log, logging.ERROR, "error", problem, error=problem)
 
     def _failed(self, origin: str, problem: str, took: float) -> None:
         """The next try comes with the drift timer, sooner when that is an hour away."""
         retry = min(self.drift_interval, RETRY)
         self._next_drift = self._last_run + retry
         self._last_result, self._last_error = "error", problem
+        self._last_pass = {
+            "time": round(time.time(), 3),
+            "result": "error",
+            "epoch": self.target,
+            "error": redact(problem),
+        }
+        self._write_status()
         self._beat()
         self.metrics.reconciles.labels("error").inc()
         event(
@@ -1005,8 +1150,12 @@ class Daemon:
         why: str = "",
     ) -> None:
         self._last_result, self._last_error = result.status, None
+        now = time.time()
+        self._last_pass = {"time": round(now, 3), "result": result.status, "epoch": result.epoch}
+        self._write_status()
         self._beat()
         m = self.metrics
+        m.last_success.set(now)
         m.reconciles.labels(result.status).inc()
         m.duration.observe(took)
         m.epoch.set(result.epoch)

@@ -41,7 +41,9 @@ class Result:
     phases: dict[str, float] = field(default_factory=dict)
     # The rendered document without its elements: what an event-driven repair re-creates.
     skeleton: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
-    mappings: int = 0  # moved ports of the mapping at `epoch`
+    mappings: int = 0  # moved ports of the mapping at `epoch` (explicit watched entries)
+    bucket_mappings: int = 0  # moved ports of its buckets (per_source and dynamic sources)
+    buckets: int = 0
     applied_at: float | None = None  # unix time the transaction was sent (for the audit log)
     pending: dict[str, Any] | None = None  # `apply --confirm`: the revert armed (confirm.py)
     # The rendered elements, by set (references, no copy): what an element repair compares
@@ -63,7 +65,13 @@ class Result:
         """`changed: table inet mtd epoch 4: +58 element, -58 element (0.04 s)`."""
         counts = ", ".join(f"{k} {n}" for k, n in sorted(diff.summary(self.changes).items()))
         if self.changes == [UNREAD]:
-            counts = f"{self.mappings} mappings drawn anew, table replaced without reading it"
+            counts = f"{self.mappings + self.bucket_mappings} mappings drawn anew"
+            if self.buckets:
+                counts += (
+                    f" ({self.mappings} for watched entries, {self.bucket_mappings} in "
+                    f"{self.buckets} buckets for per_source and dynamic sources)"
+                )
+            counts += ", table replaced without reading it"
         what = f": {counts}" if counts else ""
         took = f"({self.duration:.2f} s)"
         return f"{self.status}: table inet {self.table} epoch {self.epoch}{what} {took}"
@@ -163,6 +171,7 @@ def reconcile(
     files.remember_sysctls(files.sysctl_record(state.epoch_file), previous)
     fingerprint = mapping.fingerprint(secret)
     mappings = sum(len(m) for m in mapping.moves.values())
+    bucketed = sum(len(m) for by_proto in mapping.buckets for m in by_proto.values())
     return Result(
         status,
         state.table,
@@ -172,6 +181,8 @@ def reconcile(
         dict(t),
         skeleton,
         mappings=mappings,
+        bucket_mappings=bucketed,
+        buckets=len(mapping.buckets),
         applied_at=applied_at,
         desired=elements.Desired.from_commands(commands),
         dropped=dropped,
@@ -304,14 +315,31 @@ def provision_secret(state: State, nft: Backend) -> bytes:
     start): created only where no mapping is live yet. With the owned table in place, a
     missing secret file was lost, and a new one would silently move every port to a mapping
     that matches neither the fleet's expectations nor the audit log's fingerprints."""
-    if not Path(state.secret_file).exists() and nft.list_table(state.table) is not None:
-        raise MtdError(
-            f"{state.secret_file}: no secret file, but table inet {state.table} is live: "
-            "the secret was lost: restore it from a backup, or start a new mapping on "
-            "purpose with mtd down, then mtd apply"
-        )
+    lost = lost_secret(state, nft)
+    if lost:
+        raise MtdError(lost)
     return files.load_secret(state.secret_file, create=True)
-    return
+
+
+def read_secret(state: State, nft: Backend) -> bytes:
+    """The secret for a command that only reads (`status`, `diff`): never created; a
+    missing one with the table live gets the advice `provision_secret` gives."""
+    lost = lost_secret(state, nft)
+    if lost:
+        raise MtdError(lost)
+    return files.load_secret(state.secret_file)
+
+
+def lost_secret(state: State, nft: Backend) -> str | None:
+    """The one line for a secret file missing while the owned table is live."""
+    p = Path(state.secret_file)
+    if p.exists() or p.is_symlink() or nft.list_table(state.table) is None:
+        return None
+    return (
+        f"{state.secret_file}: no secret file, but table inet {state.table} is live: "
+        "the secret was lost: restore it from a backup, or start a new mapping on "
+        "purpose with mtd down, then mtd apply"
+    )
 
 
 def take_down(state: State, backend: Backend) -> tuple[bool, list[str]]:

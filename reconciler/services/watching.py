@@ -108,9 +108,13 @@ def change(
     remove: Iterable[str] = (),
     *,
     now: float | None = None,
+    release: Iterable[tuple[str, str]] = (),
 ) -> Outcome:
     """Store the entries, then apply them to the kernel in one small transaction. The
-    caller holds the reconcile lock (and the monitor's quiet window, in the daemon)."""
+    caller holds the reconcile lock (and the monitor's quiet window, in the daemon).
+    `release`: (source, origin) removed only while its entry has that origin (a CrowdSec
+    decision's end never ends an operator's watch); a CrowdSec entry already held as given
+    is not applied again (two hosts following one Local API publish each decision)."""
     now = time.time() if now is None else now
     out = Outcome()
     dropped: list[str] = []
@@ -118,11 +122,16 @@ def change(
         entries = watch.live(watchstore.load(path, dropped), now)
         chosen = dict(entries)  # before this change: whose kernel elements are an operator's
         for entry in add:
+            held = entries.get(entry.source)
+            if entry.origin == "crowdsec" and held is not None and _same(held, entry):
+                continue
             problem = watchstore.put(entries, entry, now)
             if problem:
                 out.problems.append(problem)
             elif entry.left(now) >= 1:
                 out.added.append(entry)
+        remove = list(remove)
+        remove += [s for s, origin in release if s in entries and entries[s].origin == origin]
         for source in remove:
             entries.pop(source, None)
             out.removed.append(source)
@@ -156,6 +165,10 @@ def change(
         out.added = [e for e in out.added if e.source not in refused]
     out.kernel = True
     return out
+
+
+def _same(held: Entry, entry: Entry) -> bool:
+    return held.origin == entry.origin and abs(held.expires_at - entry.expires_at) < 2.0
 
 
 def _make_room(
