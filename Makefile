@@ -8,7 +8,7 @@ HOST ?=
 DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg fail2ban
 HOST_ARG := $(if $(HOST),--host $(HOST),)
 
-.PHONY: setup deb venv test unit lint diff apply rotate status demo bench bench-quick install fuzz clean
+.PHONY: setup deb venv bindings-path lock test unit lint diff apply rotate status demo bench bench-quick install fuzz clean
 
 setup: deb venv
 
@@ -22,13 +22,42 @@ deb:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# The venv comes from Debian's python3 so it can import python3-nftables.
-venv: $(VENV)/.installed
+# The venv holds exactly the versions in $(LOCK) (hashes checked, no dependency resolved here)
+# and sees none of the host's Python packages: only the libnftables bindings come from the
+# system (see BINDINGS). Rebuilt whole when the lock, pyproject.toml or the interpreter
+# change, so nothing a lock no longer names stays behind; otherwise a second run does nothing.
+LOCK := requirements/dev.lock
+venv: deb
+	@want="$$(cat $(LOCK) pyproject.toml | sha256sum | cut -c1-16) $$(readlink -f /usr/bin/python3)"; \
+	if [ "$$(cat $(VENV)/.installed 2>/dev/null)" != "$$want" ]; then \
+	  set -e; rm -rf $(VENV); /usr/bin/python3 -m venv $(VENV); \
+	  $(PY) -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r $(LOCK); \
+	  $(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .; \
+	  $(MAKE) -s bindings-path PYTHON=$(PY) DEST=$(CURDIR)/$(VENV)/nftables-bindings; \
+	  echo "$$want" > $(VENV)/.installed; \
+	fi
 
-$(VENV)/.installed: pyproject.toml | deb
-	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
-	@touch $@
+# The libnftables bindings are Debian's python3-nftables, made for the system's libnftables:
+# one directory holding only a link to that package's module, named in a .pth file of the
+# venv of $(PYTHON), puts `nftables` on its path and nothing else of the system's.
+# $(DEST) is where the link lives once installed; $(DESTDIR) prefixes what is written.
+bindings-path:
+	@module=$$(dpkg-query -L python3-nftables | grep -m1 '/nftables/__init__.py$$' | xargs -r dirname); \
+	test -n "$$module" || { echo "python3-nftables is not installed" >&2; exit 1; }; \
+	site=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	install -d $(DESTDIR)$(DEST) && ln -sfn $$module $(DESTDIR)$(DEST)/nftables; \
+	echo $(DEST) > $(DESTDIR)$${site#$(DESTDIR)}/mtd-nftables-bindings.pth
+
+# Regenerates the locks from pyproject.toml (newest versions that fit) with pip-tools in a
+# throwaway venv: the runtime lock first, then the dev lock constrained to it. Review the
+# diff, run `make test`, commit both.
+COMPILE := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && /usr/bin/python3 -m venv $$tmp && \
+	$$tmp/bin/python -m pip install -q --disable-pip-version-check pip-tools && \
+	$$tmp/bin/pip-compile $(COMPILE) --upgrade -o requirements/runtime.lock pyproject.toml && \
+	$$tmp/bin/pip-compile $(COMPILE) --upgrade --extra dev -o requirements/dev.lock \
+	  pyproject.toml requirements/dev.in
 
 test: setup
 	$(PY) -m ruff check reconciler tests benchmarks
