@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 MTD := $(VENV)/bin/mtd
 STATE ?= desired_state
 HOST ?=
-DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg fail2ban
+DEB_PACKAGES := nftables python3-nftables redis-server nmap git iproute2 python3-venv procps gnupg fail2ban man-db
 HOST_ARG := $(if $(HOST),--host $(HOST),)
 
-.PHONY: setup deb venv bindings-path lock test unit lint diff apply rotate status demo bench bench-quick install fuzz clean
+.PHONY: setup deb venv bindings-path lock man test unit lint diff apply rotate status demo bench bench-quick install fuzz clean
 
 setup: deb venv
 
@@ -58,6 +58,11 @@ lock:
 	$$tmp/bin/pip-compile $(COMPILE) --upgrade -o requirements/runtime.lock pyproject.toml && \
 	$$tmp/bin/pip-compile $(COMPILE) --upgrade --extra dev -o requirements/dev.lock \
 	  pyproject.toml requirements/dev.in
+
+# The man pages and the bash completion script, made from --help and the state's schema
+# (tests/test_manual.py fails when the committed ones differ from what this makes).
+man: setup
+	$(PY) -m reconciler.cli.manual man
 
 test: setup
 	$(PY) -m ruff check reconciler tests benchmarks
