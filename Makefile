@@ -119,6 +119,7 @@ DOCDIR ?= /usr/share/doc/mtd
 FAIL2BANDIR ?=
 DESTDIR ?=
 install: venv
+	@case "$(OPT)" in /?*) ;; *) echo "OPT=$(OPT): expected an absolute directory" >&2; exit 1;; esac
 	@set -e; new=$(DESTDIR)$(OPT).new; wheels=$$(mktemp -d); trap 'rm -rf $$wheels' EXIT; \
 	rm -rf $$new; /usr/bin/python3 -m venv --without-pip $$new; \
 	sed -i '/^command = /d' $$new/pyvenv.cfg; \

@@ -76,6 +76,9 @@ def test_install_use_and_purge(package: list[str], tmp_path: Path):
     assert "/etc/mtd/state.yaml" in conffiles and "/etc/fail2ban/action.d/mtd.conf" in conffiles
     unit = Path("/lib/systemd/system/mtd.service").read_text()
     assert "ExecStart=/usr/bin/mtd --state /etc/mtd run " in unit
+    verify = sh("systemd-analyze", "verify", "/lib/systemd/system/mtd.service", check=False)
+    assert verify.returncode == 0 and "mtd.service" not in verify.stderr, verify.stderr
+    assert Path("/usr/share/doc/mtd/README.md").exists()  # the unit's Documentation=
     assert "mtd = /usr/bin/mtd" in Path("/etc/fail2ban/action.d/mtd.conf").read_text()
 
     # Its own venv: none of the system's site packages but the two modules it takes.
