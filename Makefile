@@ -24,7 +24,7 @@ deb:
 
 # The venv holds exactly the versions in $(LOCK) (hashes checked, no dependency resolved here)
 # and sees none of the host's Python packages: only the libnftables bindings come from the
-# system (see BINDINGS). Rebuilt whole when the lock, pyproject.toml or the interpreter
+# system (see system_modules). Rebuilt whole when the lock, pyproject.toml or the interpreter
 # change, so nothing a lock no longer names stays behind; otherwise a second run does nothing.
 LOCK := requirements/dev.lock
 venv: deb
@@ -103,7 +103,7 @@ bench-quick: setup
 
 # Installs mtd on this server, laid out as the Debian package lays it out: a venv in $(OPT)
 # holding exactly requirements/runtime.lock and mtd (no host Python package but Debian's
-# nftables bindings), the command in $(BINDIR), man pages and bash completion under $(PREFIX),
+# nftables bindings and PyYAML: see system_modules), the command in $(BINDIR), man pages and bash completion under $(PREFIX),
 # the example state in $(ETC) unless a state is there, the unit in $(UNITDIR) (its ExecStart
 # pointing at $(BINDIR)/mtd), this README in $(DOCDIR), and the fail2ban action in
 # $(FAIL2BANDIR) when that is set. The venv is built beside the old one and swapped in whole.
@@ -120,6 +120,8 @@ FAIL2BANDIR ?=
 DESTDIR ?=
 install: venv
 	@case "$(OPT)" in /?*) ;; *) echo "OPT=$(OPT): expected an absolute directory" >&2; exit 1;; esac
+	@[ ! -e $(DESTDIR)$(OPT) ] || [ -f $(DESTDIR)$(OPT)/pyvenv.cfg ] || \
+	  { echo "$(DESTDIR)$(OPT) exists and is no venv: not replacing it" >&2; exit 1; }
 	@set -e; new=$(DESTDIR)$(OPT).new; wheels=$$(mktemp -d); trap 'rm -rf $$wheels' EXIT; \
 	rm -rf $$new; /usr/bin/python3 -m venv --without-pip $$new; \
 	sed -i '/^command = /d' $$new/pyvenv.cfg; \

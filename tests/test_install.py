@@ -89,3 +89,24 @@ def test_make_install_then_the_unit_runs_what_is_installed(tmp_path: Path):
     )
     assert verify.returncode == 0, verify.stderr
     assert "mtd.service" not in verify.stderr, verify.stderr
+
+
+@pytest.mark.parametrize("opt", ["", "relative/dir", "/", "EXISTING"])
+def test_make_install_never_replaces_what_is_not_its_venv(tmp_path: Path, opt: str):
+    """OPT is replaced whole on every install: only a venv may be, nothing else."""
+    keep = tmp_path / "data"
+    keep.mkdir()
+    (keep / "file").write_text("mine")
+    # where a mistake would land, a DESTDIR in tmp_path; the existing directory as it is
+    where = [] if opt == "EXISTING" else [f"DESTDIR={tmp_path / 'root'}"]
+    opt = str(keep) if opt == "EXISTING" else opt
+    out = subprocess.run(
+        ["make", "-s", "install", f"OPT={opt}", *where],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert out.returncode != 0 and ("absolute directory" in out.stderr or "no venv" in out.stderr)
+    assert (keep / "file").read_text() == "mine" and not (tmp_path / "root").exists()
