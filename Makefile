@@ -153,8 +153,7 @@ install: venv
 	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	@if [ -n "$(FAIL2BANDIR)" ] && [ ! -e $(DESTDIR)$(FAIL2BANDIR)/mtd.conf ]; then \
 	  install -d $(DESTDIR)$(FAIL2BANDIR); \
-	  sed 's|^mtd = /usr/local/bin/mtd|mtd = $(BINDIR)/mtd|' contrib/fail2ban/action.d/mtd.conf \
-	    > $(DESTDIR)$(FAIL2BANDIR)/mtd.conf; chmod 0644 $(DESTDIR)$(FAIL2BANDIR)/mtd.conf; \
+	  install -m 0644 contrib/fail2ban/action.d/mtd.conf $(DESTDIR)$(FAIL2BANDIR)/mtd.conf; \
 	fi
 	@[ -n "$(DESTDIR)" ] || echo "installed: $(BINDIR)/mtd, state in $(ETC), unit $(UNITDIR)/mtd.service;" \
 	  "next: edit $(ETC)/state.yaml, mtd validate, systemctl daemon-reload, systemctl enable --now mtd"

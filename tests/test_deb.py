@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.lab.netns import Lab
+from tests.conftest import ROOT
 
 DEB = os.environ.get("MTD_DEB", "")
 pytestmark = [
@@ -79,7 +80,8 @@ def test_install_use_and_purge(package: list[str], tmp_path: Path):
     verify = sh("systemd-analyze", "verify", "/lib/systemd/system/mtd.service", check=False)
     assert verify.returncode == 0 and "mtd.service" not in verify.stderr, verify.stderr
     assert Path("/usr/share/doc/mtd/README.md").exists()  # the unit's Documentation=
-    assert "mtd = /usr/bin/mtd" in Path("/etc/fail2ban/action.d/mtd.conf").read_text()
+    action = Path("/etc/fail2ban/action.d/mtd.conf").read_text()
+    assert action == (ROOT / "contrib/fail2ban/action.d/mtd.conf").read_text()
 
     # Its own venv: none of the system's site packages but the two modules it takes.
     path = sh("/usr/lib/mtd/bin/python", "-c", "import sys; print(sys.path)").stdout
