@@ -22,6 +22,8 @@ def test_make_install_then_the_unit_runs_what_is_installed(tmp_path: Path):
         "ETC": tmp_path / "etc/mtd",
         "UNITDIR": tmp_path / "etc/systemd/system",
         "DOCDIR": tmp_path / "usr/share/doc/mtd",
+        "MANDIR": tmp_path / "usr/local/share/man",
+        "COMPLETIONDIR": tmp_path / "usr/local/share/bash-completion/completions",
     }
     out = subprocess.run(
         ["make", "-s", "install", *(f"{k}={v}" for k, v in dirs.items())],
@@ -38,6 +40,17 @@ def test_make_install_then_the_unit_runs_what_is_installed(tmp_path: Path):
     assert os.access(mtd, os.X_OK) and mtd.resolve() == (dirs["OPT"] / "bin/mtd").resolve()
     assert (dirs["ETC"] / "state.yaml").read_text() == (ROOT / "desired_state/mtd.yaml").read_text()
     assert (dirs["DOCDIR"] / "README.md").exists()
+    assert (dirs["MANDIR"] / "man8/mtd.8").read_text() == (ROOT / "man/mtd.8").read_text()
+    assert (dirs["COMPLETIONDIR"] / "mtd").exists()
+    # Its own venv: no system site packages, only Debian's nftables bindings and PyYAML.
+    python = dirs["OPT"] / "bin/python"
+    path = subprocess.run(
+        [python, "-c", "import sys, nftables, yaml; print(sys.path, nftables.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "dist-packages'" not in path and f"{dirs['OPT']}/system-modules/nftables/" in path
 
     # The installed command, run from anywhere, finds its state where the unit puts it.
     elsewhere = tmp_path / "home"
@@ -76,3 +89,24 @@ def test_make_install_then_the_unit_runs_what_is_installed(tmp_path: Path):
     )
     assert verify.returncode == 0, verify.stderr
     assert "mtd.service" not in verify.stderr, verify.stderr
+
+
+@pytest.mark.parametrize("opt", ["", "relative/dir", "/", "EXISTING"])
+def test_make_install_never_replaces_what_is_not_its_venv(tmp_path: Path, opt: str):
+    """OPT is replaced whole on every install: only a venv may be, nothing else."""
+    keep = tmp_path / "data"
+    keep.mkdir()
+    (keep / "file").write_text("mine")
+    # where a mistake would land, a DESTDIR in tmp_path; the existing directory as it is
+    where = [] if opt == "EXISTING" else [f"DESTDIR={tmp_path / 'root'}"]
+    opt = str(keep) if opt == "EXISTING" else opt
+    out = subprocess.run(
+        ["make", "-s", "install", f"OPT={opt}", *where],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert out.returncode != 0 and ("absolute directory" in out.stderr or "no venv" in out.stderr)
+    assert (keep / "file").read_text() == "mine" and not (tmp_path / "root").exists()

@@ -48,7 +48,8 @@ def test_missing_bindings_say_what_to_install(state_file: Path, command: str):
         timeout=60,
     )
     line = one_error_line(out)
-    assert "apt install python3-nftables" in line and "pip install 'mtd[nftables]'" in line
+    assert "apt install python3-nftables" in line
+    assert f"{sys.executable} -m pip install pip-nftables " in line and "mtd[" not in line
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,19 @@ def test_a_missing_libnftables_or_other_module_says_what_to_install(
 
 # Kept between runs, as pip's own cache is: installs then need no index.
 WHEELHOUSE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtd-tests"
+
+
+# Where a pip install puts the man pages and the completion script, under the venv's prefix.
+SHARED_DATA = {
+    "share/man/man8/mtd.8": "man/mtd.8",
+    "share/man/man5/mtd.yaml.5": "man/mtd.yaml.5",
+    "share/bash-completion/completions/mtd": "man/mtd.bash-completion",
+}
+
+
+def glob_one(root: Path, pattern: str) -> Path:
+    (found,) = root.glob(pattern)
+    return found
 
 
 def pip(*args: str, check: bool = True) -> bool:
@@ -114,9 +128,19 @@ def test_the_wheel_in_a_plain_venv_validates_and_applies(tmp_path: Path):
 
         # no system site packages: the venv sees no bindings until the extra brings them
         assert run("validate").returncode == 0
+        # the example, the unit, the fail2ban action, man pages and completion come along
+        share = glob_one(venv, "lib/python3*/site-packages/reconciler/share")
+        example = share / "example/state.yaml"
+        assert example.read_text() == (ROOT / "desired_state/mtd.yaml").read_text()
+        assert (share / "systemd/mtd.service").read_text().startswith("# mtd reconcile daemon")
+        assert (share / "fail2ban/action.d/mtd.conf").exists()
+        for installed, source in SHARED_DATA.items():
+            assert (venv / installed).read_text() == (ROOT / source).read_text(), installed
+        shipped = lab.run("srv", [cli, "validate", "-s", str(example)], cwd=tmp_path)
+        assert shipped.returncode == 0, shipped.stderr
         line = one_error_line(run("apply"))
-        assert "pip install 'mtd[nftables]'" in line and "python3-nftables" in line
-        install(python, f"{wheel}[nftables]")
+        assert f"{python} -m pip install pip-nftables " in line and "python3-nftables" in line
+        install(python, "pip-nftables")  # what the line says, from the wheelhouse
         out = run("apply")
         assert out.returncode == 0 and out.stdout.startswith("changed: table inet mtdwheel")
         assert run("apply", "--check").stdout.startswith("ok: table inet mtdwheel")

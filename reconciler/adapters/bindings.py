@@ -1,9 +1,12 @@
 """The libnftables Python bindings, whichever copy is installed, loaded at first use.
 
-Debian's `python3-nftables` matches the system's libnftables; `pip install 'mtd[nftables]'`
-brings `pip-nftables` instead, a packaged copy of the same module that lacks `set_dry_run`
+Debian's `python3-nftables` matches the system's libnftables (the Debian package and `make
+setup` put that one module on their venv's path); `pip install pip-nftables` (or the `nftables`
+extra of a source install) brings a packaged copy of the same module that lacks `set_dry_run`
 and the JSON schema file. Both load the system's `libnftables.so.1`. When the module or the
-library is missing, the user gets one line saying what to install, not a traceback.
+library is missing, the user gets one line saying what to install, not a traceback: the pip
+command names this interpreter, so it installs into the venv mtd runs in (`mtd` on PyPI is
+another project: the message never names it).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import sys
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -19,8 +23,8 @@ from reconciler.errors import NftError
 
 SONAME = "libnftables.so.1"
 INSTALL_BINDINGS = (
-    "apt install python3-nftables (for the system's python3), or pip install 'mtd[nftables]' "
-    "(any venv; needs the libnftables1 package)"
+    f"{sys.executable} -m pip install pip-nftables (the venv mtd runs in; pipx: pipx inject mtd "
+    "pip-nftables), or apt install python3-nftables (Debian's python3); either needs libnftables1"
 )
 INSTALL_LIBRARY = "apt install libnftables1 (dnf install nftables on Fedora/RHEL)"
 

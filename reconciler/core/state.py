@@ -290,6 +290,12 @@ def load_yaml(name: str, text: str) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "maximum nesting depth" in problem:  # a libyaml with its own limit (1000), read
+            # ahead of the events `_check_events` counts: the same line as below MAX_DEPTH
+            where = f"{name}:{mark.line + 1}" if mark else name
+            raise StateError(
+                f"{where}: nested more than {MAX_DEPTH} levels deep: expected a flatter document"
+            ) from None
         raise StateError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         return {}
