@@ -170,6 +170,14 @@ OUTSIDE = {
         "nftables[5]: add set: size 65536 makes 327680 for every set and map together: "
         "expected at most 262144",
     ),
+    "sets filled by the template itself past what sizes may pin": (
+        ", ".join(
+            f'{{"add": {{"set": {{{T}, "name": "p{i}", "type": "inet_service", '
+            '"elem": {{ range(1, 65536) | list | tojson }}}}}'
+            for i in range(5)
+        ),
+        "nftables[5]: add set: 327675 elements written by the template: expected at most 262144",
+    ),
     "a rule comment (where a secret could go)": (
         f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
         f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [], "comment": "x"}}}}}}',

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 ALL_FAMILIES = frozenset({4, 6})
@@ -89,6 +89,7 @@ class Allowed:
     max_set_size: int = MAX_SET_SIZE
     max_total_size: int = 4 * MAX_SET_SIZE  # of every set and map together (dyn4 + dyn6: 2)
     max_commands: int = MAX_COMMANDS  # objects in the kernel (rules, chains, sets, ...)
+    max_elements: int = 4 * MAX_SET_SIZE  # a template's own elements, in all its sets
 
 
 def _keys(*names: str) -> frozenset[str]:
@@ -153,6 +154,15 @@ REPOSITORY = Allowed(
 )
 
 
+@dataclass
+class _Sizes:
+    """What the commands so far pin: each set's declared size (None: none), by name, and
+    the elements the template wrote itself."""
+
+    declared: dict[str, int | None] = field(default_factory=dict)
+    elements: int = 0
+
+
 class NotAllowed(Exception):
     """One thing a repository template used that `REPOSITORY` does not list."""
 
@@ -169,7 +179,7 @@ def check_repository(
     list mtd wrote itself (not walked: it is mtd's data, and large)."""
     if len(commands) > allowed.max_commands:
         return f"{len(commands)} commands: expected at most {allowed.max_commands}"
-    sizes: dict[str, Any] = {}
+    sizes = _Sizes()
     for i, cmd in enumerate(commands):
         ((kind, obj),) = cmd["add"].items()
         try:
@@ -180,7 +190,7 @@ def check_repository(
 
 
 def _object(
-    kind: str, obj: dict[str, Any], allowed: Allowed, mark: int, opaque: Any, sizes: dict
+    kind: str, obj: dict[str, Any], allowed: Allowed, mark: int, opaque: Any, sizes: _Sizes
 ) -> None:
     if kind not in allowed.objects:
         raise NotAllowed(f"expected one of {', '.join(allowed.objects)}")
@@ -195,7 +205,7 @@ def _object(
         size = obj.get("size")
         if size is not None and not (_int(size) and 0 < size <= allowed.max_set_size):
             raise NotAllowed(f"size {_short(size)}: expected at most {allowed.max_set_size}")
-        total = sum(n for n in sizes.values() if n) + (size or 0)
+        total = sum(n for n in sizes.declared.values() if n) + (size or 0)
         if total > allowed.max_total_size:
             raise NotAllowed(
                 f"size {size} makes {total} for every set and map together: expected at most "
@@ -207,13 +217,25 @@ def _object(
             raise NotAllowed(f"flags {_short(flags)}: expected only {_list(allowed.set_flags)}")
         if "elem" in obj and not opaque(obj["elem"]):
             _expression(obj["elem"], allowed, opaque)
-        sizes[str(obj.get("name"))] = size
+            _count_elements(obj["elem"], allowed, sizes)
+        sizes.declared[str(obj.get("name"))] = size
     elif kind == "rule":
         expr = obj.get("expr")
         if not isinstance(expr, list):
             raise NotAllowed("expr: expected a list of statements")
         for stmt in expr:
             _statement(stmt, allowed, mark, opaque, sizes)
+
+
+def _count_elements(elem: Any, allowed: Allowed, sizes: _Sizes) -> None:
+    """Elements written by the template itself (not mtd's own lists) pin kernel memory
+    like a set's size does: bounded together, whatever the 128 MiB of text could hold."""
+    sizes.elements += len(elem) if isinstance(elem, list) else 1
+    if sizes.elements > allowed.max_elements:
+        raise NotAllowed(
+            f"{sizes.elements} elements written by the template: expected at most "
+            f"{allowed.max_elements}"
+        )
 
 
 def _base_chain(obj: dict[str, Any], allowed: Allowed) -> None:
@@ -229,7 +251,7 @@ def _base_chain(obj: dict[str, Any], allowed: Allowed) -> None:
             raise NotAllowed(f"{what} {_short(value)}: expected one of {_list(values)}")
 
 
-def _statement(stmt: Any, allowed: Allowed, mark: int, opaque: Any, sizes: dict) -> None:
+def _statement(stmt: Any, allowed: Allowed, mark: int, opaque: Any, sizes: _Sizes) -> None:
     kind, body = _one(stmt, "statement")
     if kind not in allowed.statements:
         raise NotAllowed(f"statement {kind!r}: expected one of {', '.join(allowed.statements)}")
@@ -263,7 +285,7 @@ def _statement(stmt: Any, allowed: Allowed, mark: int, opaque: Any, sizes: dict)
     elif kind == "set":
         name = body.get("set")
         target = name[1:] if isinstance(name, str) and name.startswith("@") else None
-        if not _in(body.get("op"), allowed.set_ops) or sizes.get(str(target)) is None:
+        if not _in(body.get("op"), allowed.set_ops) or sizes.declared.get(str(target)) is None:
             raise NotAllowed(
                 f"statement set {_short(body.get('op'))} {_short(name)}: expected "
                 f"{_list(allowed.set_ops)} to a set added before it with a size"
