@@ -165,7 +165,7 @@ def test_tripwire_for_takes_durations_as_mtd_watch_does(
         assert out.returncode == 1 and line.startswith("mtd: error: ") and line.endswith(error)
         return
     assert out.returncode == 0, out.stderr
-    timeouts = {int(t) for t in re.findall(r'"timeout": (\d+)', out.stdout)}
+    timeouts = {int(t) for t in re.findall(r'"timeout": ?(\d+)', out.stdout)}
     assert timeouts == {seconds}
 
 

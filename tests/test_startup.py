@@ -103,12 +103,18 @@ def test_a_second_apply_imports_neither_jsonschema_nor_jinja(lab, tmp_path: Path
         modules = imported(out.stderr)
         assert "reconciler.cli.host" in modules and "nftables" in modules, args
         assert heavy(modules) == [], args
-    # A changed state is validated (and rendered) again: the caches never hide a change.
-    write_state(tmp_path / "s.yaml", table="mtd2")
+    # A changed state is validated (and rendered) again: the caches never hide a change. The
+    # table's name alone is a placeholder of the rendered text: change what the rules say.
+    write_state(
+        tmp_path / "s.yaml",
+        table="mtd2",
+        ports={"range": [1, 20], "services": {"tcp": [1, 2, 3, 4], "udp": [53]}},
+    )
     argv = [sys.executable, "-X", "importtime", *MTD[1:], "-s", str(state), "apply", "--check"]
     out = lab.run("srv", argv, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert {"yaml", "jsonschema", "jinja2"} <= imported(out.stderr)
+    assert "table inet mtd2" in out.stdout, out.stdout[-2000:]
 
 
 DOCUMENTS = [
