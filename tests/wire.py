@@ -262,12 +262,94 @@ def desync(wire: Wire, v: int, src: str, dst: str, sport: int, dport: int) -> li
     return [{"sport": t.sport, "flags": str(t.flags)} for t in segments]
 
 
+def quoting(
+    wire: Wire,
+    v: int,
+    src: str,
+    dst: str,
+    sport: int,
+    kind: str,
+    quote: int,
+    port: int = 0,
+    exchange: int = 0,
+    mss_port: int = 0,
+) -> dict[str, Any]:
+    """Issue 21, finding 1: an ICMP error from the client quoting a packet the server "sent"
+    from port `quote`. kind "abort": a SYN to `port` first, then a fatal error (IPv4 host
+    unreachable, ICMPv6 administratively prohibited) quoting that SYN-ACK's sequence number,
+    then the handshake's ACK: {"after_ack": flags the server sent}. kind "pmtu": a UDP
+    datagram to `exchange` first (unless 0), then "fragmentation needed" / "packet too big"
+    quoting a UDP datagram, then a SYN to `mss_port`: {"mss": the SYN-ACK's MSS}."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6PacketTooBig, IPv6
+    from scapy.layers.l2 import Ether
+
+    for tx in wire.tx.values():
+        tx.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+    ipl = IP if v == 4 else IPv6
+
+    def barrier() -> None:  # the host handles a packet before the echo that follows it
+        wire.count += 1
+        wire.send(v, dst, echo(v, src, dst, wire.ident, wire.count))
+        if v == 4:
+            until(lambda pkt: ICMP in pkt and pkt[ICMP].type == 0 and pkt[ICMP].seq == wire.count)
+        else:
+            until(lambda pkt: ICMPv6EchoReply in pkt and pkt[ICMPv6EchoReply].seq == wire.count)
+
+    def until(pred: Any, timeout: float = 5.0) -> list[Any]:
+        seen: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([wire.rx], [], [], left)[0]:
+                break
+            frame, addr = wire.rx.recvfrom(65535)
+            pkt = Ether(frame)
+            ip = pkt.getlayer(ipl)
+            if addr[2] == PACKET_OUTGOING or ip is None or ip.dst != src:
+                continue
+            seen.append(pkt)
+            if pred(pkt):
+                return seen
+        raise TimeoutError(f"no awaited packet; saw {[p.summary() for p in seen]}")
+
+    def error(inner: Any, pmtu: bool) -> bytes:
+        if v == 4:
+            icmp = ICMP(type=3, code=4, nexthopmtu=1000) if pmtu else ICMP(type=3, code=1)
+        else:
+            icmp = ICMPv6PacketTooBig(mtu=1280) if pmtu else ICMPv6DestUnreach(code=1)
+        return bytes(ipl(src=src, dst=dst) / icmp / ipl(src=dst, dst=src) / inner)
+
+    def syn(to: int, sp: int) -> Any:
+        wire.send(v, dst, bytes(ipl(src=src, dst=dst) / TCP(sport=sp, dport=to, flags="S")))
+        return until(lambda pkt: TCP in pkt and pkt[TCP].sport == to and pkt[TCP].dport == sp)[-1]
+
+    if kind == "abort":
+        synack = syn(port, sport)[TCP]
+        wire.send(v, dst, error(TCP(sport=quote, dport=sport, flags="SA", seq=synack.seq,
+                                    ack=1), pmtu=False))  # fmt: skip
+        barrier()
+        ack = TCP(sport=sport, dport=port, flags="A", seq=synack.ack, ack=synack.seq + 1)
+        wire.send(v, dst, bytes(ipl(src=src, dst=dst) / ack))
+        got = until(lambda pkt: TCP in pkt and pkt[TCP].sport == port)[-1][TCP]
+        return {"after_ack": str(got.flags)}
+    if exchange:
+        wire.send(v, dst, bytes(ipl(src=src, dst=dst) / UDP(sport=sport, dport=exchange) / b"hi"))
+        until(lambda pkt: UDP in pkt and pkt[UDP].sport == exchange)
+    wire.send(v, dst, error(UDP(sport=quote, dport=sport) / (b"x" * 600), pmtu=True))
+    barrier()
+    synack = syn(mss_port, sport + 1)[TCP]
+    return {"mss": dict(o for o in synack.options if o[0] == "MSS").get("MSS")}
+
+
 def main() -> None:
     """`IFACE`: one JSON list of sequences in, their answers out. `IFACE --lines`: the same
     once per input line, until end of input (a long-lived prober: scapy loads once)."""
     wire = Wire(sys.argv[1] if len(sys.argv) > 1 else "eth0")
     if "--desync" in sys.argv:
         json.dump(desync(wire, **json.load(sys.stdin)), sys.stdout)
+        return
+    if "--quoting" in sys.argv:
+        json.dump(quoting(wire, **json.load(sys.stdin)), sys.stdout)
         return
     if "--lines" in sys.argv:
         print("ready", flush=True)
