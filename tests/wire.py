@@ -14,6 +14,12 @@ option of length 1; "rr": a valid one; "dst-param": an IPv6 destination-options 
 an unknown option that asks for a parameter problem; "dst-skip": one that asks to be
 skipped; "hbh-param": the same in a hop-by-hop header; "rt0": a routing header type 0),
 frag (bytes per fragment, 0: none), barrier (where the echo goes; default dst).
+`"complete": true` makes a TCP probe the ACK that completes the handshake of the last SYN-ACK
+the client port got (the service's banner is awaited, then the connection is reset).
+A probe with proto "icmp" is an ICMP error from the client about a packet the server "sent"
+from port `quote` (qproto tcp/udp) to the client's port `sport`: code "unreach" (IPv4 host
+unreachable, ICMPv6 administratively prohibited: fatal to a half-open connection, quoting
+the last SYN-ACK's sequence number) or "pmtu" (fragmentation needed / packet too big).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ def build(p: dict[str, Any], echo_id: int = 0) -> list[bytes]:
     )
     from scapy.packet import Raw
 
+    if p["proto"] == "icmp":
+        return [icmp_error(p)]
     payload = p.get("payload", "").encode()
     if p["proto"] == "tcp":
         l4 = TCP(
@@ -85,6 +93,24 @@ def build(p: dict[str, Any], echo_id: int = 0) -> list[bytes]:
         pkt = ip6 / IPv6ExtHdrFragment() / (ext / l4 if ext is not None else l4)
         return [bytes(f) for f in fragment6(pkt, frag + 48)]
     return [bytes(pkt)]
+
+
+def icmp_error(p: dict[str, Any]) -> bytes:
+    """An ICMP error about a packet from the server's port `quote` to the client's `sport`."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
+
+    ipl = IP if p["v"] == 4 else IPv6
+    if p["qproto"] == "tcp":
+        inner: Any = TCP(sport=p["quote"], dport=p["sport"], flags="SA", seq=p.get("seq", 0))
+    else:
+        inner = UDP(sport=p["quote"], dport=p["sport"]) / (b"x" * 600)
+    pmtu = p.get("code") == "pmtu"
+    if p["v"] == 4:
+        icmp: Any = ICMP(type=3, code=4, nexthopmtu=1000) if pmtu else ICMP(type=3, code=1)
+    else:
+        icmp = ICMPv6PacketTooBig(mtu=1280) if pmtu else ICMPv6DestUnreach(code=1)
+    return bytes(ipl(src=p["src"], dst=p["dst"]) / icmp / ipl(src=p["dst"], dst=p["src"]) / inner)
 
 
 def echo(v: int, src: str, dst: str, ident: int, seq: int) -> bytes:
@@ -151,20 +177,30 @@ class Wire:
             6: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW),
         }
         self.tx[4].setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        for tx in self.tx.values():
+            tx.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
         self.ident = os.getpid() & 0xFFFF
         self.count = 0
+        self.isn: dict[int, int] = {}  # the last SYN-ACK's sequence number, by client port
 
     def send(self, v: int, dst: str, data: bytes) -> None:
         self.tx[v].sendto(data, (dst, 0))
 
     def ask(self, probe: dict[str, Any], timeout: float = 5.0) -> list[dict[str, Any]]:
         """Send one probe, then an echo; the answers that come before the echo's reply."""
-        from scapy.layers.inet import ICMP, IP
+        from scapy.layers.inet import ICMP, IP, TCP
         from scapy.layers.inet6 import ICMPv6EchoReply, IPv6
         from scapy.layers.l2 import Ether
 
         self.count += 1
-        v, dst = probe["v"], probe["dst"]
+        v, dst, sport = probe["v"], probe["dst"], probe["sport"]
+        complete = probe.get("complete", False)
+        if complete:
+            isn = self.isn.get(sport, 0)
+            probe = {**probe, "flags": "A", "seq": 1001, "ack": isn + 1, "payload": ""}
+            probe.update(opt="", frag=0)
+        elif probe["proto"] == "icmp":
+            probe = {**probe, "seq": self.isn.get(sport, 0)}
         for data in build(probe):
             self.send(v, dst, data)
         # The echo goes to a unicast address: nobody answers one sent to a broadcast address.
@@ -192,18 +228,24 @@ class Wire:
                 and reply.seq == self.count
             ):
                 barrier = True
-                if answers or probe["proto"] != "udp":
+                if answers or (probe["proto"] != "udp" and not complete):
                     break
-                # A user-space UDP service answers after the kernel's echo reply.
+                # A user-space service answers after the kernel's echo reply.
                 deadline = min(deadline, time.monotonic() + 1.0)
                 continue
             answer = normalise(frame, probe)
             if answer is not None:
+                if answer.get("kind") == "tcp" and answer["flags"] == "SA":
+                    self.isn[answer["dport"]] = pkt[TCP].seq
                 answers.append(answer)
                 if barrier:
                     break
         if not barrier:
             answers.append({"kind": "no-echo"})
+        if complete:  # reset what the ACK opened: nothing of it outlives the probe
+            rst = {**probe, "flags": "R", "ack": 0, "proto": "tcp"}
+            for data in build(rst):
+                self.send(v, dst, data)
         return answers
 
 
@@ -366,6 +408,7 @@ class Prober:
 
     def __init__(self, lab: Any, role: str) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.lab = lab
         self.proc = lab.spawn(
             role,
             [sys.executable, "-m", "tests.wire", "eth0", "--lines"],
