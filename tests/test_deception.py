@@ -361,3 +361,17 @@ def test_a_path_mtu_error_quoting_the_real_udp_port_changes_nothing(dlab, v):
     got = quoting(lab, v, kind="pmtu", sport=46120 + 2 * v, quote=udp, exchange=udp,
                   mss_port=opened)  # fmt: skip
     assert got["mss"] == {4: 960, 6: 1220}[v], got
+
+
+@pytest.mark.parametrize("v", [4, 6])
+def test_errors_forged_from_an_address_not_watched_reach_no_real_port(dlab, v):
+    """The same errors with the source address of a host that is not watched (for
+    explicit and dynamic sources; per_source on /0 watches it too): no answer is needed, so
+    forging costs nothing."""
+    lab, state = dlab
+    shuffled, forged = moves(state, v)[3], {4: "203.0.113.9", 6: "2001:db8:f::9"}[v]
+    got = quoting(lab, v, kind="abort", sport=46200 + v, port=shuffled, quote=3, outer=forged)
+    assert "R" not in got["after_ack"], got
+    got = quoting(lab, v, kind="pmtu", sport=46210 + 2 * v, quote=53, mss_port=shuffled,
+                  outer=forged)  # fmt: skip
+    assert got["mss"] == {4: 1460, 6: 1440}[v], got
