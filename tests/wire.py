@@ -316,6 +316,7 @@ def quoting(
     exchange: int = 0,
     mss_port: int = 0,
     outer: str = "",
+    inner_opt: bool = False,
 ) -> dict[str, Any]:
     """Issue 21, finding 1: an ICMP error from the client quoting a packet the server "sent"
     from port `quote`. kind "abort": a SYN to `port` first, then a fatal error (IPv4 host
@@ -323,9 +324,16 @@ def quoting(
     then the handshake's ACK: {"after_ack": flags the server sent}. kind "pmtu": a UDP
     datagram to `exchange` first (unless 0), then "fragmentation needed" / "packet too big"
     quoting a UDP datagram, then a SYN to `mss_port`: {"mss": the SYN-ACK's MSS}. `outer`:
-    the error's forged source address (default: the client's own)."""
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6PacketTooBig, IPv6
+    the error's forged source address (default: the client's own); `inner_opt`: the quoted
+    header carries IPv4 options or an IPv6 destination-options header."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
+    from scapy.layers.inet6 import (
+        ICMPv6DestUnreach,
+        ICMPv6EchoReply,
+        ICMPv6PacketTooBig,
+        IPv6,
+        IPv6ExtHdrDestOpt,
+    )
     from scapy.layers.l2 import Ether
 
     for tx in wire.tx.values():
@@ -361,7 +369,14 @@ def quoting(
             icmp = ICMP(type=3, code=4, nexthopmtu=1000) if pmtu else ICMP(type=3, code=1)
         else:
             icmp = ICMPv6PacketTooBig(mtu=1280) if pmtu else ICMPv6DestUnreach(code=1)
-        return bytes(ipl(src=outer or src, dst=dst) / icmp / ipl(src=dst, dst=src) / inner)
+        quoted: Any = ipl(src=dst, dst=src)
+        if inner_opt:
+            quoted = (
+                IP(src=dst, dst=src, options=[IPOption_NOP()] * 4)
+                if v == 4
+                else (quoted / IPv6ExtHdrDestOpt())
+            )
+        return bytes(ipl(src=outer or src, dst=dst) / icmp / quoted / inner)
 
     def syn(to: int, sp: int) -> Any:
         wire.send(v, dst, bytes(ipl(src=src, dst=dst) / TCP(sport=sp, dport=to, flags="S")))
