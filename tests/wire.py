@@ -96,9 +96,11 @@ def build(p: dict[str, Any], echo_id: int = 0) -> list[bytes]:
 
 
 def icmp_error(p: dict[str, Any]) -> bytes:
-    """An ICMP error about a packet from the server's port `quote` to the client's `sport`."""
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
+    """An ICMP error about a packet from the server's port `quote` to the client's `sport`;
+    from `outer` (a forged source) if given; `inner_opt`: the quoted header carries IPv4
+    options or an IPv6 destination-options header."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrDestOpt
 
     ipl = IP if p["v"] == 4 else IPv6
     if p["qproto"] == "tcp":
@@ -110,7 +112,15 @@ def icmp_error(p: dict[str, Any]) -> bytes:
         icmp: Any = ICMP(type=3, code=4, nexthopmtu=1000) if pmtu else ICMP(type=3, code=1)
     else:
         icmp = ICMPv6PacketTooBig(mtu=1280) if pmtu else ICMPv6DestUnreach(code=1)
-    return bytes(ipl(src=p["src"], dst=p["dst"]) / icmp / ipl(src=p["dst"], dst=p["src"]) / inner)
+    quoted: Any = ipl(src=p["dst"], dst=p["src"])
+    if p.get("inner_opt"):
+        quoted = (
+            IP(src=p["dst"], dst=p["src"], options=[IPOption_NOP()] * 4)
+            if p["v"] == 4
+            else quoted / IPv6ExtHdrDestOpt()
+        )
+    outer = ipl(src=p.get("outer") or p["src"], dst=p["dst"])
+    return bytes(outer / icmp / quoted / inner)
 
 
 def echo(v: int, src: str, dst: str, ident: int, seq: int) -> bytes:
@@ -326,19 +336,13 @@ def quoting(
     quoting a UDP datagram, then a SYN to `mss_port`: {"mss": the SYN-ACK's MSS}. `outer`:
     the error's forged source address (default: the client's own); `inner_opt`: the quoted
     header carries IPv4 options or an IPv6 destination-options header."""
-    from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
-    from scapy.layers.inet6 import (
-        ICMPv6DestUnreach,
-        ICMPv6EchoReply,
-        ICMPv6PacketTooBig,
-        IPv6,
-        IPv6ExtHdrDestOpt,
-    )
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoReply, IPv6
     from scapy.layers.l2 import Ether
 
-    for tx in wire.tx.values():
-        tx.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
     ipl = IP if v == 4 else IPv6
+    error = {"v": v, "src": src, "dst": dst, "proto": "icmp", "sport": sport, "quote": quote,
+             "outer": outer, "inner_opt": inner_opt}  # fmt: skip
 
     def barrier() -> None:  # the host handles a packet before the echo that follows it
         wire.count += 1
@@ -364,28 +368,13 @@ def quoting(
                 return seen
         raise TimeoutError(f"no awaited packet; saw {[p.summary() for p in seen]}")
 
-    def error(inner: Any, pmtu: bool) -> bytes:
-        if v == 4:
-            icmp = ICMP(type=3, code=4, nexthopmtu=1000) if pmtu else ICMP(type=3, code=1)
-        else:
-            icmp = ICMPv6PacketTooBig(mtu=1280) if pmtu else ICMPv6DestUnreach(code=1)
-        quoted: Any = ipl(src=dst, dst=src)
-        if inner_opt:
-            quoted = (
-                IP(src=dst, dst=src, options=[IPOption_NOP()] * 4)
-                if v == 4
-                else (quoted / IPv6ExtHdrDestOpt())
-            )
-        return bytes(ipl(src=outer or src, dst=dst) / icmp / quoted / inner)
-
     def syn(to: int, sp: int) -> Any:
         wire.send(v, dst, bytes(ipl(src=src, dst=dst) / TCP(sport=sp, dport=to, flags="S")))
         return until(lambda pkt: TCP in pkt and pkt[TCP].sport == to and pkt[TCP].dport == sp)[-1]
 
     if kind == "abort":
         synack = syn(port, sport)[TCP]
-        wire.send(v, dst, error(TCP(sport=quote, dport=sport, flags="SA", seq=synack.seq,
-                                    ack=1), pmtu=False))  # fmt: skip
+        wire.send(v, dst, icmp_error({**error, "qproto": "tcp", "seq": synack.seq}))
         barrier()
         ack = TCP(sport=sport, dport=port, flags="A", seq=synack.ack, ack=synack.seq + 1)
         wire.send(v, dst, bytes(ipl(src=src, dst=dst) / ack))
@@ -394,7 +383,7 @@ def quoting(
     if exchange:
         wire.send(v, dst, bytes(ipl(src=src, dst=dst) / UDP(sport=sport, dport=exchange) / b"hi"))
         until(lambda pkt: UDP in pkt and pkt[UDP].sport == exchange)
-    wire.send(v, dst, error(UDP(sport=quote, dport=sport) / (b"x" * 600), pmtu=True))
+    wire.send(v, dst, icmp_error({**error, "qproto": "udp", "code": "pmtu"}))
     barrier()
     synack = syn(mss_port, sport + 1)[TCP]
     return {"mss": dict(o for o in synack.options if o[0] == "MSS").get("MSS")}
