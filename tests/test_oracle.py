@@ -6,14 +6,16 @@ on their real ports; in the twin, nothing but listeners on the ports `mtd mappin
 reports, answering with the same banners. Hypothesis draws sequences of hand-made probes
 (tests/wire.py: TCP flags, ports in and out of the range, source ports reused within a
 sequence, IP options and IPv6 extension headers, fragments, payloads, the server's other
-address, handshakes completed, ICMP errors quoting chosen ports to a half-open or open
-connection's client port), scapy sends each sequence to both, and the normalised answers
+address, handshakes completed and connections kept open for probes on them, ICMP errors
+quoting chosen ports to a half-open or open connection's client port), scapy sends each
+sequence to both, and the normalised answers
 must be equal. The only differences allowed are the documented ones (README, "What a
 watched source can learn"): mtd drops packets with IPv4 options or IPv6 destination-options
 or routing headers from watched sources, at every port; UDP asked at an address its route
 does not answer from gets silence; an ICMP error about a UDP port the source exchanged
-nothing with is dropped (the twin lowers the path MTU if its socket sits there). Any other
-difference fails with the shrunk sequence.
+nothing with is dropped (the twin lowers the path MTU if its socket sits there); a SYN on an
+established connection gets silence, not a challenge ACK. Any other difference fails with
+the shrunk sequence.
 
 `make test` runs a short, derandomised run; `make fuzz` a long random one
 (MTD_FUZZ_EXAMPLES), which prints how many sequences it tried.
@@ -52,6 +54,9 @@ CLIENT = (
 # Symbolic ports: "o<k>" is the k-th open TCP port of the source's view, "u0" its UDP
 # service's port (a scanner finds both with one scan), resolved per lab in `concrete`.
 OPEN = ["o0", "o1", "o2", "o3", "o4"]
+# Flags on an established connection the kernel answers at once (a FIN or data would wait
+# for the service's own answer, which may come after the probe's echo).
+ON_CONNECTION = ["S", "SA", "SF", "A", "R", "RA", "U"]
 VIEW: dict[int, dict[str, list[int]]] = {4: {}, 6: {}}
 _fresh = itertools.count()
 tried = {"sequences": 0, "probes": 0}
@@ -101,6 +106,9 @@ def twins(
             # scapy's, so an error can quote one) without retransmitting their SYN-ACKs
             # into a later probe's answers.
             each.sh("srv", "sysctl -qw net.ipv4.tcp_synack_retries=0")
+            # Every challenge ACK is sent: a rate limit would make one probe's answer depend
+            # on an earlier one's (mtd is silent to some, by design).
+            each.sh("srv", "sysctl -qw net.ipv4.tcp_invalid_ratelimit=0")
             each.run("unt", ["nft", "-f", "-"], check=True, input=CLIENT)
         yield wire.Prober(lab, "unt"), wire.Prober(twin, "unt")
     if EXAMPLES:
@@ -163,6 +171,10 @@ def scenario(draw: st.DrawFn) -> list[dict]:
     seq = [{**tcp, "sport": 0, "dport": port, "flags": "S"}]
     if draw(st.booleans()):
         seq.append({**tcp, "sport": 0, "dport": port, "flags": "A", "complete": True})
+        if draw(st.booleans()):  # kept open: probes on the established connection
+            seq[-1]["keep"] = True
+            for flags in draw(st.lists(st.sampled_from(ON_CONNECTION), min_size=1, max_size=2)):
+                seq.append({**tcp, "sport": 0, "dport": port, "flags": flags, "est": True})
     if draw(st.booleans()):  # an exchange with the UDP service first
         seq.append({**base, "proto": "udp", "sport": 0, "dport": "u0", "opt": "", "frag": 0})
     # The quote: the real port behind the connection's (what a scanner would try to find),
@@ -230,10 +242,15 @@ def test_a_watched_source_cannot_tell_mtd_from_a_twin_on_the_shuffled_ports(twin
             for prober in twins:
                 prober.lab.sh("srv", "ip route flush cache; ip -6 route flush cache")
     exchanged: set[tuple[int, int]] = set()
+    kept: set[tuple[int, int]] = set()
     blind = False  # after an error about a UDP port nothing was exchanged with: see below
     for i, (p, m, t) in enumerate(zip(seq, got_mtd, got_twin, strict=True)):
         if p["proto"] == "udp" and p["dst"] == p["barrier"]:
             exchanged.add((p["dport"], p["sport"]))
+        if p.get("keep"):
+            kept.add((p["dport"], p["sport"]))
+        if p.get("est") and "S" in p["flags"] and not m and (p["dport"], p["sport"]) in kept:
+            continue  # silence for SYNs on an established connection (README)
         if p["proto"] == "icmp" and p["qproto"] == "udp" and p["code"] == "pmtu":
             # mtd drops one about a port nothing was exchanged with (README): the twin
             # lowers the path MTU if its socket sits there.

@@ -15,7 +15,10 @@ an unknown option that asks for a parameter problem; "dst-skip": one that asks t
 skipped; "hbh-param": the same in a hop-by-hop header; "rt0": a routing header type 0),
 frag (bytes per fragment, 0: none), barrier (where the echo goes; default dst).
 `"complete": true` makes a TCP probe the ACK that completes the handshake of the last SYN-ACK
-the client port got (the service's banner is awaited, then the connection is reset).
+the client port got (the service's banner is awaited, then the connection is reset; with
+`"keep": true` the banner is acknowledged and the connection stays open until the end of
+the sequence, for later probes from that port: `"est": true` gives one the connection's
+next sequence and acknowledgement numbers).
 A probe with proto "icmp" is an ICMP error from the client about a packet the server "sent"
 from port `quote` (qproto tcp/udp) to the client's port `sport`: code "unreach" (IPv4 host
 unreachable, ICMPv6 administratively prohibited: fatal to a half-open connection, quoting
@@ -192,6 +195,8 @@ class Wire:
         self.ident = os.getpid() & 0xFFFF
         self.count = 0
         self.isn: dict[int, int] = {}  # the last SYN-ACK's sequence number, by client port
+        self.una: dict[int, int] = {}  # what the client acknowledged last, by client port
+        self.kept: dict[int, dict[str, Any]] = {}  # open connections, by client port
 
     def send(self, v: int, dst: str, data: bytes) -> None:
         self.tx[v].sendto(data, (dst, 0))
@@ -211,6 +216,8 @@ class Wire:
             probe.update(opt="", frag=0)
         elif probe["proto"] == "icmp":
             probe = {**probe, "seq": self.isn.get(sport, 0)}
+        elif probe.get("est") and sport in self.una:
+            probe = {**probe, "seq": 1001, "ack": self.una[sport], "opt": "", "frag": 0}
         for data in build(probe):
             self.send(v, dst, data)
         # The echo goes to a unicast address: nobody answers one sent to a broadcast address.
@@ -247,16 +254,34 @@ class Wire:
             if answer is not None:
                 if answer.get("kind") == "tcp" and answer["flags"] == "SA":
                     self.isn[answer["dport"]] = pkt[TCP].seq
+                if complete and answer.get("data"):
+                    self.una[sport] = pkt[TCP].seq + len(pkt[TCP].payload)
                 answers.append(answer)
                 if barrier:
                     break
         if not barrier:
             answers.append({"kind": "no-echo"})
-        if complete:  # reset what the ACK opened: nothing of it outlives the probe
-            rst = {**probe, "flags": "R", "ack": 0, "proto": "tcp"}
+        rst = {**probe, "flags": "R", "ack": 0, "proto": "tcp"}
+        if complete and probe.get("keep") and sport in self.una:
+            ack = {**probe, "ack": self.una[sport]}  # the banner: no retransmission of it
+            for data in build(ack):
+                self.send(v, dst, data)
+            self.kept[sport] = rst
+        elif complete:  # reset what the ACK opened: nothing of it outlives the probe
             for data in build(rst):
                 self.send(v, dst, data)
         return answers
+
+    def sequence(self, probes: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The answers to each probe; connections kept open are reset at the end."""
+        try:
+            return [self.ask(p) for p in probes]
+        finally:
+            for rst in self.kept.values():
+                for data in build(rst):
+                    self.send(rst["v"], rst["dst"], data)
+            self.kept.clear()
+            self.una.clear()
 
 
 MARK = 0x77  # on every packet scapy sends: the client's own RSTs (without it) are dropped
@@ -403,10 +428,10 @@ def main() -> None:
         print("ready", flush=True)
         for line in sys.stdin:
             sequences = json.loads(line)
-            print(json.dumps([[wire.ask(p) for p in seq] for seq in sequences]), flush=True)
+            print(json.dumps([wire.sequence(seq) for seq in sequences]), flush=True)
         return
     sequences = json.load(sys.stdin)
-    json.dump([[wire.ask(p) for p in seq] for seq in sequences], sys.stdout)
+    json.dump([wire.sequence(seq) for seq in sequences], sys.stdout)
 
 
 class Prober:
