@@ -379,3 +379,26 @@ def test_errors_forged_from_an_address_not_watched_reach_no_real_port(dlab, v):
     got = quoting(lab, v, kind="pmtu", sport=46210 + 2 * v, quote=53, mss_port=shuffled,
                   outer=forged)  # fmt: skip
     assert got["mss"] == {4: 1460, 6: 1440}[v], got
+
+
+# 9. The server's other address (issue 21, finding 3) ----------------------------------------
+
+
+@pytest.mark.parametrize("v", [4, 6])
+def test_udp_to_the_other_address_leaves_the_view_of_the_first_unchanged(dlab, v):
+    """A datagram to the source's shuffled UDP port at the server's other address (silence,
+    README) changes nothing the source then sees at either address."""
+    lab, state = dlab
+    src, dst = V[v]
+    other = {4: "198.51.100.1", 6: "2001:db8:bad::1"}[v]
+    udp = {"v": v, "src": src, "dst": other, "proto": "udp", "sport": 47000 + v,
+           "dport": moves(state, v, "udp")[53], "payload": "hello", "barrier": dst}  # fmt: skip
+    expected = visible(moves(state, v), SERVICES)
+    for sport in (47010 + v, udp["sport"]):  # a fresh source port, and the datagram's
+        answers = wire.send(lab, "unt", [[udp], [probe(v, p, sport=sport) for p in PORTS],
+                                         [{**probe(v, p, sport=sport), "dst": other}
+                                          for p in PORTS]])  # fmt: skip
+        for scanned in answers[1:]:
+            opened = {p for p, a in zip(PORTS, scanned, strict=True)
+                      if shape(a) == [("tcp", "SA", None, None)]}  # fmt: skip
+            assert opened == expected, (v, sport, opened, scanned)
