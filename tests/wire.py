@@ -397,6 +397,11 @@ def quoting(
         wire.send(v, dst, bytes(ipl(src=src, dst=dst) / TCP(sport=sp, dport=to, flags="S")))
         return until(lambda pkt: TCP in pkt and pkt[TCP].sport == to and pkt[TCP].dport == sp)[-1]
 
+    def reset(to: int, sp: int, seq: int) -> None:  # nothing outlives the probe
+        wire.send(
+            v, dst, bytes(ipl(src=src, dst=dst) / TCP(sport=sp, dport=to, flags="R", seq=seq))
+        )
+
     if kind == "abort":
         synack = syn(port, sport)[TCP]
         wire.send(v, dst, icmp_error({**error, "qproto": "tcp", "seq": synack.seq}))
@@ -404,6 +409,7 @@ def quoting(
         ack = TCP(sport=sport, dport=port, flags="A", seq=synack.ack, ack=synack.seq + 1)
         wire.send(v, dst, bytes(ipl(src=src, dst=dst) / ack))
         got = until(lambda pkt: TCP in pkt and pkt[TCP].sport == port)[-1][TCP]
+        reset(port, sport, synack.ack)
         return {"after_ack": str(got.flags)}
     if exchange:
         wire.send(v, dst, bytes(ipl(src=src, dst=dst) / UDP(sport=sport, dport=exchange) / b"hi"))
@@ -411,6 +417,7 @@ def quoting(
     wire.send(v, dst, icmp_error({**error, "qproto": "udp", "code": "pmtu"}))
     barrier()
     synack = syn(mss_port, sport + 1)[TCP]
+    reset(mss_port, sport + 1, synack.ack)
     return {"mss": dict(o for o in synack.options if o[0] == "MSS").get("MSS")}
 
 
