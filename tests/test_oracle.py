@@ -7,7 +7,8 @@ reports, answering with the same banners. Hypothesis draws sequences of hand-mad
 (tests/wire.py: TCP flags, ports in and out of the range, source ports reused within a
 sequence, IP options and IPv6 extension headers, fragments, payloads, the server's other
 address, handshakes completed and connections kept open for probes on them, ICMP errors
-quoting chosen ports to a half-open or open connection's client port), scapy sends each
+quoting chosen ports to a half-open or open connection's client port, from the client or
+forged with another address), scapy sends each
 sequence to both, and the normalised answers
 must be equal. The only differences allowed are the documented ones (README, "What a
 watched source can learn"): mtd drops packets with IPv4 options or IPv6 destination-options
@@ -47,6 +48,7 @@ DROPPED = {"rr", "rr-bad", "dst-param", "dst-skip", "rt0"}  # silent at every po
 OPTS = {4: ["rr", "rr-bad"], 6: ["dst-param", "dst-skip", "hbh-param", "rt0"]}
 PORTS = [*range(1, 23), 53]  # the range is 1-20; 53 is the UDP service
 OTHER = {4: "198.51.100.1", 6: "2001:db8:bad::1"}  # the server's other address, same link
+FORGED = {4: "203.0.113.9", 6: "2001:db8:f::9"}
 CLIENT = (
     "table inet client {\n chain out {\n type filter hook output priority 0;\n"
     f" tcp flags & rst == rst meta mark != {wire.MARK} drop\n }}\n}}\n"
@@ -187,7 +189,9 @@ def scenario(draw: st.DrawFn) -> list[dict]:
         qproto = draw(st.sampled_from(["tcp", "udp"]))
     seq.append(
         {**base, "proto": "icmp", "sport": 0, "qproto": qproto, "quote": quote,
-         "code": draw(st.sampled_from(["unreach", "pmtu"]))}
+         "code": draw(st.sampled_from(["unreach", "pmtu"])),
+         # from the client, or forged with an address no entry lists (no answer needed)
+         "outer": draw(st.sampled_from(["", "", FORGED[v]]))}
     )  # fmt: skip
     if draw(st.booleans()):
         seq.append({**tcp, "sport": 0, "dport": port, "flags": "A", "complete": True})
