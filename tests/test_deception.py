@@ -306,3 +306,101 @@ def test_a_connection_held_across_a_rotation_does_not_link_old_and_new_ports(tmp
         probes = [probe(4, new, flags=f, sport=7000, seq=5) for f in ("SF", "SA", "S", "SR")]
         for p, answers in zip(probes, scan(lab, probes), strict=True):
             assert all(a.get("sport") != old for a in answers), (p, answers)
+
+
+# 8. ICMP errors from the watched source (issue 21, finding 1) ---------------------------------
+
+
+def quoting(lab: Lab, v: int, **args: object) -> dict:
+    """`tests.wire --quoting` from the client, whose own kernel stays out of the way (it
+    would reset the hand-made handshake)."""
+    script = (
+        "table inet client {\n chain out {\n type filter hook output priority 0;\n"
+        f" tcp flags & rst == rst meta mark != {wire.MARK} drop\n }}\n}}\n"
+    )
+    lab.run("unt", ["nft", "-f", "-"], check=True, input=script)
+    try:
+        src, dst = V[v]
+        proc = lab.run(
+            "unt",
+            [sys.executable, "-m", "tests.wire", "eth0", "--quoting"],
+            input=json.dumps({"v": v, "src": src, "dst": dst, **args}),
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+    finally:
+        lab.run("unt", ["nft", "delete", "table", "inet", "client"])
+        lab.sh("srv", "ip route flush cache; ip -6 route flush cache")
+
+
+@pytest.mark.parametrize("v", [4, 6])
+def test_a_fatal_error_quoting_the_real_port_leaves_the_half_open_connection(dlab, v):
+    """A SYN to the shuffled port R, then an unreachable quoting the real port behind R: a
+    host listening at R has no connection at the real port, so the ACK completes the
+    handshake. The same error quoting R aborts it (the control: errors are delivered)."""
+    lab, state = dlab
+    shuffled = moves(state, v)[3]
+    real = quoting(lab, v, kind="abort", sport=46000 + v, port=shuffled, quote=3)
+    assert "R" not in real["after_ack"], real
+    seen = quoting(lab, v, kind="abort", sport=46010 + v, port=shuffled, quote=shuffled)
+    assert "R" in seen["after_ack"], seen
+
+
+@pytest.mark.parametrize("v", [4, 6])
+def test_a_path_mtu_error_quoting_the_real_udp_port_changes_nothing(dlab, v):
+    """An ICMP "fragmentation needed" quoting the real UDP port 53 would lower the path MTU toward
+    the source (seen in the next SYN-ACK's MSS) only because a socket sits there."""
+    lab, state = dlab
+    opened, plain = moves(state, v)[3], {4: 1460, 6: 1440}[v]
+    got = quoting(lab, v, kind="pmtu", sport=46100 + 2 * v, quote=53, mss_port=opened)
+    assert got["mss"] == plain, got
+    # The control: after an exchange with the shuffled port, an error about it counts.
+    udp = moves(state, v, "udp")[53]
+    got = quoting(lab, v, kind="pmtu", sport=46120 + 2 * v, quote=udp, exchange=udp,
+                  mss_port=opened)  # fmt: skip
+    assert got["mss"] == {4: 960, 6: 1220}[v], got
+
+
+@pytest.mark.parametrize("v", [4, 6])
+def test_errors_forged_from_an_address_not_watched_reach_no_real_port(dlab, v):
+    """The same errors with the source address of a host that is not watched (for
+    explicit and dynamic sources; per_source on /0 watches it too): no answer is needed, so
+    forging costs nothing."""
+    lab, state = dlab
+    shuffled, forged = moves(state, v)[3], {4: "203.0.113.9", 6: "2001:db8:f::9"}[v]
+    got = quoting(lab, v, kind="abort", sport=46200 + v, port=shuffled, quote=3, outer=forged)
+    assert "R" not in got["after_ack"], got
+    # A quoted header with options or extension headers: the kernel finds the port all the same.
+    got = quoting(lab, v, kind="abort", sport=46220 + v, port=shuffled, quote=3, outer=forged,
+                  inner_opt=True)  # fmt: skip
+    assert "R" not in got["after_ack"], got
+    got = quoting(lab, v, kind="pmtu", sport=46210 + 2 * v, quote=53, mss_port=shuffled,
+                  outer=forged)  # fmt: skip
+    assert got["mss"] == {4: 1460, 6: 1440}[v], got
+
+
+# 9. The server's other address (issue 21, finding 3) ----------------------------------------
+
+
+@pytest.mark.parametrize("v", [4, 6])
+def test_udp_to_the_other_address_leaves_the_view_of_the_first_unchanged(dlab, v):
+    """A datagram to the source's shuffled UDP port at the server's other address (silence,
+    README) changes nothing the source then sees at either address."""
+    lab, state = dlab
+    src, dst = V[v]
+    other = {4: "198.51.100.1", 6: "2001:db8:bad::1"}[v]
+    udp = {"v": v, "src": src, "dst": other, "proto": "udp", "sport": 47000 + v,
+           "dport": moves(state, v, "udp")[53], "payload": "hello", "barrier": dst}  # fmt: skip
+    expected = visible(moves(state, v), SERVICES)
+    for sport in (47010 + v, udp["sport"]):  # a fresh source port, and the datagram's
+        answers = wire.send(lab, "unt", [[udp], [probe(v, p, sport=sport) for p in PORTS],
+                                         [{**probe(v, p, sport=sport), "dst": other}
+                                          for p in PORTS]])  # fmt: skip
+        for scanned in answers[1:]:
+            # Only answers to this port: an earlier test's connection may still retransmit.
+            scanned = [[a for a in got if a.get("dport", sport) == sport] for got in scanned]
+            opened = {p for p, a in zip(PORTS, scanned, strict=True)
+                      if shape(a) == [("tcp", "SA", None, None)]}  # fmt: skip
+            assert opened == expected, (v, sport, opened, scanned)

@@ -34,14 +34,14 @@ def test_maps_rule_count_is_constant_whatever_the_number_of_sources():
     ports = "ports: {range: [1000, 60000], services: {tcp: [22, 80, 443], udp: [53]}}\n"
     many = ports + "watched:\n" + "".join(f"  - source: 192.0.2.{i}\n" for i in range(1, 200))
     few = sum("rule" in c["add"] for c in rendered()[2])
-    # 108 rules (8 count leaks, 5 let the host's own traffic through), then 20 per bucket
-    # (4 count leaks): the default 16 buckets.
-    assert sum("rule" in c["add"] for c in rendered(many)[2]) == few == 108 + 20 * 16
+    # 122 rules (8 count leaks, 5 let the host's own traffic through, 14 drop ICMP errors no
+    # connection explains), then 20 per bucket (4 count leaks): the default 16 buckets.
+    assert sum("rule" in c["add"] for c in rendered(many)[2]) == few == 122 + 20 * 16
     internet = ports + (
         "watched: [{source: 0.0.0.0/0, per_source: true}, {source: '::/0', per_source: true}]\n"
         "trusted: [203.0.113.0/24]\ntripwire: {tcp: [23], udp: [69], for: 60}\nbuckets: 3\n"
     )
-    assert sum("rule" in c["add"] for c in rendered(internet)[2]) == 108 + 4 + 20 * 3
+    assert sum("rule" in c["add"] for c in rendered(internet)[2]) == 122 + 4 + 20 * 3
 
 
 def test_maps_hold_both_directions_of_every_swap():

@@ -14,6 +14,15 @@ option of length 1; "rr": a valid one; "dst-param": an IPv6 destination-options 
 an unknown option that asks for a parameter problem; "dst-skip": one that asks to be
 skipped; "hbh-param": the same in a hop-by-hop header; "rt0": a routing header type 0),
 frag (bytes per fragment, 0: none), barrier (where the echo goes; default dst).
+`"complete": true` makes a TCP probe the ACK that completes the handshake of the last SYN-ACK
+the client port got (the service's banner is awaited, then the connection is reset; with
+`"keep": true` the banner is acknowledged and the connection stays open until the end of
+the sequence, for later probes from that port: `"est": true` gives one the connection's
+next sequence and acknowledgement numbers).
+A probe with proto "icmp" is an ICMP error from the client about a packet the server "sent"
+from port `quote` (qproto tcp/udp) to the client's port `sport`: code "unreach" (IPv4 host
+unreachable, ICMPv6 administratively prohibited: fatal to a half-open connection, quoting
+the last SYN-ACK's sequence number) or "pmtu" (fragmentation needed / packet too big).
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ def build(p: dict[str, Any], echo_id: int = 0) -> list[bytes]:
     )
     from scapy.packet import Raw
 
+    if p["proto"] == "icmp":
+        return [icmp_error(p)]
     payload = p.get("payload", "").encode()
     if p["proto"] == "tcp":
         l4 = TCP(
@@ -85,6 +96,34 @@ def build(p: dict[str, Any], echo_id: int = 0) -> list[bytes]:
         pkt = ip6 / IPv6ExtHdrFragment() / (ext / l4 if ext is not None else l4)
         return [bytes(f) for f in fragment6(pkt, frag + 48)]
     return [bytes(pkt)]
+
+
+def icmp_error(p: dict[str, Any]) -> bytes:
+    """An ICMP error about a packet from the server's port `quote` to the client's `sport`;
+    from `outer` (a forged source) if given; `inner_opt`: the quoted header carries IPv4
+    options or an IPv6 destination-options header."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrDestOpt
+
+    ipl = IP if p["v"] == 4 else IPv6
+    if p["qproto"] == "tcp":
+        inner: Any = TCP(sport=p["quote"], dport=p["sport"], flags="SA", seq=p.get("seq", 0))
+    else:
+        inner = UDP(sport=p["quote"], dport=p["sport"]) / (b"x" * 600)
+    pmtu = p.get("code") == "pmtu"
+    if p["v"] == 4:
+        icmp: Any = ICMP(type=3, code=4, nexthopmtu=1000) if pmtu else ICMP(type=3, code=1)
+    else:
+        icmp = ICMPv6PacketTooBig(mtu=1280) if pmtu else ICMPv6DestUnreach(code=1)
+    quoted: Any = ipl(src=p["dst"], dst=p["src"])
+    if p.get("inner_opt"):
+        quoted = (
+            IP(src=p["dst"], dst=p["src"], options=[IPOption_NOP()] * 4)
+            if p["v"] == 4
+            else quoted / IPv6ExtHdrDestOpt()
+        )
+    outer = ipl(src=p.get("outer") or p["src"], dst=p["dst"])
+    return bytes(outer / icmp / quoted / inner)
 
 
 def echo(v: int, src: str, dst: str, ident: int, seq: int) -> bytes:
@@ -151,20 +190,34 @@ class Wire:
             6: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW),
         }
         self.tx[4].setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        for tx in self.tx.values():
+            tx.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
         self.ident = os.getpid() & 0xFFFF
         self.count = 0
+        self.isn: dict[int, int] = {}  # the last SYN-ACK's sequence number, by client port
+        self.una: dict[int, int] = {}  # what the client acknowledged last, by client port
+        self.kept: dict[int, dict[str, Any]] = {}  # open connections, by client port
 
     def send(self, v: int, dst: str, data: bytes) -> None:
         self.tx[v].sendto(data, (dst, 0))
 
     def ask(self, probe: dict[str, Any], timeout: float = 5.0) -> list[dict[str, Any]]:
         """Send one probe, then an echo; the answers that come before the echo's reply."""
-        from scapy.layers.inet import ICMP, IP
+        from scapy.layers.inet import ICMP, IP, TCP
         from scapy.layers.inet6 import ICMPv6EchoReply, IPv6
         from scapy.layers.l2 import Ether
 
         self.count += 1
-        v, dst = probe["v"], probe["dst"]
+        v, dst, sport = probe["v"], probe["dst"], probe["sport"]
+        complete = probe.get("complete", False)
+        if complete:
+            isn = self.isn.get(sport, 0)
+            probe = {**probe, "flags": "A", "seq": 1001, "ack": isn + 1, "payload": ""}
+            probe.update(opt="", frag=0)
+        elif probe["proto"] == "icmp":
+            probe = {**probe, "seq": self.isn.get(sport, 0)}
+        elif probe.get("est") and sport in self.una:
+            probe = {**probe, "seq": 1001, "ack": self.una[sport], "opt": "", "frag": 0}
         for data in build(probe):
             self.send(v, dst, data)
         # The echo goes to a unicast address: nobody answers one sent to a broadcast address.
@@ -192,19 +245,43 @@ class Wire:
                 and reply.seq == self.count
             ):
                 barrier = True
-                if answers or probe["proto"] != "udp":
+                if answers or (probe["proto"] != "udp" and not complete):
                     break
-                # A user-space UDP service answers after the kernel's echo reply.
+                # A user-space service answers after the kernel's echo reply.
                 deadline = min(deadline, time.monotonic() + 1.0)
                 continue
             answer = normalise(frame, probe)
             if answer is not None:
+                if answer.get("kind") == "tcp" and answer["flags"] == "SA":
+                    self.isn[answer["dport"]] = pkt[TCP].seq
+                if complete and answer.get("data"):
+                    self.una[sport] = pkt[TCP].seq + len(pkt[TCP].payload)
                 answers.append(answer)
                 if barrier:
                     break
         if not barrier:
             answers.append({"kind": "no-echo"})
+        rst = {**probe, "flags": "R", "ack": 0, "proto": "tcp"}
+        if complete and probe.get("keep") and sport in self.una:
+            ack = {**probe, "ack": self.una[sport]}  # the banner: no retransmission of it
+            for data in build(ack):
+                self.send(v, dst, data)
+            self.kept[sport] = rst
+        elif complete:  # reset what the ACK opened: nothing of it outlives the probe
+            for data in build(rst):
+                self.send(v, dst, data)
         return answers
+
+    def sequence(self, probes: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The answers to each probe; connections kept open are reset at the end."""
+        try:
+            return [self.ask(p) for p in probes]
+        finally:
+            for rst in self.kept.values():
+                for data in build(rst):
+                    self.send(rst["v"], rst["dst"], data)
+            self.kept.clear()
+            self.una.clear()
 
 
 MARK = 0x77  # on every packet scapy sends: the client's own RSTs (without it) are dropped
@@ -262,6 +339,88 @@ def desync(wire: Wire, v: int, src: str, dst: str, sport: int, dport: int) -> li
     return [{"sport": t.sport, "flags": str(t.flags)} for t in segments]
 
 
+def quoting(
+    wire: Wire,
+    v: int,
+    src: str,
+    dst: str,
+    sport: int,
+    kind: str,
+    quote: int,
+    port: int = 0,
+    exchange: int = 0,
+    mss_port: int = 0,
+    outer: str = "",
+    inner_opt: bool = False,
+) -> dict[str, Any]:
+    """Issue 21, finding 1: an ICMP error from the client quoting a packet the server "sent"
+    from port `quote`. kind "abort": a SYN to `port` first, then a fatal error (IPv4 host
+    unreachable, ICMPv6 administratively prohibited) quoting that SYN-ACK's sequence number,
+    then the handshake's ACK: {"after_ack": flags the server sent}. kind "pmtu": a UDP
+    datagram to `exchange` first (unless 0), then "fragmentation needed" / "packet too big"
+    quoting a UDP datagram, then a SYN to `mss_port`: {"mss": the SYN-ACK's MSS}. `outer`:
+    the error's forged source address (default: the client's own); `inner_opt`: the quoted
+    header carries IPv4 options or an IPv6 destination-options header."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoReply, IPv6
+    from scapy.layers.l2 import Ether
+
+    ipl = IP if v == 4 else IPv6
+    error = {"v": v, "src": src, "dst": dst, "proto": "icmp", "sport": sport, "quote": quote,
+             "outer": outer, "inner_opt": inner_opt}  # fmt: skip
+
+    def barrier() -> None:  # the host handles a packet before the echo that follows it
+        wire.count += 1
+        wire.send(v, dst, echo(v, src, dst, wire.ident, wire.count))
+        if v == 4:
+            until(lambda pkt: ICMP in pkt and pkt[ICMP].type == 0 and pkt[ICMP].seq == wire.count)
+        else:
+            until(lambda pkt: ICMPv6EchoReply in pkt and pkt[ICMPv6EchoReply].seq == wire.count)
+
+    def until(pred: Any, timeout: float = 5.0) -> list[Any]:
+        seen: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([wire.rx], [], [], left)[0]:
+                break
+            frame, addr = wire.rx.recvfrom(65535)
+            pkt = Ether(frame)
+            ip = pkt.getlayer(ipl)
+            if addr[2] == PACKET_OUTGOING or ip is None or ip.dst != src:
+                continue
+            seen.append(pkt)
+            if pred(pkt):
+                return seen
+        raise TimeoutError(f"no awaited packet; saw {[p.summary() for p in seen]}")
+
+    def syn(to: int, sp: int) -> Any:
+        wire.send(v, dst, bytes(ipl(src=src, dst=dst) / TCP(sport=sp, dport=to, flags="S")))
+        return until(lambda pkt: TCP in pkt and pkt[TCP].sport == to and pkt[TCP].dport == sp)[-1]
+
+    def reset(to: int, sp: int, seq: int) -> None:  # nothing outlives the probe
+        wire.send(
+            v, dst, bytes(ipl(src=src, dst=dst) / TCP(sport=sp, dport=to, flags="R", seq=seq))
+        )
+
+    if kind == "abort":
+        synack = syn(port, sport)[TCP]
+        wire.send(v, dst, icmp_error({**error, "qproto": "tcp", "seq": synack.seq}))
+        barrier()
+        ack = TCP(sport=sport, dport=port, flags="A", seq=synack.ack, ack=synack.seq + 1)
+        wire.send(v, dst, bytes(ipl(src=src, dst=dst) / ack))
+        got = until(lambda pkt: TCP in pkt and pkt[TCP].sport == port)[-1][TCP]
+        reset(port, sport, synack.ack)
+        return {"after_ack": str(got.flags)}
+    if exchange:
+        wire.send(v, dst, bytes(ipl(src=src, dst=dst) / UDP(sport=sport, dport=exchange) / b"hi"))
+        until(lambda pkt: UDP in pkt and pkt[UDP].sport == exchange)
+    wire.send(v, dst, icmp_error({**error, "qproto": "udp", "code": "pmtu"}))
+    barrier()
+    synack = syn(mss_port, sport + 1)[TCP]
+    reset(mss_port, sport + 1, synack.ack)
+    return {"mss": dict(o for o in synack.options if o[0] == "MSS").get("MSS")}
+
+
 def main() -> None:
     """`IFACE`: one JSON list of sequences in, their answers out. `IFACE --lines`: the same
     once per input line, until end of input (a long-lived prober: scapy loads once)."""
@@ -269,14 +428,17 @@ def main() -> None:
     if "--desync" in sys.argv:
         json.dump(desync(wire, **json.load(sys.stdin)), sys.stdout)
         return
+    if "--quoting" in sys.argv:
+        json.dump(quoting(wire, **json.load(sys.stdin)), sys.stdout)
+        return
     if "--lines" in sys.argv:
         print("ready", flush=True)
         for line in sys.stdin:
             sequences = json.loads(line)
-            print(json.dumps([[wire.ask(p) for p in seq] for seq in sequences]), flush=True)
+            print(json.dumps([wire.sequence(seq) for seq in sequences]), flush=True)
         return
     sequences = json.load(sys.stdin)
-    json.dump([[wire.ask(p) for p in seq] for seq in sequences], sys.stdout)
+    json.dump([wire.sequence(seq) for seq in sequences], sys.stdout)
 
 
 class Prober:
@@ -284,6 +446,7 @@ class Prober:
 
     def __init__(self, lab: Any, role: str) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.lab = lab
         self.proc = lab.spawn(
             role,
             [sys.executable, "-m", "tests.wire", "eth0", "--lines"],
