@@ -674,7 +674,7 @@ def class_rates(work: Path, seconds: float, repeats: int) -> list[ClassRate]:
         state = files.load_state(path)
         mapping = shuffle.compute(state, files.load_secret(state.secret_file), 0)
         ports = {"unt": mapping.moves[(states.UNDER_TEST, "tcp")][PORT],
-                 "ps": mapping.bucket_of("192.0.2.4", state.buckets)["tcp"][PORT]}  # fmt: skip
+                 "ps": mapping.bucket_of("192.0.2.4", state.bucket_count)["tcp"][PORT]}  # fmt: skip
         got: dict[str, list[float]] = {"unt": [], "ps": []}
         for _ in range(repeats):
             for role in ("unt", "ps"):

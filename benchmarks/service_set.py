@@ -48,7 +48,7 @@ def addresses(st, secret: bytes, rng: random.Random) -> float:  # type: ignore[n
     seen: set[int] = set()
     for n in range(1, 5_000):
         addr = ipaddress.IPv4Address(rng.getrandbits(32))
-        k = bucket.of(addr, mapping.seed, st.buckets)
+        k = bucket.of(addr, mapping.seed, st.bucket_count)
         seen |= set(mapping.buckets[k]["tcp"].values())
         if learned(seen):
             return n
@@ -60,7 +60,7 @@ def rotations(st, secret: bytes, addr: str) -> float:  # type: ignore[no-untyped
     seen: set[int] = set()
     for epoch in range(100_000):
         mapping = shuffle.compute(st, secret, epoch)
-        seen |= set(mapping.bucket_of(addr, st.buckets)["tcp"].values())
+        seen |= set(mapping.bucket_of(addr, st.bucket_count)["tcp"].values())
         if learned(seen):
             return epoch + 1
     raise RuntimeError("never learned")

@@ -32,16 +32,31 @@ def objects(commands, kind):
 
 def test_maps_rule_count_is_constant_whatever_the_number_of_sources():
     ports = "ports: {range: [1000, 60000], services: {tcp: [22, 80, 443], udp: [53]}}\n"
-    many = ports + "watched:\n" + "".join(f"  - source: 192.0.2.{i}\n" for i in range(1, 200))
-    few = sum("rule" in c["add"] for c in rendered()[2])
-    # 122 rules (8 count leaks, 5 let the host's own traffic through, 14 drop ICMP errors no
-    # connection explains), then 20 per bucket (4 count leaks): the default 16 buckets.
-    assert sum("rule" in c["add"] for c in rendered(many)[2]) == few == 122 + 20 * 16
-    internet = ports + (
+
+    def rules(watched: str, extra: str = "") -> int:
+        return sum("rule" in c["add"] for c in rendered(ports + watched + extra)[2])
+
+    def hosts(n: int) -> str:
+        return "watched:\n" + "".join(f"  - source: 192.0.2.{i}\n" for i in range(1, n + 1))
+
+    # One IPv4 address or 199 of them: the same rules. 10 whatever the state (the host's own
+    # traffic, the guard's), 6 drop ICMP errors forged from elsewhere, dynamic sources (always
+    # there, for `mtd watch`) 9 for IPv4 and 10 for IPv6, one shared bucket 20 (no per_source
+    # entry): 55. Each class a family uses adds 4 (IPv6: 5) and, addresses and prefixes, 10
+    # for their maps; per_source pieces, 5 jumps to the buckets.
+    base = 10 + 6 + 9 + 10 + 20
+    assert rules(hosts(199)) == rules(hosts(1)) == base + 4 + 10
+    assert sum("rule" in c["add"] for c in rendered()[2]) == base + 14 + 14 + 15 == 98
+    internet = (
         "watched: [{source: 0.0.0.0/0, per_source: true}, {source: '::/0', per_source: true}]\n"
-        "trusted: [203.0.113.0/24]\ntripwire: {tcp: [23], udp: [69], for: 60}\nbuckets: 3\n"
     )
-    assert sum("rule" in c["add"] for c in rendered(internet)[2]) == 122 + 4 + 20 * 3
+    per_source = (4 + 5) + (5 + 5)
+    assert rules(internet) == base + per_source + 20 * 15  # the default 16 buckets
+    everything = "trusted: [203.0.113.0/24]\ntripwire: {tcp: [23], udp: [69], for: 60}\n"
+    # Trusted prefixes of one family: 5 rules; a tripwire of two protocols, 2 per family.
+    assert rules(internet, everything + "buckets: 3\n") == base + per_source + 5 + 4 + 20 * 2
+    prefix = internet.replace("]\n", ", {source: 198.51.100.0/24}]\n")
+    assert rules(prefix, "buckets: 3\n") == rules(internet, "buckets: 3\n") + 4 + 10
 
 
 def test_maps_hold_both_directions_of_every_swap():

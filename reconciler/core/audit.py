@@ -109,7 +109,7 @@ def mapping_of(
         unit = watch.unit_of(str(addr.network_address))
         if (w is None and unit not in dynamic) or not portmap.buckets:
             return SourceView(None, {}, print_)
-        k = bucket.of(addr.network_address, portmap.seed, state.buckets)
+        k = bucket.of(addr.network_address, portmap.seed, state.bucket_count)
         moves = {p: dict(m) for p, m in portmap.buckets[k].items()}
         return SourceView(w, moves, print_, bucket=k)
     moves = {p: dict(portmap.moves.get((w.label, p), {})) for p in PROTOCOLS}

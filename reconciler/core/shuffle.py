@@ -109,7 +109,7 @@ def compute(state: State, secret: bytes, epoch: int) -> PortMap:
     if not state.has_buckets:
         return PortMap(epoch=epoch, moves=moves)
     buckets = []
-    for k in range(state.buckets):
+    for k in range(state.bucket_count):
         by_proto: dict[str, dict[int, int]] = {}
         for proto in PROTOCOLS:
             ports = state.bucket_ports(proto)

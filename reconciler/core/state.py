@@ -126,6 +126,13 @@ class State:
         """Service ports of `proto` the bucket mappings move."""
         return [p for p in self.services[proto] if p not in self.bucket_ignore[proto]]
 
+    @cached_property
+    def bucket_count(self) -> int:
+        """The buckets the ruleset holds: `buckets` when an entry is per_source, else one,
+        which every dynamic (and tripped) source shares: a bucket costs 20 rules, and without
+        per_source entries more of them would only tell dynamic sources apart."""
+        return self.buckets if any(w.per_source for w in self.watched) else 1
+
     @property
     def has_buckets(self) -> bool:
         """Whether the template renders bucket mappings (for per_source entries and dynamic
@@ -858,7 +865,7 @@ def _capacity_problems(state: State, locate: _Locator) -> list[str]:
                     f"ports but only {free} are free: expected a larger range or fewer services",
                 )
             )
-    if state.has_buckets and state.buckets * bucketed > MAX_BUCKET_MOVES and not problems:
+    if state.has_buckets and state.bucket_count * bucketed > MAX_BUCKET_MOVES and not problems:
         # Each bucket is a shuffle of its own and a map of both directions: 1024 buckets of
         # 30,000 services asked a pass for 61 million elements (gigabytes, then the kernel).
         problems.append(
