@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script (make bench): import from this checkout
     sys.path.insert(0, str(ROOT))
@@ -59,7 +61,7 @@ PY = sys.executable
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "latest.md"
 SIZES = (10, 1_000, 10_000, 100_000)
-PARTS = ("cost", "latency", "packets", "fleet", "failover", "events", "coverage")
+PARTS = ("cost", "latency", "packets", "fleet", "failover", "events", "coverage", "footprint")
 CLASSIC_MAX = 1_000  # 10,000 sources are 450,000 classic rules: minutes and ~10 GB per apply
 TIMEOUT = 1800  # seconds for any one process; nothing here may hang
 PORT = 3  # the moved service connections go to in the packet test
@@ -651,6 +653,80 @@ def internet(work: Path, buckets: int, runs: int) -> Internet:
                     median([r.seconds for r in rotate]))  # fmt: skip
 
 
+# --- 8. footprint: the example state's ruleset and apply; per_source rotations in `mtd run` --
+
+
+EXAMPLE = ROOT / "desired_state" / "mtd.yaml"
+
+
+def shape(state: Any) -> dict[str, int]:
+    """Rules, chains, sets and maps the state renders (epoch 0, a zero secret)."""
+    commands = render.render(state, shuffle.compute(state, b"\0" * 32, 0))
+    kinds = [next(iter(c["add"])) for c in commands]
+    return {k: kinds.count(k) for k in ("rule", "chain", "set", "map")}
+
+
+@dataclass
+class Example:
+    shape: dict[str, int]
+    first: float  # `mtd apply` with no table: renders, lists nothing, applies
+    same: float  # `mtd apply` again: in sync
+    interpreter: float  # `python -c "import nftables"`, alternated with the two above
+
+    @property
+    def ratio(self) -> float:
+        return self.first / self.interpreter
+
+
+def example(work: Path, runs: int) -> Example:
+    """The shipped example state (desired_state/mtd.yaml), its files in a work directory:
+    whole `mtd apply` processes, alternated with the bare interpreter and bindings."""
+    say("footprint: the example state")
+    here = work / "example"
+    here.mkdir(parents=True, exist_ok=True)
+    doc = {**yaml.safe_load(EXAMPLE.read_text()), "secret_file": str(here / "secret"),
+           "audit_log": str(here / "audit.jsonl")}  # fmt: skip
+    path = here / "state.yaml"
+    path.write_text(json.dumps(doc))
+    first, same, bare = [], [], []
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        mtd(lab, "srv", path, "apply")  # the secret, and the caches warm (as on a host)
+        for _ in range(runs):
+            lab.sh("srv", "nft delete table inet mtd")
+            first.append(mtd(lab, "srv", path, "apply").seconds)
+            same.append(mtd(lab, "srv", path, "apply").seconds)
+            bare.append(run(lab, "srv", [PY, "-c", "import nftables"]).seconds)
+    return Example(shape(files.load_state(path)), median(first), median(same), median(bare))
+
+
+@dataclass
+class Rotation:
+    buckets: int
+    shape: dict[str, int]
+    samples: list[float]  # publish -> applied, one trigger at a time
+
+
+def rotation(work: Path, buckets: int, triggers: int) -> Rotation:
+    """`mtd run` with the whole-internet per_source state (section 7's): trigger to applied."""
+    say(f"footprint: mtd run, the whole internet, {buckets} buckets: {triggers} triggers")
+    here = work / f"r{buckets}"
+    here.mkdir(parents=True, exist_ok=True)
+    path = here / "state.yaml"
+    path.write_text(json.dumps(internet_doc(here, buckets) | {"redis": {"url": REDIS_LOCAL}}))
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        redis_server(lab, "srv", "127.0.0.1")
+        daemon = Daemon(lab, "srv", path, "--drift-interval", "3600")
+        daemon.applied(0)
+        publish = publisher(lab, "srv", path)
+        samples = []
+        for _ in range(triggers):
+            start, epoch = publish()
+            samples.append(daemon.applied(epoch) - start)
+    return Rotation(buckets, shape(files.load_state(path)), samples)
+
+
 @dataclass
 class ClassRate:
     kind: str
@@ -674,7 +750,7 @@ def class_rates(work: Path, seconds: float, repeats: int) -> list[ClassRate]:
         state = files.load_state(path)
         mapping = shuffle.compute(state, files.load_secret(state.secret_file), 0)
         ports = {"unt": mapping.moves[(states.UNDER_TEST, "tcp")][PORT],
-                 "ps": mapping.bucket_of("192.0.2.4", state.bucket_count)["tcp"][PORT]}  # fmt: skip
+                 "ps": mapping.bucket_of("192.0.2.4")["tcp"][PORT]}  # fmt: skip
         got: dict[str, list[float]] = {"unt": [], "ps": []}
         for _ in range(repeats):
             for role in ("unt", "ps"):
@@ -856,6 +932,37 @@ def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> st
         out += [f"| {c.kind} | {c.per_second:,.0f} | {c.per_second / base:.0%} |"
                 for c in crates]  # fmt: skip
         out.append("")
+    ex: Example | None = results.get("example")
+    if ex is not None:
+        out += [
+            "## 8. Footprint: pay for what you use",
+            "",
+            "The example state (desired_state/mtd.yaml: two watched sources, five TCP services, "
+            "one UDP, no per_source entry) renders this ruleset; median whole `mtd apply` "
+            "processes (with no table, then in sync) alternated with the bare interpreter "
+            "importing the nftables bindings, same namespace:",
+            "",
+            "| rules | chains | sets | maps | mtd apply, no table | in sync | interpreter + "
+            "nftables | no table / interpreter |",
+            "|--:|--:|--:|--:|--:|--:|--:|--:|",
+            f"| {ex.shape['rule']} | {ex.shape['chain']} | {ex.shape['set']} | {ex.shape['map']} "
+            f"| {ms(ex.first)} | {ms(ex.same)} | {ms(ex.interpreter)} | {ex.ratio:.1f}x |",
+            "",
+        ]
+    rots: list[Rotation] = results.get("rotation", [])
+    if rots:
+        out += [
+            "Trigger to applied in `mtd run` (default options, no drift check meanwhile), the "
+            "whole internet per_source (section 7's state), one trigger at a time through a real "
+            "redis-server:",
+            "",
+            "| buckets | rules | chains | triggers | p50 | p99 | max |",
+            "|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        out += [f"| {r.buckets} | {r.shape['rule']:,} | {r.shape['chain']:,} | {len(r.samples)} "
+                f"| {ms(percentile(r.samples, 50))} | {ms(percentile(r.samples, 99))} "
+                f"| {ms(max(r.samples))} |" for r in rots]  # fmt: skip
+        out.append("")
     fans: list[Fanout] = results.get("fleet", [])
     if fans:
         out += [
@@ -984,6 +1091,16 @@ def targets(results: dict[str, Any]) -> list[str]:
             inner = median(e.inner[kind])
             what = f"{size(e.n)}: event of a hand change ({kind}) to repair < 1 s"
             rows.append((what, f"{ms(inner)} ({'/'.join(sorted(e.how[kind]))})", inner < 1))
+    if (ex := results.get("example")) is not None:
+        what = "example state: at most 130 rules; `mtd apply` (no table) <= 6x interpreter"
+        value = f"{ex.shape['rule']} rules; {ex.ratio:.1f}x ({ms(ex.first)} against "
+        value += f"{ms(ex.interpreter)})"
+        rows.append((what, value, ex.shape["rule"] <= 130 and ex.ratio <= 6))
+    for r in results.get("rotation", []):
+        if r.buckets == 64:
+            p99 = percentile(r.samples, 99)
+            what = "per_source, whole internet, 64 buckets: trigger to applied p99 < 20 ms"
+            rows.append((what, ms(p99), p99 < 0.020))
     rates = {(r.template, r.sources): r.per_second for r in results.get("packets", [])}
     many = max((s for t, s in rates if t == "maps"), default=1)
     if ("maps", 1) in rates and many > 1:
@@ -1079,6 +1196,10 @@ def main() -> None:
             counts = (16, 64) if args.quick else (16, 64, 256, 1024)
             results["internet"] = [internet(work, b, args.runs or 3) for b in counts]
             results["class_rates"] = class_rates(work, args.seconds, args.repeats)
+        if "footprint" in parts:
+            results["example"] = example(work, args.runs or 11)
+            triggers = 30 if args.quick else 200
+            results["rotation"] = [rotation(work, b, triggers) for b in (16, 64, 256)]
     text = report(results, args, time.perf_counter() - start)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ def rotations(st, secret: bytes, addr: str) -> float:  # type: ignore[no-untyped
     seen: set[int] = set()
     for epoch in range(100_000):
         mapping = shuffle.compute(st, secret, epoch)
-        seen |= set(mapping.bucket_of(addr, st.bucket_count)["tcp"].values())
+        seen |= set(mapping.bucket_of(addr)["tcp"].values())
         if learned(seen):
             return epoch + 1
     raise RuntimeError("never learned")

@@ -161,7 +161,7 @@ def test_mapping_at_names_the_bucket_of_a_per_source_source_and_trusted_ones(tmp
             "--state-dir", str(tmp_path / "none"), "--source"]  # fmt: skip
     at = mtd(*args, "198.51.100.77")
     assert at.returncode == 0, at.stderr
-    k = bucket.of("198.51.100.77", portmap.seed, state.buckets)
+    k = bucket.of("198.51.100.77", portmap.seed, state.bucket_count)
     lines = at.stdout.splitlines()
     assert lines[1] == f"198.51.100.77: watched as 0.0.0.0/0, bucket {k}"
     moves = portmap.buckets[k]["tcp"]

@@ -143,7 +143,7 @@ def as_dynamic(state: Path, source: str) -> dict[str, dict[int, int]]:
     """The view of `source`'s bucket (as a dynamic source sees it), whatever else holds it."""
     s = files.load_state(state)
     secret, epoch = files.load_secret(s.secret_file), files.read_epoch(s.epoch_file)
-    moves = shuffle.compute(s, secret, epoch).bucket_of(source, s.buckets)
+    moves = shuffle.compute(s, secret, epoch).bucket_of(source)
     return {p: {hid: real for real, hid in moves.get(p, {}).items()} for p in ("tcp", "udp")}
 
 

@@ -89,7 +89,7 @@ def test_per_source_dynamic_and_trusted_sources_get_their_class_view(tmp_path):
     secret = (tmp_path / "secret").read_bytes()
     portmap = shuffle.compute(s, secret, 0)
     got = view(state, "198.51.100.7")
-    k = bucket.of("198.51.100.7", portmap.seed, s.buckets)
+    k = bucket.of("198.51.100.7", portmap.seed, s.bucket_count)
     assert (got["watched"], got["bucket"]) == ("198.51.100.0/24", k)
     assert got["tcp"] == {str(p): portmap.buckets[k]["tcp"][p] for p in range(1, 6)}
     assert view(state, "198.51.100.200")["watched"] == "198.51.100.128/25"  # more specific
@@ -100,7 +100,7 @@ def test_per_source_dynamic_and_trusted_sources_get_their_class_view(tmp_path):
     store.write_text(json.dumps({"entries": [
         {"source": "203.0.113.5", "origin": "cli", "reason": "", "expires_at": 4e9}]}))  # fmt: skip
     got = view(state, "203.0.113.5")
-    k = bucket.of("203.0.113.5", portmap.seed, s.buckets)
+    k = bucket.of("203.0.113.5", portmap.seed, s.bucket_count)
     assert (got["watched"], got["bucket"]) == ("dynamic", k)
     assert got["udp"] == {"53": portmap.buckets[k]["udp"][53]}
     lines = mtd("-s", str(state), "mapping", "--source", "203.0.113.5").stdout.splitlines()

@@ -47,9 +47,10 @@ class PortMap:
                     h.update(f"#{k}|{proto}|{sorted(moves.items())}\n".encode())
         return h.hexdigest()[:32]
 
-    def bucket_of(self, addr: str, n: int) -> Mapping[str, Mapping[int, int]]:
-        """The moves of the bucket the kernel puts `addr` in."""
-        return self.buckets[bucket.of(addr, self.seed, n)] if self.buckets else {}
+    def bucket_of(self, addr: str) -> Mapping[str, Mapping[int, int]]:
+        """The moves of the bucket the kernel puts `addr` in (among the buckets held: the
+        state's `buckets`, or the one shared bucket of a state without per_source entries)."""
+        return self.buckets[bucket.of(addr, self.seed, len(self.buckets))] if self.buckets else {}
 
 
 def epoch_key(secret: bytes, epoch: int) -> bytes:

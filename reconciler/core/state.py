@@ -114,6 +114,7 @@ class State:
     # ports.fixed: never moved for any source, never a target. Every entry's `ignore` (and
     # so the buckets') already holds them, so what moves needs no second rule.
     fixed: Mapping[str, frozenset[int]] = field(default_factory=lambda: _NO_IGNORE)
+    buckets_written: bool = False  # the state sets `buckets` itself (not the default)
 
     @cached_property
     def bucket_ignore(self) -> Mapping[str, frozenset[int]]:
@@ -128,10 +129,13 @@ class State:
 
     @cached_property
     def bucket_count(self) -> int:
-        """The buckets the ruleset holds: `buckets` when an entry is per_source, else one,
-        which every dynamic (and tripped) source shares: a bucket costs 20 rules, and without
-        per_source entries more of them would only tell dynamic sources apart."""
-        return self.buckets if any(w.per_source for w in self.watched) else 1
+        """The buckets the ruleset holds: `buckets` when an entry is per_source or the state
+        sets it, else one that every dynamic (and tripped) source shares. A bucket costs 20
+        rules; the default 16 are for per_source entries, whose sources would otherwise
+        all share one view."""
+        if self.buckets_written or any(w.per_source for w in self.watched):
+            return self.buckets
+        return 1
 
     @property
     def has_buckets(self) -> bool:
@@ -636,6 +640,7 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
     full["redis"] = merge(REDIS_DEFAULTS, doc.get("redis") or {})
     full.setdefault("watched", [])
     full.setdefault("trusted", [])
+    buckets_written = "buckets" in full
     full.setdefault("buckets", DEFAULT_BUCKETS)
     full.setdefault("tripwire", None)  # none: no port trips
     if tripwire is not None:  # `for: 1h` is 3600 to templates too
@@ -664,6 +669,7 @@ def _semantic(doc: dict[str, Any], locate: _Locator, local: Local, key: str = ""
         buckets=int(full.get("buckets", DEFAULT_BUCKETS)),
         tripwire=tripwire,
         fixed=fixed if any(fixed.values()) else _NO_IGNORE,
+        buckets_written=buckets_written,
         schema_key=key,
     )
     problems += _forbidden_paths(state, local, locate)
