@@ -171,15 +171,15 @@ def test_missing_template_names_the_directories(tmp_path: Path):
 
 
 def test_buckets_only_as_many_as_the_state_needs():
-    """Without a per_source entry, dynamic and tripped sources share one bucket, reached by
-    a plain jump (no jhash, no seed in the ruleset), unless the state sets `buckets` itself."""
+    """Without a per_source entry, dynamic and tripped sources share one bucket, unless the
+    state sets `buckets` itself."""
     state, mapping, commands = rendered()
     assert state.bucket_count == len(mapping.buckets) == 1
     text = json.dumps(commands, default=str)
-    assert "jhash" not in text and '"b0_nat4"' in text and '"b1_nat4"' not in text
+    assert '"mod": 1,' in text and '"b0_nat4"' in text and '"b1_nat4"' not in text
     assert mapping.bucket_of("203.0.113.9") == mapping.buckets[0]
     state, mapping, commands = rendered(STATE + "buckets: 4\n")
     assert state.bucket_count == len(mapping.buckets) == 4
-    assert "jhash" in json.dumps(commands, default=str)
+    assert '"mod": 4,' in json.dumps(commands, default=str)
     state, mapping, _ = rendered(STATE + "  - {source: 203.0.113.0/24, per_source: true}\n")
     assert state.bucket_count == len(mapping.buckets) == 16
