@@ -59,3 +59,5 @@ GIT_TIMEOUT = 120.0  # per git command
 # The latest time a message or a heartbeat may carry, unix seconds (36,000 years): exact
 # as a float, so one chained comparison bounds any JSON number, a 400-digit integer too.
 MAX_UNIX_SECONDS = 1 << 40
+# The secret a preview uses when none exists yet (day zero): never written, never live.
+PLACEHOLDER_SECRET = bytes(32)

@@ -14,7 +14,7 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.adapters import bus
+from reconciler.adapters import bus, subscriber
 from reconciler.cli.fleet import parse_every
 from reconciler.errors import MtdError
 from reconciler.services.daemon import parse_address
@@ -179,7 +179,7 @@ def test_passwords_never_shown(url: str, shown: str):
 
 
 def test_reconnect_backoff_grows_and_is_capped():
-    sub = bus.Subscriber(config(reconnect_min=0.1, reconnect_max=2.0), sink=None)  # type: ignore[arg-type]
+    sub = subscriber.Subscriber(config(reconnect_min=0.1, reconnect_max=2.0), sink=None)  # type: ignore[arg-type]
     delays = [sub.delay(n) for n in range(1, 12)]
     assert all(0 < d <= 2.0 for d in delays)
     assert delays[0] <= 0.1 and max(delays[-3:]) >= 1.0
@@ -328,7 +328,7 @@ def test_subscriber_follows_through_outages(tmp_path: Path, caplog: pytest.LogCa
     r = RedisServer(tmp_path / "redis")
     cfg = config(url=r.url)
     sink = Recorder(known=3)
-    sub = bus.Subscriber(cfg, sink)
+    sub = subscriber.Subscriber(cfg, sink)
     try:
         r.start()
         sub.start()

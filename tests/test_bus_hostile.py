@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from reconciler.adapters import bus, files
+from reconciler.adapters import bus, files, subscriber
 from reconciler.core.shuffle import MAX_EPOCH
 from reconciler.errors import MtdError
 from reconciler.lab.netns import Lab, free_port
@@ -106,8 +106,8 @@ def no_password(*texts: str) -> None:
 
 
 @contextlib.contextmanager
-def subscribed(cfg: bus.BusConfig, sink: Recorder) -> Iterator[bus.Subscriber]:
-    sub = bus.Subscriber(cfg, sink)
+def subscribed(cfg: bus.BusConfig, sink: Recorder) -> Iterator[subscriber.Subscriber]:
+    sub = subscriber.Subscriber(cfg, sink)
     sub.start()
     try:
         sink.wait(lambda: sink.ups == [True])
@@ -242,7 +242,7 @@ def test_hostile_messages_are_rejected_in_bounded_lines(
         lines = ignored_lines(caplog)
         assert accounted(lines) == total  # every one counted, in few lines
         windows = sum("suppressed" in r.mtd_fields for r in lines)  # type: ignore[attr-defined]
-        assert len(lines) <= (bus.LOG_BURST + 1) * max(windows, 1) < 200, len(lines)
+        assert len(lines) <= (subscriber.LOG_BURST + 1) * max(windows, 1) < 200, len(lines)
         summary = next(r for r in lines if "suppressed" in r.mtd_fields)  # type: ignore[attr-defined]
         assert "more triggers on mtd:rotate ignored in" in summary.getMessage()
         assert all("\n" not in r.getMessage() and len(r.getMessage()) < 400 for r in lines)
@@ -449,7 +449,7 @@ def test_daemon_survives_a_hostile_channel(tmp_path: Path):
 # limit: it prints one JSON line per event the test waits for.
 _BOUNDED = r"""
 import json, logging, sys, threading, time
-from reconciler.adapters import bus
+from reconciler.adapters import bus, subscriber
 url = sys.argv[1]
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 class Sink:
@@ -469,7 +469,7 @@ class Sink:
 cfg = bus.BusConfig(url=url, channel="mtd:rotate", epoch_key="mtd:epoch", max_message_bytes=1024,
                     check_interval=0.2, reconnect_min=0.05, reconnect_max=0.2, timeout=2.0,
                     signing_key=b"k" * 32)
-sub = bus.Subscriber(cfg, Sink(int(sys.argv[2])))
+sub = subscriber.Subscriber(cfg, Sink(int(sys.argv[2])))
 sub.start()
 for line in sys.stdin:  # the test says when to stop
     break

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.adapters import bus
+from reconciler.adapters import bus, subscriber
 from reconciler.adapters.credentials import redact
 from reconciler.core import fleet
 from reconciler.errors import MtdError
@@ -325,7 +325,7 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 def test_pull_notices_and_heartbeats_through_redis(server: RedisServer, tmp_path: Path, caplog):
     cfg = config(server.url, signed=True, heartbeat_ttl=0.6)
     sink = PullSink()
-    sub = bus.Subscriber(cfg, sink)
+    sub = subscriber.Subscriber(cfg, sink)
     sub.start()
     try:
         wait(lambda: sink.ups == [True])
@@ -407,7 +407,7 @@ def test_a_sentinel_failover_loses_no_acknowledged_rotation(tmp_path: Path):
         procs += sentinels
         cfg = config(sentinel_url(sentinels), reconnect_max=0.3)
         sink = PullSink()
-        sub = bus.Subscriber(cfg, sink)
+        sub = subscriber.Subscriber(cfg, sink)
         sub.start()
         try:
             wait(lambda: sink.ups == [True])
@@ -449,7 +449,7 @@ def test_forced_reconnects_ask_for_one_pull_a_pull_interval(server: RedisServer)
     but a burst of them asks once."""
     cfg = config(server.url)
     sink = PullSink()
-    sub = bus.Subscriber(cfg, sink)
+    sub = subscriber.Subscriber(cfg, sink)
     sub.start()
     try:
         wait(lambda: sink.ups == [True])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from reconciler.adapters import auditlog, bus, files
+from reconciler.adapters import auditlog, bus, files, subscriber
 from reconciler.core import render, shuffle
 from reconciler.core import state as state_module
 from reconciler.core.state import Local
@@ -212,7 +212,7 @@ def test_signed_subscriber_logs_connected_before_what_the_key_holds(
             def ignored(self, outcome: str) -> None:
                 pass
 
-        sub = bus.start_subscriber(cfg, Sink())
+        sub = subscriber.start_subscriber(cfg, Sink())
         try:
             assert connected.wait(15)
         finally:

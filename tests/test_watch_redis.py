@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.adapters import bus
+from reconciler.adapters import bus, subscriber
 from reconciler.lab.netns import Lab
 from tests.conftest import MTD, ROOT, log_events, mtd, write_state
 from tests.redis_fixtures import needs_redis, redis_server
@@ -47,7 +47,7 @@ def test_published_kept_caught_up_and_replays_rejected(tmp_path: Path, signed: b
     with redis_server(tmp_path / "r") as r:
         cfg = config(signed=signed, url=r.url)
         sink = Watcher()
-        sub = bus.Subscriber(cfg, sink)
+        sub = subscriber.Subscriber(cfg, sink)
         sub.start()
         try:
             sink.wait(lambda: sink.ups == [True])
@@ -67,7 +67,7 @@ def test_published_kept_caught_up_and_replays_rejected(tmp_path: Path, signed: b
             assert len(sink.orders) == 1
             # kept for whoever was away: a new subscriber applies it at once
             late = Watcher()
-            sub2 = bus.Subscriber(cfg, late)
+            sub2 = subscriber.Subscriber(cfg, late)
             sub2.start()
             try:
                 late.wait(lambda: late.orders == [(add, "catch-up")])
@@ -89,7 +89,7 @@ def test_published_kept_caught_up_and_replays_rejected(tmp_path: Path, signed: b
 
 _FLOOD = r"""
 import json, logging, sys, threading, time
-from reconciler.adapters import bus
+from reconciler.adapters import bus, subscriber
 url, n = sys.argv[1], int(sys.argv[2])
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 class Sink:
@@ -104,7 +104,7 @@ class Sink:
 cfg = bus.BusConfig(url=url, channel="mtd:rotate", epoch_key="mtd:epoch",
                     signing_key=b"k" * 32, max_message_bytes=1024, log_window=0.5)
 sink = Sink()
-sub = bus.Subscriber(cfg, sink)
+sub = subscriber.Subscriber(cfg, sink)
 sub.start()
 sink.up.wait(10)
 print("ready", flush=True)

@@ -34,6 +34,11 @@ _NOT_FOUND = "No such file or directory"
 _CACHE_KEEP = 8  # canonical forms kept on disk (a per-pair template has one per epoch)
 
 
+# The RSTs the host sends for moved stateless probes must carry the probe's mark, so the
+# output chain rewrites only those (and no other invalid packet).
+SYSCTLS = {"net/ipv4/fwmark_reflect": "1", "net/ipv6/fwmark_reflect": "1"}
+
+
 class Backend(Protocol):
     """What mtd needs from the kernel. Every method raises `KernelError` on failure."""
 
@@ -117,6 +122,11 @@ class Nft:
         self._canonical: dict[str, list[dict[str, Any]]] = {}
         self._committed: dict[str, Any] | None = None  # see `unchanged`
         self._listed: tuple[str, str | None] = ("", None)  # the last listing's table, mark
+
+    def sibling(self) -> Nft:
+        """Another libnftables context for another thread (one context is not shared), with
+        this one's cache directory; it never writes the cache."""
+        return Nft(self.cache_dir, write_cache=False)
 
     def abandon(self) -> None:
         """At the end of a process that ran one command: never free the context. Freeing

@@ -116,7 +116,7 @@ def render_cmd(ctx: Ctx, epoch: int | None) -> None:
 
 # The stand-in secret of a preview on a host that has none yet (`diff`, `apply --check`,
 # `render`): never written anywhere, and whatever it draws is printed as a placeholder.
-PLACEHOLDER_SECRET = bytes(32)
+PLACEHOLDER_SECRET = defaults.PLACEHOLDER_SECRET
 
 
 def _no_secret_yet(state: Any) -> bool:
@@ -191,72 +191,37 @@ def _pass_locked(
     confirm_seconds: int | None,
     preview: bool,
 ) -> Any:
-    from reconciler.services import confirm, lockout, watching
-    from reconciler.services.reconcile import provision_secret, read_secret, reconcile
+    from reconciler.services import confirm
+    from reconciler.services.reconcile import Audit, PassRequest, Session, run_pass
 
     if not check:  # a change that could not be recorded is not made
         auditlog.check_writable(state.audit_log)
     nft = ctx.nft(state, write=creates and not check, rendered=True)
-    with files.reconcile_lock(state.epoch_file, shared=check):
-        drawn = False
-        if creates and not check:
-            secret = provision_secret(state, nft)
-        elif preview and _no_secret_yet(state):
-            # A preview from day zero: a stand-in secret, never written. Not day zero when
-            # the table is live: the secret was lost, as `apply` would say.
-            if ("inet", state.table) in nft.list_tables():
-                raise MtdError(
-                    f"{state.secret_file}: no secret file, but table inet {state.table} is "
-                    "live: the secret was lost: restore it from a backup (nothing to preview)"
-                )
-            secret, drawn = PLACEHOLDER_SECRET, True
-        else:  # read-only: never creates one (a lost one: the advice `apply` gives)
-            secret = read_secret(state, nft)
-        current = files.read_epoch(state.epoch_file) + (1 if advance else 0)
-        target = current if epoch is None else epoch
-        forced = False
-        if creates and not check:  # apply, rotate: never lock out the session run from
-            forced = lockout.check(state, secret, target, nft, host=ctx.hostname, force=force)
-            if confirm_seconds is None and confirm.read(confirm.record_path(state.epoch_file)):
-                click.echo(
-                    "mtd: note: an apply --confirm is pending: its revert will put back the "
-                    "table of before it, this change included, unless mtd confirm runs",
-                    err=True,
-                )
-        armed = (
-            confirm.armed(state, nft, seconds=confirm_seconds, host=ctx.hostname)
-            if confirm_seconds is not None and not check
-            else contextlib.nullcontext()
+    changes = creates and not check
+    if changes and confirm_seconds is None and confirm.read(confirm.record_path(state.epoch_file)):
+        click.echo(
+            "mtd: note: an apply --confirm is pending: its revert will put back the "
+            "table of before it, this change included, unless mtd confirm runs",
+            err=True,
         )
-        with armed as pending:
-            result = reconcile(
-                state,
-                target,
-                nft,
-                secret=secret,
-                check=check,
-                templates=ctx.templates,
-                read_live=read_live,
-                dynamic=watching.gather(state, nft, write=not check),
-            )
-        if guard is not None:
-            guard.done()  # the kernel has it: every file stays
-        if (
-            pending is not None
-            and result.status == "ok"
-            and pending["armed"] == pending["first_armed"]
-        ):
-            confirm.disarm(state, pending)
-            pending = None
-        # Only once the kernel took it: a refused rotation leaves the epoch file as it was.
-        if advance and not check:
-            files.write_epoch(state.epoch_file, current)
-        result.pending = pending
-        if drawn:
-            result.drawn, result.fingerprint = True, ""
-        if result.status == "changed":
-            auditlog.log_result(state, result, origin="manual", host=ctx.hostname, force=forced)
-        return result
+    return run_pass(
+        PassRequest(
+            state,
+            nft,
+            secret_from="provision" if changes else "preview" if preview else "read",
+            epoch=epoch,
+            advance=advance,
+            check=check,
+            write_epoch=advance,
+            # apply, rotate: never lock out the session run from
+            session=Session(ctx.hostname, force) if changes else None,
+            confirm_seconds=confirm_seconds if not check else None,
+            guard=guard,
+            templates=ctx.templates,
+            read_live=read_live,
+            audit=Audit(origin="manual", host=ctx.hostname),
+        )
+    ).result
 
 
 @cli.command(

@@ -5,7 +5,7 @@ see README, Security).
 Imported only when a template has to be rendered: `render` reuses a rendered text kept by
 the previous process when it can, and jinja2 is a large part of a short command's start-up.
 The bounds themselves (`render.MAX_RENDERED_CHARS`, `render.RENDER_SECONDS`) live in
-`render` and are read at each use.
+`render`, which passes them in at each use (an environment is cached per bound).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jinja2.compiler
 import jinja2.nodes
 import jinja2.sandbox
 
-from reconciler.core import render
+from reconciler.core import values
 
 MAX_SIZE_ARG = 1 << 20  # widths and repeat counts: "x" * 10**10 must not allocate first
 _SIZED_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
@@ -52,17 +52,18 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     since a C-level allocation cannot be interrupted by the time limit."""
 
     code_generator_class = _Codegen
+    max_chars = 128 << 20  # set by `environment`: the most one operation may allocate
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         """The context is read-only data: its own objects (element lists, placeholders)
         have no attribute a template may read or call (`add` wrote past every bound)."""
-        if isinstance(obj, render.CONTEXT_TYPES):
+        if isinstance(obj, values.CONTEXT_TYPES):
             return False
         return super().is_safe_attribute(obj, attr, value)
 
     def concat_bounded(self, parts: Iterable[Any]) -> str:
         texts = [str(p) for p in parts]
-        if sum(map(len, texts)) > render.MAX_RENDERED_CHARS:
+        if sum(map(len, texts)) > self.max_chars:
             raise jinja2.sandbox.SecurityError("concatenation too large")
         return "".join(texts)
 
@@ -73,12 +74,12 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
             if abs(right) > 64 and abs(left) > 1:
                 raise jinja2.sandbox.SecurityError(f"power {left} ** {right} is too large")
         elif operator == "*":
-            limit = render.MAX_RENDERED_CHARS
+            limit = self.max_chars
             for seq, n in ((left, right), (right, left)):
                 if hasattr(seq, "__len__") and _number(n) and len(seq) * n > limit:
                     raise jinja2.sandbox.SecurityError("repetition too large")
         elif operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
-            if len(left) + len(right) > render.MAX_RENDERED_CHARS:
+            if len(left) + len(right) > self.max_chars:
                 raise jinja2.sandbox.SecurityError("concatenation too large")
         elif operator == "%" and isinstance(left, str) and _HUGE_WIDTH.search(left):
             raise jinja2.sandbox.SecurityError("format width too large")
@@ -96,18 +97,18 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
                 name == "replace"
                 and len(args) > 1
                 and isinstance(args[1], str)
-                and len(owner) * max(1, len(args[1])) > render.MAX_RENDERED_CHARS
+                and len(owner) * max(1, len(args[1])) > __self.max_chars
             ):
                 raise jinja2.sandbox.SecurityError("replace result too large")
         out = super().call(__context, __obj, *args, **kwargs)
-        _check_result(out)
+        _check_result(out, __self.max_chars)
         return out
 
 
-def _check_result(value: Any) -> None:
+def _check_result(value: Any, limit: int) -> None:
     """After an operation whose size is only known once done (a join): at most twice the
     bound was allocated, and the next doubling is refused."""
-    if isinstance(value, str | list | tuple) and len(value) > render.MAX_RENDERED_CHARS:
+    if isinstance(value, str | list | tuple) and len(value) > limit:
         raise jinja2.sandbox.SecurityError("result too large")
 
 
@@ -132,24 +133,27 @@ def _sized_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return bounded
 
 
-def _checked_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _checked_filter(fn: Callable[..., Any], limit: int) -> Callable[..., Any]:
     @functools.wraps(fn)
     def checked(*args: Any, **kwargs: Any) -> Any:
         out = fn(*args, **kwargs)
-        _check_result(out)
+        _check_result(out, limit)
         return out
 
     return checked
 
 
 def environment(
-    search: Iterable[Path], bytecode: Callable[[], jinja2.BytecodeCache] | None = None
+    search: Iterable[Path],
+    bytecode: Callable[[], jinja2.BytecodeCache] | None = None,
+    max_chars: int = _Sandbox.max_chars,
 ) -> jinja2.Environment:
-    """The sandbox for `search`; `bytecode` makes the cache of compiled templates."""
+    """The sandbox for `search`; `bytecode` makes the cache of compiled templates;
+    `max_chars` bounds what one operation may allocate."""
     env = _Sandbox(
         loader=_Loader(
             [str(p) for p in search],
-            [str(p) for p in search if isinstance(p, render.RepositoryDir)],
+            [str(p) for p in search if isinstance(p, values.RepositoryDir)],
         ),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
@@ -157,13 +161,14 @@ def environment(
         optimized=False,  # no constant folding: nothing of a template runs while compiling
         bytecode_cache=bytecode() if bytecode is not None else None,
     )
+    env.max_chars = max_chars
     for name in _SIZED_FILTERS:
         env.filters[name] = _sized_filter(name, env.filters[name])
     for name in ("join", "replace", "list", "string"):
-        env.filters[name] = _checked_filter(env.filters[name])
+        env.filters[name] = _checked_filter(env.filters[name], max_chars)
     env.filters["format"] = _format_filter(env.filters["format"])
     # Plain compact JSON, with element lists left as placeholders (see `Elements`).
-    env.policies["json.dumps_function"] = render.dumps
+    env.policies["json.dumps_function"] = values.dumps
     env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}
     return env
 
@@ -195,7 +200,7 @@ def deadline(seconds: float) -> Iterator[None]:
     def fire() -> None:
         with lock:
             if timers:
-                set_async(ctypes.c_ulong(target), ctypes.py_object(render.RenderTimeout))
+                set_async(ctypes.c_ulong(target), ctypes.py_object(values.RenderTimeout))
                 arm(0.05)
 
     with lock:
@@ -211,17 +216,19 @@ def deadline(seconds: float) -> Iterator[None]:
                     timers.clear()
                     set_async(ctypes.c_ulong(target), None)  # a pending one must not fire later
                 break
-            except render.RenderTimeout:
+            except values.RenderTimeout:
                 continue
 
 
 @lru_cache(maxsize=8)
 def cached_environment(
-    search: tuple[Path, ...], bytecode: Callable[[], jinja2.BytecodeCache] | None
+    search: tuple[Path, ...],
+    bytecode: Callable[[], jinja2.BytecodeCache] | None,
+    max_chars: int = _Sandbox.max_chars,
 ) -> jinja2.Environment:
     """One environment per template path: templates compile once per process (a daemon
     rotates in milliseconds); Jinja still reloads a template whose file changed."""
-    return environment(search, bytecode)
+    return environment(search, bytecode, max_chars)
 
 
 class _Loader(jinja2.FileSystemLoader):

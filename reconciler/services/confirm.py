@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.adapters import auditlog, files
-from reconciler.adapters.kernel import Backend
+from reconciler.adapters.kernel import SYSCTLS, Backend
 from reconciler.core import audit
 from reconciler.core.state import State
 from reconciler.errors import MtdError
-from reconciler.services.reconcile import SYSCTLS
 
 RECORD = "confirm.json"
 REVERTED = "reverted"

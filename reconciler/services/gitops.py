@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -32,7 +33,6 @@ from reconciler.core import audit, diff, inventory, render
 from reconciler.core.state import MAX_DOCUMENT_BYTES, Local, State
 from reconciler.core.state import STATE_DIR as DEFAULT_STATE_DIR
 from reconciler.errors import MtdError
-from reconciler.services import watching
 
 STATE_DIR = Path(DEFAULT_STATE_DIR)
 TEMPLATES = "templates"
@@ -298,64 +298,70 @@ class Puller:
         never live but not checked out because of the audit log (the daemon's next pass
         would then restore the previous commit, and the next round re-apply this one)."""
         from reconciler.services.reconcile import (  # late: imports the nftables bindings
+            Audit,
+            PassOutcome,
+            PassRequest,
             provision_secret,
-            reconcile,
+            run_pass,
         )
 
         cfg = self.config
         if cfg.verify_signatures:
             self.repo.verify_commit(commit, cfg.gpg_home)
-        with (
-            self.candidate(commit) as (state, templates),
-            files.reconcile_lock(state.epoch_file),
-        ):
+        retries = f"commit {commit[:12]} not applied; the next round retries"
+
+        def secret_for(state: State) -> bytes:
+            if secret is not None:
+                return secret
+            if check:  # --check: read it, never create it
+                return files.load_secret(state.secret_file)
+            try:
+                return provision_secret(state, nft)
+            except MtdError as exc:
+                raise NotApplied(*exc.problems, retries) from None
+
+        def taken(state: State, templates: list[Path], out: PassOutcome) -> None:
+            if check:
+                return
+            try:
+                kept = next((d for d in templates if isinstance(d, render.RepositoryDir)), None)
+                files.keep_templates(cfg.state_dir, kept, commit)
+                self.repo.checkout(commit)
+            except MtdError as exc:
+                raise AfterApplyError(
+                    *exc.problems, f"commit {commit[:12]} is live; the next round retries"
+                ) from None
+
+        with self.candidate(commit) as (state, templates):
             if not check:
                 try:
                     auditlog.check_writable(state.audit_log)
                 except MtdError as exc:
-                    raise NotApplied(
-                        *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
-                    ) from None
-            if secret is None and not check:
-                try:
-                    secret = provision_secret(state, nft)
-                except MtdError as exc:
-                    raise NotApplied(
-                        *exc.problems, f"commit {commit[:12]} not applied; the next round retries"
-                    ) from None
-            epoch = files.read_epoch(state.epoch_file)
-            if secret is None:  # --check: read it, never create it
-                secret = files.load_secret(state.secret_file)
-            forced = False
-            if cfg.session_check and not check:
-                forced = self._session_check(commit, state, secret, epoch, nft)
-            dynamic = watching.gather(state, nft, write=not check)
-            result = reconcile(
-                state, epoch, nft, secret=secret, check=check, templates=templates, dynamic=dynamic
+                    raise NotApplied(*exc.problems, retries) from None
+            outcome = run_pass(
+                PassRequest(
+                    state,
+                    nft,
+                    secret=functools.partial(secret_for, state),
+                    check=check,
+                    session=(
+                        functools.partial(self._session_check, commit, state, nft=nft)
+                        if cfg.session_check and not check
+                        else None
+                    ),
+                    templates=templates,
+                    taken=functools.partial(taken, state, templates),
+                    audit=Audit("pull", cfg.host, commit, always=True, tolerate=True),
+                )
             )
-            audit_error = None
-            if not check:
-                try:
-                    kept = next((d for d in templates if isinstance(d, render.RepositoryDir)), None)
-                    files.keep_templates(cfg.state_dir, kept, commit)
-                    self.repo.checkout(commit)
-                except MtdError as exc:
-                    raise AfterApplyError(
-                        *exc.problems, f"commit {commit[:12]} is live; the next round retries"
-                    ) from None
-                try:
-                    auditlog.log_result(
-                        state, result, origin="pull", host=cfg.host, commit=commit, force=forced
-                    )
-                except auditlog.AuditFailed as exc:
-                    audit_error = "; ".join(exc.problems)
+        result, audit_error = outcome.result, outcome.audit_error
         if show:
             for line in diff.brief(result.changes, show_mapping=self.show_mapping):
                 show(line)
         return state, result, audit_error
 
     def _session_check(
-        self, commit: str, state: State, secret: bytes, epoch: int, nft: Backend
+        self, commit: str, state: State, secret: bytes, epoch: int, *, nft: Backend
     ) -> bool:
         """The SSH-session check (`services.lockout`); the applied commit's state (the
         checkout) tells where the session's client finds its port now. A refusal is not the

@@ -1,32 +1,32 @@
 """The reconcile pass: shuffle -> render -> read live -> diff -> apply.
 
 Triggers (the CLI, Redis, the drift timer, a git pull) only decide when it runs and with
-which state, secret and epoch; what it does is always this one function. It does no I/O of
-its own: the kernel (and the sysctls) are behind the `Backend` it is given, and the caller
-reads the secret and the epoch.
+which state, secret and epoch; each calls `run_pass` (lock, secret, epoch, session check,
+gather, reconcile, epoch file, audit), which calls `reconcile`. `reconcile` talks to the
+kernel through the `Backend` it is given; it restores the sysctls itself when the kernel
+refuses a table, records what it changed in `sysctls.json`, and reports refused dynamic
+entries to the watch store. The lock, the secret and the epoch file are `run_pass`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from reconciler.adapters import files, watchstore
-from reconciler.adapters.kernel import Backend
+from reconciler import defaults
+from reconciler.adapters import auditlog, files, watchstore
+from reconciler.adapters.kernel import SYSCTLS, Backend
 from reconciler.core import diff, elements, render, repair, shuffle, watch
 from reconciler.core.bulk import gc_paused
 from reconciler.core.state import State
 from reconciler.core.watch import Dynamic
 from reconciler.errors import KernelError, MtdError
 from reconciler.services import watching
-
-# The RSTs the host sends for moved stateless probes must carry the probe's mark, so the
-# output chain rewrites only those (and no other invalid packet).
-SYSCTLS = {"net/ipv4/fwmark_reflect": "1", "net/ipv6/fwmark_reflect": "1"}
 
 
 @dataclass
@@ -308,6 +308,198 @@ def repair_events(
         desired=previous.desired,
         repaired=" and ".join(what) or "nothing",
     )
+
+
+SecretFrom = Literal["read", "provision", "preview"]
+
+
+@dataclass(frozen=True)
+class Session:
+    """The SSH-session check of a pass that changes the table (`services.lockout`)."""
+
+    host: str
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Audit:
+    """The audit line of a pass: `always`, or only when the table changed; a failure to
+    write it is `PassOutcome.audit_error` when `tolerate`, else raised (`AuditFailed`)."""
+
+    origin: str
+    host: str
+    commit: str | None = None
+    always: bool = False
+    tolerate: bool = False
+
+
+@dataclass
+class PassRequest:
+    """One pass as its caller wants it: the state and kernel backend, the secret, the epoch,
+    what to check, and the few steps where the CLI, a pull round and the daemon differ."""
+
+    state: State
+    backend: Backend
+    # Given, or made under the lock by a same-layer caller, or read ("read": never created;
+    # "provision": created where no mapping is live; "preview": a stand-in when none yet).
+    secret: bytes | Callable[[], bytes] | None = None
+    secret_from: SecretFrom = "read"
+    epoch: int | None = None  # the target; None: the epoch file's (+1 with `advance`)
+    advance: bool = False
+    at_least: int = 0  # the fleet's epoch (the daemon): never behind it
+    check: bool = False  # preview: nothing is written, the lock is shared
+    write_epoch: bool = False  # record the target in the epoch file once the kernel took it
+    session: Session | Callable[[bytes, int], bool] | None = None  # True: forced past it
+    confirm_seconds: int | None = None  # `apply --confirm`: armed around the kernel step
+    guard: Any = None  # `fresh.undo_on_failure`'s: told once the kernel has the table
+    templates: list[Path] | None = None
+    read_live: bool | Callable[[int], bool] = True  # False: trust the last pass's table
+    around: Callable[[], AbstractContextManager[Any]] | None = None  # the daemon's quiet window
+    # An element repair that makes the full pass unnecessary (the daemon's events), or None.
+    repair: Callable[[int], Result | None] | None = None
+    taken: Callable[[PassOutcome], None] | None = None  # once the kernel has it (a checkout)
+    audit: Audit | None = None
+
+
+@dataclass
+class PassOutcome:
+    """What a pass did: its result, the epoch reached, the epoch file's before it, the
+    secret used (`drawn`: a stand-in), whether the session check was forced, whether an
+    element repair replaced the full pass, what `around` yielded, and an audit failure."""
+
+    result: Result
+    epoch: int
+    file_epoch: int
+    secret: bytes
+    drawn: bool = False
+    forced: bool = False
+    repaired: bool = False
+    entered: Any = None
+    audit_error: str | None = None
+
+
+def run_pass(request: PassRequest) -> PassOutcome:
+    """The one pass: lock, secret, epoch, session check, gather, reconcile (or repair),
+    write the epoch, audit. Every trigger (the CLI, a pull round, the daemon) calls it."""
+    state, nft = request.state, request.backend
+    with files.reconcile_lock(state.epoch_file, shared=request.check):
+        secret, drawn = _secret(request)
+        current = files.read_epoch(state.epoch_file)
+        target = request.epoch
+        if target is None:
+            target = max(current + (1 if request.advance else 0), request.at_least)
+        forced = _session(request, secret, target)
+        with _around(request) as entered:
+            result = request.repair(target) if request.repair is not None else None
+            repaired = result is not None
+            if result is None:
+                live = request.read_live
+                result = reconcile(
+                    state,
+                    target,
+                    nft,
+                    secret=secret,
+                    check=request.check,
+                    templates=request.templates,
+                    read_live=live(target) if callable(live) else live,
+                    dynamic=watching.gather(state, nft, write=not request.check),
+                )
+        out = PassOutcome(result, target, current, secret, drawn, forced, repaired, entered)
+        if request.guard is not None:
+            request.guard.done()  # the kernel has it: every file stays
+        if request.confirm_seconds is not None and entered is not None:
+            result.pending = _settle_confirm(state, entered, result)
+        if request.taken is not None:
+            request.taken(out)
+        # Only once the kernel took it: a refused rotation leaves the epoch file as it was.
+        if request.write_epoch and not request.check and target != current:
+            files.write_epoch(state.epoch_file, target)
+        if request.audit is not None and not request.check:
+            out.audit_error = _audit(request.audit, state, out)
+    if drawn:
+        result.drawn, result.fingerprint = True, ""
+    return out
+
+
+def _secret(request: PassRequest) -> tuple[bytes, bool]:
+    """The pass's secret, and whether it is a preview's stand-in."""
+    state, nft, given = request.state, request.backend, request.secret
+    if isinstance(given, bytes):
+        return given, False
+    if given is not None:
+        return given(), False
+    if request.secret_from == "provision":
+        return provision_secret(state, nft), False
+    if request.secret_from == "preview" and no_secret_yet(state):
+        # A preview from day zero: a stand-in secret, never written. Not day zero when the
+        # table is live: the secret was lost, as `apply` would say.
+        if ("inet", state.table) in nft.list_tables():
+            raise MtdError(
+                f"{state.secret_file}: no secret file, but table inet {state.table} is "
+                "live: the secret was lost: restore it from a backup (nothing to preview)"
+            )
+        return defaults.PLACEHOLDER_SECRET, True
+    return read_secret(state, nft), False  # read-only: never creates one
+
+
+def no_secret_yet(state: State) -> bool:
+    return not Path(state.secret_file).exists()
+
+
+def _session(request: PassRequest, secret: bytes, target: int) -> bool:
+    """The SSH-session check: whether it was forced past (`lockout.check`)."""
+    from reconciler.services import lockout
+
+    check = request.session
+    if check is None:
+        return False
+    if callable(check):
+        return check(secret, target)
+    state = request.state
+    return lockout.check(state, secret, target, request.backend, host=check.host, force=check.force)
+
+
+def _around(request: PassRequest) -> AbstractContextManager[Any]:
+    from reconciler.services import confirm
+
+    if request.around is not None:
+        return request.around()
+    if request.confirm_seconds is not None and not request.check:
+        host = request.session.host if isinstance(request.session, Session) else ""
+        return confirm.armed(
+            request.state, request.backend, seconds=request.confirm_seconds, host=host
+        )
+    return contextlib.nullcontext()
+
+
+def _settle_confirm(state: State, pending: Any, result: Result) -> Any:
+    """A pass that found the table as it should be disarms the revert it armed itself."""
+    from reconciler.services import confirm
+
+    if result.status == "ok" and pending["armed"] == pending["first_armed"]:
+        confirm.disarm(state, pending)
+        return None
+    return pending
+
+
+def _audit(audit: Audit, state: State, out: PassOutcome) -> str | None:
+    """Write the pass's audit line; why it failed, when the request tolerates that."""
+    if not (audit.always or out.result.status == "changed"):
+        return None
+    try:
+        auditlog.log_result(
+            state,
+            out.result,
+            origin=audit.origin,
+            host=audit.host,
+            commit=audit.commit,
+            force=out.forced,
+        )
+    except auditlog.AuditFailed as exc:
+        if not audit.tolerate:
+            raise
+        return "; ".join(exc.problems)
+    return None
 
 
 def provision_secret(state: State, nft: Backend) -> bytes:
