@@ -114,6 +114,15 @@ def test_the_layout_table_says_what_each_folder_imports_and_holds():
         assert held <= named, f"README: `{folder}/` row lacks {sorted(held - named)}"
 
 
+MAX_LINES = 800
+
+
+def test_no_module_is_an_overloaded_room():
+    """A module a newcomer can read whole: split by what it does past `MAX_LINES`."""
+    long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > 800}
+    assert long == {}
+
+
 def test_the_pass_is_written_once():
     """Only `run_pass` calls `reconcile`: the CLI, a pull round and the daemon go through it
     (lock, secret, epoch, session check, gather, reconcile, epoch file, audit)."""

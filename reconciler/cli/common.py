@@ -115,9 +115,9 @@ class Ctx:
         return state
 
     def warn(self, state: State, prefix: str = "") -> None:
-        """What the state declares that cannot work (`state.warnings`), once a process, on
+        """What the state declares that cannot work (`advice.warnings`), once a process, on
         stderr: the command goes on."""
-        from reconciler.core.state import warnings
+        from reconciler.core.advice import warnings
 
         for line in warnings(state):
             if prefix + line not in self.warned:

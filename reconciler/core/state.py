@@ -12,40 +12,26 @@ import hashlib
 import ipaddress
 import json
 import os
-import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path as FilePath
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from reconciler import __version__, defaults
 from reconciler.core.bucket import DEFAULT_BUCKETS
 from reconciler.core.bulk import gc_paused
+from reconciler.core.documents import load
+from reconciler.core.locate import (  # noqa: F401 (`state.key_path`, `state.limited`)
+    MAX_PROBLEMS,
+    _Locator,
+    _schema_message,
+    key_path,
+    limited,
+)
 from reconciler.errors import StateError
-
-if TYPE_CHECKING:  # imported where a document is validated or parsed: most of a start-up
-    import jsonschema
-    import yaml
-
-
-@cache
-def _yaml() -> Any:
-    """PyYAML, imported when a document is parsed (not for documents parsed before and
-    kept by the caller, see `parse`)."""
-    import yaml
-
-    return yaml
-
-
-@cache
-def _loader() -> Any:
-    """libyaml is many times faster on large states; fall back to the pure loader."""
-    yaml = _yaml()
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
 
 PROTOCOLS = ("tcp", "udp")
 STATE_DIR = str(defaults.STATE_DIR)  # where mtd keeps its own files unless told otherwise
@@ -252,14 +238,6 @@ def merged_schema() -> dict[str, Any]:
     return out
 
 
-def key_path(path: Iterable[str | int]) -> str:
-    """watched[0].ignore.tcp: the way a user writes a location in a YAML document."""
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """Maps merge key by key, everything else (lists included) is replaced by `over`."""
     out = dict(base)
@@ -275,11 +253,6 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 # 3 MB, 400,000 YAML events and 4 levels deep) and small enough that a hostile document
 # fails in well under a second instead of exhausting memory or the C stack.
 MAX_DOCUMENT_BYTES = 64 << 20
-MAX_DEPTH = 64
-MAX_EXPANDED_EVENTS = 4_000_000  # YAML events once every alias is expanded
-MAX_PROBLEMS = 20  # lines printed; the rest are counted
-MAX_NUMBER_CHARS = 1_000  # digits of a plain number (no port, count or epoch comes close)
-_NUMBER = re.compile(r"[-+]?[0-9_]+(?::[0-9_]+)*")  # YAML 1.1 decimal and base 60 integers
 
 
 @gc_paused()
@@ -289,114 +262,11 @@ def load_yaml(name: str, text: str) -> dict[str, Any]:
     The document is bounded first (size, nesting depth, expanded size of aliases) and a key
     written twice in one mapping is an error: YAML would silently keep the last one.
     """
-    yaml = _yaml()
     if len(text) > MAX_DOCUMENT_BYTES:
         raise StateError(
             f"{name}: {len(text)} characters: expected at most {MAX_DOCUMENT_BYTES} in a state file"
         )
-    try:
-        _check_events(name, text)
-        data = yaml.load(text, Loader=_loader())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        if "maximum nesting depth" in problem:  # a libyaml with its own limit (1000), read
-            # ahead of the events `_check_events` counts: the same line as below MAX_DEPTH
-            where = f"{name}:{mark.line + 1}" if mark else name
-            raise StateError(
-                f"{where}: nested more than {MAX_DEPTH} levels deep: expected a flatter document"
-            ) from None
-        raise StateError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise StateError(f"{name}: expected a mapping of keys at the top level, got {_kind(data)}")
-    return data
-
-
-class _Frame:
-    """A mapping or sequence being read in `_check_events`."""
-
-    __slots__ = ("anchor", "key_next", "keys", "size")
-
-    def __init__(self, anchor: str | None, mapping: bool) -> None:
-        self.anchor = anchor
-        self.keys: set[str] | None = set() if mapping else None
-        self.key_next = mapping
-        self.size = 1
-
-
-def _check_events(name: str, text: str) -> None:
-    """One pass over libyaml's events (iterative in C, unlike composing): nesting depth,
-    the size of the document with its aliases expanded (an alias bomb is small on disk and
-    exponential once read), and duplicate keys."""
-    stack: list[_Frame] = []
-    anchors: dict[str, int] = {}
-    total = 0
-    yaml = _yaml()
-    for ev in yaml.parse(text, Loader=_loader()):
-        if isinstance(ev, yaml.MappingStartEvent | yaml.SequenceStartEvent):
-            if stack:
-                _key(name, stack[-1], ev, None)
-            if len(stack) >= MAX_DEPTH:
-                raise StateError(
-                    f"{name}:{ev.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep: "
-                    "expected a flatter document"
-                )
-            stack.append(_Frame(ev.anchor, isinstance(ev, yaml.MappingStartEvent)))
-            continue
-        if isinstance(ev, yaml.MappingEndEvent | yaml.SequenceEndEvent):
-            done = stack.pop()
-            if done.anchor is not None:
-                anchors[done.anchor] = done.size
-            size = done.size
-        elif isinstance(ev, yaml.AliasEvent):
-            size = anchors.get(ev.anchor or "", 1)
-            if stack:
-                _key(name, stack[-1], ev, None)
-        elif isinstance(ev, yaml.ScalarEvent):
-            size = 1
-            if ev.anchor is not None:
-                anchors[ev.anchor] = 1
-            if len(ev.value) > MAX_NUMBER_CHARS and ev.implicit[0] and _NUMBER.fullmatch(ev.value):
-                # Python refuses to read a decimal integer of over 4,300 digits: a
-                # ValueError naming no file, from deep inside the YAML loader.
-                raise StateError(
-                    f"{name}:{ev.start_mark.line + 1}: a number of {len(ev.value)} characters: "
-                    f"expected at most {MAX_NUMBER_CHARS}"
-                )
-            if stack:
-                _key(name, stack[-1], ev, ev.value)
-        else:
-            continue
-        total += size
-        if stack:
-            stack[-1].size += size
-        if total > MAX_EXPANDED_EVENTS:
-            raise StateError(
-                f"{name}:{ev.start_mark.line + 1}: more than {MAX_EXPANDED_EVENTS} values once "
-                "aliases are expanded: expected fewer aliases (an alias bomb?)"
-            )
-
-
-def _key(name: str, frame: _Frame, ev: yaml.Event, value: str | None) -> None:
-    """Note a mapping key; a key that is not plain text cannot be compared, nor used."""
-    if frame.keys is None:
-        return
-    if frame.key_next:
-        if value is None:
-            raise StateError(
-                f"{name}:{ev.start_mark.line + 1}: a key that is a list, a mapping or an alias: "
-                "expected a plain text key"
-            )
-        if value in frame.keys:
-            raise StateError(
-                f"{name}:{ev.start_mark.line + 1}: key {value!r} appears twice in one mapping: "
-                "expected each key once"
-            )
-        frame.keys.add(value)
-    frame.key_next = not frame.key_next
+    return load(name, text)
 
 
 @dataclass(frozen=True)
@@ -933,150 +803,3 @@ def _template_problems(state: State, locate: _Locator) -> list[str]:
                 )
             )
     return problems
-
-
-def _schema_message(error: jsonschema.ValidationError) -> str:
-    if error.validator == "required":
-        return f"missing key: {error.message}"
-    return f"{error.instance!r}: {_expected(error)}"
-
-
-def _expected(error: jsonschema.ValidationError) -> str:
-    v, arg = error.validator, error.validator_value
-    if v == "type":
-        return f"expected {arg}"
-    if v == "minimum":
-        return f"expected at least {arg}"
-    if v == "maximum":
-        return f"expected at most {arg}"
-    if v == "enum":
-        return f"expected one of {', '.join(map(str, arg))}"
-    if v == "pattern":
-        return f"expected text matching {arg}"
-    if v == "uniqueItems":
-        return "expected no repeated items"
-    if v in ("minItems", "items", "maxItems"):
-        return "expected [low, high]" if list(error.path)[-1:] == ["range"] else error.message
-    return error.message
-
-
-def _kind(value: object) -> str:
-    return {list: "a list", str: "text", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
-
-
-class _Locator:
-    """Turns a key path of the merged document into `file:line: key.path: message`.
-
-    Line numbers come from composing a file again, once, only when it has an error to
-    report: thousands of errors cost one compose, not one each.
-    """
-
-    def __init__(
-        self, parsed: Sequence[tuple[str, dict[str, Any]]], texts: Mapping[str, str]
-    ) -> None:
-        self._parsed = parsed
-        self._texts = texts
-        self._nodes: dict[str, yaml.Node | None] = {}
-
-    def __call__(self, path: list[str | int], message: str) -> str:
-        for name, data in reversed(self._parsed):
-            if _has(data, path):
-                line = _line_of(self._node(name), path)
-                where = f"{name}:{line}" if line else name
-                return f"{where}: {key_path(path)}: {message}"
-        name = self._parsed[-1][0] if self._parsed else "desired state"
-        return f"{name}: {key_path(path)}: {message}"
-
-    def _node(self, name: str) -> yaml.Node | None:
-        if name not in self._nodes:
-            try:  # already bounded by `load_yaml`, so the C composer is safe here
-                yaml = _yaml()
-                self._nodes[name] = yaml.compose(self._texts.get(name, ""), Loader=_loader())
-            except _yaml().YAMLError:
-                self._nodes[name] = None
-        return self._nodes[name]
-
-
-def limited(problems: Sequence[str], more: int = 0) -> StateError:
-    """The first `MAX_PROBLEMS` problems, then one line counting the rest (and `more`)."""
-    rest = max(0, len(problems) - MAX_PROBLEMS) + more
-    tail = [f"... and {rest} more problem{'s' if rest > 1 else ''}"] if rest else []
-    return StateError(*problems[:MAX_PROBLEMS], *tail)
-
-
-def _has(data: Any, path: list[str | int]) -> bool:
-    for part in path:
-        if (isinstance(data, dict) and part in data) or (
-            isinstance(data, list) and isinstance(part, int) and part < len(data)
-        ):
-            data = data[part]
-        else:
-            return False
-    return True
-
-
-def _line_of(node: yaml.Node | None, path: list[str | int]) -> int | None:
-    yaml = _yaml()
-    for part in path:
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            node = node.value[part] if part < len(node.value) else None
-        else:
-            node = None
-        if node is None:
-            return None
-    return node.start_mark.line + 1 if node is not None else None
-
-
-_WHOLE = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
-
-
-def warnings(state: State) -> list[str]:
-    """What the state declares that cannot work, one line each (it is valid: nothing is
-    refused, but the operator should know): a tripwire no source can reach, a state that
-    hides nothing."""
-    out = []
-    moved = {p: [s for s in state.services[p] if s not in state.fixed[p]] for p in PROTOCOLS}
-    if not any(state.services.values()):
-        out.append("ports.services: no service port: this state hides nothing")
-    elif not any(moved.values()):
-        out.append(
-            "ports.fixed: every service port is fixed: this state hides nothing "
-            "(expected some services left to move)"
-        )
-    elif not state.watched and state.tripwire is None:
-        out.append(
-            "watched: no source and no tripwire: this state hides nothing until `mtd watch "
-            "add` names a source"
-        )
-    if state.tripwire is not None:
-        if not any(state.tripwire.ports.values()):
-            out.append("tripwire: no port listed: it can never fire")
-        else:
-            covered = [v for v in (4, 6) if _all_listed(state, v)]
-            if covered == [4, 6]:
-                out.append(
-                    "tripwire: every IPv4 and IPv6 source is watched or trusted already "
-                    "(it catches only unlisted sources): it can never fire"
-                )
-            elif covered:
-                out.append(
-                    f"tripwire: every IPv{covered[0]} source is watched or trusted already "
-                    f"(it catches only unlisted sources): it can fire for IPv"
-                    f"{10 - covered[0]} sources only"
-                )
-    return out
-
-
-def _all_listed(state: State, version: int) -> bool:
-    """Whether the watched and trusted prefixes of one family cover its whole space."""
-    nets = [w.source for w in state.watched if w.source.version == version]
-    nets += [t for t in state.trusted if t.version == version]
-    if not nets:
-        return False
-    if any(n.prefixlen == 0 for n in nets):
-        return True
-    return list(ipaddress.collapse_addresses(nets)) == [_WHOLE[version]]  # type: ignore[misc]

@@ -40,8 +40,8 @@ from reconciler import defaults
 from reconciler.adapters import auditlog, bus, files, subscriber, watchstore
 from reconciler.adapters.kernel import Backend
 from reconciler.core import render, repair, schedule
+from reconciler.core.advice import warnings as state_warnings
 from reconciler.core.state import State
-from reconciler.core.state import warnings as state_warnings
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
 from reconciler.services.daemon_watches import Watches
@@ -500,7 +500,7 @@ class Daemon(Reporting, Watches):
             )
 
     def _warn(self, state: State) -> None:
-        """What the state declares that cannot work (`core.state.warnings`), one line each,
+        """What the state declares that cannot work (`core.advice.warnings`), one line each,
         as every command that loads it says."""
         for line in state_warnings(state):
             event(self.log, logging.WARNING, "state", line, warning=line)
