@@ -35,3 +35,33 @@ def test_a_pass_after_mtds_own_commit_lists_nothing_until_something_else_commits
     listed = kernel.list_calls
     reconcile(whole, 0, kernel, secret=SECRET, check=True)
     assert kernel.list_calls == listed + 1
+
+
+def test_a_refused_apply_puts_the_sysctls_back_in_its_backend_and_nowhere_else(
+    tmp_path: Path, monkeypatch
+):
+    """A failed command changes nothing: the sysctls the pass set are put back, in the
+    backend's own namespace (the fake's), never in the host's /proc/sys."""
+    import pytest
+
+    from reconciler.errors import MtdError
+
+    state = files.load_state(write_state(tmp_path / "state.yaml"))
+    kernel = FakeKernel()
+    before = {"net/ipv4/fwmark_reflect": "0", "net/ipv6/fwmark_reflect": "0"}
+    kernel.sysctls = dict(before)
+    kernel.refuse(0)
+    host: list[str] = []
+    write_text = Path.write_text
+
+    def recorded(self: Path, *args, **kwargs):
+        if str(self).startswith("/proc/sys"):
+            host.append(str(self))
+            return 0
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", recorded)
+    with pytest.raises(MtdError):
+        reconcile(state, 0, kernel, secret=SECRET)
+    assert kernel.sysctls == before
+    assert host == []

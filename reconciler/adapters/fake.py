@@ -184,6 +184,9 @@ class FakeKernel:
         self.sysctls.update(values)
         return before
 
+    def restore_sysctls(self, values: Mapping[str, str]) -> None:
+        self.sysctls.update(values)  # its own namespace: never the host's /proc/sys
+
     def list_set(self, table: str, name: str) -> list[Any] | None:
         listing = self.tables.get(table)
         for obj in listing or []:

@@ -618,13 +618,6 @@ def read_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def restore_values(values: dict[str, str], root: str = "/proc/sys") -> None:
-    """Best effort: put sysctls back after a failed command."""
-    for name, value in values.items():
-        with contextlib.suppress(OSError):
-            Path(root, name).write_text(value)
-
-
 def sysctl_record(epoch_file: str | Path) -> Path:
     """Where the values mtd replaced are kept, so `mtd down` can put them back."""
     return Path(epoch_file).with_name("sysctls.json")

@@ -76,6 +76,11 @@ class Backend(Protocol):
         previous value of each one changed (so `mtd down` can put it back)."""
         ...
 
+    def restore_sysctls(self, values: Mapping[str, str]) -> None:
+        """Put back what `set_sysctls` replaced, best effort: after a refused change, which
+        must leave the namespace as it found it."""
+        ...
+
     def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
         """Any batch inside the owned table, in one transaction (an event-driven repair);
         a refusal changes nothing."""
@@ -293,6 +298,9 @@ class Nft:
     def set_sysctls(self, values: Mapping[str, str]) -> dict[str, str]:
         return set_sysctls(values)
 
+    def restore_sysctls(self, values: Mapping[str, str]) -> None:
+        restore_values(values)
+
     def run(
         self, commands: Sequence[dict[str, Any]], *, check: bool = False, first: int = 0
     ) -> None:
@@ -458,6 +466,13 @@ def _first_error(err: str) -> str:
         if "Error:" in line:
             return line.split("Error:", 1)[1].strip()
     return lines[0].strip() if lines else "unknown error"
+
+
+def restore_values(values: Mapping[str, str], root: str = "/proc/sys") -> None:
+    """Best effort: put sysctls of the caller's namespace back after a failed command."""
+    for name, value in values.items():
+        with contextlib.suppress(OSError):
+            Path(root, name).write_text(value)
 
 
 def set_sysctls(values: Mapping[str, str], root: str = "/proc/sys") -> dict[str, str]:

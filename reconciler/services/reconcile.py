@@ -3,9 +3,10 @@
 Triggers (the CLI, Redis, the drift timer, a git pull) only decide when it runs and with
 which state, secret and epoch; each calls `run_pass` (lock, secret, epoch, session check,
 gather, reconcile, epoch file, audit), which calls `reconcile`. `reconcile` talks to the
-kernel through the `Backend` it is given; it restores the sysctls itself when the kernel
-refuses a table, records what it changed in `sysctls.json`, and reports refused dynamic
-entries to the watch store. The lock, the secret and the epoch file are `run_pass`'s.
+kernel (and its sysctls, put back through it when the kernel refuses a table) through the
+`Backend` it is given; it records the sysctls it changed in `sysctls.json` and reports
+refused dynamic entries to the watch store. The lock, the secret and the epoch file are
+`run_pass`'s.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def reconcile(
             try:
                 dropped = _replace(state, backend, commands, check, dynamic, mapping, templates)
             except BaseException:
-                files.restore_values(previous)  # a failed command changes nothing
+                backend.restore_sysctls(previous)  # a failed command changes nothing
                 raise
     files.remember_sysctls(files.sysctl_record(state.epoch_file), previous)
     fingerprint = mapping.fingerprint(secret)
