@@ -198,13 +198,7 @@ def _pass_locked(
         auditlog.check_writable(state.audit_log)
     nft = ctx.nft(state, write=creates and not check, rendered=True)
     changes = creates and not check
-    if changes and confirm_seconds is None and confirm.read(confirm.record_path(state.epoch_file)):
-        click.echo(
-            "mtd: note: an apply --confirm is pending: its revert will put back the "
-            "table of before it, this change included, unless mtd confirm runs",
-            err=True,
-        )
-    return run_pass(
+    result = run_pass(
         PassRequest(
             state,
             nft,
@@ -222,6 +216,13 @@ def _pass_locked(
             audit=Audit(origin="manual", host=ctx.hostname),
         )
     ).result
+    if changes and confirm_seconds is None and confirm.read(confirm.record_path(state.epoch_file)):
+        click.echo(
+            "mtd: note: an apply --confirm is pending: its revert will put back the "
+            "table of before it, this change included, unless mtd confirm runs",
+            err=True,
+        )
+    return result
 
 
 @cli.command(

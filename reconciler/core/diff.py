@@ -17,7 +17,7 @@ import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from reconciler.core.ruletext import _short, describe, rule_text
 from reconciler.core.watch import RUNTIME_SETS
@@ -45,11 +45,14 @@ class Table:
     elements: dict[str, dict[str, str | None]] = field(default_factory=dict)  # set -> key -> val
 
 
+Op = Literal["+", "-", "~"]  # added, removed, changed in place
+
+
 @dataclass(frozen=True, slots=True)  # slots: a rotation has a million of them
 class Change:
     """One line of a diff: op is +, - or ~; `text` is nft-like syntax for people."""
 
-    op: str
+    op: Op
     kind: str
     name: str
     text: str
@@ -497,7 +500,7 @@ def _kind_order(key: str) -> tuple[int, str]:
     return OBJECT_KINDS.index(kind) if kind in OBJECT_KINDS else len(OBJECT_KINDS), name
 
 
-def _object_change(op: str, key: str, attrs: Mapping[str, Any]) -> Change:
+def _object_change(op: Op, key: str, attrs: Mapping[str, Any]) -> Change:
     kind, name = key.split(" ", 1)
     return Change(op, kind, name, describe(kind, name, attrs))
 

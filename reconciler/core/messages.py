@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from reconciler import defaults
 from reconciler.core import watch
@@ -47,13 +47,18 @@ class BadMessage(Exception):
         self.kind = kind
 
 
+# Received on the channel, or read from the epoch key (a catch-up after a reconnect).
+TriggerOrigin = Literal["message", "catch-up"]
+WatchOp = Literal["add", "del"]
+
+
 @dataclass(frozen=True)
 class Trigger:
     """An epoch to converge to. `published` (unix time) is known for messages only."""
 
     epoch: int
     published: float | None
-    origin: str  # "message": received on the channel; "catch-up": read from the epoch key
+    origin: TriggerOrigin
 
 
 def signature(key: bytes, channel: str, epoch: int, published: float) -> str:
@@ -191,7 +196,7 @@ WATCH_MAX_AGE = 300.0  # seconds a watch message on the channel may be old (or e
 class WatchOrder:
     """A dynamic watch change from the fleet: add (for `seconds` from `published`) or del."""
 
-    op: str  # add | del
+    op: WatchOp
     source: str  # canonical (core.watch.canonical)
     seconds: int
     reason: str

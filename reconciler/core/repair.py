@@ -12,13 +12,13 @@ decoded with certainty) needs the whole table: the caller then replaces it.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from reconciler.core import diff
 from reconciler.core import elements as el
 from reconciler.core.watch import RUNTIME_SETS
 
-Event = tuple[str, str, str]  # (op "+" or "-", kind, name) as the monitor reports them
+Event = tuple[Literal["+", "-"], str, str]  # (op, kind, name) as the monitor reports them
 CHAIN_KINDS = frozenset({"chain", "rule"})
 
 

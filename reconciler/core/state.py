@@ -23,7 +23,7 @@ from typing import Any
 from reconciler import __version__, defaults
 from reconciler.core.bucket import DEFAULT_BUCKETS
 from reconciler.core.bulk import gc_paused
-from reconciler.core.documents import load
+from reconciler.core.documents import _check_events, _yaml, load  # noqa: F401 (`state._yaml`)
 from reconciler.core.locate import (  # noqa: F401 (`state.key_path`, `state.limited`)
     MAX_PROBLEMS,
     _Locator,

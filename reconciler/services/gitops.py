@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from reconciler import defaults
 from reconciler.adapters import auditlog, files
@@ -101,6 +101,9 @@ class PullConfig:
         return [*self.templates, kept, *render.template_dirs()]
 
 
+OutcomeStatus = Literal["applied", "unchanged", "rejected", "unreachable"]
+
+
 @dataclass
 class Outcome:
     """One round: `applied`, `unchanged`, `rejected` or `unreachable`.
@@ -109,7 +112,7 @@ class Outcome:
     same rejected commit, a remote still unreachable): nothing to log again.
     """
 
-    status: str
+    status: OutcomeStatus
     commit: str | None
     message: str
     new: bool = True

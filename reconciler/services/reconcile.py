@@ -29,12 +29,14 @@ from reconciler.core.watch import Dynamic
 from reconciler.errors import KernelError, MtdError
 from reconciler.services import watching
 
+Status = Literal["ok", "changed", "would change"]  # in sync; changed; would change (check)
+
 
 @dataclass
 class Result:
     """What one pass did, Ansible style: ok (in sync), changed, or would change (check)."""
 
-    status: str
+    status: Status
     table: str
     epoch: int
     changes: list[diff.Change]
