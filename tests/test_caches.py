@@ -302,6 +302,22 @@ def test_a_template_that_reads_the_mapping_is_always_rendered(tmp_path: Path, re
     assert len(list((tmp_path / "cache").glob("rendered-*.json"))) == 1
 
 
+def test_a_text_that_read_the_pairs_is_never_kept(tmp_path: Path, render_cache):
+    """`pairs` is the mapping in clear (the classic template writes it out): such a text
+    would put the mapping in `cache/rendered-*.json`, so it is never kept."""
+    classic = {
+        "template": "classic",
+        "ports": {"range": [1, 20], "services": {"tcp": [1, 2, 3]}},
+        "watched": [{"source": "192.0.2.3"}, {"source": "198.51.100.0/24"}],
+    }
+    state = files.load_state(write_state(tmp_path / "state.yaml", **classic))
+    mapping = shuffle.compute(state, b"\1" * 32, 3)
+    render.render(state, mapping)
+    assert not list((tmp_path / "cache").glob("rendered-*.json"))
+    render.render(state, mapping)  # and the next render does not find one either
+    assert not list((tmp_path / "cache").glob("rendered-*.json"))
+
+
 def test_an_edited_or_shadowed_template_is_rendered_again(
     tmp_path: Path, render_cache, monkeypatch
 ):
@@ -433,6 +449,40 @@ def test_a_repository_commit_cannot_choose_where_parsed_states_are_read(tmp_path
     key = files.parsed_key(docs, trusting)
     (evil / f"parsed-{key[:40]}.json").write_text(json.dumps({"key": key, "documents": planted}))
     assert files.load_state(clone / "state", local=trusting).table == "mtd"
+
+
+def test_only_the_hosts_own_texts_guide_the_guess_outside_the_clone_too(tmp_path: Path):
+    """The guard above without the clone's: a commit's text naming a private directory
+    elsewhere (one an earlier run left, say) must not guide the guess either. Only the
+    host's own documents do, whatever directory the repository's texts name."""
+    clone, elsewhere = tmp_path / "repo", tmp_path / "elsewhere" / "cache"
+    (clone / "state").mkdir(parents=True)
+    elsewhere.mkdir(parents=True, mode=0o700)
+    (clone / "state" / "mtd.yaml").write_text(
+        "ports: {range: [1, 20], services: {tcp: [1]}}\n"
+        "watched:\n"
+        "- source: 192.0.2.3\n"
+        '  comment: "x\n'
+        f"epoch_file: {elsewhere.parent}/epoch\n"
+        '    y"\n'
+    )
+    config = tmp_path / "mtd.conf.yaml"
+    config.write_text(f"secret_file: {tmp_path}/own/secret\n")
+    local = Local(
+        documents=[(str(config), config.read_text())],
+        state_dir=str(tmp_path / "own"),
+        untrusted=True,
+        forbidden=(str(clone),),
+    )
+    docs = files.state_documents(clone / "state")
+    key = files.parsed_key(docs, local)
+    planted = {
+        str(config): {"secret_file": f"{tmp_path}/own/secret", "table": "filter"},
+        docs[0][0]: {"ports": {"range": [1, 20], "services": {"tcp": [1]}}},
+    }
+    entry = {"key": key, "documents": planted}
+    (elsewhere / f"parsed-{key[:40]}.json").write_text(json.dumps(entry))
+    assert files.load_state(clone / "state", local=local).table == "mtd"
 
 
 def test_a_text_that_depends_on_a_missing_template_is_never_kept(tmp_path: Path, render_cache):
