@@ -262,7 +262,7 @@ def test_terminal_escapes_in_records_are_neutralised():
     host = "web\x1b[2J\n1"
     raw = record(host, error="boom\x1b]0;owned\x07\nfake: line")
     rows = fleet.classify({host: raw}, {host: raw}, 7)
-    lines = fleet.table(rows, 7)
+    lines = fleet.table(rows, 7, time.time())
     assert len(lines) == 3 and all(c.isprintable() for line in lines for c in line)
 
 

@@ -136,3 +136,33 @@ def test_the_pass_is_written_once():
                     if isinstance(call, ast.Call) and called == "reconcile":
                         callers.append(f"{name}.{node.name}")
     assert callers == ["reconciler.services.reconcile.run_pass"]
+
+
+CLOCKS = {("time", "time"), ("time", "monotonic"), ("datetime", "now"), ("datetime", "utcnow")}
+WRITES = {"write_text", "write_bytes", "mkdir", "unlink", "chmod", "touch"}  # Path methods
+
+
+def test_the_core_reads_no_clock_and_writes_no_file():
+    """`reconciler/core` is given the time (`now`) and the caches it may use; it calls no
+    clock, no random draw, no environment, and writes nothing through a path."""
+    found = []
+    for name, path in modules().items():
+        if layer(name) != "core":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                pair = (node.value.id, node.attr)
+                if (
+                    pair in CLOCKS
+                    or node.value.id in ("random", "secrets")
+                    or pair
+                    == (
+                        "os",
+                        "environ",
+                    )
+                ):
+                    found.append(f"{name}: {node.value.id}.{node.attr}")
+            func = node.func if isinstance(node, ast.Call) else None
+            if isinstance(func, ast.Attribute) and func.attr in WRITES:
+                found.append(f"{name}: .{func.attr}()")
+    assert found == []

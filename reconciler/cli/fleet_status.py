@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -110,7 +111,7 @@ def status(ctx: Any, as_json: bool, forget: tuple[str, ...]) -> None:
     else:
         if not rows:
             click.echo(f"no host has reported in {config.heartbeat_key}")
-        for line in core.table(rows, epoch):
+        for line in core.table(rows, epoch, time.time()):
             click.echo(line)
     if not core.converged(rows):
         sys.exit(EXIT_PENDING)

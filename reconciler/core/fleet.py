@@ -8,7 +8,6 @@ checked field by field, and a bad one is shown as `invalid`, never trusted or cr
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,9 +138,9 @@ def clean(text: str, limit: int = 200) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
-def table(rows: list[Row], fleet_epoch: int, now: float | None = None) -> list[str]:
-    """The text form: a column per field, then the recap line."""
-    now = time.time() if now is None else now
+def table(rows: list[Row], fleet_epoch: int, now: float) -> list[str]:
+    """The text form: a column per field, then the recap line; `now` (unix seconds) is the
+    caller's, as every other time here: the core reads no clock."""
     head = ("HOST", "STATUS", "EPOCH", "COMMIT", "RESULT", "SEEN", "VERSION", "WHY")
     lines: list[tuple[str, ...]] = [head]
     for r in rows:
