@@ -1,10 +1,12 @@
 """Reading one YAML document of the desired state, bounded before it is believed: nesting
 depth, the expanded size of its aliases, the digits of a number, and a key written twice in
-one mapping (YAML would silently keep the last one). Its size is `state.load_yaml`'s."""
+one mapping (YAML would silently keep the last one). Its size is `state.load_yaml`'s. And
+how documents merge, in order (`merge`)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -154,3 +156,14 @@ def _kind(value: object) -> str:
     return {list: "a list", str: "text", int: "a number", float: "a number"}.get(
         type(value), type(value).__name__
     )
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Maps merge key by key, everything else (lists included) is replaced by `over`."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -23,7 +23,7 @@ from typing import Any
 from reconciler import __version__, defaults
 from reconciler.core.bucket import DEFAULT_BUCKETS
 from reconciler.core.bulk import gc_paused
-from reconciler.core.documents import _check_events, _yaml, load  # noqa: F401 (`state._yaml`)
+from reconciler.core.documents import _check_events, _yaml, load, merge  # noqa: F401
 from reconciler.core.locate import (  # noqa: F401 (`state.key_path`, `state.limited`)
     MAX_PROBLEMS,
     _Locator,
@@ -235,17 +235,6 @@ def merged_schema() -> dict[str, Any]:
     out = json.loads(json.dumps(schema()))
     out["required"] = ["ports"]
     out["properties"]["ports"]["required"] = ["range", "services"]
-    return out
-
-
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Maps merge key by key, everything else (lists included) is replaced by `over`."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
     return out
 
 
