@@ -73,6 +73,14 @@ def test_durations_scopes_and_ranges():
         (ban(13, "192.0.2.7", duration="forever"),
          "decision 13: duration 'forever': expected a Go duration such as 3h59m58s"),
         ({"id": "x"}, "decision id 'x': expected a whole number"),
+        # A zone is refused as at every other entrance: a range's network address kept it,
+        # and the fleet's watch hash then held a source libnftables refuses.
+        (ban(14, "2001:db8::%eth0/64", scope="Range"),
+         "decision 14: '2001:db8::%eth0/64': an IPv6 zone (%ZONE) names a local interface: "
+         "expected an address without one"),
+        (ban(15, "2001:db8::1%eth0"),
+         "decision 15: '2001:db8::1%eth0': an IPv6 zone (%ZONE) names a local interface: "
+         "expected an address without one"),
     ],
 )  # fmt: skip
 def test_what_mtd_cannot_express_is_refused_in_one_line(item: dict, line: str):

@@ -60,7 +60,19 @@ def duration(text: Any) -> float:
 
 def units(scope: str, value: str) -> tuple[str, ...]:
     """The dynamic units of an `Ip` or `Range` value; `WatchError` when mtd cannot express
-    it (not an address, a range wider than `MAX_UNITS` sources)."""
+    it (not an address, a range wider than `MAX_UNITS` sources). Each unit then passes
+    `watch.canonical`, the gate of every other entrance: a unit the kernel would refuse
+    (a zone kept by a range's network address) never reaches the fleet's watch hash."""
+    if isinstance(value, str) and "%" in value:  # an `Ip`'s /64 would drop it silently
+        watch.canonical(value)  # refuses it as `mtd watch` does
+    found = _units(scope, value)
+    try:
+        return tuple(watch.canonical(u) for u in found)
+    except WatchError as exc:
+        raise WatchError(f"value {_short(value)}: {exc}") from None
+
+
+def _units(scope: str, value: str) -> tuple[str, ...]:
     if not isinstance(value, str) or not value or len(value) > MAX_VALUE:
         raise WatchError(f"value {_short(value)}: expected an address or a prefix")
     try:
