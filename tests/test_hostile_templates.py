@@ -178,6 +178,26 @@ OUTSIDE = {
         ),
         "nftables[5]: add set: 327675 elements written by the template: expected at most 262144",
     ),
+    "anonymous sets in rules past what the template's own elements may pin": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        + ", ".join(
+            f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"match": {{"op": "==", '
+            '"left": {"meta": {"key": "mark"}}, "right": {"set": '
+            "{{ range(1, 100000) | list | tojson }}}}}]}}}"
+            for _ in range(3)
+        ),
+        "nftables[4]: add rule: 299997 elements written by the template: expected at most 262144",
+    ),
+    "a verdict map's anonymous data past the bound": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        + ", ".join(
+            f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"vmap": {{"key": {{"meta": '
+            '{"key": "mark"}}, "data": {"set": [{% for i in range(1, 100000) %}'
+            '[{{ i }}, {"drop": null}],{% endfor %}[0, {"drop": null}]]}}}]}}}'
+            for _ in range(3)
+        ),
+        "nftables[4]: add rule: 300000 elements written by the template: expected at most 262144",
+    ),
     "a rule comment (where a secret could go)": (
         f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
         f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [], "comment": "x"}}}}}}',

@@ -216,7 +216,7 @@ def _object(
         if not isinstance(flags, list) or not all(_in(f, allowed.set_flags) for f in flags):
             raise NotAllowed(f"flags {_short(flags)}: expected only {_list(allowed.set_flags)}")
         if "elem" in obj and not opaque(obj["elem"]):
-            _expression(obj["elem"], allowed, opaque)
+            _expression(obj["elem"], allowed, opaque, sizes)
             _count_elements(obj["elem"], allowed, sizes)
         sizes.declared[str(obj.get("name"))] = size
     elif kind == "rule":
@@ -229,7 +229,8 @@ def _object(
 
 def _count_elements(elem: Any, allowed: Allowed, sizes: _Sizes) -> None:
     """Elements written by the template itself (not mtd's own lists) pin kernel memory
-    like a set's size does: bounded together, whatever the 128 MiB of text could hold."""
+    like a set's size does, in a named set or in a rule's anonymous one (`{"set": [...]}`,
+    a verdict map's data): bounded together, whatever the 128 MiB of text could hold."""
     sizes.elements += len(elem) if isinstance(elem, list) else 1
     if sizes.elements > allowed.max_elements:
         raise NotAllowed(
@@ -269,10 +270,10 @@ def _statement(stmt: Any, allowed: Allowed, mark: int, opaque: Any, sizes: _Size
             raise NotAllowed(
                 f"match op {_short(body.get('op'))}: expected {_list(allowed.match_ops)}"
             )
-        _expression(body.get("left"), allowed, opaque)
-        _expression(body.get("right"), allowed, opaque)
+        _expression(body.get("left"), allowed, opaque, sizes)
+        _expression(body.get("right"), allowed, opaque, sizes)
     elif kind == "mangle":
-        _mangle(body, allowed, mark, opaque)
+        _mangle(body, allowed, mark, opaque, sizes)
     elif kind == "dnat":
         if body.get("family") not in ("ip", "ip6") or body.get("addr") != {
             "payload": {"protocol": body.get("family"), "field": "daddr"}
@@ -281,7 +282,7 @@ def _statement(stmt: Any, allowed: Allowed, mark: int, opaque: Any, sizes: _Size
                 f"dnat to {_short(body.get('addr'))}: expected the packet's own address "
                 '({"payload": {"protocol": "ip" or "ip6", "field": "daddr"}})'
             )
-        _expression(body.get("port"), allowed, opaque)
+        _expression(body.get("port"), allowed, opaque, sizes)
     elif kind == "set":
         name = body.get("set")
         target = name[1:] if isinstance(name, str) and name.startswith("@") else None
@@ -290,13 +291,13 @@ def _statement(stmt: Any, allowed: Allowed, mark: int, opaque: Any, sizes: _Size
                 f"statement set {_short(body.get('op'))} {_short(name)}: expected "
                 f"{_list(allowed.set_ops)} to a set added before it with a size"
             )
-        _expression(body.get("elem"), allowed, opaque)
+        _expression(body.get("elem"), allowed, opaque, sizes)
     else:  # redirect, vmap
         for value in body.values():
-            _expression(value, allowed, opaque)
+            _expression(value, allowed, opaque, sizes)
 
 
-def _mangle(body: dict[str, Any], allowed: Allowed, mark: int, opaque: Any) -> None:
+def _mangle(body: dict[str, Any], allowed: Allowed, mark: int, opaque: Any, sizes: _Sizes) -> None:
     key, value = body.get("key"), body.get("value")
     payload = key.get("payload") if isinstance(key, dict) and len(key) == 1 else None
     if (
@@ -304,7 +305,7 @@ def _mangle(body: dict[str, Any], allowed: Allowed, mark: int, opaque: Any) -> N
         and set(payload) == {"protocol", "field"}
         and _in((payload["protocol"], payload["field"]), allowed.mangle_payload)
     ):
-        _expression(value, allowed, opaque)
+        _expression(value, allowed, opaque, sizes)
         return
     meta = {"meta": {"key": "mark"}}
     if key == meta and value == {"|": [meta, mark]}:  # the host's mark bits, added
@@ -316,8 +317,9 @@ def _mangle(body: dict[str, Any], allowed: Allowed, mark: int, opaque: Any) -> N
     )
 
 
-def _expression(value: Any, allowed: Allowed, opaque: Any) -> None:
-    """Iteratively: nesting is bounded (`render.MAX_JSON_DEPTH`), but lists may be long."""
+def _expression(value: Any, allowed: Allowed, opaque: Any, sizes: _Sizes) -> None:
+    """Iteratively: nesting is bounded (`render.MAX_JSON_DEPTH`), but lists may be long.
+    An anonymous set's elements count with the template's own (`_count_elements`)."""
     stack = [value]
     while stack:
         node = stack.pop()
@@ -348,6 +350,8 @@ def _expression(value: Any, allowed: Allowed, opaque: Any) -> None:
             raise NotAllowed(
                 f"payload {_short(body)}: expected protocol and field, or base, offset and len"
             )
+        if kind == "set" and isinstance(body, list) and not opaque(body):
+            _count_elements(body, allowed, sizes)
         if kind in ("accept", "drop") and body is not None:
             raise NotAllowed(f"verdict {kind} {_short(body)}: expected null")
         if isinstance(body, dict):
