@@ -785,3 +785,24 @@ def test_the_number_of_objects_is_bounded_and_the_largest_shipped_table_is_withi
         f"{templates.MAX_COMMANDS + 1} commands: expected at most {templates.MAX_COMMANDS}: not "
         "allowed in a repository template"
     )
+
+
+@pytest.mark.parametrize(
+    ("number", "words"),
+    [
+        ("1" * 5000, "Exceeds the limit (4300 digits)"),  # Python's own refusal, once a crash
+        ("NaN", "NaN is not a JSON number"),
+        ("-Infinity", "-Infinity is not a JSON number"),
+    ],
+)
+def test_a_number_no_rule_holds_is_refused_in_one_line(tmp_path: Path, number: str, words: str):
+    """What `json.loads` refuses past its decoder (an integer of 4300 digits) or reads though
+    JSON has no such number (NaN): one line, never an internal error."""
+    rule = (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, {{"add": {{"rule": {{{T}, "chain": "c", '
+        f'"expr": [{{"match": {{"op": "==", "left": {{"meta": {{"key": "mark"}}}}, '
+        f'"right": {number}}}}}]}}}}}}'
+    )
+    line = _refusal(tmp_path, f"{HEAD}, {rule}]}}")
+    assert line.startswith(f"{tmp_path}/repo-templates/t") and words in line, line
+    assert "rendered output is not JSON libnftables reads" in line, line

@@ -241,11 +241,16 @@ def render(
         text, where, read = _render_text(dirs, name, ctx, state.template)
         kept_paths = None
     try:
-        doc = json.loads(sent := _host_values(text, ctx))
+        doc = json.loads(sent := _host_values(text, ctx), parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise TemplateError(
             f"{where}: rendered output is not JSON: {exc.msg} "
             f"at rendered line {exc.lineno} column {exc.colno}"
+        ) from None
+    except ValueError as exc:  # a number Python refuses to read (4300 digits and more)
+        raise TemplateError(
+            f"{where}: rendered output is not JSON libnftables reads: {str(exc)[:60]}: "
+            "expected numbers a rule can hold (at most 64 bits)"
         ) from None
     except RecursionError:
         doc = None
@@ -271,6 +276,11 @@ def render(
         entry = {"where": where, "templates": read, "text": text, "paths": paths}
         _RENDERED.put(key, entry | {"epoch": epoch})
     return commands
+
+
+def _no_constant(name: str) -> None:
+    """NaN and Infinity are not JSON: libnftables would refuse what `mtd render` printed."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _epoch_read(dirs: list[Path], ctx: Mapping[str, Any]) -> int | None:
