@@ -625,6 +625,7 @@ _bad_chain = st.one_of(
 
 
 def _document(chain: dict, statements: list[dict], size: int, extra: list[dict]) -> str:
+    """The template's text; the host's mark bits written as a template must, `{{ mark }}`."""
     t = {"family": "inet", "table": "mtd"}
     return json.dumps({"nftables": [
         {"add": {"table": {"family": "inet", "name": "mtd"}}},
@@ -635,7 +636,7 @@ def _document(chain: dict, statements: list[dict], size: int, extra: list[dict])
         {"add": {"chain": {**t, "name": "base", **chain}}},
         {"add": {"rule": {**t, "chain": "base", "expr": statements}}},
         *extra,
-    ]})  # fmt: skip
+    ]}).replace(f'{{"key": "mark"}}}}, {MARK}]', '{"key": "mark"}}, {{ mark }}]')  # fmt: skip
 
 
 @settings(max_examples=60)
@@ -806,3 +807,26 @@ def test_a_number_no_rule_holds_is_refused_in_one_line(tmp_path: Path, number: s
     line = _refusal(tmp_path, f"{HEAD}, {rule}]}}")
     assert line.startswith(f"{tmp_path}/repo-templates/t") and words in line, line
     assert "rendered output is not JSON libnftables reads" in line, line
+
+
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        (f'{{"add": {{"set": {{{T}, "name": "s", "type": "ipv4_addr", "size": {{{{ mark }}}}}}}}}}',
+         "nftables[1]: add set: size {{ mark }}: expected at most 65536"),
+        (f'{{"add": {{"chain": {{{T}, "name": "c", "type": "filter", "hook": "output", '
+         '"prio": -300, "policy": {{ table | tojson }}}}}',
+         "nftables[1]: add chain: policy {{ table }}: expected one of accept"),
+        (f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, {{"add": {{"rule": {{{T}, "chain": "c", '
+         '"expr": [{"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": '
+         '{"key": "mark"}}, 16777216]}}}]}}}',
+         "nftables[2]: add rule: mangle"),
+    ],
+)  # fmt: skip
+def test_a_refusal_never_prints_a_host_value(tmp_path: Path, command: str, words: str):
+    """The check reads the host's values as their tokens: a template that put the mark where
+    a number is checked read it back in the error line (`size 16777216`), and one that wrote
+    the mark bits as a number it guessed set them; only `{{ mark }}` does."""
+    line = _refusal(tmp_path, f"{HEAD}, {command}]}}")
+    assert words in line and "16777216" not in line.replace("16777216]", ""), line
+    assert '"mtd"' not in line and "\\u0000" not in line, line

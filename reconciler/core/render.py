@@ -268,7 +268,7 @@ def render(
         _written_once(ctx, where)
     commands = _commands(doc, state, where)
     if repository_templates(dirs):
-        _allowed(commands, state, ctx, dirs, where)
+        _allowed(text, state, ctx, dirs, where)
     # Kept once rendered, and again when a kept entry did not say where its placeholders sit.
     if key is not None and paths != kept_paths and (reused or _keep(key, dirs, name, ctx, text)):
         assert _RENDERED is not None
@@ -511,11 +511,12 @@ def _written_once(ctx: Mapping[str, Any], where: str) -> None:
             )
 
 
-def _allowed(
-    commands: list[dict], state: State, ctx: Mapping[str, Any], dirs: list[Path], where: str
-) -> None:
+def _allowed(text: str, state: State, ctx: Mapping[str, Any], dirs: list[Path], where: str) -> None:
     """A repository template (README, Security): only if the host allows them, and then
-    only what `templates.REPOSITORY` lists."""
+    only what `templates.REPOSITORY` lists. `text` passed `_commands` once the host's values
+    were put in; it is checked with them still tokens, so a refusal line names `{{ mark }}`
+    or `{{ table }}` and never the host's value (a template that wrote the mark as a set's
+    size read it in the error), and a rule sets the mark bits only through `{{ mark }}`."""
     from reconciler.core import templates
 
     if not state.repository_templates:
@@ -531,8 +532,12 @@ def _allowed(
     def opaque(value: Any) -> bool:
         return isinstance(value, Elements) or id(value) in lists
 
-    refused = templates.check_repository(commands, state.mark, opaque)
+    commands = json.loads(text, parse_constant=_no_constant)["nftables"]
+    mark = ctx["mark"].token
+    refused = templates.check_repository(commands, mark, opaque)
     if refused is not None:
+        for name in ("table", "mark"):
+            refused = refused.replace(json.dumps(ctx[name].token), f"{{{{ {name} }}}}")
         raise TemplateError(f"{where}: {refused}: not allowed in a repository template")
 
 

@@ -169,13 +169,14 @@ class NotAllowed(Exception):
 
 def check_repository(
     commands: list[Any],
-    mark: int,
+    mark: int | str,
     opaque: Callable[[Any], bool] = lambda value: False,
     allowed: Allowed = REPOSITORY,
 ) -> str | None:
     """The first command (`nftables[i]: ...`) that uses what `allowed` does not list, or
     None. `commands` passed `render._commands` (one add of one object of the owned table);
-    `mark`: the host's mark bits, the only ones a rule may set; `opaque(value)`: an element
+    `mark`: the host's mark bits (or the placeholder rendering writes for them), the only
+    ones a rule may set; `opaque(value)`: an element
     list mtd wrote itself (not walked: it is mtd's data, and large)."""
     if len(commands) > allowed.max_commands:
         return f"{len(commands)} commands: expected at most {allowed.max_commands}"
@@ -190,7 +191,7 @@ def check_repository(
 
 
 def _object(
-    kind: str, obj: dict[str, Any], allowed: Allowed, mark: int, opaque: Any, sizes: _Sizes
+    kind: str, obj: dict[str, Any], allowed: Allowed, mark: int | str, opaque: Any, sizes: _Sizes
 ) -> None:
     if kind not in allowed.objects:
         raise NotAllowed(f"expected one of {', '.join(allowed.objects)}")
@@ -252,7 +253,7 @@ def _base_chain(obj: dict[str, Any], allowed: Allowed) -> None:
             raise NotAllowed(f"{what} {_short(value)}: expected one of {_list(values)}")
 
 
-def _statement(stmt: Any, allowed: Allowed, mark: int, opaque: Any, sizes: _Sizes) -> None:
+def _statement(stmt: Any, allowed: Allowed, mark: int | str, opaque: Any, sizes: _Sizes) -> None:
     kind, body = _one(stmt, "statement")
     if kind not in allowed.statements:
         raise NotAllowed(f"statement {kind!r}: expected one of {', '.join(allowed.statements)}")
@@ -297,7 +298,9 @@ def _statement(stmt: Any, allowed: Allowed, mark: int, opaque: Any, sizes: _Size
             _expression(value, allowed, opaque, sizes)
 
 
-def _mangle(body: dict[str, Any], allowed: Allowed, mark: int, opaque: Any, sizes: _Sizes) -> None:
+def _mangle(
+    body: dict[str, Any], allowed: Allowed, mark: int | str, opaque: Any, sizes: _Sizes
+) -> None:
     key, value = body.get("key"), body.get("value")
     payload = key.get("payload") if isinstance(key, dict) and len(key) == 1 else None
     if (
