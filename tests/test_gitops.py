@@ -469,3 +469,24 @@ def test_only_signed_commits_are_applied_when_asked(lab: Lab, remote: Remote, tm
         other = pull(lab, remote, tmp_path / "sd2", *verify, str(empty))
         assert other.returncode == 1
         assert "signature: signed by a key not in the keyring" in other.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["mtd/templates/maps.json.j2\nmtd: applied", "mtd/x\u2028y.yaml", "mtd/doc/a\rb.txt"]
+)
+def test_a_name_that_would_break_a_line_is_refused_in_one_line(
+    tmp_path: Path, remote: Remote, name: str
+):
+    """Every error names its file: a name holding a line break (git takes any byte but NUL
+    and /) made one problem two lines in pull.json, the log and `mtd status`, a forged one
+    among them."""
+    sha = remote.commit({"mtd/state.yaml": state_doc(tmp_path), name: "{}"})
+    puller = gitops.Puller(
+        gitops.PullConfig(url=str(remote.bare), path="mtd", state_dir=tmp_path / "sd")
+    )
+    puller.repo.ensure(str(remote.bare))
+    assert puller.repo.fetch("main") == sha
+    with pytest.raises(MtdError) as exc, puller.candidate(sha):
+        pass
+    assert len(exc.value.problems) == 1 and exc.value.problems[0].isprintable(), exc.value.problems
+    assert "expected names of printable characters" in exc.value.problems[0]

@@ -515,6 +515,11 @@ def _check_checkout(tree: list[Entry]) -> None:
         )
     total = 0
     for entry in tree:
+        if not entry.path.isprintable():  # git takes any byte but NUL and / in a name
+            raise MtdError(
+                f"{_short(repr(entry.path))}: a name with a line break or a control character: "
+                "expected names of printable characters (an error names its file in one line)"
+            )
         raw = entry.path.encode(errors="surrogateescape")
         longest = max(len(part) for part in raw.split(b"/"))
         if longest > NAME_MAX or len(raw) > PATH_MAX:
@@ -530,6 +535,10 @@ def _check_checkout(tree: list[Entry]) -> None:
             f"{len(tree)} files of {total} bytes in all: expected at most {MAX_TREE_BYTES} "
             "in the state directory"
         )
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_template(rel: str) -> bool:
