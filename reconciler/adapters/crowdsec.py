@@ -23,6 +23,9 @@ from reconciler.core import crowdsec
 from reconciler.errors import MtdError
 
 MAX_BYTES = 32 << 20  # a startup list of 100,000 decisions is about 25 MB
+# JSON values in one answer, counted on the bytes before parsing (an upper bound): a decision
+# has about 23, and 32 MB of `[],` were 11 million lists, 857 MB in Python, every pull.
+MAX_VALUES = 32 * crowdsec.MAX_DECISIONS
 TIMEOUT = 10.0  # seconds for one request (connect and each read)
 TOTAL = 60.0  # seconds a whole answer may take (a peer dribbling bytes holds no more)
 STREAM = "/v1/decisions/stream"
@@ -144,6 +147,12 @@ class Lapi:
 def parse(body: bytes, where: str = "crowdsec") -> tuple[list[Any], list[Any]]:
     """The stream's two lists, or `LapiError` in one line."""
     form = '{"new": [DECISION, ...] or null, "deleted": [DECISION, ...] or null}'
+    values = sum(body.count(c) for c in (b",", b":", b"[", b"{"))
+    if values > MAX_VALUES:
+        raise LapiError(
+            f"crowdsec {where}: an answer of about {values} JSON values: expected at most "
+            f"{MAX_VALUES} ({crowdsec.MAX_DECISIONS} decisions)"
+        )
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
