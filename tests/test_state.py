@@ -74,6 +74,21 @@ def test_an_ipv4_mapped_source_is_refused_with_its_ipv4_form(key: str, given: st
     assert msg.endswith(f"{given!r} is IPv4-mapped: expected its IPv4 form {expected}")
 
 
+@pytest.mark.parametrize(
+    "key", ["watched: [{source: '%s'}]", "watched: [{source: '%s', per_source: true}]",
+            "trusted: ['%s']"],
+)  # fmt: skip
+@pytest.mark.parametrize("given", ["2001:db8::1%eth0", "2001:db8::%x/64", "fe80::1%1"])
+def test_an_ipv6_zone_is_refused_where_the_kernel_would_refuse_it(key: str, given: str):
+    """libnftables refuses a zone in a set element: `validate` said ok to a commit that every
+    host's kernel then refused. The same line as `mtd watch` gives a dynamic entry."""
+    msg = error_of(BASE + key % given + "\n")
+    assert msg.endswith(
+        f"{given!r} has an IPv6 zone (%ZONE), which names a local interface: expected an "
+        "address or prefix without one"
+    )
+
+
 def test_prefixes_around_the_ipv4_mapped_range_are_kept():
     s = parse_one(BASE + "watched: [{source: '::/64'}, {source: '::fffe:0:0/95'}]\n")
     assert [str(w.source) for w in s.watched] == ["::/64", "::fffe:0:0/95"]

@@ -581,6 +581,17 @@ def _source(
             )
         )
         return None
+    if net.version == 6 and net.network_address.scope_id is not None:  # type: ignore[union-attr]
+        # A zone names an interface of the host that wrote it: libnftables refuses it in a
+        # set, so `validate` said ok to a commit every host's kernel then refused.
+        problems.append(
+            locate(
+                path,
+                f"{text!r} has an IPv6 zone (%ZONE), which names a local interface: expected "
+                "an address or prefix without one",
+            )
+        )
+        return None
     v4 = ipv4_mapped(net)
     if v4 is not None:
         # Taken as written, the entry would silently hide nothing (watched) or exempt no
