@@ -463,6 +463,15 @@ def test_memory_hungry_templates_fail_in_one_line_within_bounds(tmp_path: Path):
             "refused by the template sandbox",
         ),
         "one list a thousand times": (f"{HEAD}, {many}]}}", "written 1000 times"),
+        "a hundred megabytes of statements": (
+            HEAD
+            + f', {{"add": {{"chain": {{{T}, "name": "c"}}}}}}'
+            + "{%- for r in range(50000) %}, "
+            + f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": ['
+            + "{{ '{\"accept\":null},' * 120 }}"
+            + '{"accept": null}]}}}{% endfor %}]}',
+            "JSON values: expected at most 3000000 (element lists belong in `| tojson`)",
+        ),
         "a huge set": (
             f'{HEAD}, {{"add": {{"set": {{{T}, "name": "s", "type": "ipv4_addr", '
             '"size": 16777216}}}]}',

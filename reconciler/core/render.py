@@ -240,6 +240,10 @@ def render(
     else:
         text, where, read = _render_text(dirs, name, ctx, state.template)
         kept_paths = None
+    repository = bool(repository_templates(dirs))
+    if repository:
+        _consented(state, dirs)
+        _bounded_values(text, where)
     try:
         doc = json.loads(sent := _host_values(text, ctx), parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
@@ -267,7 +271,7 @@ def render(
             paths = _splice(doc, bulk)
         _written_once(ctx, where)
     commands = _commands(doc, state, where)
-    if repository_templates(dirs):
+    if repository:
         _allowed(text, state, ctx, dirs, where)
     # Kept once rendered, and again when a kept entry did not say where its placeholders sit.
     if key is not None and paths != kept_paths and (reused or _keep(key, dirs, name, ctx, text)):
@@ -511,6 +515,30 @@ def _written_once(ctx: Mapping[str, Any], where: str) -> None:
             )
 
 
+def _consented(state: State, dirs: list[Path]) -> None:
+    if not state.repository_templates:
+        first = repository_templates(dirs)[0]
+        raise TemplateError(
+            f"{first}: a template from the state repository: expected templates only from this "
+            "host (its local configuration may allow them: repository_templates: true)"
+        )
+
+
+def _bounded_values(text: str, where: str) -> None:
+    """A repository template's JSON values, counted on the text before it is parsed (an
+    upper bound: separators and openings). The character bound alone let 100 MB of
+    `{"accept":null},` become gigabytes of Python objects, then of libnftables'."""
+    from reconciler.core import templates
+
+    limit = templates.REPOSITORY.max_values
+    values = sum(text.count(c) for c in ",:[{")
+    if values > limit:
+        raise TemplateError(
+            f"{where}: rendered output of about {values} JSON values: expected at most {limit} "
+            "(element lists belong in `| tojson`): not allowed in a repository template"
+        )
+
+
 def _allowed(text: str, state: State, ctx: Mapping[str, Any], dirs: list[Path], where: str) -> None:
     """A repository template (README, Security): only if the host allows them, and then
     only what `templates.REPOSITORY` lists. `text` passed `_commands` once the host's values
@@ -519,12 +547,6 @@ def _allowed(text: str, state: State, ctx: Mapping[str, Any], dirs: list[Path], 
     size read it in the error), and a rule sets the mark bits only through `{{ mark }}`."""
     from reconciler.core import templates
 
-    if not state.repository_templates:
-        first = repository_templates(dirs)[0]
-        raise TemplateError(
-            f"{first}: a template from the state repository: expected templates only from this "
-            "host (its local configuration may allow them: repository_templates: true)"
-        )
     lists = {
         id(h._value) for h in _placeholders(ctx) if isinstance(h, Hidden) and type(h._value) is list
     }

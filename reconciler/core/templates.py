@@ -64,6 +64,10 @@ _UNDECLARED = Support()
 
 MAX_SET_SIZE = 65536  # a set's or map's `size`: the kernel memory it may pin (dyn4, dyn6)
 MAX_COMMANDS = 100_000  # `maps` at 1024 buckets writes about 33,000
+# JSON values of the rendered text, counted before it is parsed: `maps` at 1024 buckets
+# writes about 1.4 million (its element lists are placeholders). Python's objects for them
+# are the memory a render takes, whatever the 128 MiB of text could hold.
+MAX_VALUES = 3_000_000
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Allowed:
     max_total_size: int = 4 * MAX_SET_SIZE  # of every set and map together (dyn4 + dyn6: 2)
     max_commands: int = MAX_COMMANDS  # objects in the kernel (rules, chains, sets, ...)
     max_elements: int = 4 * MAX_SET_SIZE  # a template's own elements, in all its sets
+    max_values: int = MAX_VALUES  # JSON values of the rendered text (`render._bounded_values`)
 
 
 def _keys(*names: str) -> frozenset[str]:
