@@ -198,6 +198,19 @@ OUTSIDE = {
         ),
         "nftables[4]: add rule: 300000 elements written by the template: expected at most 262144",
     ),
+    "a verdict map's data as a bare list (libnftables aborts on an assertion)": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"vmap": {{"key": {{"payload": '
+        '{"protocol": "tcp", "field": "dport"}}, "data": [[1, {"accept": null}]]}}]}}}',
+        'nftables[2]: add rule: vmap data [[1, {"accept": null}]]: expected a map\'s name '
+        '("@NAME") or an anonymous set ({"set": [...]})',
+    ),
+    "a map lookup's data as a bare list": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"redirect": {{"port": {{"map": '
+        '{"key": {"payload": {"protocol": "tcp", "field": "dport"}}, "data": [[1, 2]]}}}}]}}}',
+        "nftables[2]: add rule: map data [[1, 2]]: expected a map's name",
+    ),
     "a rule comment (where a secret could go)": (
         f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
         f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [], "comment": "x"}}}}}}',

@@ -299,6 +299,8 @@ def _statement(stmt: Any, allowed: Allowed, mark: int | str, opaque: Any, sizes:
             )
         _expression(body.get("elem"), allowed, opaque, sizes)
     else:  # redirect, vmap
+        if kind == "vmap":
+            _map_data(body.get("data"), "vmap")
         for value in body.values():
             _expression(value, allowed, opaque, sizes)
 
@@ -358,6 +360,8 @@ def _expression(value: Any, allowed: Allowed, opaque: Any, sizes: _Sizes) -> Non
             raise NotAllowed(
                 f"payload {_short(body)}: expected protocol and field, or base, offset and len"
             )
+        if kind == "map":
+            _map_data(body.get("data"), "map")
         if kind == "set" and isinstance(body, list) and not opaque(body):
             _count_elements(body, allowed, sizes)
         if kind in ("accept", "drop") and body is not None:
@@ -368,6 +372,20 @@ def _expression(value: Any, allowed: Allowed, opaque: Any, sizes: _Sizes) -> Non
             stack.extend(body)
         elif body is not None and not isinstance(body, str | int):
             raise NotAllowed(f"expression {kind} {_short(body)}")
+
+
+def _map_data(data: Any, what: str) -> None:
+    """A lookup's data as the shipped templates write it: a map of the table (`@NAME`) or an
+    anonymous set. A bare list made libnftables abort on an assertion (`vmap` data), which
+    in mtd's own process would end the daemon."""
+    if isinstance(data, str) and data.startswith("@"):
+        return
+    if isinstance(data, dict) and list(data) == ["set"] and isinstance(data["set"], list | str):
+        return
+    raise NotAllowed(
+        f'{what} data {_short(data)}: expected a map\'s name ("@NAME") or an anonymous set '
+        '({"set": [...]})'
+    )
 
 
 def _one(node: Any, what: str) -> tuple[str, Any]:
