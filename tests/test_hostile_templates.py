@@ -211,6 +211,29 @@ OUTSIDE = {
         '{"key": {"payload": {"protocol": "tcp", "field": "dport"}}, "data": [[1, 2]]}}}}]}}}',
         "nftables[2]: add rule: map data [[1, 2]]: expected a map's name",
     ),
+    # Shapes that crashed libnftables (an assertion, a segfault, a corrupted heap): mtd's
+    # own process must never hand them over.
+    "an element outside a set": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"match": {{"op": "==", "left": '
+        '{"payload": {"protocol": "tcp", "field": "dport"}}, "right": {"elem": {"val": 1, '
+        '"timeout": 5}}}}]}}}',
+        'nftables[2]: add rule: elem {"val": 1, "timeout": 5}: expected only as an element of',
+    ),
+    "a raw payload wider than a register": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"match": {{"op": "==", "left": '
+        '{"payload": {"base": "th", "offset": 0, "len": 1024}}, "right": 1}}]}}}',
+        'nftables[2]: add rule: payload {"base": "th", "offset": 0, "len": 1024}: expected len '
+        "from 1 to 64 bits, offset from 0 to 4096",
+    ),
+    "a map with anonymous data on a match's left": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"match": {{"op": "==", "left": '
+        '{"map": {"key": {"payload": {"protocol": "tcp", "field": "dport"}}, "data": {"set": '
+        '[[1, 2]]}}}, "right": 1}}]}}}',
+        'nftables[2]: add rule: map data {"set": [[1, 2]]}: expected a map\'s name ("@NAME")',
+    ),
     "a rule comment (where a secret could go)": (
         f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
         f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [], "comment": "x"}}}}}}',

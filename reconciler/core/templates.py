@@ -95,6 +95,10 @@ class Allowed:
     max_commands: int = MAX_COMMANDS  # objects in the kernel (rules, chains, sets, ...)
     max_elements: int = 4 * MAX_SET_SIZE  # a template's own elements, in all its sets
     max_values: int = MAX_VALUES  # JSON values of the rendered text (`render._bounded_values`)
+    # A raw payload's bits ({base, offset, len}): the shipped templates read at most 64; past
+    # 128 libnftables fails an assertion or corrupts its heap.
+    max_payload_bits: int = 64
+    max_payload_offset: int = 4096
 
 
 def _keys(*names: str) -> frozenset[str]:
@@ -222,7 +226,7 @@ def _object(
         if not isinstance(flags, list) or not all(_in(f, allowed.set_flags) for f in flags):
             raise NotAllowed(f"flags {_short(flags)}: expected only {_list(allowed.set_flags)}")
         if "elem" in obj and not opaque(obj["elem"]):
-            _expression(obj["elem"], allowed, opaque, sizes)
+            _expression(obj["elem"], allowed, opaque, sizes, elements=True)
             _count_elements(obj["elem"], allowed, sizes)
         sizes.declared[str(obj.get("name"))] = size
     elif kind == "rule":
@@ -297,7 +301,7 @@ def _statement(stmt: Any, allowed: Allowed, mark: int | str, opaque: Any, sizes:
                 f"statement set {_short(body.get('op'))} {_short(name)}: expected "
                 f"{_list(allowed.set_ops)} to a set added before it with a size"
             )
-        _expression(body.get("elem"), allowed, opaque, sizes)
+        _expression(body.get("elem"), allowed, opaque, sizes, elements=True)
     else:  # redirect, vmap
         if kind == "vmap":
             _map_data(body.get("data"), "vmap")
@@ -327,18 +331,24 @@ def _mangle(
     )
 
 
-def _expression(value: Any, allowed: Allowed, opaque: Any, sizes: _Sizes) -> None:
+def _expression(
+    value: Any, allowed: Allowed, opaque: Any, sizes: _Sizes, elements: bool = False
+) -> None:
     """Iteratively: nesting is bounded (`render.MAX_JSON_DEPTH`), but lists may be long.
-    An anonymous set's elements count with the template's own (`_count_elements`)."""
-    stack = [value]
+    An anonymous set's elements count with the template's own (`_count_elements`).
+    `elements`: `value` is a set's element or list of them, the only place an `elem` may be
+    (elsewhere, as a match's right side, libnftables fails an assertion)."""
+    stack = [(value, elements)]
     while stack:
-        node = stack.pop()
+        node, in_set = stack.pop()
         if node is None or isinstance(node, str | bool | int | float) or opaque(node):
             continue
         if isinstance(node, list):
-            stack.extend(node)
+            stack.extend((item, in_set) for item in node)
             continue
         kind, body = _one(node, "expression")
+        if kind == "elem" and not in_set:
+            raise NotAllowed(f"elem {_short(body)}: expected only as an element of a set")
         if kind not in allowed.expressions:
             raise NotAllowed(
                 f"expression {kind!r}: expected one of {', '.join(allowed.expressions)}"
@@ -360,6 +370,20 @@ def _expression(value: Any, allowed: Allowed, opaque: Any, sizes: _Sizes) -> Non
             raise NotAllowed(
                 f"payload {_short(body)}: expected protocol and field, or base, offset and len"
             )
+        if (
+            kind == "payload"
+            and "len" in body
+            and not (
+                _int(body["len"])
+                and 0 < body["len"] <= allowed.max_payload_bits
+                and _int(body["offset"])
+                and 0 <= body["offset"] <= allowed.max_payload_offset
+            )
+        ):
+            raise NotAllowed(
+                f"payload {_short(body)}: expected len from 1 to {allowed.max_payload_bits} "
+                f"bits, offset from 0 to {allowed.max_payload_offset}"
+            )
         if kind == "map":
             _map_data(body.get("data"), "map")
         if kind == "set" and isinstance(body, list) and not opaque(body):
@@ -367,25 +391,25 @@ def _expression(value: Any, allowed: Allowed, opaque: Any, sizes: _Sizes) -> Non
         if kind in ("accept", "drop") and body is not None:
             raise NotAllowed(f"verdict {kind} {_short(body)}: expected null")
         if isinstance(body, dict):
-            stack.extend(body.values())
+            stack.extend((v, False) for v in body.values())
         elif isinstance(body, list):
-            stack.extend(body)
+            stack.extend((item, kind == "set") for item in body)
         elif body is not None and not isinstance(body, str | int):
             raise NotAllowed(f"expression {kind} {_short(body)}")
 
 
 def _map_data(data: Any, what: str) -> None:
-    """A lookup's data as the shipped templates write it: a map of the table (`@NAME`) or an
-    anonymous set. A bare list made libnftables abort on an assertion (`vmap` data), which
-    in mtd's own process would end the daemon."""
+    """A lookup's data as the shipped templates write it: a map of the table (`@NAME`), or
+    for a verdict map an anonymous set. Other shapes crashed libnftables (a bare list of
+    `vmap` data: an assertion; a `map` with anonymous data on a match's left: a segfault),
+    which in mtd's own process would end the daemon."""
     if isinstance(data, str) and data.startswith("@"):
         return
-    if isinstance(data, dict) and list(data) == ["set"] and isinstance(data["set"], list | str):
+    anonymous = isinstance(data, dict) and list(data) == ["set"]
+    if what == "vmap" and anonymous and isinstance(data["set"], list | str):
         return
-    raise NotAllowed(
-        f'{what} data {_short(data)}: expected a map\'s name ("@NAME") or an anonymous set '
-        '({"set": [...]})'
-    )
+    also = ' or an anonymous set ({"set": [...]})' if what == "vmap" else ""
+    raise NotAllowed(f'{what} data {_short(data)}: expected a map\'s name ("@NAME"){also}')
 
 
 def _one(node: Any, what: str) -> tuple[str, Any]:
