@@ -220,6 +220,22 @@ OUTSIDE = {
         '"timeout": 5}}}}]}}}',
         'nftables[2]: add rule: elem {"val": 1, "timeout": 5}: expected only as an element of',
     ),
+    "a verdict as a set's element (loaded in mtd's own process: it aborted)": (
+        f'{{"add": {{"set": {{{T}, "name": "s", "type": "inet_service", "elem": '
+        '[{"accept": null}]}}}',
+        'nftables[1]: add set: verdict {"accept": null}: expected only as the data of a verdict',
+    ),
+    "a verdict as a map's key": (
+        f'{{"add": {{"map": {{{T}, "name": "m", "type": "inet_service", "map": "inet_service", '
+        '"elem": [[{"jump": {"target": "c"}}, 1]]}}}',
+        'nftables[1]: add map: verdict {"jump": {"target": "c"}}: expected only as the data of',
+    ),
+    "a verdict map's element that is not a pair": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"vmap": {{"key": {{"payload": '
+        '{"protocol": "tcp", "field": "dport"}}, "data": {"set": [[1, 2]]}}}]}}}',
+        "nftables[2]: add rule: vmap element [1, 2]: expected [KEY, VERDICT]",
+    ),
     "a raw payload wider than a register": (
         f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
         f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"match": {{"op": "==", "left": '

@@ -302,11 +302,31 @@ def _statement(stmt: Any, allowed: Allowed, mark: int | str, opaque: Any, sizes:
                 f"{_list(allowed.set_ops)} to a set added before it with a size"
             )
         _expression(body.get("elem"), allowed, opaque, sizes, elements=True)
-    else:  # redirect, vmap
-        if kind == "vmap":
-            _map_data(body.get("data"), "vmap")
+    elif kind == "vmap":
+        _map_data(body.get("data"), "vmap")
+        _expression(body.get("key"), allowed, opaque, sizes)
+        data = body.get("data")
+        if isinstance(data, dict) and isinstance(data["set"], list):
+            _count_elements(data["set"], allowed, sizes)
+            for item in data["set"]:
+                if not (isinstance(item, list) and len(item) == 2 and _verdict(item[1])):
+                    raise NotAllowed(
+                        f"vmap element {_short(item)}: expected [KEY, VERDICT], a verdict "
+                        'accept, drop or {"jump": {"target": CHAIN}}'
+                    )
+                _expression(item[0], allowed, opaque, sizes, elements=True)
+    else:  # redirect
         for value in body.values():
             _expression(value, allowed, opaque, sizes)
+
+
+def _verdict(value: Any) -> bool:
+    """A verdict map's data, and only there: elsewhere (a set's element, a map's) a verdict
+    made libnftables fail an assertion, ending the process that loads it."""
+    if value in ({"accept": None}, {"drop": None}):
+        return True
+    jump = value.get("jump") if isinstance(value, dict) and len(value) == 1 else None
+    return isinstance(jump, dict) and list(jump) == ["target"] and isinstance(jump["target"], str)
 
 
 def _mangle(
@@ -349,6 +369,10 @@ def _expression(
         kind, body = _one(node, "expression")
         if kind == "elem" and not in_set:
             raise NotAllowed(f"elem {_short(body)}: expected only as an element of a set")
+        if kind in ("accept", "drop", "jump"):
+            raise NotAllowed(
+                f"verdict {_short(node)}: expected only as the data of a verdict map's element"
+            )
         if kind not in allowed.expressions:
             raise NotAllowed(
                 f"expression {kind!r}: expected one of {', '.join(allowed.expressions)}"
@@ -388,8 +412,6 @@ def _expression(
             _map_data(body.get("data"), "map")
         if kind == "set" and isinstance(body, list) and not opaque(body):
             _count_elements(body, allowed, sizes)
-        if kind in ("accept", "drop") and body is not None:
-            raise NotAllowed(f"verdict {kind} {_short(body)}: expected null")
         if isinstance(body, dict):
             stack.extend((v, False) for v in body.values())
         elif isinstance(body, list):
