@@ -236,6 +236,11 @@ OUTSIDE = {
         '{"protocol": "tcp", "field": "dport"}}, "data": {"set": [[1, 2]]}}}]}}}',
         "nftables[2]: add rule: vmap element [1, 2]: expected [KEY, VERDICT]",
     ),
+    "a map element whose data reads the packet (libnftables segfaulted)": (
+        f'{{"add": {{"map": {{{T}, "name": "m", "type": "inet_service", "map": "inet_service", '
+        '"elem": [[1, {"payload": {"protocol": "udp", "field": "dport"}}]]}}}',
+        "nftables[1]: add map: expression 'payload' in an element: expected a constant",
+    ),
     "a raw payload wider than a register": (
         f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
         f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"match": {{"op": "==", "left": '

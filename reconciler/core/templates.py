@@ -301,7 +301,7 @@ def _statement(stmt: Any, allowed: Allowed, mark: int | str, opaque: Any, sizes:
                 f"statement set {_short(body.get('op'))} {_short(name)}: expected "
                 f"{_list(allowed.set_ops)} to a set added before it with a size"
             )
-        _expression(body.get("elem"), allowed, opaque, sizes, elements=True)
+        _expression(body.get("elem"), allowed, opaque, sizes, elements=True, constant=False)
     elif kind == "vmap":
         _map_data(body.get("data"), "vmap")
         _expression(body.get("key"), allowed, opaque, sizes)
@@ -318,6 +318,9 @@ def _statement(stmt: Any, allowed: Allowed, mark: int | str, opaque: Any, sizes:
     else:  # redirect
         for value in body.values():
             _expression(value, allowed, opaque, sizes)
+
+
+_CONSTANT = frozenset({"concat", "prefix", "elem", "|", "&"})  # what an element may be built of
 
 
 def _verdict(value: Any) -> bool:
@@ -352,19 +355,26 @@ def _mangle(
 
 
 def _expression(
-    value: Any, allowed: Allowed, opaque: Any, sizes: _Sizes, elements: bool = False
+    value: Any,
+    allowed: Allowed,
+    opaque: Any,
+    sizes: _Sizes,
+    elements: bool = False,
+    constant: bool | None = None,
 ) -> None:
     """Iteratively: nesting is bounded (`render.MAX_JSON_DEPTH`), but lists may be long.
     An anonymous set's elements count with the template's own (`_count_elements`).
     `elements`: `value` is a set's element or list of them, the only place an `elem` may be
-    (elsewhere, as a match's right side, libnftables fails an assertion)."""
-    stack = [(value, elements)]
+    (elsewhere, as a match's right side, libnftables fails an assertion). `constant` (by
+    default when `elements`): no packet expression in it, as in a set's or map's elements (a
+    map element whose data read the packet made libnftables segfault)."""
+    stack = [(value, elements, elements if constant is None else constant)]
     while stack:
-        node, in_set = stack.pop()
+        node, in_set, const = stack.pop()
         if node is None or isinstance(node, str | bool | int | float) or opaque(node):
             continue
         if isinstance(node, list):
-            stack.extend((item, in_set) for item in node)
+            stack.extend((item, in_set, const) for item in node)
             continue
         kind, body = _one(node, "expression")
         if kind == "elem" and not in_set:
@@ -372,6 +382,11 @@ def _expression(
         if kind in ("accept", "drop", "jump"):
             raise NotAllowed(
                 f"verdict {_short(node)}: expected only as the data of a verdict map's element"
+            )
+        if const and kind not in _CONSTANT:
+            raise NotAllowed(
+                f"expression {kind!r} in an element: expected a constant (a value, a prefix, "
+                "a concatenation, | or & of them)"
             )
         if kind not in allowed.expressions:
             raise NotAllowed(
@@ -413,9 +428,9 @@ def _expression(
         if kind == "set" and isinstance(body, list) and not opaque(body):
             _count_elements(body, allowed, sizes)
         if isinstance(body, dict):
-            stack.extend((v, False) for v in body.values())
+            stack.extend((v, False, const) for v in body.values())
         elif isinstance(body, list):
-            stack.extend((item, kind == "set") for item in body)
+            stack.extend((item, kind == "set", const or kind == "set") for item in body)
         elif body is not None and not isinstance(body, str | int):
             raise NotAllowed(f"expression {kind} {_short(body)}")
 
