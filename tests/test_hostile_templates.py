@@ -896,3 +896,32 @@ def test_a_refusal_never_prints_a_host_value(tmp_path: Path, command: str, words
     line = _refusal(tmp_path, f"{HEAD}, {command}]}}")
     assert words in line and "16777216" not in line.replace("16777216]", ""), line
     assert '"mtd"' not in line and "\\u0000" not in line, line
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        '{% if epoch % 2 %}, {"add": {"chain": {' + T + ', "name": "c"}}}{% endif %}',
+        "{% set e = epoch %}",
+    ],
+)
+def test_a_repository_template_may_not_change_its_rules_with_the_epoch(tmp_path: Path, probe):
+    """The pull round checks a commit's rules (kernel, SSH session) once: a template that
+    branched on the epoch could apply, at a later rotation, a rule that round never saw."""
+    line = _refusal(tmp_path, f"{HEAD}{probe}]}}")
+    assert line.endswith(
+        ": reads epoch: expected a repository template whose rules are the same at every "
+        "epoch (the pull round checks them once; the mapping moves through map elements and "
+        "seed)"
+    ), line
+
+
+@pytest.mark.parametrize("chance", ["{{ [1, 2] | random }}", "{{ lipsum(1) | length }}"])
+def test_no_template_renders_by_chance(tmp_path: Path, chance: str):
+    """Root's own templates too: the same state must render the same rules every time."""
+    (tmp_path / "own.json.j2").write_text(f"{HEAD}]}}{{# {chance} #}}{chance}")
+    state = _state(template="own")
+    with pytest.raises(MtdError) as exc:
+        render.render(state, shuffle.compute(state, SECRET, 0), [tmp_path])
+    assert len(exc.value.problems) == 1 and "own.json.j2" in exc.value.problems[0]
+    assert "random" in exc.value.problems[0] or "lipsum" in exc.value.problems[0]

@@ -273,6 +273,13 @@ def render(
     commands = _commands(doc, state, where)
     if repository:
         _allowed(text, state, ctx, dirs, where)
+        epoch = reused[4] if reused else _epoch_read(dirs, ctx)
+        if epoch is not None:  # the round checks a commit's rules once, at the epoch it is at
+            raise TemplateError(
+                f"{where}: reads epoch: expected a repository template whose rules are the "
+                "same at every epoch (the pull round checks them once; the mapping moves "
+                "through map elements and seed)"
+            )
     # Kept once rendered, and again when a kept entry did not say where its placeholders sit.
     if key is not None and paths != kept_paths and (reused or _keep(key, dirs, name, ctx, text)):
         assert _RENDERED is not None

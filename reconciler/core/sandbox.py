@@ -167,6 +167,12 @@ def environment(
     for name in ("join", "replace", "list", "string"):
         env.filters[name] = _checked_filter(env.filters[name], max_chars)
     env.filters["format"] = _format_filter(env.filters["format"])
+    # A rendering is a function of its inputs: the diff, the render cache and a pull round's
+    # check all rely on the same state rendering the same rules. Jinja2's two sources of
+    # chance would let a template change by itself (drift at every pass) and a repository
+    # template apply, at a later rotation, rules its round never saw.
+    del env.filters["random"]
+    del env.globals["lipsum"]
     # Plain compact JSON, with element lists left as placeholders (see `Elements`).
     env.policies["json.dumps_function"] = values.dumps
     env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}
