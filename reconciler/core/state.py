@@ -9,10 +9,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
-import ipaddress
 import json
 import os
-import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
@@ -21,6 +19,7 @@ from pathlib import PurePath
 from typing import Any
 
 from reconciler import __version__, defaults
+from reconciler.core.addresses import Network, ipv4_mapped, parse_network, plain
 from reconciler.core.bucket import DEFAULT_BUCKETS
 from reconciler.core.bulk import gc_paused
 from reconciler.core.documents import _check_events, _yaml, load, merge  # noqa: F401
@@ -53,7 +52,6 @@ HOST_LOCAL = (
 )
 REDIS_DEFAULTS: dict[str, Any] = defaults.REDIS
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NO_IGNORE: Mapping[str, frozenset[int]] = {p: frozenset() for p in PROTOCOLS}
 Path = tuple[str | int, ...]
 
@@ -570,7 +568,7 @@ def _source(
 ) -> Network | None:
     """An address or a prefix without host bits; None (and one problem) otherwise."""
     try:
-        net = _network(text)
+        net = parse_network(text)
     except ValueError as exc:
         hint = "has host bits set" if "host bits" in str(exc) else "is not an address"
         problems.append(
@@ -597,26 +595,10 @@ def _source(
         # Taken as written, the entry would silently hide nothing (watched) or exempt no
         # one (trusted): an IPv4 client sends IPv4 packets, which an ip6 match never sees.
         problems.append(
-            locate(path, f"{text!r} is IPv4-mapped: expected its IPv4 form {_plain(v4)}")
+            locate(path, f"{text!r} is IPv4-mapped: expected its IPv4 form {plain(v4)}")
         )
         return None
     return net
-
-
-_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-
-def ipv4_mapped(net: Network) -> ipaddress.IPv4Network | None:
-    """The IPv4 network an IPv4-mapped one (`::ffff:192.0.2.0/120`) stands for, else None.
-    How a dual-stack socket names an IPv4 peer; no packet ever comes from such a source."""
-    if net.version != 6 or not net.subnet_of(_V4_MAPPED):  # type: ignore[arg-type]
-        return None
-    return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
-
-
-def _plain(net: Network) -> str:
-    """A host as an address, a prefix in CIDR: as an operator writes them."""
-    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
 def _trusted(items: Sequence[str], locate: _Locator, problems: list[str]) -> tuple[Network, ...]:
@@ -695,16 +677,6 @@ def _forbidden_paths(state: State, local: Local, locate: _Locator) -> list[str]:
 def _inside(path: str, top: str) -> bool:
     p, t = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(top))
     return p == t or p.startswith(t.rstrip("/") + "/")
-
-
-def _network(text: str) -> Network:
-    """`ipaddress.ip_network(text, strict=True)`, faster for a plain IPv4 address (there may
-    be 100k of them): the C parser accepts only the canonical dotted quad."""
-    try:
-        packed = socket.inet_pton(socket.AF_INET, text)
-    except OSError:
-        return ipaddress.ip_network(text, strict=True)
-    return ipaddress.IPv4Network((int.from_bytes(packed, "big"), 32))
 
 
 def _capacity_problems(state: State, locate: _Locator) -> list[str]:
