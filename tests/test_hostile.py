@@ -359,7 +359,7 @@ HOSTILE_TEMPLATES = {
         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
         "rendering took longer than 2 s",
     ),
-    "lorem ipsum forever": ("{{ lipsum(n=100000000) }}", "rendering took longer than 2 s"),
+    "lorem ipsum forever": ("{{ lipsum(n=100000000) }}", "'lipsum' is undefined"),  # gone: chance
     "recursive macro": (
         "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
         "template recursion too deep",
