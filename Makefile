@@ -113,7 +113,7 @@ bench-quick: setup
 # holding exactly requirements/runtime.lock and mtd (no host Python package but Debian's
 # nftables bindings and PyYAML: see system_modules), the command in $(BINDIR), man pages and bash completion under $(PREFIX),
 # the example state in $(ETC) unless a state is there, the unit in $(UNITDIR) (its ExecStart
-# pointing at $(BINDIR)/mtd), this README in $(DOCDIR), and the fail2ban action in
+# pointing at $(BINDIR)/mtd), README.md and docs/ in $(DOCDIR), and the fail2ban action in
 # $(FAIL2BANDIR) when that is set. The venv is built beside the old one and swapped in whole.
 # Every directory can be moved, and $(DESTDIR) prefixes them all (packaging, a test).
 OPT ?= /opt/mtd
@@ -159,6 +159,8 @@ install: venv
 	  systemd/mtd.service > $(DESTDIR)$(UNITDIR)/mtd.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/mtd.service
 	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -d $(DESTDIR)$(DOCDIR)/docs
+	install -m 0644 docs/*.md $(DESTDIR)$(DOCDIR)/docs/
 	@if [ -n "$(FAIL2BANDIR)" ] && [ ! -e $(DESTDIR)$(FAIL2BANDIR)/mtd.conf ]; then \
 	  install -d $(DESTDIR)$(FAIL2BANDIR); \
 	  install -m 0644 contrib/fail2ban/action.d/mtd.conf $(DESTDIR)$(FAIL2BANDIR)/mtd.conf; \

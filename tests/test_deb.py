@@ -80,6 +80,8 @@ def test_install_use_and_purge(package: list[str], tmp_path: Path):
     verify = sh("systemd-analyze", "verify", "/lib/systemd/system/mtd.service", check=False)
     assert verify.returncode == 0 and "mtd.service" not in verify.stderr, verify.stderr
     assert Path("/usr/share/doc/mtd/README.md").exists()  # the unit's Documentation=
+    docs = sorted(p.name for p in Path("/usr/share/doc/mtd/docs").glob("*.md"))
+    assert docs == sorted(p.name for p in (ROOT / "docs").glob("*.md"))  # README's links
     action = Path("/etc/fail2ban/action.d/mtd.conf").read_text()
     assert action == (ROOT / "contrib/fail2ban/action.d/mtd.conf").read_text()
 

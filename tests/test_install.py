@@ -40,6 +40,8 @@ def test_make_install_then_the_unit_runs_what_is_installed(tmp_path: Path):
     assert os.access(mtd, os.X_OK) and mtd.resolve() == (dirs["OPT"] / "bin/mtd").resolve()
     assert (dirs["ETC"] / "state.yaml").read_text() == (ROOT / "desired_state/mtd.yaml").read_text()
     assert (dirs["DOCDIR"] / "README.md").exists()
+    for page in (ROOT / "docs").glob("*.md"):  # where README's links lead
+        assert (dirs["DOCDIR"] / "docs" / page.name).read_text() == page.read_text()
     assert (dirs["MANDIR"] / "man8/mtd.8").read_text() == (ROOT / "man/mtd.8").read_text()
     assert (dirs["COMPLETIONDIR"] / "mtd").exists()
     # Its own venv: no system site packages, only Debian's nftables bindings and PyYAML.

@@ -1,6 +1,7 @@
 """The package's floor plan, read from its imports (ast, nothing is imported): no circle, no
 import from a lower layer (core < adapters < services < cli < lab) to a higher one, and
-README's layout table ("may import", and the modules each folder holds) as the code is."""
+the layout table of docs/development.md ("may import", and the modules each folder holds)
+as the code is."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ast
 from pathlib import Path
 
 from tests.conftest import ROOT
-from tests.test_readme import spans, table
+from tests.test_readme import DEVELOPMENT, spans, table
 
 PACKAGE = ROOT / "reconciler"
 LAYERS = ("core", "adapters", "services", "cli", "lab")
@@ -101,17 +102,17 @@ def test_shared_modules_import_no_layer():
 
 
 def test_the_layout_table_says_what_each_folder_imports_and_holds():
-    graph, rows = imports(), table("| folder | role | may import |")
+    graph, rows = imports(), table(DEVELOPMENT, "| folder | role | may import |")
     for row in rows:
         folder = spans(row[0])[0].rstrip("/")
         allowed = set(LAYERS) if row[2] == "everything" else {folder, *spans(row[2])}
         used = {layer(t) for m in graph if layer(m) == folder for t in graph[m]} - {None}
-        assert used <= allowed, f"README: `{folder}/` may import {row[2]}, imports {used}"
+        assert used <= allowed, f"{DEVELOPMENT}: `{folder}/` may import {row[2]}, imports {used}"
         named = set(spans(row[1]))
         held = {m.rsplit(".", 1)[1] for m in graph if layer(m) == folder and m.count(".") == 2} - {
             "__main__"
         }
-        assert held <= named, f"README: `{folder}/` row lacks {sorted(held - named)}"
+        assert held <= named, f"{DEVELOPMENT}: `{folder}/` row lacks {sorted(held - named)}"
 
 
 MAX_LINES = 800

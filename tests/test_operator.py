@@ -105,8 +105,8 @@ def test_the_schema_accepts_group_files_and_documents_comments(tmp_path: Path):
         assert list(jsonschema.Draft202012Validator(schema).iter_errors(doc)) == []
     entry = schema["properties"]["watched"]["items"]["properties"]
     assert "description" in entry["comment"] and "description" in schema["properties"]["hosts"]
-    readme = (ROOT / "README.md").read_text()
-    assert "`comment`" in readme and "`hosts`" in readme
+    reference = (ROOT / "docs/configuration.md").read_text()
+    assert "`comment`" in reference and "`hosts`" in reference
     # Outside an inventory's group files, `hosts:` is still refused, in one line.
     bad = write_state(tmp_path / "s.yaml", hosts=["web1"])
     out = mtd("-s", str(bad), "validate")

@@ -1,7 +1,8 @@
-"""README's reference tables against the code, so they cannot drift: the commands and their
-options (click), the metrics (the daemon's Prometheus registry), the template variables (the
-render context), the layout (the package's folders) and the desired state's keys (schema.json).
-Each failure names the row to add or fix."""
+"""The documentation's reference tables against the code, so they cannot drift: the commands
+and their options (click), the metrics (the daemon's Prometheus registry), the template
+variables (the render context), the layout (the package's folders) and the desired state's
+keys (schema.json). Each table is read from the page it lives on; each failure names the page
+and the row to add or fix."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ from tests.conftest import ROOT, write_state
 
 load_commands()  # commands are registered when first looked up; these tests read them all
 
-README = (ROOT / "README.md").read_text()
+COMMANDS, METRICS, CONFIGURATION, DEVELOPMENT = (
+    f"docs/{name}.md" for name in ("commands", "operations", "configuration", "development")
+)
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 CODE = re.compile(r"`((?:[^`\\]|\\.)+)`")  # a code span; `\|` is a pipe inside a table
 
 
-def table(header: str) -> list[list[str]]:
-    """The rows of the table whose header row is `header`, as lists of cells."""
-    lines = [line.strip() for line in README.splitlines()]
-    assert header in lines, f"README: no table with the header {header!r}"
+def table(page: str, header: str) -> list[list[str]]:
+    """The rows of the table on `page` whose header row is `header`, as lists of cells."""
+    lines = [line.strip() for line in (ROOT / page).read_text().splitlines()]
+    assert header in lines, f"{page}: no table with the header {header!r}"
     start = lines.index(header) + 2
     rows = []
     for line in lines[start:]:
@@ -43,20 +47,20 @@ def spans(cell: str) -> list[str]:
 
 def test_every_command_has_a_row_and_each_row_names_real_options():
     documented: set[str] = set()
-    for row in table("| command | what it does | exit code |"):
+    for row in table(COMMANDS, "| command | what it does | exit code |"):
         for usage in (s for s in spans(row[0]) if s.startswith("mtd ")):
             name, *args = usage.split()[1:]
-            assert name in cli.commands, f"README names `mtd {name}`, which does not exist"
+            assert name in cli.commands, f"{COMMANDS} names `mtd {name}`, which does not exist"
             documented.add(name)
             command = cli.commands[name]
             if isinstance(command, click.Group):  # `mtd fleet status`: a group's subcommand
-                assert args and args[0] in command.commands, f"README: `mtd {name} {args[:1]}`"
+                assert args and args[0] in command.commands, f"{COMMANDS}: `mtd {name} {args[:1]}`"
                 command = command.commands[args.pop(0)]
             known = {o for p in command.params for o in p.opts + p.secondary_opts}
             for option in re.findall(r"--[a-z][a-z-]*", " ".join(args)):
-                assert option in known, f"README: `mtd {name}` has no option {option}"
+                assert option in known, f"{COMMANDS}: `mtd {name}` has no option {option}"
     missing = sorted(set(cli.commands) - documented)
-    assert not missing, "README's command table lacks rows for: " + ", ".join(
+    assert not missing, f"{COMMANDS}: the command table lacks rows for: " + ", ".join(
         f"| `mtd {n}` | {cli.commands[n].get_short_help_str(60)} | exit codes |" for n in missing
     )
 
@@ -82,31 +86,31 @@ def exported_metrics() -> dict[str, tuple[str, dict[str, set[str]]]]:
 
 def test_the_metrics_table_is_the_registry():
     rows = {}
-    for row in table("| metric | type | meaning |"):
+    for row in table(METRICS, "| metric | type | meaning |"):
         (span,) = spans(row[0])
         name, _, labels = span.partition("{")
         rows[name] = (row[1], set(filter(None, labels.rstrip("}").split(","))), row[2])
     exported = exported_metrics()
     for name, (kind, labels) in exported.items():
         row = f"| `{name}{{{','.join(labels)}}}` | {kind} | ... |".replace("{}", "")
-        assert name in rows, f"README's metrics table lacks {row}"
-        assert rows[name][:2] == (kind, set(labels)), f"README's metrics row should be {row}"
+        assert name in rows, f"{METRICS}: the metrics table lacks {row}"
+        assert rows[name][:2] == (kind, set(labels)), f"{METRICS}: the metrics row should be {row}"
         for label, values in labels.items():
             if label == "version":  # mtd_build_info: the release, not a vocabulary
                 continue
             for value in values:
-                assert f"`{value}`" in rows[name][2], f"README: {name}: {label} `{value}`?"
+                assert f"`{value}`" in rows[name][2], f"{METRICS}: {name}: {label} `{value}`?"
     extra = sorted(set(rows) - set(exported))
-    assert not extra, f"README lists metrics the daemon does not export: {extra}"
+    assert not extra, f"{METRICS} lists metrics the daemon does not export: {extra}"
 
 
 def test_the_template_variables_table_is_the_render_context(tmp_path: Path):
     state = parse([("s.yaml", write_state(tmp_path / "s.yaml").read_text())])
     context = render.context(state, shuffle.compute(state, b"\0" * 32, 0))
-    rows = {spans(row[0])[0]: row[1] for row in table("| variable | content |")}
+    rows = {spans(row[0])[0]: row[1] for row in table(CONFIGURATION, "| variable | content |")}
     assert set(rows) == set(context), (
-        f"README's template variables table: add rows for {sorted(set(context) - set(rows))}, "
-        f"remove {sorted(set(rows) - set(context))}"
+        f"{CONFIGURATION}: the template variables table: add rows for "
+        f"{sorted(set(context) - set(rows))}, remove {sorted(set(rows) - set(context))}"
     )
     for key in context["elements"]:
         assert f"`{key}`" in rows["elements"] or f"`elements.{key}`" in rows["elements"], key
@@ -118,8 +122,10 @@ def test_the_layout_table_is_the_package():
     folders = {
         p.parent.name for p in (ROOT / "reconciler").glob("*/__init__.py") if p.parent.is_dir()
     }
-    rows = {spans(row[0])[0].rstrip("/") for row in table("| folder | role | may import |")}
-    assert rows == folders, f"README's layout table: folders {sorted(folders)}, rows {rows}"
+    rows = {
+        spans(row[0])[0].rstrip("/") for row in table(DEVELOPMENT, "| folder | role | may import |")
+    }
+    assert rows == folders, f"{DEVELOPMENT}: layout table: folders {sorted(folders)}, rows {rows}"
 
 
 def schema_keys(node: dict, path: str = "") -> list[str]:
@@ -136,8 +142,10 @@ def schema_keys(node: dict, path: str = "") -> list[str]:
     "key", schema_keys(json.loads((ROOT / "reconciler/core/schema.json").read_text()))
 )
 def test_every_key_of_the_schema_is_documented(key: str):
-    """As `key`, `parent.key` or a `key:` line of an example."""
+    """As `key`, `parent.key` or a `key:` line of an example, on any page: the fleet's keys
+    are in docs/configuration.md, Redis's in docs/fleet.md, CrowdSec's in docs/operations.md."""
     leaf = key.rsplit(".", 1)[-1]
-    assert re.search(rf"`([\w.\[\]]*\.)?{leaf}`|^\s*(- )?{leaf}:", README, re.M), (
-        f"README does not document the desired state key {key}"
+    pattern = re.compile(rf"`([\w.\[\]]*\.)?{leaf}`|^\s*(- )?{leaf}:", re.M)
+    assert any(pattern.search((ROOT / page).read_text()) for page in PAGES), (
+        f"no page of {', '.join(PAGES)} documents the desired state key {key}"
     )

@@ -77,7 +77,7 @@ from reconciler.core.shuffle import MAX_EPOCH
 from reconciler.errors import BusError, MtdError
 from reconciler.logs import LOGGER
 
-RECOVER = "see README, Recovering the fleet epoch"
+RECOVER = "see docs/fleet.md, Recovering the fleet epoch"
 MAX_HOSTS = 100_000  # heartbeat records `mtd fleet status` reads at most
 REPLICA_WAIT = 1.0  # seconds a sentinel publish waits for one replica to acknowledge it
 FAILOVER_WAIT = 15.0  # seconds a sentinel publish keeps retrying while a failover runs

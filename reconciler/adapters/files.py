@@ -318,7 +318,7 @@ def read_epoch(path: str | Path) -> int:
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise MtdError(
             f'{p}: unreadable epoch file: expected {{"epoch": N}} with 0 <= N <= {MAX_EPOCH} '
-            "(2**40; see README, Recovering the fleet epoch)"
+            "(2**40; see docs/fleet.md, Recovering the fleet epoch)"
         ) from None
 
 
@@ -326,7 +326,7 @@ def write_epoch(path: str | Path, epoch: int) -> None:
     """Atomically (write then rename), so a crash never leaves a torn epoch file."""
     if not 0 <= epoch <= MAX_EPOCH:
         raise MtdError(
-            f"{path}: epoch {epoch}: past the ceiling {MAX_EPOCH} (2**40; see README, "
+            f"{path}: epoch {epoch}: past the ceiling {MAX_EPOCH} (2**40; see docs/fleet.md, "
             "Recovering the fleet epoch)"
         )
     write_atomic(path, json.dumps({"epoch": epoch}) + "\n")

@@ -289,7 +289,7 @@ _SHARED_OPTIONS = [
         type=click.Path(dir_okay=False),
         expose_value=False,
         callback=_set_config,
-        help="The host's local configuration: host-local keys only (README: Security)."
+        help="The host's local configuration: host-local keys only (docs/security.md)."
         "  [default: /etc/mtd/mtd.yaml when present]",
     ),
     click.option(

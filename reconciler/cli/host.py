@@ -48,7 +48,7 @@ SHOW_MAPPING_OPTION = click.option(
     "--repository",
     is_flag=True,
     help="Check it as a pulled commit: a host-local key, or a template the host's "
-    "configuration does not allow (README: Security), is an error.",
+    "configuration does not allow (docs/security.md), is an error.",
 )
 @state_options
 @host_option
@@ -364,8 +364,8 @@ def _report(result: Any, show_diff: bool, show_mapping: bool = False) -> None:
 FORCE_OPTION = click.option(
     "--force",
     is_flag=True,
-    help="Change even what moves the port of the SSH session this runs in (README: No "
-    "lockouts); the audit line says so.",
+    help="Change even what moves the port of the SSH session this runs in (docs/operations.md: "
+    "No lockouts); the audit line says so.",
 )
 
 EXIT_CODE_OPTION = click.option(

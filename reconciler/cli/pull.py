@@ -147,7 +147,7 @@ def pull_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "--force",
     is_flag=True,
     help="Apply even a commit that moves the port of the SSH session this runs in "
-    "(README: No lockouts); the audit line says so.",
+    "(docs/operations.md: No lockouts); the audit line says so.",
 )
 @template_options
 @host_option

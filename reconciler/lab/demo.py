@@ -171,7 +171,7 @@ def run_demo(workdir: Path) -> None:
         daemon.proc.wait(timeout=10)
         redis.stop()
     say()
-    say("Lab removed (namespaces, rules, redis-server, mtd run). Next: README.md.")
+    say("Lab removed (namespaces, rules, redis-server, mtd run). Next: README.md and docs/.")
 
 
 def main() -> None:
