@@ -367,19 +367,7 @@ class Subscriber:
         counted = getattr(self.sink, "pull_ignored", None)
         if counted is not None:
             counted()
-        self.pull_budget.note(
-            "rejected",
-            exc.kind,
-            lambda: event(
-                self.log,
-                logging.WARNING,
-                "rejected",
-                f"pull notice on {channel} ignored: {exc}",
-                channel=channel,
-                reason=str(exc),
-                kind=exc.kind,
-            ),
-        )
+        self._note_rejected(self.pull_budget, exc, f"pull notice on {channel}", channel)
 
     def _on_message(self, data: bytes) -> None:
         try:
@@ -523,15 +511,20 @@ class Subscriber:
 
     def _rejected(self, exc: BadMessage, what: str = "") -> None:
         self.sink.ignored("rejected")
-        self.budget.note(
+        channel = self.config.channel
+        self._note_rejected(self.budget, exc, what or f"{self._kind(exc)} on {channel}", channel)
+
+    def _note_rejected(self, budget: LogBudget, exc: BadMessage, what: str, channel: str) -> None:
+        """One warning line per rejected message, within `budget` (a flood is summarised)."""
+        budget.note(
             "rejected",
             exc.kind,
             lambda: event(
                 self.log,
                 logging.WARNING,
                 "rejected",
-                f"{what or self._kind(exc) + ' on ' + self.config.channel} ignored: {exc}",
-                channel=self.config.channel,
+                f"{what} ignored: {exc}",
+                channel=channel,
                 reason=str(exc),
                 kind=exc.kind,
             ),
