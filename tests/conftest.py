@@ -130,3 +130,11 @@ def mtd(*args: str, ns: Lab | None = None, role: str = "srv") -> subprocess.Comp
 def lab() -> Iterator[Lab]:
     with standard_lab() as lab:
         yield lab
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """`--state-dir` of every mtd a test runs, unless the test names one: its caches (and
+    any file it keeps there) in a temp dir, never an installed mtd's /var/lib/mtd."""
+    if "MTD_STATE_DIR" not in os.environ:
+        monkeypatch.setenv("MTD_STATE_DIR", str(tmp_path_factory.mktemp("state-dir")))

@@ -13,20 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.adapters import files, kernel
-from reconciler.core import render, sandbox, shuffle
+from reconciler.adapters import cachedir, files, kernel
+from reconciler.core import caches, render, sandbox, shuffle
 from reconciler.core import state as state_mod
 from reconciler.core.state import Local
 from reconciler.errors import MtdError
 from tests.conftest import MTD, ROOT, mtd, write_state
 
+ALL = frozenset(caches.NAMES)
 SKELETON = [{"add": {"table": {"family": "inet", "name": "t"}}}]
 LISTING = [{"table": {"family": "inet", "name": "t"}}]
 
 
-def nft_or_skip(cache: Path | None, **kw) -> kernel.Nft:
+def nft_or_skip(cache: Path | None, write_cache: bool = True) -> kernel.Nft:
     try:
-        return kernel.Nft(cache_dir=cache, **kw)
+        return kernel.Nft(cachedir.KernelCache(cache, write=write_cache))
     except kernel.KernelError as exc:  # no bindings here: nothing to test
         pytest.skip(str(exc))
 
@@ -65,23 +66,20 @@ def test_read_only_commands_read_the_cache_but_never_write_it(tmp_path: Path, mo
 
 def test_compiled_templates_are_reused_and_only_from_a_private_directory(tmp_path: Path):
     cache = tmp_path / "templates"
-    files.use_template_cache(cache, write=False)
+    cachedir.bytecode(cache, write=False)
     assert not cache.exists()  # read-only: nothing created
-    files.use_template_cache(cache, write=True)
-    try:
-        render._cached_environment(tuple(render.template_dirs())).get_template("maps.json.j2")
-        assert len(list(cache.iterdir())) == 1
-        cache.chmod(0o777)  # anyone could plant bytecode here: not used
-        files.use_template_cache(cache, write=True)
-        assert render._BYTECODE is None
-    finally:
-        render.use_bytecode_cache(None)
+    bytecode = cachedir.bytecode(cache, write=True)
+    dirs = tuple(render.template_dirs())
+    render._cached_environment(dirs, bytecode).get_template("maps.json.j2")
+    assert len(list(cache.iterdir())) == 1
+    cache.chmod(0o777)  # anyone could plant bytecode here: not used
+    assert cachedir.bytecode(cache, write=True) is None
 
 
 @pytest.mark.netns
 def test_a_second_apply_runs_no_scratch_namespace(lab, tmp_path: Path):
     state = write_state(tmp_path / "s.yaml")
-    assert mtd("-s", str(state), "apply", ns=lab).returncode == 0
+    assert mtd("-s", str(state), "--state-dir", str(tmp_path), "apply", ns=lab).returncode == 0
     cache = tmp_path / "cache"
     assert any(cache.glob("canonical-*.json")) and any((cache / "templates").iterdir())
     # An `unshare` that fails and leaves a mark: the cached form must make it unneeded.
@@ -91,7 +89,8 @@ def test_a_second_apply_runs_no_scratch_namespace(lab, tmp_path: Path):
     fake.write_text(f"#!/bin/sh\ntouch {tmp_path}/scratch-used\nexit 1\n")
     fake.chmod(0o755)
     path = f"{bin_dir}:{os.environ['PATH']}"
-    out = lab.run("srv", ["env", f"PATH={path}", *MTD, "-s", str(state), "apply"], cwd=ROOT)
+    argv = [*MTD, "-s", str(state), "--state-dir", str(tmp_path), "apply"]
+    out = lab.run("srv", ["env", f"PATH={path}", *argv], cwd=ROOT)
     assert out.returncode == 0 and out.stdout.startswith("ok:"), out.stderr
     assert not (tmp_path / "scratch-used").exists()
 
@@ -99,31 +98,40 @@ def test_a_second_apply_runs_no_scratch_namespace(lab, tmp_path: Path):
 def test_every_level_of_mtds_own_directories_is_private(tmp_path: Path):
     """`cache/templates` made at once: `cache/` too is 0700 (mkdir(parents=True) would have
     given it the umask's 0755), and an existing level is left as it is."""
-    files.use_template_cache(tmp_path / "var" / "cache" / "templates", write=True)
+    cachedir.bytecode(tmp_path / "var" / "cache" / "templates", write=True)
     for level in ("var", "var/cache", "var/cache/templates"):
         assert stat.S_IMODE((tmp_path / level).stat().st_mode) == 0o700, level
     files.write_private(tmp_path / "var" / "a" / "b" / "f", b"x")
     assert stat.S_IMODE((tmp_path / "var" / "a").stat().st_mode) == 0o700
 
 
+def _kept(state_file: Path) -> caches.Caches:
+    """The caches a command run with `--state-dir` the state file's directory reads."""
+    return cachedir.open_caches(state_file.parent / "cache", write=False, use=ALL)
+
+
+def _load(state_file: Path, **kw) -> state_mod.State:
+    return files.load_state(state_file, kept=_kept(state_file), **kw)
+
+
 def _accept(state_file: Path) -> None:
     """What `apply` does after loading: record that the schema accepted this state."""
-    accepted = files.load_state(state_file)
-    files.remember_schema_accepted(state_file.parent / "cache", accepted.schema_key)
+    accepted = _load(state_file)
+    cachedir.SchemaVerdicts(state_file.parent / "cache", write=True).add(accepted.schema_key)
 
 
 def test_an_accepted_state_is_not_validated_again(state_file: Path, monkeypatch):
     _accept(state_file)
     assert stat.S_IMODE((state_file.parent / "cache").stat().st_mode) == 0o700
-    verdicts = state_file.parent / "cache" / files.SCHEMA_VERDICTS
+    verdicts = state_file.parent / "cache" / cachedir.SCHEMA_VERDICTS
     assert stat.S_IMODE(verdicts.stat().st_mode) == 0o600
 
     def no_schema(*_: object) -> list:
         raise AssertionError("validated again")
 
     monkeypatch.setattr(state_mod, "_schema_errors", no_schema)
-    again = files.load_state(state_file)
-    assert again.watched and again.schema_key == files.load_state(state_file).schema_key
+    again = _load(state_file)
+    assert again.watched and again.schema_key == _load(state_file).schema_key
 
 
 def test_a_changed_state_is_validated_whatever_the_cache_says(state_file: Path):
@@ -131,14 +139,14 @@ def test_a_changed_state_is_validated_whatever_the_cache_says(state_file: Path):
     text = state_file.read_text()
     state_file.write_text(text.replace("table: mtd", "table: 7"))  # one value, now invalid
     with pytest.raises(MtdError, match=r"table: .*7"):
-        files.load_state(state_file)
+        _load(state_file)
     # The checks in Python always run: the same accepted state, loaded where its secret
     # file may not be (inside a repository clone), is refused.
     state_file.write_text(text)
     _accept(state_file)
     local = Local(forbidden=(str(state_file.parent / "secret"),))  # not the cache
     with pytest.raises(MtdError, match=r"inside .*the repository clone"):
-        files.load_state(state_file, local=local)
+        _load(state_file, local=local)
 
 
 def test_the_verdict_key_covers_the_schema_and_the_version(state_file: Path, monkeypatch):
@@ -159,12 +167,12 @@ def test_verdicts_are_trusted_only_in_a_private_directory(state_file: Path, monk
     called: list[int] = []
     real = state_mod._schema_errors
     monkeypatch.setattr(state_mod, "_schema_errors", lambda *a: called.append(1) or real(*a))
-    files.load_state(state_file)
+    _load(state_file)
     assert called == [1]
 
 
 def test_loading_a_state_records_no_verdict(state_file: Path):
-    files.load_state(state_file)  # what read-only commands do
+    _load(state_file)  # what read-only commands do
     assert not (state_file.parent / "cache").exists()
 
 
@@ -172,20 +180,35 @@ def _doc(commands: list) -> str:
     return json.dumps(commands, default=list)  # element lists as lists
 
 
+class _Using:
+    """The rendering caches the tests below hand to `render`: rendered texts in
+    `tmp_path/cache` (the `render_cache` fixture), or none."""
+
+    kept = caches.NONE
+
+
+def _render(*args, **kw) -> list:
+    return render.render(*args, **kw, caches=_Using.kept)
+
+
 def _rendered(
     tmp_path: Path, secret: bytes = b"\1" * 32, search: list[Path] | None = None, epoch: int = 3
 ):
     """Render the test state at `epoch` with the render cache in `tmp_path/cache`."""
     state = files.load_state(write_state(tmp_path / "state.yaml"))
-    return render.render(state, shuffle.compute(state, secret, epoch), search)
+    return _render(state, shuffle.compute(state, secret, epoch), search)
+
+
+def _use(cache: cachedir.RenderedTexts | None) -> None:
+    _Using.kept = caches.Caches(rendered=cache) if cache is not None else caches.NONE
 
 
 @pytest.fixture
 def render_cache(tmp_path: Path):
-    cache = files.RenderCache(tmp_path / "cache", write=True)
-    render.use_render_cache(cache)
+    cache = cachedir.RenderedTexts(tmp_path / "cache", write=True)
+    _use(cache)
     yield cache
-    render.use_render_cache(None)
+    _use(None)
 
 
 def test_a_rendered_text_is_reused_without_jinja(tmp_path: Path, render_cache, monkeypatch):
@@ -202,7 +225,7 @@ def test_a_rendered_text_is_reused_without_jinja(tmp_path: Path, render_cache, m
     other = _rendered(tmp_path, secret=b"\2" * 32)
     assert _doc(other) != _doc(first)
     monkeypatch.undo()
-    render.use_render_cache(None)
+    _use(None)
     assert _doc(_rendered(tmp_path, secret=b"\2" * 32)) == _doc(other)
 
 
@@ -248,9 +271,9 @@ def test_a_new_epoch_reuses_the_text_unless_a_template_reads_the_epoch(
     with monkeypatch.context() as m:
         m.setattr(render, "_render_text", lambda *_: pytest.fail("rendered again"))
         fourth = _doc(_rendered(tmp_path, epoch=4))
-    render.use_render_cache(None)
+    _use(None)
     assert fourth == _doc(_rendered(tmp_path, epoch=4)) != first
-    render.use_render_cache(render_cache)
+    _use(render_cache)
     (tmp_path / "t").mkdir()
     shipped = (render.template_dirs()[0] / "maps.json.j2").read_text()
     marked = shipped.replace(
@@ -312,9 +335,9 @@ def test_a_text_that_read_the_pairs_is_never_kept(tmp_path: Path, render_cache):
     }
     state = files.load_state(write_state(tmp_path / "state.yaml", **classic))
     mapping = shuffle.compute(state, b"\1" * 32, 3)
-    render.render(state, mapping)
+    _render(state, mapping)
     assert not list((tmp_path / "cache").glob("rendered-*.json"))
-    render.render(state, mapping)  # and the next render does not find one either
+    _render(state, mapping)  # and the next render does not find one either
     assert not list((tmp_path / "cache").glob("rendered-*.json"))
 
 
@@ -348,21 +371,24 @@ def test_an_edited_or_shadowed_template_is_rendered_again(
 
 
 def test_read_only_commands_reuse_rendered_texts_but_never_write_them(tmp_path: Path):
-    render.use_render_cache(files.RenderCache(tmp_path / "cache", write=False))
+    _use(cachedir.RenderedTexts(tmp_path / "cache", write=False))
     try:
         _rendered(tmp_path)
     finally:
-        render.use_render_cache(None)
+        _use(None)
     assert not (tmp_path / "cache").exists()
 
 
 def _remember_parsed(state_file: Path) -> None:
     """What `apply` does after loading: keep the documents as parsed."""
-    files.remember_parsed(state_file.parent / "cache", files.load_state(state_file))
+    state = _load(state_file)
+    cachedir.ParsedStates(state_file.parent / "cache", write=True).put(
+        state.parsed_key, state.parsed_json
+    )
 
 
 def test_a_parsed_state_is_not_parsed_again(state_file: Path, monkeypatch):
-    first = files.load_state(state_file)
+    first = _load(state_file)
     _remember_parsed(state_file)
     (entry,) = (state_file.parent / "cache").glob("parsed-*.json")
     assert stat.S_IMODE(entry.stat().st_mode) == 0o600
@@ -371,16 +397,16 @@ def test_a_parsed_state_is_not_parsed_again(state_file: Path, monkeypatch):
         raise AssertionError("parsed again")
 
     monkeypatch.setattr(state_mod, "load_yaml", no_yaml)
-    again = files.load_state(state_file)
+    again = _load(state_file)
     assert again == first and again.doc == first.doc
     # A meaning error still points at its line (the text is composed only then).
     local = Local(forbidden=(str(state_file.parent / "secret"),))  # not the cache
     with pytest.raises(MtdError, match=r"state.yaml:2: secret_file"):
-        files.load_state(state_file, local=local)
+        _load(state_file, local=local)
     # Another text is parsed: one value changed.
     state_file.write_text(state_file.read_text().replace("table: mtd", "table: mtd2"))
     with pytest.raises(AssertionError, match="parsed again"):
-        files.load_state(state_file)
+        _load(state_file)
 
 
 def test_only_documents_json_keeps_as_they_are_are_kept():
@@ -395,15 +421,15 @@ def test_parsed_states_are_trusted_only_in_a_private_directory(state_file: Path,
     calls: list[int] = []
     real = state_mod.load_yaml
     monkeypatch.setattr(state_mod, "load_yaml", lambda *a: calls.append(1) or real(*a))
-    files.load_state(state_file)
+    _load(state_file)
     assert calls == [1]
 
 
 def test_a_repository_commit_cannot_choose_where_parsed_states_are_read(tmp_path: Path):
-    """The parsed-state cache is found before parsing, by a guess read from the texts. A
-    commit whose text has an `epoch_file:` line (inside a multi-line comment, so it is no
-    key and passes every check) must not send that guess into the clone, where the commit
-    itself can plant a `parsed-*.json`: its documents would stand for the host's own
+    """The parsed-state cache is where the host chose (`--state-dir`), never read from the
+    texts. A commit whose text has an `epoch_file:` line (inside a multi-line comment, so
+    it is no key and passes every check) must not send a reader into the clone, where the
+    commit itself can plant a `parsed-*.json`: its documents would stand for the host's own
     configuration too, and set the table, `ownership: ruleset`, the audit log..."""
     clone = tmp_path / "repo"
     (clone / "state").mkdir(parents=True)
@@ -442,19 +468,20 @@ def test_a_repository_commit_cannot_choose_where_parsed_states_are_read(tmp_path
         },
     }
     (evil / f"parsed-{key[:40]}.json").write_text(json.dumps({"key": key, "documents": planted}))
-    state = files.load_state(clone / "state", local=local)
+    kept = cachedir.open_caches(tmp_path / "own" / "cache", write=False, use=ALL)
+    state = files.load_state(clone / "state", local=local, kept=kept)
     assert state.table == "mtd" and state.ownership == "table"
     # Root reading the clone as a local state (`-s`): the guess still never enters it.
     trusting = dataclasses.replace(local, untrusted=False)
     key = files.parsed_key(docs, trusting)
     (evil / f"parsed-{key[:40]}.json").write_text(json.dumps({"key": key, "documents": planted}))
-    assert files.load_state(clone / "state", local=trusting).table == "mtd"
+    assert files.load_state(clone / "state", local=trusting, kept=kept).table == "mtd"
 
 
 def test_only_the_hosts_own_texts_guide_the_guess_outside_the_clone_too(tmp_path: Path):
     """The guard above without the clone's: a commit's text naming a private directory
-    elsewhere (one an earlier run left, say) must not guide the guess either. Only the
-    host's own documents do, whatever directory the repository's texts name."""
+    elsewhere (one an earlier run left, say) must not choose where parsed states are read
+    either: only the host does, whatever directory the repository's texts name."""
     clone, elsewhere = tmp_path / "repo", tmp_path / "elsewhere" / "cache"
     (clone / "state").mkdir(parents=True)
     elsewhere.mkdir(parents=True, mode=0o700)
@@ -482,7 +509,8 @@ def test_only_the_hosts_own_texts_guide_the_guess_outside_the_clone_too(tmp_path
     }
     entry = {"key": key, "documents": planted}
     (elsewhere / f"parsed-{key[:40]}.json").write_text(json.dumps(entry))
-    assert files.load_state(clone / "state", local=local).table == "mtd"
+    kept = cachedir.open_caches(tmp_path / "own" / "cache", write=False, use=ALL)
+    assert files.load_state(clone / "state", local=local, kept=kept).table == "mtd"
 
 
 def test_a_text_that_depends_on_a_missing_template_is_never_kept(tmp_path: Path, render_cache):
@@ -512,7 +540,7 @@ def test_dynamic_entries_change_every_second_and_the_kept_text_still_serves(
 
     def rendered(left: int, search: list[Path] | None = None) -> list:
         dynamic = {"4": [("198.51.100.7", left)], "6": [("2001:db8:7::", left + 1)]}
-        return render.render(state, mapping, search, dynamic)
+        return _render(state, mapping, search, dynamic)
 
     def dyn(commands: list, v: str) -> list:
         return next(
@@ -525,9 +553,9 @@ def test_dynamic_entries_change_every_second_and_the_kept_text_still_serves(
         commands = rendered(99)
     assert dyn(commands, "dyn4") == [{"elem": {"val": "198.51.100.7", "timeout": 99}}]
     assert dyn(commands, "dyn6") == [{"elem": {"val": "2001:db8:7::", "timeout": 100}}]
-    render.use_render_cache(None)
+    _use(None)
     assert _doc(rendered(99)) == _doc(commands)
-    render.use_render_cache(render_cache)
+    _use(render_cache)
     (tmp_path / "t").mkdir()
     shipped = (render.template_dirs()[0] / "maps.json.j2").read_text()
     looped = shipped.replace(

@@ -1,7 +1,7 @@
 """Local files: desired-state YAML, the shuffle secret, the epoch, the reconcile lock.
 
-Adapter: with `auditlog` (the audit log), `git` (the clone) and the kernel adapter (its
-cache, sysctls), the only code that reads or writes the host's files.
+Adapter: with `auditlog` (the audit log), `git` (the clone), `cachedir` (the caches) and
+the kernel adapter (sysctls), the only code that reads or writes the host's files.
 """
 
 from __future__ import annotations
@@ -10,21 +10,20 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import functools
 import hashlib
 import hmac
 import json
 import os
-import re
 import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from reconciler import __version__, defaults
+from reconciler import __version__
 from reconciler.adapters.credentials import redact
 from reconciler.core import inventory
+from reconciler.core.caches import NONE, Caches
 from reconciler.core.shuffle import MAX_EPOCH
 from reconciler.core.state import Local, State, parse
 from reconciler.defaults import YAML_SUFFIXES
@@ -69,18 +68,21 @@ def load_state(
     host: str | None = None,
     local: Local | None = None,
     config: str | Path | None = None,
+    kept: Caches = NONE,
 ) -> State:
     """The desired state; of `host` (default: this machine's name) in an inventory; with
     the host's own settings `local` (see `local_config`), read from `config` (default
     `DEFAULT_CONFIG`), which is not also read as state when it sits in the state directory.
+    `kept`: the caches of parsed states and schema verdicts the caller chose to use (found
+    by the texts themselves; only recorded by the caller, after the command's checks).
     Errors quote bad values, which may be a URL with a password (`redis.url`): masked here."""
     try:
         docs = inventory_documents(path)
         if docs is not None:
-            return inventory.state_for(docs, _host(host), str(path), local, schema_accepted)
+            return inventory.state_for(docs, _host(host), str(path), local, kept.verdicts)
         docs = state_documents(path, skip=Path(config or DEFAULT_CONFIG))
         key = parsed_key(docs, local)
-        state = parse(docs, local, schema_accepted, _parsed(key, docs, local))
+        state = parse(docs, local, kept.verdicts, kept.parsed.get(key))
         return dataclasses.replace(state, parsed_key=key) if state.parsed_json else state
     except MtdError as exc:
         raise type(exc)(*(redact(p) for p in exc.problems)) from None
@@ -402,205 +404,11 @@ def file_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def use_template_cache(directory: Path, *, write: bool) -> None:
-    """Compiled templates kept in `directory` for the next process (`render` reads them).
-
-    Cached bytecode is code: only a directory this user owns and nobody else may write is
-    used, and `write=False` (read-only commands) reads it but never adds to it. Jinja2 is
-    imported only when a template is rendered (`render` may reuse a rendered text).
-    """
-    from reconciler.core import render
-
-    try:
-        if write:
-            private_dir(directory)
-    except OSError:
-        pass
-    render.use_bytecode_cache(
-        functools.partial(_bytecode_cache, str(directory), write) if _private(directory) else None
-    )
-
-
-def _bytecode_cache(directory: str, write: bool) -> Any:
-    import jinja2
-
-    class Cache(jinja2.FileSystemBytecodeCache):
-        def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
-            if write:
-                with contextlib.suppress(OSError):  # a cache that cannot be written costs time
-                    super().dump_bytecode(bucket)
-
-    return Cache(directory)
-
-
-class RenderCache:
-    """Rendered texts for the next process (`render.use_render_cache`), one file per key in
-    the private cache directory, 0600. A kept text holds no mapping (`render` keeps only
-    those that read no element); `write=False` (read-only commands) reads, never writes."""
-
-    KEEP = 4  # texts kept: a few states or templates in turn
-
-    def __init__(self, directory: Path, *, write: bool) -> None:
-        self.directory = directory
-        self.write = write
-
-    def _path(self, key: str) -> Path:
-        return self.directory / f"rendered-{key[:40]}.json"
-
-    def get(self, key: str) -> Any:
-        if not _private(self.directory):
-            return None
-        entry = read_json(self._path(key))
-        return entry if isinstance(entry, dict) and entry.get("key") == key else None
-
-    def put(self, key: str, entry: dict[str, Any]) -> None:
-        """Best effort: a text not kept only costs the next process Jinja2."""
-        if not self.write:
-            return
-        keep_cached(self._path(key), json.dumps({"key": key, **entry}), self.KEEP)
-
-
-def keep_cached(path: Path, text: str, keep: int) -> None:
-    """Write one cache entry (0600, in a private directory made if need be) and keep only
-    the `keep` newest of its kind (`<kind>-*.json`). Best effort: a cache that cannot be
-    written only costs the next process time."""
-    kind = path.name.split("-", 1)[0]
-    try:
-        private_dir(path.parent)
-        if not _private(path.parent):
-            return
-        # No fsync: an entry lost or torn by a crash is unreadable, and only costs time.
-        write_atomic(path, text, mode=0o600, sync=False)
-        kept = sorted(path.parent.glob(f"{kind}-*.json"), key=_mtime, reverse=True)
-        for old in kept[keep:]:
-            old.unlink(missing_ok=True)
-    except (OSError, MtdError):
-        pass
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
 def parsed_key(docs: list[tuple[str, str]], local: Local | None) -> str:
     """What a parse depends on: mtd's version and every document's name and text."""
     every = [*(local.documents if local else ()), *docs]
     text = f"{__version__}\0{every!r}"
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-# `secret_file: PATH` or `epoch_file: PATH` at the top level of a YAML document, plain or quoted.
-_PATH_KEY = re.compile(
-    r"^(secret_file|epoch_file):[ \t]*(['\"]?)([^'\"#\n]+?)\2[ \t]*(?:#.*)?$", re.MULTILINE
-)
-
-
-def _guessed_cache(docs: list[tuple[str, str]], local: Local | None) -> Path | None:
-    """The cache directory next to the epoch file, read from the texts before parsing them.
-    Only a guess (a path written in flow style is missed): a wrong one only costs a parse,
-    since what is found there is keyed by the texts themselves.
-
-    Only trusted texts guide it: a repository's documents (`local.untrusted`) may hold such
-    a line where it is no key (in a multi-line string) and point the guess into the clone,
-    where the commit itself could plant the "parsed" documents of the host's own
-    configuration (the table, `ownership`, every path). A guess inside a forbidden directory
-    (the clone) is not used either."""
-    found: dict[str, str] = {}
-    trusted = [] if local is not None and local.untrusted else docs
-    for _, text in [*(local.documents if local else ()), *trusted]:  # in merge order
-        for m in _PATH_KEY.finditer(text):
-            found[m.group(1)] = m.group(3)
-    state_dir = local.state_dir if local else str(defaults.STATE_DIR)
-    secret = found.get("secret_file") or str(Path(state_dir, "secret"))
-    epoch = found.get("epoch_file") or str(Path(secret).with_name("epoch"))
-    directory = Path(epoch).parent / defaults.CACHE
-    if local is not None and any(_inside(directory, top) for top in local.forbidden):
-        return None
-    return directory
-
-
-def _inside(path: Path, top: str) -> bool:
-    p, t = os.path.realpath(path), os.path.realpath(top)
-    return p == t or p.startswith(t.rstrip("/") + "/")
-
-
-PARSED_KEEP = 4  # parsed states kept (an inventory's hosts, a few edits back)
-
-
-def _parsed(
-    key: str, docs: list[tuple[str, str]], local: Local | None
-) -> dict[str, dict[str, Any]] | None:
-    """The documents as parsed before, from the private cache (`remember_parsed`)."""
-    directory = _guessed_cache(docs, local)
-    if directory is None or not _private(directory):
-        return None
-    entry = read_json(directory / f"parsed-{key[:40]}.json")
-    if not isinstance(entry, dict) or entry.get("key") != key:
-        return None
-    documents = entry.get("documents")
-    if not isinstance(documents, dict) or not all(isinstance(d, dict) for d in documents.values()):
-        return None
-    return documents
-
-
-def remember_parsed(directory: Path, state: State) -> None:
-    """Keep the state's documents as parsed, for the next process (only commands that write
-    call this; best effort). The state files are not secret; 0600 all the same."""
-    if not state.parsed_json or not state.parsed_key:
-        return
-    body = f'{{"key": {json.dumps(state.parsed_key)}, "documents": {state.parsed_json}}}'
-    keep_cached(directory / f"parsed-{state.parsed_key[:40]}.json", body, PARSED_KEEP)
-
-
-SCHEMA_VERDICTS = "schema-accepted.json"  # in the cache directory next to the epoch file
-_VERDICTS_KEEP = 16  # states accepted lately (an inventory's hosts, a few edits back)
-
-
-def read_private_json(path: Path) -> Any:
-    """`read_json`, only from mtd's private cache directory (what a check it skips rests on)."""
-    return read_json(path) if _private(path.parent) else None
-
-
-def _private(directory: Path) -> bool:
-    """Ours and writable by nobody else: what a cache that skips a check must be in."""
-    try:
-        st = directory.stat()
-    except OSError:
-        return False
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
-def _verdicts(directory: Path) -> list[str]:
-    keys = read_json(directory / SCHEMA_VERDICTS)
-    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
-
-
-def schema_accepted(key: str, epoch_file: str) -> bool:
-    """Whether the schema accepted the document of `key` (`state.schema_key`) before, as
-    recorded by `remember_schema_accepted` in the private cache next to `epoch_file`."""
-    directory = Path(epoch_file).parent / defaults.CACHE
-    return _private(directory) and key in _verdicts(directory)
-
-
-def remember_schema_accepted(directory: Path, key: str) -> None:
-    """Record that the schema accepted `key`, for the next process. Only commands that
-    write call this; best effort: a verdict not recorded only costs the next one time."""
-    if not key:
-        return
-    try:
-        private_dir(directory)
-        if not _private(directory):
-            return
-        keys = _verdicts(directory)
-        if keys[:1] == [key]:
-            return
-        kept = [key, *(k for k in keys if k != key)][:_VERDICTS_KEEP]
-        write_atomic(directory / SCHEMA_VERDICTS, json.dumps(kept) + "\n", mode=0o600)
-    except (OSError, MtdError):
-        pass
 
 
 @contextlib.contextmanager

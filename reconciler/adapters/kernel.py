@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from reconciler.adapters import bindings
+from reconciler.adapters.cachedir import KernelCache
 from reconciler.core.bulk import dumps
 from reconciler.errors import KernelError
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 FAMILY = "inet"
 _NOT_FOUND = "No such file or directory"
-_CACHE_KEEP = 8  # canonical forms kept on disk (a per-pair template has one per epoch)
 
 
 # The RSTs the host sends for moved stateless probes must carry the probe's mark, so the
@@ -112,26 +112,24 @@ class Nft:
     context is freed and its heap handed back to the system: it caches every element it has
     seen (about 2 KB each), which at a million elements a daemon would otherwise keep.
 
-    `cache_dir` keeps canonical forms across processes (keyed by the skeleton, libnftables
-    and the kernel release), so a new `mtd apply` skips the scratch namespace.
+    `cache` keeps canonical forms and the last commit (`cachedir.KernelCache`; by default
+    in memory only), across processes when it has a directory: a new `mtd apply` then skips
+    the scratch namespace, and the listing of a table it left unchanged.
     """
 
     KEEP_BYTES = 1 << 20  # calls moving more text than this free their context
 
-    def __init__(self, cache_dir: str | Path | None = None, *, write_cache: bool = True) -> None:
+    def __init__(self, cache: KernelCache | None = None) -> None:
         bindings.module()  # at first use: one line saying what to install, if missing
         self._ctx: Any = None
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.write_cache = write_cache
+        self.cache = cache if cache is not None else KernelCache()
         self.commits = 0  # transactions committed: the monitor tells them from others'
-        self._canonical: dict[str, list[dict[str, Any]]] = {}
-        self._committed: dict[str, Any] | None = None  # see `unchanged`
         self._listed: tuple[str, str | None] = ("", None)  # the last listing's table, mark
 
     def sibling(self) -> Nft:
         """Another libnftables context for another thread (one context is not shared), with
-        this one's cache directory; it never writes the cache."""
-        return Nft(self.cache_dir, write_cache=False)
+        this one's caches; it never writes them."""
+        return Nft(self.cache.reader())
 
     def abandon(self) -> None:
         """At the end of a process that ran one command: never free the context. Freeing
@@ -241,7 +239,6 @@ class Nft:
     # left the recorded mark for good (short of 2^32 commits) and the record never
     # matches. Reading it right after a commit would also wait about 10 ms for the kernel
     # to finish that commit's clean-up.
-    COMMITTED = "committed.json"
 
     def _remember(self, name: str, commands: Sequence[dict[str, Any]], before: str) -> None:
         """After mtd's own commit, which moved the generation by one from `before`."""
@@ -258,25 +255,15 @@ class Nft:
         from reconciler.core import diff
 
         digest = diff.digest(name, commands)
-        if digest is None:  # such a table changes by itself: only listings tell
-            self._committed = None
-            return
-        self._committed = {"mark": mark, "table": name, "digest": digest}
-        path = self.cache_dir / self.COMMITTED if self.cache_dir is not None else None
-        if path is not None and self.write_cache:
-            from reconciler.adapters import files
-
-            files.keep_cached(path, json.dumps(self._committed), 1)
+        # None: such a table changes by itself, only listings tell
+        record = None if digest is None else {"mark": mark, "table": name, "digest": digest}
+        self.cache.keep_committed(record)
 
     def unchanged(self, name: str, commands: Sequence[dict[str, Any]]) -> bool:
         now = ruleset_mark()
         if now is None:
             return False
-        record = self._committed
-        if record is None and self.cache_dir is not None:
-            from reconciler.adapters import files
-
-            record = files.read_private_json(self.cache_dir / self.COMMITTED)
+        record = self.cache.committed()
         if not isinstance(record, dict) or record.get("mark") != now:
             return False
         if record.get("table") != name:
@@ -345,41 +332,14 @@ class Nft:
         """Templates may write an expression in any form libnftables accepts; the kernel lists
         it in one form only. Loading the (element-free, so small) document into a scratch
         network namespace and listing it back gives that form without touching the host's
-        ruleset. Cached in memory and in `cache_dir`: the skeleton is the same from one
-        rotation to the next."""
+        ruleset. Kept in `cache`: the skeleton is the same from one rotation to the next."""
         text = json.dumps({"name": name, "commands": list(commands)}, sort_keys=True)
         key = hashlib.sha256(f"{text}\0{_platform()}".encode()).hexdigest()
-        listing = self._canonical.get(key)
-        if listing is None:
-            listing = self._read_cache(key)
+        listing = self.cache.canonical(key)
         if listing is None:
             listing = _learn(text, name, commands)
-            self._write_cache(key, listing)
-        self._canonical = {key: listing}  # one skeleton is live at a time: memory stays flat
+            self.cache.keep_canonical(key, listing)
         return listing
-
-    def _cache_file(self, key: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / f"canonical-{key[:40]}.json"
-
-    def _read_cache(self, key: str) -> list[dict[str, Any]] | None:
-        path = self._cache_file(key)
-        if path is None:
-            return None
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None  # missing or torn: learn it again
-        ok = isinstance(data, list) and all(isinstance(o, dict) for o in data)
-        return data if ok else None
-
-    def _write_cache(self, key: str, listing: list[dict[str, Any]]) -> None:
-        """Best effort: a cache that cannot be written only costs the next process time."""
-        path = self._cache_file(key)
-        if path is None or not self.write_cache:
-            return
-        from reconciler.adapters import files
-
-        files.keep_cached(path, json.dumps(listing), _CACHE_KEEP)
 
 
 @cache

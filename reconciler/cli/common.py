@@ -4,6 +4,7 @@ and `friendly`, which prints an `MtdError` as its lines with exit code 1."""
 from __future__ import annotations
 
 import atexit
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -14,9 +15,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from reconciler import defaults
-from reconciler.adapters import files
-from reconciler.core import render
+from reconciler.adapters import cachedir, files
+from reconciler.core import caches, render
 from reconciler.core.state import STATE_DIR, Local, State
 from reconciler.errors import MtdError
 
@@ -110,9 +110,24 @@ class Ctx:
                 f"no desired state: looked for ./{DEFAULT_STATE} and {INSTALLED_STATE}: expected "
                 f"-s PATH, $MTD_STATE, or the state in {INSTALLED_STATE} (make install)"
             )
-        state = files.load_state(self.state_path, self.hostname, self.local(), self.config)
+        kept = self.caches()
+        state = files.load_state(self.state_path, self.hostname, self.local(), self.config, kept)
         self.warn(state)
         return state
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where the caches are: what the host chose (`--state-dir`), never a document."""
+        return cachedir.directory(self.state_dir)
+
+    def caches(self, *, write: bool = False, rendered: bool = False) -> caches.Caches:
+        """The caches `MTD_CACHE` leaves on, in `cache_dir`; read-only commands (`write`
+        False) read them, never add. `rendered`: rendered texts too (one command's pass;
+        the daemon renders each epoch once and keeps Jinja2 loaded)."""
+        use = caches.chosen(os.environ.get(caches.ENV))
+        return cachedir.open_caches(
+            self.cache_dir, write=write, use=use if rendered else use - {"rendered"}
+        )
 
     def warn(self, state: State, prefix: str = "") -> None:
         """What the state declares that cannot work (`advice.warnings`), once a process, on
@@ -131,34 +146,20 @@ class Ctx:
 
         privilege.require(command_name())
 
-    def nft(
-        self,
-        state: State | None = None,
-        cache_dir: Path | None = None,
-        *,
-        write: bool = True,
-        rendered: bool = False,
-        one_shot: bool = True,
-    ) -> Any:
-        """The real kernel backend. Its caches (the kernel's canonical form, compiled
-        templates, the states parsed and accepted by the schema) are in `cache_dir`, or
-        next to the state's epoch file (by default /var/lib/mtd/cache); read-only commands
-        (`write=False`) read them, never add. `rendered`: also reuse rendered texts (one
-        command's pass; the daemon renders each epoch once and keeps Jinja2 loaded).
-        `one_shot`: the process ends with the command (`Nft.abandon` at exit)."""
+    def nft(self, state: State | None = None, *, write: bool = True, one_shot: bool = True) -> Any:
+        """The real kernel backend, its caches (the kernel's canonical form, the last
+        commit) in `cache_dir`; read-only commands (`write=False`) read them, never add.
+        A command that writes also keeps `state` as parsed and accepted by the schema, for
+        the next one. `one_shot`: the process ends with the command (`Nft.abandon` at exit)."""
         from reconciler.adapters.kernel import Nft
 
         self.need_nftables()
-        if cache_dir is None and state is not None:
-            cache_dir = Path(state.epoch_file).parent / defaults.CACHE
-        if cache_dir is not None:
-            if write and state is not None:  # creates the directory 0700 if need be
-                files.remember_schema_accepted(cache_dir, state.schema_key)
-                files.remember_parsed(cache_dir, state)
-            files.use_template_cache(cache_dir / "templates", write=write)
-            if rendered:
-                render.use_render_cache(files.RenderCache(cache_dir, write=write))
-        nft = Nft(cache_dir=cache_dir, write_cache=write)
+        use = caches.chosen(os.environ.get(caches.ENV))
+        if write and state is not None:  # creates the directory 0700 if need be
+            kept = self.caches(write=True)
+            kept.verdicts.add(state.schema_key)
+            kept.parsed.put(state.parsed_key, state.parsed_json)
+        nft = Nft(cachedir.KernelCache(self.cache_dir, write=write, use=use))
         if one_shot:
             atexit.register(nft.abandon)
         return nft

@@ -7,7 +7,6 @@ import random
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -208,10 +207,8 @@ def run(
 
     logs.setup(log_json)
     logger = logging.getLogger(f"{logs.LOGGER}.daemon")
-    if pull_url is not None:  # the state comes from the clone under --state-dir
-        nft = ctx.nft(cache_dir=Path(ctx.state_dir) / defaults.CACHE, one_shot=False)
-    else:
-        nft = ctx.nft(ctx.state(), one_shot=False)
+    # With --pull the state comes from the clone under --state-dir, once a round ran.
+    nft = ctx.nft(None if pull_url is not None else ctx.state(), one_shot=False)
     puller = None
     if pull_url is not None:
         puller = _first_pull(ctx, nft, pull.config(ctx, pull_url, pull_interval), logger)
@@ -219,6 +216,7 @@ def run(
         ctx.state,
         nft,
         templates=ctx.templates,
+        caches=ctx.caches(write=True),
         host=ctx.hostname,
         options=Options(
             drift_interval=drift_interval,

@@ -152,7 +152,8 @@ def _pass(
 ) -> Any:
     state = ctx.state()
     ctx.need_nftables()  # before the audit log, the lock or the cache is made
-    undo = contextlib.nullcontext() if check else fresh.undo_on_failure(_own_files(state))
+    own = _own_files(state, ctx.cache_dir)
+    undo = contextlib.nullcontext() if check else fresh.undo_on_failure(own)
     with undo as guard:
         return _pass_locked(
             ctx, state, guard, check=check, epoch=epoch, advance=advance, read_live=read_live,
@@ -160,7 +161,7 @@ def _pass(
         )  # fmt: skip
 
 
-def _own_files(state: Any) -> list[Path]:
+def _own_files(state: Any, cache_dir: Path) -> list[Path]:
     """What a pass may create: removed again when it fails before the kernel took it."""
     from reconciler.adapters import watchstore
 
@@ -171,7 +172,7 @@ def _own_files(state: Any) -> list[Path]:
         Path(state.secret_file),
         epoch,
         epoch.with_name("lock"),
-        epoch.parent / defaults.CACHE,
+        cache_dir,
         store,
         store.with_name(f"{store.name}.lock"),
     ]
@@ -196,7 +197,7 @@ def _pass_locked(
 
     if not check:  # a change that could not be recorded is not made
         auditlog.check_writable(state.audit_log)
-    nft = ctx.nft(state, write=creates and not check, rendered=True)
+    nft = ctx.nft(state, write=creates and not check)
     changes = creates and not check
     result = run_pass(
         PassRequest(
@@ -212,6 +213,7 @@ def _pass_locked(
             confirm_seconds=confirm_seconds if not check else None,
             guard=guard,
             templates=ctx.templates,
+            caches=ctx.caches(write=changes, rendered=True),
             read_live=read_live,
             audit=Audit(origin="manual", host=ctx.hostname),
         )

@@ -72,6 +72,7 @@ class PullOptions:
         *,
         session_check: bool = False,
         force: bool = False,
+        write: bool = True,
     ) -> Any:
         """The `gitops.PullConfig` of a round for this host; `session_check` only for a
         `mtd pull` run by hand (README: No lockouts)."""
@@ -91,6 +92,7 @@ class PullOptions:
             config=tuple(ctx.local().documents),
             session_check=session_check,
             force=force,
+            caches=ctx.caches(write=write),
         )
 
 
@@ -179,9 +181,10 @@ def pull(
         raise MtdError("--repo: expected the state repository's URL (or --notify)")
     from reconciler.services import gitops
 
-    puller = gitops.Puller(pull.config(ctx, url, interval, session_check=True, force=force))
+    cfg = pull.config(ctx, url, interval, session_check=True, force=force, write=not check)
+    puller = gitops.Puller(cfg)
     puller.show_mapping = show_mapping
-    nft = ctx.nft(cache_dir=Path(ctx.state_dir) / defaults.CACHE, write=not check)
+    nft = ctx.nft(write=not check)
     if once or check:
         outcome = puller.round(nft, check=check, show=click.echo)
         _pull_report(outcome, again=True)

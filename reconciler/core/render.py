@@ -1,7 +1,7 @@
 """Render the nftables JSON command document from a Jinja2 template.
 
-Pure but for reading the template files (through Jinja2's loader and, when the caller set
-one, its bytecode cache): the template sees plain data (README, "Template variables") and must
+Pure but for reading the template files (through Jinja2's loader and, when the caller hands
+one in, its bytecode cache): the template sees plain data (README, "Template variables") and must
 produce `{"nftables": [...]}` holding only `add` commands for the owned table. A sandboxed
 environment with StrictUndefined turns template mistakes into one-line errors.
 """
@@ -14,9 +14,10 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
+from reconciler.core.caches import NONE, OFF, Caches, Entries
 from reconciler.core.shuffle import PortMap
 from reconciler.core.state import HOST_LOCAL, PROTOCOLS, Network, State, Watched
 from reconciler.core.values import (  # noqa: F401 (re-exported: callers say `render.*`)
@@ -38,6 +39,8 @@ from reconciler.errors import MtdError, TemplateError
 
 if TYPE_CHECKING:  # imported only when a template is rendered (`sandbox`)
     import jinja2
+
+Bytecode = Callable[[], "jinja2.BytecodeCache"] | None  # `Caches.bytecode`
 
 SUFFIX = ".json.j2"
 MAX_DYNAMIC = MAX_KERNEL  # elements of dyn4 (and of dyn6): memory a tripwire flood can take
@@ -210,12 +213,12 @@ def _disjoint_prefixes(nets: list[Network]) -> dict[Network, list[Network]]:
     return out
 
 
-def check(state: State, search: Iterable[Path] | None = None) -> list[dict]:
+def check(state: State, search: Iterable[Path] | None = None, caches: Caches = NONE) -> list[dict]:
     """Validate by rendering (a zero secret, epoch 0): what `mtd validate`, a reload and a
     pull candidate need to know before anything is applied. No secret is read."""
     from reconciler.core import shuffle
 
-    return render(state, shuffle.compute(state, b"\0" * 32, 0), search)
+    return render(state, shuffle.compute(state, b"\0" * 32, 0), search, caches=caches)
 
 
 def render(
@@ -223,22 +226,25 @@ def render(
     mapping: PortMap,
     search: Iterable[Path] | None = None,
     dynamic: Mapping[str, Sequence[Any]] | None = None,
+    caches: Caches = NONE,
 ) -> list[dict]:
     """The list of libnftables JSON commands for the owned table. `dynamic`: the dynamic
     watch entries to put back into dyn4/dyn6, `{"4": [(addr, seconds_left), ...], "6": ...}`
     (`core.watch.dynamic`), so a full replacement keeps them with their remaining time.
 
-    With a render cache set (`use_render_cache`), the same template and inputs give the
-    text the previous process rendered, without Jinja2 (see `_reuse`)."""
+    `caches`: with a cache of rendered texts, the same template and inputs give the text
+    the previous process rendered, without Jinja2 (see `_reuse`); with a bytecode cache,
+    templates are compiled once for every process."""
     dirs = list(search) if search is not None else template_dirs()
     name = state.template + SUFFIX
     ctx = context(state, mapping, dynamic)
-    key = _render_key(dirs, name, ctx) if _cacheable(state) else None
-    reused = _reuse(key, dirs, mapping.epoch) if key is not None else None
+    kept, bytecode = caches.rendered, caches.bytecode
+    key = _render_key(dirs, name, ctx) if _cacheable(state, kept) else None
+    reused = _reuse(kept, key, dirs, mapping.epoch) if key is not None else None
     if reused is not None:
         text, where, read, kept_paths, _ = reused
     else:
-        text, where, read = _render_text(dirs, name, ctx, state.template)
+        text, where, read = _render_text(dirs, name, ctx, state.template, bytecode)
         kept_paths = None
     repository = bool(repository_templates(dirs))
     if repository:
@@ -273,7 +279,7 @@ def render(
     commands = _commands(doc, state, where)
     if repository:
         _allowed(text, state, ctx, dirs, where)
-        epoch = reused[4] if reused else _epoch_read(dirs, ctx)
+        epoch = reused[4] if reused else _epoch_read(dirs, ctx, bytecode)
         if epoch is not None:  # the round checks a commit's rules once, at the epoch it is at
             raise TemplateError(
                 f"{where}: reads epoch: expected a repository template whose rules are the "
@@ -281,11 +287,14 @@ def render(
                 "through map elements and seed)"
             )
     # Kept once rendered, and again when a kept entry did not say where its placeholders sit.
-    if key is not None and paths != kept_paths and (reused or _keep(key, dirs, name, ctx, text)):
-        assert _RENDERED is not None
-        epoch = reused[4] if reused else _epoch_read(dirs, ctx)
+    if (
+        key is not None
+        and paths != kept_paths
+        and (reused or _keep(key, dirs, name, ctx, text, bytecode))
+    ):
+        epoch = reused[4] if reused else _epoch_read(dirs, ctx, bytecode)
         entry = {"where": where, "templates": read, "text": text, "paths": paths}
-        _RENDERED.put(key, entry | {"epoch": epoch})
+        kept.put(key, entry | {"epoch": epoch})
     return commands
 
 
@@ -294,18 +303,20 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _epoch_read(dirs: list[Path], ctx: Mapping[str, Any]) -> int | None:
+def _epoch_read(dirs: list[Path], ctx: Mapping[str, Any], bytecode: Bytecode) -> int | None:
     """The epoch a kept text depends on: None when no template it came from reads `epoch`
     (the shipped ones do not), so the next epoch reuses it too."""
     from reconciler.core import sandbox
 
     return (
-        ctx["epoch"] if sandbox.reads_variable(_cached_environment(tuple(dirs)), "epoch") else None
+        ctx["epoch"]
+        if sandbox.reads_variable(_cached_environment(tuple(dirs), bytecode), "epoch")
+        else None
     )
 
 
 def _render_text(
-    dirs: list[Path], name: str, ctx: dict[str, Any], template_name: str
+    dirs: list[Path], name: str, ctx: dict[str, Any], template_name: str, bytecode: Bytecode
 ) -> tuple[str, str, list[tuple[str, str, str]]]:
     """The template's output through Jinja2's sandbox, where it was found, and every
     template file read (name, file, sha256) so far by this environment."""
@@ -313,7 +324,7 @@ def _render_text(
 
     from reconciler.core import sandbox
 
-    env = _cached_environment(tuple(dirs))
+    env = _cached_environment(tuple(dirs), bytecode)
     where = next((str(d / name) for d in dirs if (d / name).is_file()), name)
     try:
         with sandbox.deadline(RENDER_SECONDS):
@@ -357,56 +368,26 @@ def _render_text(
     return text, where, sandbox.templates_read(env)
 
 
-_BYTECODE: Callable[[], jinja2.BytecodeCache] | None = None
-
-
-def use_bytecode_cache(make: Callable[[], jinja2.BytecodeCache] | None) -> None:
-    """Keep compiled templates across processes (the caller owns the private directory);
-    `make` builds the cache when a template is first rendered (jinja2 is imported then).
-
-    Compiling `maps` is a large part of a short `mtd apply`'s start-up; Jinja2 checks each
-    cached entry against the template's source, so an edited template is compiled again.
-    """
-    global _BYTECODE
-    _BYTECODE = make
-
-
-def environment(search: Iterable[Path]) -> jinja2.Environment:
+def environment(search: Iterable[Path], bytecode: Bytecode = None) -> jinja2.Environment:
     """The sandboxed Jinja2 environment templates render in (`sandbox.environment`)."""
     from reconciler.core import sandbox
 
-    return sandbox.environment(search, _BYTECODE, MAX_RENDERED_CHARS)
+    return sandbox.environment(search, bytecode, MAX_RENDERED_CHARS)
 
 
-def _cached_environment(search: tuple[Path, ...]) -> jinja2.Environment:
+def _cached_environment(search: tuple[Path, ...], bytecode: Bytecode) -> jinja2.Environment:
     from reconciler.core import sandbox
 
-    return sandbox.cached_environment(search, _BYTECODE, MAX_RENDERED_CHARS)
+    return sandbox.cached_environment(search, bytecode, MAX_RENDERED_CHARS)
 
 
-class RenderCache(Protocol):
-    """Rendered texts kept across processes (`adapters.files.RenderCache`)."""
-
-    def get(self, key: str) -> Any: ...
-
-    def put(self, key: str, entry: Mapping[str, Any]) -> None: ...
-
-
-_RENDERED: RenderCache | None = None
 # Beyond this many watched sources, the key (a hash of every input) costs more than Jinja2
 # saves, and the text (it lists the sources) grows large: always render.
 RENDER_CACHE_MAX_SOURCES = 10_000
 
 
-def use_render_cache(cache: RenderCache | None) -> None:
-    """Reuse the text a previous process rendered from the same template files and inputs:
-    a short command then never imports Jinja2 (a large part of its start-up)."""
-    global _RENDERED
-    _RENDERED = cache
-
-
-def _cacheable(state: State) -> bool:
-    return _RENDERED is not None and len(state.watched) <= RENDER_CACHE_MAX_SOURCES
+def _cacheable(state: State, kept: Entries) -> bool:
+    return kept is not OFF and len(state.watched) <= RENDER_CACHE_MAX_SOURCES
 
 
 def _render_key(dirs: list[Path], name: str, ctx: Mapping[str, Any]) -> str:
@@ -422,7 +403,9 @@ def _render_key(dirs: list[Path], name: str, ctx: Mapping[str, Any]) -> str:
 MAX_CACHED_TEXT = 1 << 20  # characters of rendered text kept for the next process
 
 
-def _keep(key: str, dirs: list[Path], name: str, ctx: Mapping[str, Any], text: str) -> bool:
+def _keep(
+    key: str, dirs: list[Path], name: str, ctx: Mapping[str, Any], text: str, bytecode: Bytecode
+) -> bool:
     """Whether the text may be kept: it depends on nothing but the key (the template read
     no element and no pair, which hold the mapping, a secret, and changed nothing of its
     context), and it is small."""
@@ -430,18 +413,19 @@ def _keep(key: str, dirs: list[Path], name: str, ctx: Mapping[str, Any], text: s
         return False
     from reconciler.core import sandbox
 
-    if sandbox.missed_templates(_cached_environment(tuple(dirs))):
+    if sandbox.missed_templates(_cached_environment(tuple(dirs), bytecode)):
         return False
     return len(text) <= MAX_CACHED_TEXT and _render_key(dirs, name, ctx) == key
 
 
-def _reuse(key: str, dirs: list[Path], epoch: int) -> tuple[str, str, Any, Any, Any] | None:
+def _reuse(
+    kept: Entries, key: str, dirs: list[Path], epoch: int
+) -> tuple[str, str, Any, Any, Any] | None:
     """The text, its template's file name, the template files it came from, where its
     placeholders sit and the epoch it depends on, from the render cache, if every template
     file it was rendered from is still the one found first in `dirs`, with the same source,
     and it depends on no epoch or on this one."""
-    assert _RENDERED is not None
-    entry = _RENDERED.get(key)
+    entry = kept.get(key)
     try:
         text, where, read = entry["text"], entry["where"], entry["templates"]
         if not (isinstance(text, str) and isinstance(where, str) and read):

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path as FilePath
@@ -214,9 +214,9 @@ def schema() -> dict[str, Any]:
     return json.loads(schema_text())
 
 
-# (key, epoch file) -> whether the schema accepted the document of that key before: a cache
-# the caller keeps next to the epoch file (`adapters.files.schema_accepted`).
-Accepted = Callable[[str, str], bool]
+# The keys (`schema_key`) of the documents the schema accepted before: a cache the caller
+# chose (`core.caches.Verdicts`), asked `key in accepted`.
+Accepted = Container[str]
 
 
 def schema_key(doc: Mapping[str, Any]) -> str:
@@ -331,21 +331,12 @@ def build(
     locate = _Locator(parsed, texts)
     checked, others = _schema_input(doc)
     key = schema_key(checked)
-    epoch_file = _epoch_file(doc, local)
-    if accepted is None or epoch_file is None or not accepted(key, epoch_file):
+    if accepted is None or key not in accepted:
         errors = _schema_errors(checked, others)
         if errors:
             first = [locate(path, message) for path, message in errors[:MAX_PROBLEMS]]
             raise limited(first, more=len(errors) - len(first))
     return _semantic(doc, locate, local, key)
-
-
-def _epoch_file(doc: Mapping[str, Any], local: Local) -> str | None:
-    """Where the epoch file will be, read before validation (None when a value is not a
-    path): its directory holds the cache of schema verdicts. As `_semantic` derives it."""
-    secret_file = doc.get("secret_file") or str(PurePath(local.state_dir, "secret"))
-    epoch_file = doc.get("epoch_file") or str(PurePath(str(secret_file)).with_name("epoch"))
-    return epoch_file if isinstance(secret_file, str) and isinstance(epoch_file, str) else None
 
 
 def _check_origin(

@@ -41,6 +41,7 @@ from reconciler.adapters import auditlog, bus, files, subscriber, watchstore
 from reconciler.adapters.kernel import Backend
 from reconciler.core import render, repair, schedule
 from reconciler.core.advice import warnings as state_warnings
+from reconciler.core.caches import NONE, Caches
 from reconciler.core.state import State
 from reconciler.errors import MtdError
 from reconciler.logs import LOGGER, event
@@ -104,6 +105,7 @@ class Daemon(Reporting, Watches):
         nft: Backend,
         *,
         templates: list[Path] | None = None,
+        caches: Caches = NONE,
         host: str,
         options: Options,
         metrics: Metrics | None = None,
@@ -115,6 +117,7 @@ class Daemon(Reporting, Watches):
         self.load = load
         self.nft = nft
         self.templates = templates
+        self.caches = caches  # what rendering may reuse (`core.caches`)
         self.host = host
         self.options = options
         self.metrics = metrics or Metrics(pull=puller is not None)
@@ -511,7 +514,7 @@ class Daemon(Reporting, Watches):
         After a pulled commit: the state only."""
         try:
             state = self.load()
-            render.check(state, self.templates)
+            render.check(state, self.templates, self.caches)
             config = self._bus_config(state)
         except Exception as exc:  # MtdError, or a bug: either way the old state stays
             problems = (
@@ -671,6 +674,7 @@ class Daemon(Reporting, Watches):
                     at_least=self.target,
                     write_epoch=True,
                     templates=self.templates,
+                    caches=self.caches,
                     # blind: the events vouch for the table, or a new epoch replaces it
                     read_live=lambda epoch: compare or not (bool(foreign) or epoch != previous),
                     around=self._quiet,

@@ -30,6 +30,7 @@ from reconciler.adapters.credentials import redact
 from reconciler.adapters.git import Entry, GitError, MalformedCommit, Repo
 from reconciler.adapters.kernel import Backend
 from reconciler.core import audit, diff, inventory, render
+from reconciler.core.caches import NONE, Caches
 from reconciler.core.state import MAX_DOCUMENT_BYTES, Local, State
 from reconciler.core.state import STATE_DIR as DEFAULT_STATE_DIR
 from reconciler.errors import MtdError
@@ -68,6 +69,7 @@ class PullConfig:
     # runs in (README: No lockouts) unless `force`. A daemon (`mtd run --pull`) has no session.
     session_check: bool = False
     force: bool = False
+    caches: Caches = NONE  # what parsing and rendering may reuse (`core.caches`)
 
     @property
     def clone_dir(self) -> Path:
@@ -353,6 +355,7 @@ class Puller:
                         else None
                     ),
                     templates=templates,
+                    caches=cfg.caches,
                     taken=functools.partial(taken, state, templates),
                     audit=Audit("pull", cfg.host, commit, always=True, tolerate=True),
                 )
@@ -375,7 +378,9 @@ class Puller:
         earlier = []
         with contextlib.suppress(MtdError):
             if cfg.state_path.exists():
-                earlier.append(files.load_state(cfg.state_path, cfg.host, cfg.local()))
+                earlier.append(
+                    files.load_state(cfg.state_path, cfg.host, cfg.local(), kept=cfg.caches)
+                )
         try:
             return lockout.check(
                 state, secret, epoch, nft, host=cfg.host, force=cfg.force, earlier=earlier
@@ -399,7 +404,7 @@ class Puller:
         cfg = self.config
         try:
             carried = export(self.repo, commit, cfg.path, tmp)
-            state = files.load_state(tmp, host or cfg.host, cfg.local())
+            state = files.load_state(tmp, host or cfg.host, cfg.local(), kept=cfg.caches)
             if carried and not state.repository_templates:
                 raise MtdError(
                     f"{carried[0]}: a template in the state repository: expected none (this "
@@ -424,7 +429,8 @@ class Puller:
     def _audit_rejection(self, commit: str, message: str) -> None:
         """A rejected commit goes to the audit log of the state still applied, if any."""
         try:
-            state = files.load_state(self.config.state_path, self.config.host, self.config.local())
+            cfg = self.config
+            state = files.load_state(cfg.state_path, cfg.host, cfg.local(), kept=cfg.caches)
         except MtdError:
             return
         try:

@@ -24,6 +24,7 @@ from reconciler.adapters import auditlog, files, watchstore
 from reconciler.adapters.kernel import SYSCTLS, Backend
 from reconciler.core import diff, elements, render, repair, shuffle, watch
 from reconciler.core.bulk import gc_paused
+from reconciler.core.caches import NONE, Caches
 from reconciler.core.state import State
 from reconciler.core.watch import Dynamic
 from reconciler.errors import KernelError, MtdError
@@ -115,6 +116,7 @@ def reconcile(
     templates: list[Path] | None = None,
     read_live: bool = True,
     dynamic: Dynamic | None = None,
+    caches: Caches = NONE,
 ) -> Result:
     """Make the owned table match `state` at `epoch`; with `check`, only report.
 
@@ -135,7 +137,7 @@ def reconcile(
         with t("watch"):
             dynamic = watching.from_kernel(state, backend)
     with t("render"):
-        commands = render.render(state, mapping, templates, dynamic)
+        commands = render.render(state, mapping, templates, dynamic, caches)
     skeleton = diff.skeleton_commands(commands)
     changes = [UNREAD]
     if read_live and state.ownership != "ruleset" and backend.unchanged(state.table, commands):
@@ -356,6 +358,7 @@ class PassRequest:
     confirm_seconds: int | None = None  # `apply --confirm`: armed around the kernel step
     guard: Any = None  # `fresh.undo_on_failure`'s: told once the kernel has the table
     templates: list[Path] | None = None
+    caches: Caches = NONE  # what rendering may reuse (`core.caches`)
     read_live: bool | Callable[[int], bool] = True  # False: trust the last pass's table
     around: Callable[[], AbstractContextManager[Any]] | None = None  # the daemon's quiet window
     # An element repair that makes the full pass unnecessary (the daemon's events), or None.
@@ -404,6 +407,7 @@ def run_pass(request: PassRequest) -> PassOutcome:
                     secret=secret,
                     check=request.check,
                     templates=request.templates,
+                    caches=request.caches,
                     read_live=live(target) if callable(live) else live,
                     dynamic=watching.gather(state, nft, write=not request.check),
                 )
