@@ -146,6 +146,11 @@ class Ctx:
 
         privilege.require(command_name())
 
+    def kernel_cache(self, *, write: bool) -> cachedir.KernelCache:
+        """The kernel backend's caches (`canonical`, `committed`) `MTD_CACHE` leaves on."""
+        use = caches.chosen(os.environ.get(caches.ENV))
+        return cachedir.KernelCache(self.cache_dir, write=write, use=use)
+
     def nft(self, state: State | None = None, *, write: bool = True, one_shot: bool = True) -> Any:
         """The real kernel backend, its caches (the kernel's canonical form, the last
         commit) in `cache_dir`; read-only commands (`write=False`) read them, never add.
@@ -154,12 +159,11 @@ class Ctx:
         from reconciler.adapters.kernel import Nft
 
         self.need_nftables()
-        use = caches.chosen(os.environ.get(caches.ENV))
         if write and state is not None:  # creates the directory 0700 if need be
             kept = self.caches(write=True)
             kept.verdicts.add(state.schema_key)
             kept.parsed.put(state.parsed_key, state.parsed_json)
-        nft = Nft(cachedir.KernelCache(self.cache_dir, write=write, use=use))
+        nft = Nft(self.kernel_cache(write=write))
         if one_shot:
             atexit.register(nft.abandon)
         return nft
@@ -304,7 +308,7 @@ _SHARED_OPTIONS = [
         expose_value=False,
         callback=_set_state_dir,
         help="mtd's own files: secret, epoch, audit log (unless the configuration names "
-        "them), the pull's clone (repo/) and pull.json.",
+        "them), the pull's clone (repo/), pull.json and the caches (cache/; $MTD_CACHE).",
     ),
 ]
 

@@ -24,6 +24,7 @@ from reconciler.cli.common import (
     cli,
     load_commands,
 )
+from reconciler.core import caches
 from reconciler.core.state import STATE_DIR, schema
 
 FILES = ("mtd.8", "mtd.yaml.5", "mtd.bash-completion")
@@ -92,11 +93,19 @@ def header(name: str, section: int, title: str) -> list[str]:
     ]
 
 
+CACHE_HELP = (
+    "Which caches in --state-dir's cache/ are used: unset or on, all; off, none; or names "
+    f"({', '.join(caches.NAMES)}), or names after a '-' to leave out "
+    "(docs/operations.md, Caches). Output is the same whatever is chosen."
+)
+
+
 def mtd_8() -> str:
     load_commands()
     ctx = click.Context(cli, info_name="mtd", **cli.context_settings)
     envvars = sorted(
         {(p.envvar, p.help or "") for p in cli.get_params(ctx) if isinstance(p.envvar, str)}
+        | {(caches.ENV, CACHE_HELP)}
     )
     lines = [
         *header("mtd", 8, "the command line's --help"),
