@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 # Where mtd keeps what it owns on a host: the secret, the epoch, the lock, the pull's clone
-# and pull.json, the canonical-form cache.
+# and pull.json, the caches (cache/).
 STATE_DIR = Path("/var/lib/mtd")
 SECRET_FILE = STATE_DIR / "secret"
-CACHE = "cache"  # the canonical-form cache: a private directory next to the epoch file
+CACHE = "cache"  # the caches (adapters.cachedir): a private directory in the state directory
 
 YAML_SUFFIXES = (".yaml", ".yml")
 

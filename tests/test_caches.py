@@ -471,14 +471,14 @@ def test_a_repository_commit_cannot_choose_where_parsed_states_are_read(tmp_path
     kept = cachedir.open_caches(tmp_path / "own" / "cache", write=False, use=ALL)
     state = files.load_state(clone / "state", local=local, kept=kept)
     assert state.table == "mtd" and state.ownership == "table"
-    # Root reading the clone as a local state (`-s`): the guess still never enters it.
+    # Root reading the clone as a local state (`-s`): its texts still choose nothing.
     trusting = dataclasses.replace(local, untrusted=False)
     key = files.parsed_key(docs, trusting)
     (evil / f"parsed-{key[:40]}.json").write_text(json.dumps({"key": key, "documents": planted}))
     assert files.load_state(clone / "state", local=trusting, kept=kept).table == "mtd"
 
 
-def test_only_the_hosts_own_texts_guide_the_guess_outside_the_clone_too(tmp_path: Path):
+def test_no_text_chooses_where_parsed_states_are_read_outside_the_clone_either(tmp_path: Path):
     """The guard above without the clone's: a commit's text naming a private directory
     elsewhere (one an earlier run left, say) must not choose where parsed states are read
     either: only the host does, whatever directory the repository's texts name."""
