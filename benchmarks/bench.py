@@ -95,7 +95,9 @@ def run(lab: Lab, role: str, argv: list[str], timeout: float = TIMEOUT) -> Run:
 
 
 def mtd(lab: Lab, role: str, state: Path, *args: str) -> Run:
-    return run(lab, role, [PY, "-m", "reconciler", "-s", str(state), *args])
+    # Its own files, caches included, next to the state (never the host's /var/lib/mtd).
+    argv = [PY, "-m", "reconciler", "-s", str(state), "--state-dir", str(state.parent)]
+    return run(lab, role, [*argv, *args])
 
 
 def median(values: list[float]) -> float:
@@ -1150,6 +1152,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mtd-bench-") as tmp:
         work = Path(tmp)
+        os.environ.setdefault("MTD_STATE_DIR", str(work))  # every other mtd process's files
         if "cost" in parts:
             results["cost"], results["classic"] = [], []
             for n in args.sizes:

@@ -12,6 +12,7 @@ on Ctrl-C and on failure too.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def whole_internet(lab: Lab, state: Path, daemon: MtdRun, url: str, workdir: Pat
 
 def run_demo(workdir: Path) -> None:
     state = workdir / "state.yaml"
+    os.environ["MTD_STATE_DIR"] = str(workdir)  # mtd's files and caches: never this host's
     say("mtd demo: a lab of network namespaces; nothing on this host is changed.")
     say("   server    192.0.2.1 / 2001:db8::1, listening on tcp 1-5 and udp 53")
     say("   untrusted 192.0.2.3 / 2001:db8::3 (watched; tcp 1 and 2 never move for it)")
