@@ -238,8 +238,7 @@ class Nft:
     # only grows, so if anything else was committed in between, the ruleset has already
     # left the recorded mark for good (short of 2^32 commits) and the record never
     # matches. Reading it right after a commit would also wait about 10 ms for the kernel
-    # to finish that commit's clean-up.
-
+    # to finish that commit's clean-up. The record is kept in `cache` (`committed`).
     def _remember(self, name: str, commands: Sequence[dict[str, Any]], before: str) -> None:
         """After mtd's own commit, which moved the generation by one from `before`."""
         boot, cookie, gen = before.rsplit(":", 2)
