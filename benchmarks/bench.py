@@ -22,6 +22,13 @@ it to benchmarks/results/latest.md.
    tripwire) at several bucket counts: `mtd apply` and `mtd rotate`, rules and elements;
    and, in one lab and one run, connections per second from a per_source source and from an
    explicit entry, alternated.
+8. Footprint: the example state's ruleset and `mtd apply`; per_source rotations in `mtd run`.
+9. Timing (timing.py): SYN to RST at real service ports moved away against unused ports,
+   kernel timestamps, and the SYNs per port a median classifier needs to tell them apart.
+
+Packet rate and timing compare two rulesets in one lab, alternated: `--template FILE` (the
+one under test, default the shipped maps) against `--baseline FILE` (default: the same
+ruleset without issue 21's ICMP-error drops, see timing.icmp_error_drop).
 
 Addresses: bulk sources are map keys that never send a packet (benchmarks/states.py).
 
@@ -51,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script (make bench): import from this checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import states  # noqa: E402
+from benchmarks import states, timing  # noqa: E402
 from reconciler.adapters import files, kernel  # noqa: E402
 from reconciler.core import bulk, diff, render, shuffle  # noqa: E402
 from reconciler.lab.mtdrun import MtdRun  # noqa: E402
@@ -61,7 +68,8 @@ PY = sys.executable
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "latest.md"
 SIZES = (10, 1_000, 10_000, 100_000)
-PARTS = ("cost", "latency", "packets", "fleet", "failover", "events", "coverage", "footprint")
+PARTS = ("cost", "latency", "packets", "rules", "fleet", "failover", "events", "coverage",
+         "footprint", "timing")  # fmt: skip
 CLASSIC_MAX = 1_000  # 10,000 sources are 450,000 classic rules: minutes and ~10 GB per apply
 TIMEOUT = 1800  # seconds for any one process; nothing here may hang
 PORT = 3  # the moved service connections go to in the packet test
@@ -605,6 +613,49 @@ def packets(work: Path, sources: int, template: str, seconds: float, repeats: in
         return Rate(sources, template, median(rates), load)
 
 
+@dataclass
+class Alternated:
+    sources: int
+    labels: tuple[str, str]
+    rules: tuple[int, int]
+    rates: tuple[list[float], list[float]]
+
+    @property
+    def ratio(self) -> float:
+        return median(self.rates[0]) / median(self.rates[1])
+
+
+def alternated(
+    work: Path, sources: int, template: Path, baseline: Path | None, seconds: float, repeats: int
+) -> Alternated:
+    """Connections per second from the watched client to its shuffled port with two rulesets
+    in one lab: `template` and `baseline` (None: `template` without issue 21's ICMP-error
+    drops), each loaded with one `json_cmd` before each of its runs, the runs alternated so
+    load on the machine falls on both alike."""
+    say(f"packets: {template} against {baseline or 'it without the ICMP-error drops'}, "
+        f"{sources} watched sources")  # fmt: skip
+    with Lab(prefix="mtdb") as lab:
+        lab.add_server()
+        client = lab.add_client("unt", states.UNDER_TEST, "2001:db8::3")
+        lab.serve("srv", states.SERVICES, [])
+        here = work / f"alt{sources}"
+        state = files.load_state(states.write(here / "state.yaml", sources))
+        mapping = shuffle.compute(state, files.load_secret(state.secret_file, create=True), 0)
+        docs = [timing.ruleset(state, mapping, template, here / "under.json"),
+                timing.ruleset(state, mapping, baseline or template, here / "base.json",
+                               strip_icmp=baseline is None)]  # fmt: skip
+        port = mapping.moves[(client.v4, "tcp")][PORT]
+        argv = [PY, str(HERE / "connrate.py"), lab.server.v4, str(port), str(seconds)]
+        rates: tuple[list[float], list[float]] = ([], [])
+        for _ in range(repeats):
+            for (doc, _), got in zip(docs, rates, strict=True):
+                run(lab, "srv", [PY, str(HERE / "floor.py"), "apply", str(doc)])
+                got.append(float(run(lab, "unt", argv).out))
+    base = timing.label(baseline) if baseline else "the same without ICMP-error drops"
+    labels = (timing.label(template), base)
+    return Alternated(sources, labels, (docs[0][1], docs[1][1]), rates)
+
+
 # --- 7. coverage: the whole internet per source ------------------------------------------
 
 
@@ -905,6 +956,24 @@ def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> st
                 f"| {r.template} | {r.sources:,} | {r.per_second:,.0f} | {rel} | {secs(r.load)} |"
             )
         out.append("")
+    alts: list[Alternated] = results.get("alternated", [])
+    if alts:
+        out += [
+            "Issue 21's rules against a ruleset without them, one lab, the two loaded in turn "
+            "(one `json_cmd` each) before each run, runs alternated; connections per second "
+            "from the last watched source to its shuffled port, median of "
+            f"{len(alts[0].rates[0])} runs of {args.seconds:g} s each:",
+            "",
+            "| watched sources | ruleset | rules | connections/s (runs) | ratio |",
+            "|--:|---|--:|--:|--:|",
+        ]
+        for a in alts:
+            for i in (0, 1):
+                runs = ", ".join(f"{x:,.0f}" for x in a.rates[i])
+                ratio = f"{a.ratio:.1%}" if i == 0 else "100%"
+                out.append(f"| {a.sources:,} | {a.labels[i]} | {a.rules[i]} | "
+                           f"{median(a.rates[i]):,.0f} ({runs}) | {ratio} |")  # fmt: skip
+        out.append("")
     nets: list[Internet] = results.get("internet", [])
     if nets:
         out += [
@@ -1036,6 +1105,22 @@ def report(results: dict[str, Any], args: argparse.Namespace, took: float) -> st
                 f"| {size(e.n)} | {e.mappings:,} | {idle} | {rss} | " + " | ".join(cells) + " |"
             )
         out.append("")
+    rows: list[timing.Row] = results.get("timing", [])
+    if rows:
+        out += [
+            "## 9. Timing: real service ports against unused ones",
+            "",
+            "timing.py: SYNs from a watched source to every port of the range it finds closed "
+            "(services 1-5 moved away; range 1-20, 16 buckets), one at a time, each from a "
+            "new source port; SYN to RST timed by the kernel in the client's namespace "
+            "(SO_TIMESTAMPNS on a packet socket), rulesets alternated round by round. "
+            f"{args.timing_syns:,} SYNs per closed port in {args.timing_rounds} rounds. "
+            f"Closed ports per view (real; unused): {timing.ports_text(rows)}. "
+            + timing.CLASSIFIER,
+            "",
+            *timing.table(rows),
+            "",
+        ]
     out += targets(results)
     return "\n".join(out) + "\n"
 
@@ -1109,6 +1194,9 @@ def targets(results: dict[str, Any]) -> list[str]:
         rel = rates[("maps", many)] / rates[("maps", 1)]
         what = f"maps: connection rate at {many:,} sources within 10% of 1 source"
         rows.append((what, f"{rel:.0%}", rel >= 0.9))
+    for a in results.get("alternated", []):
+        what = f"issue 21's rules cost <= 10% of connections/s at {a.sources:,} sources"
+        rows.append((what, f"{a.ratio:.1%} of without", a.ratio >= 0.9))
     if not rows:
         return []
     out = ["## Targets", "", "| target | this run | met |", "|---|--:|---|"]
@@ -1135,6 +1223,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="runs per measurement (default by size)")
     parser.add_argument("--no-ipv6", action="store_true", help="skip the +v6 variants")
     parser.add_argument("--out", type=Path, default=RESULTS, help="report file")
+    parser.add_argument(
+        "--template",
+        type=Path,
+        default=timing.SHIPPED,
+        help="the ruleset under test for packets and timing (NAME.json.j2)",
+    )
+    parser.add_argument("--baseline", type=Path,
+                        help="the ruleset it is compared with (default: it without issue 21's "
+                        "ICMP-error drops)")  # fmt: skip
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     if args.quick:
@@ -1143,6 +1240,10 @@ def main() -> None:
     args.sizes = sizes or list(SIZES)
     args.seconds, args.repeats = (1.0, 2) if args.quick else (3.0, 3)
     parts = args.parts.split(",")
+    args.timing_syns, args.timing_rounds = (400, 4) if args.quick else (4000, 20)
+    for t in (args.template, args.baseline):
+        if t is not None and (not t.name.endswith(".json.j2") or not t.is_file()):
+            sys.exit(f"bench: {t}: expected a template file NAME.json.j2")
     if os.geteuid() != 0:
         sys.exit("bench: needs root (it creates network namespaces)")
     # Compiled as pip compiles an installed mtd: under PYTHONDONTWRITEBYTECODE (set in some
@@ -1203,6 +1304,15 @@ def main() -> None:
             results["example"] = example(work, args.runs or 11)
             triggers = 30 if args.quick else 200
             results["rotation"] = [rotation(work, b, triggers) for b in (16, 64, 256)]
+        if "rules" in parts:
+            many = 1_000 if args.quick else 10_000
+            results["alternated"] = [alternated(work, many, args.template, args.baseline,
+                                                args.seconds, max(args.repeats, 5))]  # fmt: skip
+        if "timing" in parts:
+            compared = [args.template, *([args.baseline] if args.baseline else [])]
+            families = (4,) if args.no_ipv6 else (4, 6)
+            results["timing"] = timing.measure(compared, args.timing_syns, args.timing_rounds,
+                                               families)  # fmt: skip
     text = report(results, args, time.perf_counter() - start)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
