@@ -1307,7 +1307,7 @@ def main() -> None:
         if "rules" in parts:
             many = 1_000 if args.quick else 10_000
             results["alternated"] = [alternated(work, many, args.template, args.baseline,
-                                                args.seconds, max(args.repeats, 5))]  # fmt: skip
+                                                args.seconds, 5 if args.quick else 9)]  # fmt: skip
         if "timing" in parts:
             compared = [args.template, *([args.baseline] if args.baseline else [])]
             families = (4,) if args.no_ipv6 else (4, 6)
