@@ -32,7 +32,7 @@ from typing import Any
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # asm-generic's value
-TCP_SYN, TCP_RST = 0x02, 0x04
+TCP_SYN, TCP_RST, TCP_SYNACK = 0x02, 0x04, 0x12
 
 
 def _checksum(data: bytes) -> int:
@@ -92,9 +92,11 @@ def sample(
     sport: int = 20000,
     timeout: float = 1.0,
 ) -> dict[int, list[int]]:
-    """SYN-to-RST latencies in nanoseconds per port, `syns` SYNs to each port. A SYN met
-    with silence (or answered otherwise) within `timeout` counts nothing; the caller sees
-    the shortfall in the number of samples."""
+    """SYN-to-answer latencies in nanoseconds per port, `syns` SYNs to each port: the
+    answer is the RST of a closed port or the SYN-ACK of an open one (which the client's
+    kernel then resets: no socket of its own sent the SYN). A SYN met with silence (or
+    answered otherwise) within `timeout` counts nothing; the caller sees the shortfall in
+    the number of samples."""
     rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     rx.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     rx.bind((iface, 0))
@@ -124,7 +126,8 @@ def sample(
                             sent = _stamp(ancillary)
                     elif seg[:2] == (port, mine):
                         got = _stamp(ancillary)
-                        if seg[2] & TCP_RST and sent is not None and got is not None:
+                        answer = seg[2] & TCP_RST or seg[2] & TCP_SYNACK == TCP_SYNACK
+                        if answer and sent is not None and got is not None:
                             out[port].append(got - sent)
                         break
     finally:
