@@ -12,7 +12,7 @@ The rest is pure statistics on the samples: medians, a bootstrap interval for th
 between two kinds of port, and how many SYNs per port a median classifier needs to pick
 one kind out. Both use the fact that the median of k draws with replacement from n sorted
 samples is the sample at rank floor(n * U), U ~ Beta((k+1)/2, (k+1)/2) for odd k: one draw
-per median, so a simulation of 100,001 SYNs per port costs no more than one of 11.
+per median, so a simulation of 10,001 SYNs per port costs no more than one of 11.
 """
 
 from __future__ import annotations
@@ -216,8 +216,9 @@ class Comparison:
     real: list[float]  # microseconds, pooled over the ports of the kind
     unused: list[float]
     gap: tuple[float, float, float]  # median(unused) - median(real) and its 95% interval
-    syns: int | None  # SYNs per port for 99% exact picks (None: more than 100,001)
+    syns: int | None  # SYNs per port for 99% exact picks (None: more than were measured)
     lost: int  # SYNs that met no RST
+    measured: int  # the fewest samples of one port: the most SYNs the simulation tries
 
     @staticmethod
     def of(
@@ -229,10 +230,13 @@ class Comparison:
         us = {p: [x / 1000 for x in s] for p, s in by_port.items() if s}
         kinds = {p: p in real for p in us}
         pooled = {k: [x for p in us if kinds[p] == k for x in us[p]] for k in (True, False)}
-        needed = syns_needed(kinds, us) if classify and all(pooled.values()) else None
+        # No more SYNs than were measured per port: past that, the simulated medians only
+        # read the samples' own, and the answer says more about the samples than the path.
+        most = min(len(s) for s in us.values()) | 1 if us else 1
+        needed = syns_needed(kinds, us, most=most) if classify and all(pooled.values()) else None
         lost = syns_sent * len(by_port) - sum(len(s) for s in by_port.values())
         return Comparison(pooled[True], pooled[False], gap(pooled[True], pooled[False]),
-                          needed, lost)  # fmt: skip
+                          needed, lost, most)  # fmt: skip
 
 
 def spread(values: Sequence[float]) -> float:
