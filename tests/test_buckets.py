@@ -74,9 +74,10 @@ def add_sources(lab: Lab) -> None:
 
 
 def valid_shuffle(view: dict[int, int], services: list[int]) -> None:
-    """Every service answers, each at its own port, none at a service port, all in range."""
+    """Every service answers, each at a port of its own, all in the range (a service port
+    too: there, another service or the same one answers)."""
     assert sorted(view.values()) == services, view
-    assert not set(view) & set(services) and all(1 <= p <= 20 for p in view), view
+    assert all(1 <= p <= 20 for p in view), view
 
 
 def test_per_source_gives_each_source_its_buckets_view_as_mtd_mapping_computes(tmp_path):
@@ -119,6 +120,57 @@ def test_stateless_probes_of_a_per_source_source_match_its_syn_view(tmp_path, mo
         for v, target in ((4, SERVER4), (6, SERVER6)):
             want = visible(seen_moves(state, "192.0.2.3" if v == 4 else "2001:db8::3"), SERVICES)
             assert set(nmap_open(lab, "unt", target, mode)) == want, (v, mode)
+
+
+# Issue 21, finding 4: were service ports never targets, the ports of the range closed in
+# every view would be exactly the service ports. Explicit, per_source and dynamic sources.
+SHUFFLED = {
+    "watched": [
+        {"source": "192.0.2.100"},
+        {"source": "192.0.2.101"},
+        {"source": "192.0.2.104/29", "per_source": True},
+        {"source": "2001:db8:0:1::5"},
+        {"source": "2001:db8:0:2::/63", "per_source": True},
+    ],
+}
+KINDS = {
+    "explicit": ["192.0.2.100", "192.0.2.101", "2001:db8:0:1::5"],
+    "per_source": [*SOURCES4[4:], "2001:db8:0:2::5", "2001:db8:0:3::5"],
+    "dynamic": ["192.0.2.102", "192.0.2.103", "2001:db8:0:4::5"],
+}
+
+
+def test_service_ports_are_shown_in_some_view_and_real_ports_stay_closed(tmp_path):
+    """Over three epochs, a service port of the range is open in some view of each kind of
+    source; every view holds exactly the moved services, at the ports `mtd mapping` names,
+    and a real port answers only where a service is shown at it. The leak counter counts
+    exactly the new connections to a real port that shows nothing to that source."""
+    state = write_state(tmp_path / "state.yaml", **SHUFFLED)
+    with standard_lab() as lab:
+        add_sources(lab)
+        assert apply(lab, state).returncode == 0
+        for source in KINDS["dynamic"]:
+            out = mtd("-s", str(state), "watch", "add", source, "--local", ns=lab)
+            assert out.returncode == 0, out.stderr
+        shown: dict[str, set[int]] = {kind: set() for kind in KINDS}
+        for epoch in range(3):
+            if epoch:
+                assert apply(lab, state, cmd="rotate").returncode == 0
+            for fam, server in (("ip", SERVER4), ("ip6", SERVER6)):
+                sources = [s for k in KINDS.values() for s in k if (":" in s) == (fam == "ip6")]
+                before = counter(lab, f"real_port_{fam}")
+                found = views(lab, server, sources)
+                leaks = 0
+                for kind, members in KINDS.items():
+                    for source in set(members) & set(found):
+                        view = found[source]
+                        assert view == expected(state, source), (epoch, source)
+                        valid_shuffle(view["tcp"], SERVICES)
+                        assert list(view["udp"].values()) == [53], view
+                        shown[kind] |= set(view["tcp"]) & set(SERVICES)
+                        leaks += len(set(SERVICES) - set(view["tcp"])) + 1  # UDP 53 too
+                assert counter(lab, f"real_port_{fam}") - before == leaks, (epoch, fam)
+        assert all(shown.values()), shown
 
 
 def element_count(lab: Lab) -> int:

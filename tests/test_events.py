@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import mtd
-from tests.kernel import nft
+from tests.kernel import nft, seen_moves
 from tests.redis_fixtures import needs_redis
 from tests.test_daemon import fleet, is_pass, started
 
@@ -166,6 +166,13 @@ def _packets(f) -> dict[tuple[str, str], float]:
     return out
 
 
+def _hidden(f) -> int | None:
+    """A service moved for unt (192.0.2.3 keeps 1 and 2) whose real port shows nothing to
+    it at the current epoch: service ports may show another service (issue 21, finding 4)."""
+    shown = set(seen_moves(f.states["srv"], "192.0.2.3").values())
+    return next((p for p in (3, 4, 5) if p not in shown), None)
+
+
 def test_packet_counters_move_with_scans_and_survive_rotations(tmp_path: Path):
     from reconciler.lab.netns import nmap_open
 
@@ -182,27 +189,30 @@ def test_packet_counters_move_with_scans_and_survive_rotations(tmp_path: Path):
         assert scanned[("moved", "ip")] > 0 and scanned[("stateless", "ip")] > 0, scanned
         assert scanned[("moved", "ip6")] == 0 and scanned[("stateless", "ip6")] == 0
 
-        # The leak signal: a connection to the real port 3 (moved for unt) from unt; the
-        # trusted client's connections to it count nowhere.
+        # The leak signal: a connection to the real port of a service moved for unt that
+        # shows nothing to unt; the trusted client's connections to it count nowhere.
         before = _packets(f)[("real_port", "ip")]
-        assert f.probe("tru", 3) == "port 3"
+        port = _hidden(f)
+        assert f.probe("tru", port or 3) == f"port {port or 3}"
         assert _packets(f)[("real_port", "ip")] == before
-        f.probe("unt", 3)
+        f.probe("unt", port or 3)
         leaked = _packets(f)
-        assert leaked[("real_port", "ip")] == before + 1, leaked
+        assert leaked[("real_port", "ip")] == before + (port is not None), leaked
 
         assert f.publish() == 1  # a rotation replaces the table and its counters...
         d.applied(1)
         after = _packets(f)
         assert all(after[k] >= leaked[k] for k in leaked), (leaked, after)  # ...not the totals
-        f.probe("unt", 3)
-        assert _packets(f)[("real_port", "ip")] == leaked[("real_port", "ip")] + 1
+        port = _hidden(f)
+        f.probe("unt", port or 3)
+        assert _packets(f)[("real_port", "ip")] == leaked[("real_port", "ip")] + (port is not None)
 
         status = mtd("-s", str(f.states["srv"]), "status", "--json", ns=f.lab)
         assert status.returncode == 0, status.stderr
         import json
 
-        assert json.loads(status.stdout)["packets"]["real_port_ip"] == 1  # since the rotation
+        since = json.loads(status.stdout)["packets"]["real_port_ip"]  # since the rotation
+        assert since == (port is not None)
         assert d.proc.poll() is None
 
 

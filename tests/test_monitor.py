@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 from reconciler.adapters import monitor
-from reconciler.core import repair
+from reconciler.core import repair, shuffle
 
 SUBSYS = monitor.NFNL_SUBSYS_NFTABLES << 8
 
@@ -242,21 +242,21 @@ def _raw(op: str, name: str, addr: str, port: int, to: int | None = None):
 
 def test_element_repair_puts_back_just_the_touched_elements(tmp_path):
     skeleton, desired, mapping = _rendered(tmp_path)
-    hidden = mapping.moves[("192.0.2.3", "tcp")][3]
-    deleted = _raw("-", "tcp4", "192.0.2.3", 3, hidden)
-    changed = [_raw("-", "tcp4", "192.0.2.3", hidden, 3), _raw("+", "tcp4", "192.0.2.3", hidden, 7)]
+    inbound = shuffle.inbound(mapping.moves[("192.0.2.3", "tcp")])  # tcp4: shown -> real
+    (a, to_a), (b, to_b), (c, to_c) = sorted(inbound.items())[:3]
+    deleted = _raw("-", "tcp4", "192.0.2.3", a, to_a)
+    changed = [_raw("-", "tcp4", "192.0.2.3", b, to_b), _raw("+", "tcp4", "192.0.2.3", b, 77)]
     extra = _raw("+", "tcp4", "192.0.2.99", 80, 8080)
-    four = mapping.moves[("192.0.2.3", "tcp")][4]
-    back = [_raw("-", "tcp4", "192.0.2.3", 4), _raw("+", "tcp4", "192.0.2.3", 4, four)]
+    back = [_raw("-", "tcp4", "192.0.2.3", c), _raw("+", "tcp4", "192.0.2.3", c, to_c)]
     out = repair.elements("mtd", skeleton, desired, [deleted, *changed, extra, *back])
     assert not isinstance(out, str), out
     batch, changes = out
-    concat = {"concat": ["192.0.2.3", hidden]}
+    concat = {"concat": ["192.0.2.3", b]}
     assert batch == [
         {"delete": {"element": {"family": "inet", "table": "mtd", "name": "tcp4",
                                 "elem": [concat, {"concat": ["192.0.2.99", 80]}]}}},
         {"add": {"element": {"family": "inet", "table": "mtd", "name": "tcp4",
-                             "elem": [[{"concat": ["192.0.2.3", 3]}, hidden], [concat, 3]]}}},
+                             "elem": [[{"concat": ["192.0.2.3", a]}, to_a], [concat, to_b]]}}},
     ]  # fmt: skip
     assert [c.op for c in changes] == ["+", "~", "-"]  # restored, value put back, removed
     # The dynamic sets are runtime state; elements of a set mtd does not define, or of a type
@@ -272,14 +272,15 @@ def test_element_repair_puts_back_just_the_touched_elements(tmp_path):
 def test_desired_elements_are_found_by_source_without_a_copy_per_element(tmp_path):
     _, desired, mapping = _rendered(tmp_path)
     moves = mapping.moves[("192.0.2.3", "tcp")]
-    real, hidden = next(iter(moves.items()))
-    assert desired.get("tcp4", f"192.0.2.3 . {real}") == (True, str(hidden))
-    assert desired.get("tcp4", f"192.0.2.3 . {hidden}") == (True, str(real))  # both ways
+    for shown, real in shuffle.inbound(moves).items():  # both maps, from the same rows
+        assert desired.get("tcp4", f"192.0.2.3 . {shown}") == (True, str(real))
+        assert desired.get("tcp4_out", f"192.0.2.3 . {real}") == (True, str(shown))
     assert desired.get("tcp4", "192.0.2.3 . 1") == (False, None)  # ignored port: not moved
+    assert desired.get("tcp4_out", "192.0.2.3 . 1") == (False, None)
     assert desired.get("tcp4", "192.0.2.4 . 3") == (False, None)
     rows, _ = desired._index["tcp4"]
-    assert rows["192.0.2.3"] is moves  # the shuffle's own dict, not a copy
-    net = mapping.moves[("198.51.100.0/24", "tcp")]
+    assert rows["192.0.2.3"][1] is moves  # the shuffle's own dict, not a copy
+    net = shuffle.inbound(mapping.moves[("198.51.100.0/24", "tcp")])
     p = next(iter(net))
     assert desired.get("tcp4_net", f"198.51.100.0/24 . {p}") == (True, str(net[p]))
     assert desired.get("svc_tcp", "3") == (True, None)

@@ -41,31 +41,35 @@ def test_maps_rule_count_is_constant_whatever_the_number_of_sources():
 
     # One IPv4 address or 199 of them: the same rules. 10 whatever the state (the host's own
     # traffic, the guard's), 6 drop ICMP errors forged from elsewhere, dynamic sources (always
-    # there, for `mtd watch`) 9 for IPv4 and 10 for IPv6, one shared bucket 20 (no per_source
-    # entry): 55. Each class a family uses adds 4 (IPv6: 5) and, addresses and prefixes, 10
-    # for their maps; per_source pieces, 5 jumps to the buckets.
-    base = 10 + 6 + 9 + 10 + 20
-    assert rules(hosts(199)) == rules(hosts(1)) == base + 4 + 10
-    assert sum("rule" in c["add"] for c in rendered()[2]) == base + 14 + 14 + 15 == 98
+    # there, for `mtd watch`) 9 for IPv4 and 10 for IPv6, 4 leak counters (a family and
+    # protocol each, after NAT), one shared bucket 16 (no per_source entry): 55. Each class a
+    # family uses adds 4 (IPv6: 5) and, addresses and prefixes, 8 for their maps; per_source
+    # pieces, 5 jumps to the buckets.
+    base = 10 + 6 + 9 + 10 + 4 + 16
+    assert rules(hosts(199)) == rules(hosts(1)) == base + 4 + 8
+    assert sum("rule" in c["add"] for c in rendered()[2]) == base + 12 + 12 + 13 == 92
     internet = (
         "watched: [{source: 0.0.0.0/0, per_source: true}, {source: '::/0', per_source: true}]\n"
     )
     per_source = (4 + 5) + (5 + 5)
-    assert rules(internet) == base + per_source + 20 * 15  # the default 16 buckets
+    assert rules(internet) == base + per_source + 16 * 15  # the default 16 buckets
     everything = "trusted: [203.0.113.0/24]\ntripwire: {tcp: [23], udp: [69], for: 60}\n"
     # Trusted prefixes of one family: 5 rules; a tripwire of two protocols, 2 per family.
-    assert rules(internet, everything + "buckets: 3\n") == base + per_source + 5 + 4 + 20 * 2
+    assert rules(internet, everything + "buckets: 3\n") == base + per_source + 5 + 4 + 16 * 2
     prefix = internet.replace("]\n", ", {source: 198.51.100.0/24}]\n")
-    assert rules(prefix, "buckets: 3\n") == rules(internet, "buckets: 3\n") + 4 + 10
+    assert rules(prefix, "buckets: 3\n") == rules(internet, "buckets: 3\n") + 4 + 8
 
 
-def test_maps_hold_both_directions_of_every_swap():
+def test_maps_hold_the_permutation_inbound_and_its_inverse_outbound():
     _, mapping, commands = rendered()
-    elems = {tuple(e[0]["concat"]): e[1] for e in objects(commands, "map")["tcp4"]["elem"]}
-    for real, hidden in mapping.moves[("192.0.2.3", "tcp")].items():
-        assert elems[("192.0.2.3", real)] == hidden
-        assert elems[("192.0.2.3", hidden)] == real
-    assert ("192.0.2.3", 1) not in elems  # ignored for this source
+    maps = objects(commands, "map")
+    into = {tuple(e[0]["concat"]): e[1] for e in maps["tcp4"]["elem"]}
+    out = {tuple(e[0]["concat"]): e[1] for e in maps["tcp4_out"]["elem"]}
+    for real, shown in mapping.moves[("192.0.2.3", "tcp")].items():
+        if shown != real:
+            assert into[("192.0.2.3", shown)] == real and out[("192.0.2.3", real)] == shown
+    assert {(s, to): p for (s, p), to in into.items()} == out
+    assert ("192.0.2.3", 1) not in into  # ignored for this source
 
 
 def test_most_specific_source_wins():

@@ -157,8 +157,8 @@ class Desired:
 
     def __init__(self, containers: Mapping[str, list[tuple[bool, Any]]]) -> None:
         self._containers = dict(containers)  # name -> [(is_map, elem list or Elements)]
-        self._index: dict[str, tuple[dict[str, Mapping[int, int]], dict[str, str | None]]] = {}
-        self._reverse: dict[tuple[str, str], dict[int, int]] = {}
+        self._index: dict[str, tuple[dict[str, Any], dict[str, str | None]]] = {}
+        self._ports: dict[tuple[str, str], Mapping[int, int]] = {}
 
     @classmethod
     def from_commands(cls, commands: Iterable[Mapping[str, Any]]) -> Desired:
@@ -184,36 +184,34 @@ class Desired:
         if key_text in plain:
             return True, plain[key_text]
         source, sep, port = key_text.rpartition(" . ")
-        moves = rows.get(source) if sep and port.isdigit() else None
-        if moves is None:
+        row = rows.get(source) if sep and port.isdigit() else None
+        if row is None:
             return False, None
-        p = int(port)
-        to = moves.get(p)
-        if to is None:  # the other direction of the swap: hidden -> real
-            to = self._reversed(name, source, moves).get(p)
+        to = self._row_ports(name, source, row).get(int(port))
         return (False, None) if to is None else (True, str(to))
 
-    def _reversed(self, name: str, source: str, moves: Mapping[int, int]) -> dict[int, int]:
-        """hidden -> real of one source's moves, built at its first reverse lookup: a map
-        flushed by hand asks for every element, each source's once per moved port."""
+    def _row_ports(self, name: str, source: str, row: tuple[Any, Mapping[int, int]]) -> Any:
+        """One source's map (`Elements.ports`), built at its first lookup: a map flushed by
+        hand asks for every element, each source's once per port."""
         key = (name, source)
-        found = self._reverse.get(key)
+        found = self._ports.get(key)
         if found is None:
-            found = self._reverse[key] = {hidden: real for real, hidden in moves.items()}
+            elems, moves = row
+            found = self._ports[key] = elems.ports(moves)
         return found
 
-    def _indexed(self, name: str) -> tuple[dict[str, Mapping[int, int]], dict[str, str | None]]:
+    def _indexed(self, name: str) -> tuple[dict[str, Any], dict[str, str | None]]:
         found = self._index.get(name)
         if found is not None:
             return found
-        rows: dict[str, Mapping[int, int]] = {}
+        rows: dict[str, tuple[Any, Mapping[int, int]]] = {}
         plain: dict[str, str | None] = {}
         for is_map, elems in self._containers.get(name, []):
             if hasattr(elems, "moves_by_key"):
                 for text, moves in elems.moves_by_key():
                     if text in rows:  # a source in two rows: merge (never rendered so)
-                        moves = {**rows[text], **moves}
-                    rows[text] = moves
+                        moves = {**rows[text][1], **moves}
+                    rows[text] = (elems, moves)
             else:
                 plain.update(diff.keyed({"map" if is_map else "set": None, "elem": elems}))
         self._index[name] = rows, plain

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
+from reconciler.core import shuffle
 from reconciler.core.caches import NONE, OFF, Caches, Entries
 from reconciler.core.shuffle import PortMap
 from reconciler.core.state import HOST_LOCAL, PROTOCOLS, Network, State, Watched
@@ -57,11 +58,14 @@ def context(
 ) -> dict[str, Any]:
     """Everything a template may use. Element lists are ready for `| tojson`."""
     entries = {v: list((dynamic or {}).get(v, ())) for v in ("4", "6")}
+    # Each port map twice: inbound (tcp4: shown -> real) and outbound (tcp4_out: real ->
+    # shown), the same rows read in either direction (`Elements`).
     elements = {
-        f"{proto}{v}{kind}": Elements(f"elements.{proto}{v}{kind}")
+        f"{proto}{v}{kind}{out}": Elements(f"elements.{proto}{v}{kind}{out}", bool(out))
         for proto in PROTOCOLS
         for v in (4, 6)
         for kind in ("", "_net")
+        for out in ("", "_out")
     }
     sources: dict[str, list[str]] = {"4": [], "6": []}
     ranged = [w for w in state.watched if w.per_source or not w.is_host]
@@ -87,15 +91,16 @@ def context(
             if not moves:
                 continue
             if w.is_host:
-                out, keys = elements[f"{proto}{v}"], [label]
+                name, keys = f"{proto}{v}", [label]
             else:
-                out = elements[f"{proto}{v}_net"]
+                name = f"{proto}{v}_net"
                 keys = [
                     {"prefix": {"addr": str(p.network_address), "len": p.prefixlen}}
                     for p in pieces[w.source]
                 ]
             for key in keys:
-                out.add(key, moves)
+                elements[name].add(key, moves)
+                elements[f"{name}_out"].add(key, moves)
     return {
         "table": Opaque("table", state.table),
         "family": "inet",
@@ -140,11 +145,12 @@ def fleet_state(state: State) -> dict[str, Any]:
 
 
 def _bucket_elements(by_proto: Mapping[str, Mapping[int, int]]) -> dict[str, list[list[int]]]:
-    """One bucket's map elements, both directions of each swap (`P : R` and `R : P`)."""
+    """One bucket's map elements: `tcp` inbound (shown -> real), `tcp_out` outbound."""
     out: dict[str, list[list[int]]] = {}
     for proto in PROTOCOLS:
-        pairs = sorted(by_proto.get(proto, {}).items())
-        out[proto] = [[real, hid] for real, hid in pairs] + [[hid, real] for real, hid in pairs]
+        inbound = shuffle.inbound(by_proto.get(proto, {}))
+        out[proto] = [[shown, real] for shown, real in sorted(inbound.items())]
+        out[f"{proto}_out"] = [[real, shown] for shown, real in sorted(inbound.items())]
     return out
 
 

@@ -1,8 +1,14 @@
 """The port shuffle: which port each moved service hides behind, per source and epoch.
 
 Pure and deterministic: HMAC-SHA256 keyed with the secret, in counter mode, drives a partial
-Fisher-Yates shuffle of the free ports. Same secret, epoch and state give the same mapping (so
-a restart changes nothing); without the secret the mapping cannot be predicted.
+Fisher-Yates shuffle of the ports a source's services may be shown at. Same secret, epoch and
+state give the same mapping (so a restart changes nothing); without the secret the mapping
+cannot be predicted.
+
+Targets come from the whole range minus the ports that stay in place for the source (its
+`ignore` list, `ports.fixed`): service ports included. Were they left out, the ports of the
+range never open in any view would be exactly the service ports (issue 21, finding 4). A
+move is then a permutation, not a swap: `inbound` and `outbound` complete it.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ _SPAN = 1 << 32
 
 @dataclass(frozen=True)
 class PortMap:
-    """`moves[(source label, proto)]` maps each moved real port to its shuffled port (explicit
-    entries); `buckets[k][proto]` the same for bucket k (per_source entries and dynamic
-    sources), which the kernel picks with `jhash` seeded with `seed`."""
+    """`moves[(source label, proto)]` maps each moved real port to the port it is shown at
+    (explicit entries; a service may be shown at another's port, or at its own);
+    `buckets[k][proto]` the same for bucket k (per_source entries and dynamic sources),
+    which the kernel picks with `jhash` seeded with `seed`."""
 
     epoch: int
     moves: Mapping[tuple[str, str], Mapping[int, int]]
@@ -91,10 +98,50 @@ def draw(key: bytes, label: bytes, pool: Sequence[int], k: int) -> list[int]:
     return out
 
 
+def inbound(moves: Mapping[int, int]) -> dict[int, int]:
+    """The port a packet to each port is moved to (shown -> real): a permutation of the
+    moved services and their targets. A moved service that is no target goes to a target
+    that is no service (nothing listens there: its real port looks closed, as before);
+    sorted pairing, since what a closed port hides is never seen. A service shown at its
+    own port stays out (nothing to move, and its answers leave from the port asked)."""
+    out = {shown: real for real, shown in moves.items() if shown != real}
+    hidden = sorted(real for real in moves if real not in out and moves[real] != real)
+    free = sorted(shown for shown in out if shown not in moves)
+    out.update(zip(hidden, free, strict=True))
+    return out
+
+
+def size(moves: Mapping[int, int]) -> int:
+    """The number of ports `inbound(moves)` maps, without building it."""
+    return sum(1 for real, shown in moves.items() if shown != real) + sum(
+        1 for real, shown in moves.items() if shown != real and shown not in moves
+    )
+
+
+def outbound(moves: Mapping[int, int]) -> dict[int, int]:
+    """The inverse of `inbound` (real -> shown): what the host's answers leave from."""
+    return {real: shown for shown, real in inbound(moves).items()}
+
+
 def compute(state: State, secret: bytes, epoch: int) -> PortMap:
-    """The whole mapping of one epoch: one independent permutation per (source, protocol)."""
+    """The whole mapping of one epoch: one independent permutation per (source, protocol).
+
+    A template that writes each move as a swap of two ports (`Support.swaps`, classic) gets
+    targets from the free ports only, so the swaps never overlap."""
+    from reconciler.core.templates import support
+
     key = epoch_key(secret, epoch)
-    pools = {proto: state.free_ports(proto) for proto in PROTOCOLS}
+    swaps = support(state.template).swaps
+    pools: dict[tuple[str, frozenset[int]], Sequence[int]] = {}
+
+    def pool(proto: str, ignore: frozenset[int]) -> Sequence[int]:
+        found = pools.get((proto, ignore))
+        if found is None:
+            found = pools[(proto, ignore)] = (
+                state.free_ports(proto) if swaps else state.target_ports(proto, ignore)
+            )
+        return found
+
     moves: dict[tuple[str, str], dict[int, int]] = {}
     moved: dict[tuple[str, frozenset[int]], list[int]] = {}  # by ignore list: few distinct
     for w in state.watched:
@@ -105,17 +152,20 @@ def compute(state: State, secret: bytes, epoch: int) -> PortMap:
             if ports is None:
                 ports = moved[(proto, w.ignore[proto])] = state.moved_ports(w, proto)
             if ports:
-                targets = draw(key, f"{w.label}|{proto}".encode(), pools[proto], len(ports))
+                targets = draw(
+                    key, f"{w.label}|{proto}".encode(), pool(proto, w.ignore[proto]), len(ports)
+                )
                 moves[(w.label, proto)] = dict(zip(ports, targets, strict=True))
     if not state.has_buckets:
         return PortMap(epoch=epoch, moves=moves)
     buckets = []
+    bucket_pool = {proto: pool(proto, state.bucket_ignore[proto]) for proto in PROTOCOLS}
     for k in range(state.bucket_count):
         by_proto: dict[str, dict[int, int]] = {}
         for proto in PROTOCOLS:
             ports = state.bucket_ports(proto)
             if ports:
-                targets = draw(key, f"#bucket{k}|{proto}".encode(), pools[proto], len(ports))
+                targets = draw(key, f"#bucket{k}|{proto}".encode(), bucket_pool[proto], len(ports))
                 by_proto[proto] = dict(zip(ports, targets, strict=True))
         buckets.append(by_proto)
     return PortMap(epoch=epoch, moves=moves, buckets=tuple(buckets), seed=bucket.seed(key))

@@ -114,7 +114,7 @@ class State:
     @cached_property
     def bucket_count(self) -> int:
         """The buckets the ruleset holds: `buckets` when an entry is per_source or the state
-        sets it, else one that every dynamic (and tripped) source shares. A bucket costs 20
+        sets it, else one that every dynamic (and tripped) source shares. A bucket costs 16
         rules; the default 16 are for per_source entries, whose sources would otherwise
         all share one view."""
         if self.buckets_written or any(w.per_source for w in self.watched):
@@ -169,6 +169,12 @@ class State:
         """Ports of the range a service of `proto` may be moved to: never a service port,
         never a fixed one."""
         return FreePorts(*self.port_range, (*self.services[proto], *self.fixed[proto]))
+
+    def target_ports(self, proto: str, ignore: frozenset[int]) -> FreePorts:
+        """Ports of the range a service of `proto` may be shown at, for a source that keeps
+        `ignore` in place: every other port, service ports included (a service port that is
+        never a target would be named by its absence from every view)."""
+        return FreePorts(*self.port_range, (*ignore, *self.fixed[proto]))
 
 
 @dataclass(frozen=True)
@@ -705,7 +711,7 @@ def _capacity_problems(state: State, locate: _Locator) -> list[str]:
                 )
             )
     if state.has_buckets and state.bucket_count * bucketed > MAX_BUCKET_MOVES and not problems:
-        # Each bucket is a shuffle of its own and a map of both directions: 1024 buckets of
+        # Each bucket is a shuffle of its own, in two maps (inbound, outbound): 1024 buckets of
         # 30,000 services asked a pass for 61 million elements (gigabytes, then the kernel).
         problems.append(
             locate(

@@ -27,6 +27,10 @@ class Support:
     protocols: frozenset[str] = ALL_PROTOCOLS
     features: frozenset[str] = ALL_FEATURES
     instead: str = ""  # what to use when a limit is hit
+    # It writes each move as a swap of two ports (both directions of one pair), which cannot
+    # express a permutation: the shuffle then draws targets from free ports only, and the
+    # set of service ports in the range shows through (classic).
+    swaps: bool = False
 
     def families_text(self) -> str:
         return " and ".join(f"IPv{f}" for f in sorted(self.families))
@@ -43,6 +47,7 @@ TEMPLATES: dict[str, Support] = {
         protocols=frozenset({"tcp"}),
         features=frozenset({"addresses", "prefixes"}),
         instead="use template: maps",
+        swaps=True,
     ),
 }
 
@@ -117,7 +122,7 @@ REPOSITORY = Allowed(
     },
     chain_types=_keys("filter", "nat"),
     hooks=_keys("prerouting", "output"),
-    priorities=frozenset({-300, -150, -100}),
+    priorities=frozenset({-300, -150, -100, -90}),
     policies=_keys("accept"),
     set_flags=_keys("interval", "timeout"),
     statements={
@@ -136,7 +141,7 @@ REPOSITORY = Allowed(
     expressions={
         "payload": None,  # {protocol, field} or {base, offset, len}
         "meta": _keys("key"),
-        "ct": _keys("key"),
+        "ct": _keys("key", "dir"),
         "fib": _keys("result", "flags"),
         "socket": _keys("key"),
         "exthdr": _keys("name"),
@@ -153,8 +158,8 @@ REPOSITORY = Allowed(
         "drop": None,
     },
     match_ops=_keys("==", "!=", "in"),
-    meta_keys=_keys("mark", "iif", "oif", "l4proto"),
-    ct_keys=_keys("state", "status", "direction"),
+    meta_keys=_keys("mark", "iif", "oif", "l4proto", "nfproto"),
+    ct_keys=_keys("state", "status", "direction", "proto-dst"),
     socket_keys=_keys("wildcard"),
     set_ops=_keys("add"),
     mangle_payload=frozenset(

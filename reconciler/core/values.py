@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PosixPath
 from typing import Any
 
+from reconciler.core import shuffle
 from reconciler.core.diff import elem_text
 
 _TOKEN = "\0mtd:"  # no template writes a NUL: placeholders cannot be mistaken for data
@@ -54,10 +55,13 @@ class Elements(Sequence[Any]):
     string formatting (`bulk.dumps` uses it), and `rows` gives the diff (key, port, port)
     without building each element. `read` says whether anything looked at the elements
     themselves (their number aside): a text rendered without that holds no mapping.
+    Each row keeps the shuffle's own moves (real -> shown); the map holds their permutation
+    (`shuffle.inbound`: shown -> real), or its inverse when `outbound`.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, outbound: bool = False) -> None:
         self.token = _TOKEN + name
+        self.outbound = outbound
         self._rows: list[tuple[Any, str, Mapping[int, int]]] = []  # key, key as JSON, moves
         self._len = 0
         self._list: list[Any] | None = None
@@ -68,21 +72,22 @@ class Elements(Sequence[Any]):
         return f"Elements({self.token!r}, {self._len})"
 
     def add(self, key: Any, moves: Mapping[int, int]) -> None:
-        """Both directions of every swap: the map is an involution, so the same map answers
-        "where does this port go" and "what was it before"."""
         self._rows.append((key, json.dumps(key, separators=(",", ":")), moves))
-        self._len += 2 * len(moves)
+        self._len += shuffle.size(moves)
+
+    def ports(self, moves: Mapping[int, int]) -> Mapping[int, int]:
+        """One row's map: port -> port, in this map's direction."""
+        return shuffle.outbound(moves) if self.outbound else shuffle.inbound(moves)
 
     def rows(self) -> Iterator[tuple[Any, int, int]]:
         self.read = True
         for key, _, moves in self._rows:
-            for real, hidden in moves.items():
-                yield key, real, hidden
-                yield key, hidden, real
+            for port, to in self.ports(moves).items():
+                yield key, port, to
 
     def moves_by_key(self) -> Iterator[tuple[str, Mapping[int, int]]]:
-        """(key as the diff writes it, moves) per row: what an element repair looks up
-        (`core.elements.Desired`), without an entry per element."""
+        """(key as the diff writes it, the shuffle's moves) per row: what an element repair
+        looks up (`core.elements.Desired`, through `ports`), without an entry per element."""
         for key, _, moves in self._rows:
             yield elem_text(key), moves
 
@@ -102,9 +107,9 @@ class Elements(Sequence[Any]):
     def json_text(self) -> str:
         self.read = True
         parts = [
-            f'[{{"concat":[{key},{real:d}]}},{hidden:d}],[{{"concat":[{key},{hidden:d}]}},{real:d}]'
+            f'[{{"concat":[{key},{port:d}]}},{to:d}]'
             for _, key, moves in self._rows
-            for real, hidden in moves.items()
+            for port, to in self.ports(moves).items()
         ]
         return f"[{','.join(parts)}]"
 
