@@ -39,15 +39,15 @@ def test_maps_rule_count_is_constant_whatever_the_number_of_sources():
     def hosts(n: int) -> str:
         return "watched:\n" + "".join(f"  - source: 192.0.2.{i}\n" for i in range(1, n + 1))
 
-    # One IPv4 address or 199 of them: the same rules. 10 whatever the state (the host's own
-    # traffic, the guard's), 6 drop ICMP errors forged from elsewhere, dynamic sources (always
-    # there, for `mtd watch`) 9 for IPv4 and 10 for IPv6, 4 leak counters (a family and
-    # protocol each, after NAT), one shared bucket 16 (no per_source entry): 55. Each class a
-    # family uses adds 4 (IPv6: 5) and, addresses and prefixes, 8 for their maps; per_source
-    # pieces, 5 jumps to the buckets.
-    base = 10 + 6 + 9 + 10 + 4 + 16
+    # One IPv4 address or 199 of them: the same rules. 11 whatever the state (the host's own
+    # traffic, NAT for local addresses only, the guard's), 6 drop ICMP errors forged from
+    # elsewhere, dynamic sources (always there, for `mtd watch`) 9 for IPv4 and 10 for IPv6,
+    # 4 leak counters (a family and protocol each, after NAT), one shared bucket 16 (no
+    # per_source entry): 56. Each class a family uses adds 4 (IPv6: 5) and, addresses and
+    # prefixes, 8 for their maps; per_source pieces, 5 jumps to the buckets.
+    base = 11 + 6 + 9 + 10 + 4 + 16
     assert rules(hosts(199)) == rules(hosts(1)) == base + 4 + 8
-    assert sum("rule" in c["add"] for c in rendered()[2]) == base + 12 + 12 + 13 == 92
+    assert sum("rule" in c["add"] for c in rendered()[2]) == base + 12 + 12 + 13 == 93
     internet = (
         "watched: [{source: 0.0.0.0/0, per_source: true}, {source: '::/0', per_source: true}]\n"
     )
