@@ -72,6 +72,30 @@ def test_maps_hold_the_permutation_inbound_and_its_inverse_outbound():
     assert ("192.0.2.3", 1) not in into  # ignored for this source
 
 
+def test_both_kinds_of_closed_port_take_the_same_rules():
+    """Issue 21, finding 2: a SYN to a real port moved away (its dnat matches) and one to a
+    port no map holds (none does) walk the same rules until the lookup that tells them
+    apart, and their RSTs leave guard_output at its last rule alike."""
+    text = STATE + "  - {source: 0.0.0.0/0, per_source: true}\n"
+    _, _, commands = rendered(text)
+    chains: dict[str, list[str]] = {}
+    for c in commands:
+        if "rule" in c["add"]:
+            rule = c["add"]["rule"]
+            chains.setdefault(rule["chain"], []).append(json.dumps(rule["expr"]))
+    nat = chains["nat_prerouting"]
+    dnat = [i for i, r in enumerate(nat) if '"dnat"' in r]
+    assert dnat and dnat == list(range(len(nat) - len(dnat), len(nat)))  # the dnat rules last
+    assert sum('"fib"' in r for r in nat) == 1 and '"fib"' in nat[1]  # one route lookup, first
+    guard = chains["guard_output"]
+    assert '"dnat"' in guard[-1] and '"reply"' in guard[-1] and '"accept"' in guard[-1]
+    drops = [r for r in chains["guard_output"] + chains["b0_guard4"] if '"drop"' in r]
+    from_ports = [r for r in drops if '"sport"' in r]
+    assert from_ports and all('{"&": [{"ct": {"key": "status"}}, "dnat"]}' in r for r in from_ports)
+    for leak in chains["leak_prerouting"]:  # the match telling them apart comes last
+        assert leak.index('"proto-dst"') < leak.index('"status"') < leak.index('"counter"')
+
+
 def test_most_specific_source_wins():
     _, _, commands = rendered()
     nets = objects(commands, "map")["tcp4_net"]["elem"]
