@@ -166,8 +166,8 @@ class State:
         return None
 
     def free_ports(self, proto: str) -> FreePorts:
-        """Ports of the range a service of `proto` may be moved to: never a service port,
-        never a fixed one."""
+        """Ports of the range no service of `proto` uses, fixed ones aside: the targets of a
+        template that writes swaps (`Support.swaps`), and what the capacity check counts."""
         return FreePorts(*self.port_range, (*self.services[proto], *self.fixed[proto]))
 
     def target_ports(self, proto: str, ignore: frozenset[int]) -> FreePorts:
