@@ -52,6 +52,8 @@ def test_any_other_change_of_shape_is_a_replacement(state: State):
     chain = next(i for i, c in enumerate(new) if "chain" in c["add"])
     a_set = next(i for i, c in enumerate(new) if "set" in c["add"])
 
+    quota = {"family": "inet", "table": "mtd", "name": "q", "bytes": 1}
+
     def edited(i: int, change: Any) -> list[dict[str, Any]]:
         out = copy.deepcopy(new)
         change(out, i)
@@ -63,8 +65,7 @@ def test_any_other_change_of_shape_is_a_replacement(state: State):
         edited(rule, lambda out, i: out[i]["add"]["rule"].update(comment="x")),  # not expr
         edited(chain, lambda out, i: out[i]["add"]["chain"].update(name="other")),
         edited(a_set, lambda out, i: out[i]["add"]["set"].update(flags=["timeout"])),
-        edited(a_set, lambda out, i: out.insert(i, {"add": {"quota": {
-            "family": "inet", "table": "mtd", "name": "q", "bytes": 1}}})),  # fmt: skip
+        edited(a_set, lambda out, i: out.insert(i, {"add": {"quota": quota}})),
     ):
         assert patch.plan("mtd", old, case) is None
 

@@ -56,26 +56,27 @@ def plan(
     if len(old_sk) != len(new_sk):
         return None
     chains: list[str] = []
+    kinds: dict[str, str] = {}  # set or map name -> kind
     for a, b in zip(old_sk, new_sk, strict=True):
         kind = _kind(b)
-        if kind not in (*_KEPT, "rule") or _kind(a) != kind:
-            return None
-        if kind in ("set", "map") and _fills_itself(b):
-            return None
-        if a is b or _bare(a) == _bare(b):
+        if kind == "rule":  # most commands: compared whole first (C speed)
+            if diff._writes_a_set(_rule(b).get("expr")):
+                return None  # packets fill that set: a replacement empties it, a patch not
+            if a == b:
+                continue
+            if _kind(a) != "rule" or _sans_expr(_rule(a)) != _sans_expr(_rule(b)):
+                return None
+            if _rule(b)["chain"] not in chains:
+                chains.append(_rule(b)["chain"])
             continue
-        if kind != "rule":
+        if kind not in _KEPT or _kind(a) != kind:
             return None
-        ra, rb = a["add"]["rule"], b["add"]["rule"]
-        if {k: v for k, v in ra.items() if k != "expr"} != {
-            k: v for k, v in rb.items() if k != "expr"
-        }:
+        if kind in ("set", "map"):
+            if _fills_itself(b) or _bare(a) != _bare(b):
+                return None
+            kinds[_obj(b)["name"]] = kind
+        elif a != b:
             return None
-        if rb["chain"] not in chains:
-            chains.append(rb["chain"])
-    if any(diff._writes_a_set(_rule(c).get("expr")) for c in new_sk if _kind(c) == "rule"):
-        return None  # packets fill that set: a replacement empties it, a patch would not
-    kinds = {_obj(c)["name"]: _kind(c) for c in new_sk if _kind(c) in ("set", "map")}
     before, after = _elements(old), _elements(new)
     out: list[dict[str, Any]] = []
     changed = []
@@ -112,11 +113,16 @@ def _bare(cmd: Mapping[str, Any]) -> Any:
 
 
 def _kind(cmd: Mapping[str, Any]) -> str:
-    (verb, body), *_ = cmd.items()
-    if verb != "add" or not isinstance(body, dict):
+    body = cmd.get("add")
+    if len(cmd) != 1 or not isinstance(body, dict):
         return ""
-    (kind, _), *_ = body.items()
-    return str(kind)
+    for kind in body:
+        return str(kind)
+    return ""
+
+
+def _sans_expr(rule: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rule.items() if k != "expr"}
 
 
 def _obj(cmd: Mapping[str, Any]) -> Mapping[str, Any]:
