@@ -1264,7 +1264,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few runs")
     parser.add_argument("--sizes", help="comma-separated source counts (default 10,...,100000)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"of {','.join(PARTS + EXTRA_PARTS)}")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"of {','.join(PARTS + EXTRA_PARTS)}"
+    )
     parser.add_argument(
         "--events-sizes", help="source counts of the events part (default 100,10000,100000)"
     )
