@@ -296,6 +296,63 @@ def unchanged_holds_until_anything_is_committed(backend: Backend, state: State) 
     assert not backend.unchanged(TABLE, commands)
 
 
+def _normalised(backend: Backend) -> tuple[str, list[Any], list[Any]]:
+    """The owned table as `nft -j list table` gives it, handles and element order aside
+    (`diff.table_text`), and the dynamic sets' keys (the diff leaves those out)."""
+    listing = backend.list_table(TABLE)
+    assert listing is not None
+    dyn = [
+        sorted(diff.elem_text(e) for e in backend.list_set(TABLE, name) or [])
+        for name in ("dyn4", "dyn6")
+    ]
+    return diff.table_text(TABLE, diff.from_listing(listing)), *dyn  # type: ignore[return-value]
+
+
+def a_patched_rotation_lists_as_a_replacement_would(backend: Backend, state: State) -> None:
+    """A rotation as a patch (`core.patch`: maps flushed and filled, chains with a new seed
+    flushed and filled) leaves the very table a replacement by the new epoch leaves, dynamic
+    entries included; `unchanged` does not vouch for it until a listing does."""
+    from reconciler.core import patch
+
+    state = coverage_state()
+    dynamic = {"4": [("198.51.100.9", 300)], "6": [("2001:db8:5::", 300)]}
+    old, new = (render.render(state, shuffle.compute(state, SECRET, e), None, dynamic)
+                for e in (0, 1))  # fmt: skip
+    backend.replace_table(TABLE, old)
+    found = patch.plan(TABLE, old, new)
+    assert found is not None and found.chains and found.sets
+    backend.patch_table(TABLE, found.commands, new)
+    patched = _normalised(backend)
+    assert not backend.unchanged(TABLE, new)
+    assert pending(backend, state, new) == []
+    backend.replace_table(TABLE, new)
+    assert _normalised(backend) == patched
+    assert patched[1] == ["198.51.100.9"] and patched[2] == ["2001:db8:5::"]
+
+
+def a_refused_patch_changes_nothing(backend: Backend, state: State) -> None:
+    """A patch the kernel refuses half-way (a rule into a missing chain) leaves the old
+    table whole: its maps are not flushed, its chains not emptied."""
+    from reconciler.core import patch
+
+    state = coverage_state()
+    old, new = rendered(state), rendered(state, 1)
+    backend.replace_table(TABLE, old)
+    before = _normalised(backend)
+    found = patch.plan(TABLE, old, new)
+    assert found is not None
+    half = len(found.commands) // 2
+    batch = [*found.commands[:half], BAD_RULE, *found.commands[half:]]
+    try:
+        backend.patch_table(TABLE, batch, new)
+    except KernelError as exc:
+        assert exc.index == half
+    else:
+        raise AssertionError("a rule into a missing chain was taken")
+    assert _normalised(backend) == before
+    assert pending(backend, state, old) == []
+
+
 def interleave(backend: Backend, foreign: list[dict[str, Any]]) -> None:
     """Make another process's commit (`foreign`) land inside mtd's next `replace_table`,
     after mtd read where the ruleset stood and before its own commit."""
@@ -352,6 +409,8 @@ CASES: dict[str, Callable[[Backend, State], None]] = {
         a_seed_stand_in_learns_the_form_of_the_seed,
         unchanged_holds_until_anything_is_committed,
         a_commit_inside_mtds_own_is_never_taken_for_it,
+        a_patched_rotation_lists_as_a_replacement_would,
+        a_refused_patch_changes_nothing,
     )
 }
 

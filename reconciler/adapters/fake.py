@@ -24,6 +24,7 @@ Listing = list[dict[str, Any]]
 REFUSED = "Could not process rule: Operation not supported"
 _MISSING = "Could not process rule: No such file or directory"
 _EXISTS = "Could not process rule: File exists"
+_FLUSHED = "\0flushed"  # where a flushed chain's rules stood, until the batch ends
 
 
 @dataclass
@@ -157,6 +158,33 @@ class FakeKernel:
         if listed == name:
             self._remember(name, commands, generation)
 
+    def patch_table(
+        self,
+        name: str,
+        batch: Sequence[dict[str, Any]],
+        commands: Sequence[dict[str, Any]],
+        *,
+        check: bool = False,
+    ) -> None:
+        batch = list(batch)
+        tx = Transaction("patch", name, batch, check=check)
+        self.transactions.append(tx)
+        try:
+            for i, cmd in enumerate(batch):  # a refusal by index counts in the batch
+                for r in self._refusals:
+                    if r.index == i:
+                        raise KernelError(r.reason, index=i, command=describe(cmd))
+            tables = self._run(batch)
+        except KernelError as exc:
+            tx.error = exc
+            raise
+        if check:
+            return
+        self.tables = tables
+        self.commits += 1
+        self.generation += 1
+        self._committed = None  # as `Nft` does: the next pass that reads lists it
+
     def list_tables(self) -> list[tuple[str, str]]:
         return [(FAMILY, name) for name in sorted(self.tables)]
 
@@ -195,9 +223,9 @@ class FakeKernel:
         return None
 
     def run(self, commands: Sequence[dict[str, Any]], *, check: bool = False) -> None:
-        """The verbs an event-driven repair sends: add/flush/delete chain, add rule, delete
-        set, add/delete element (a dynamic watch, a map element put back), all in one
-        existing table; anything else
+        """The verbs an event-driven repair or a patch sends: add/flush/delete chain, add
+        rule, delete set, flush set or map, add/delete element (a dynamic watch, a map
+        element put back), all in one existing table; anything else
         is refused, as is a rule into a chain that is not there. Nothing changes unless
         every command applies."""
         commands = list(commands)
@@ -237,17 +265,30 @@ class FakeKernel:
                 gone = [o for o in listing if "rule" in o and o["rule"]["chain"] == name]
                 if verb == "delete":
                     gone += [o for o in listing if "chain" in o and o["chain"]["name"] == name]
+                elif gone:  # rules added again go where the chain's rules were
+                    listing.insert(next(n for n, o in enumerate(listing) if o is gone[0]),
+                                   {_FLUSHED: name})  # fmt: skip
                 listing[:] = [o for o in listing if not any(o is g for g in gone)]
             elif (verb, kind) == ("add", "rule"):
                 if obj["chain"] not in chains:
                     raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
-                listing.append({"rule": copy.deepcopy(obj)})
+                at = next((n for n, o in enumerate(listing) if o.get(_FLUSHED) == obj["chain"]),
+                          len(listing))  # fmt: skip
+                listing.insert(at, {"rule": copy.deepcopy(obj)})
+            elif verb == "flush" and kind in ("set", "map"):
+                target = next((o[kind] for o in listing if o.get(kind, {}).get("name") == name),
+                              None)  # fmt: skip
+                if target is None:
+                    raise KernelError(_MISSING, index=i, command=describe(cmd), not_found=True)
+                target.pop("elem", None)
             elif (verb, kind) == ("delete", "set"):
                 listing[:] = [o for o in listing if o.get("set", {}).get("name") != name]
             elif kind == "element" and verb in ("add", "delete"):
                 _element(listing, verb, obj, i, cmd)
             else:
                 raise KernelError(f"fake kernel: unsupported {verb} {kind}", index=i, command=verb)
+        for listing in tables.values():
+            listing[:] = [o for o in listing if _FLUSHED not in o]
         return tables
 
     def _load(self, name: str, commands: Listing, *, by_index: bool) -> Listing:

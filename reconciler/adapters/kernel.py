@@ -58,6 +58,20 @@ class Backend(Protocol):
         refusal names the command by its index in `commands` and changes nothing."""
         ...
 
+    def patch_table(
+        self,
+        name: str,
+        batch: Sequence[dict[str, Any]],
+        commands: Sequence[dict[str, Any]],
+        *,
+        check: bool = False,
+    ) -> None:
+        """Apply `batch` (`core.patch`: flushes and re-adds inside the existing owned table)
+        in one transaction, after which the table is what `commands` make, as if
+        `replace_table(name, commands)` had run (but for `unchanged`, which says False until
+        a listing vouches for it again). A refusal changes nothing."""
+        ...
+
     def delete_table(self, name: str) -> bool:
         """Remove the owned table; False when it was not there."""
         ...
@@ -224,6 +238,20 @@ class Nft:
         self.run(batch, check=check, first=len(batch) - len(commands))
         if before is not None:
             self._remember(name, commands, before)
+
+    def patch_table(
+        self,
+        name: str,
+        batch: Sequence[dict[str, Any]],
+        commands: Sequence[dict[str, Any]],
+        *,
+        check: bool = False,
+    ) -> None:
+        self.run(batch, check=check)
+        if not check:
+            # Not recorded for `unchanged`: the digest of the whole table costs as much as
+            # the patch itself. The next pass that reads the table lists it instead.
+            self._committed = None
 
     # The last table mtd replaced, and where the ruleset stood right after: while the
     # ruleset has not moved since, that table is exactly as sent, and a command that would

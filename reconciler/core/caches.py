@@ -87,6 +87,26 @@ class _Off:
 OFF = _Off()
 
 
+class Memory:
+    """Entries kept in this process only, the few newest: `mtd run` renders the same text
+    at every epoch (the mapping and the seed are placeholders), so a rotation reuses it
+    without Jinja2."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        return self._entries.get(key)
+
+    def put(self, key: str, entry: Any) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = entry
+        while len(self._entries) > self.KEEP:
+            del self._entries[next(iter(self._entries))]
+
+
 @dataclass(frozen=True)
 class Caches:
     """The caches one command's state parsing and rendering may use; `OFF` each by default.

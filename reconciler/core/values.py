@@ -104,6 +104,12 @@ class Elements(Sequence[Any]):
             self._list = list(self)
         return self._list[i]
 
+    def same(self, other: object) -> bool:
+        """The same elements as `other` (another rendering), compared row by row."""
+        if not isinstance(other, Elements):
+            return False
+        return [r[1:] for r in self._rows] == [r[1:] for r in other._rows]
+
     def json_text(self) -> str:
         self.read = True
         parts = [

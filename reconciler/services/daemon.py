@@ -660,7 +660,8 @@ class Daemon(Reporting, Watches):
 
         def taken(out: PassOutcome) -> None:
             if not out.repaired:
-                if out.result.status == "changed":  # replaced: its counters start at zero
+                if out.result.status == "changed" and not out.result.patched:
+                    # replaced: its counters start at zero (a patch keeps them counting)
                     self.packets.replaced(counted)
                 if out.entered is not None:
                     self._covered = max(self._covered, out.entered.before)
@@ -677,6 +678,8 @@ class Daemon(Reporting, Watches):
                     caches=self.caches,
                     # blind: the events vouch for the table, or a new epoch replaces it
                     read_live=lambda epoch: compare or not (bool(foreign) or epoch != previous),
+                    # what the table holds, when the events vouch for it: a rotation patches it
+                    held=None if compare or foreign or self._last is None else self._last.rendered,
                     around=self._quiet,
                     repair=repair,
                     taken=taken,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from reconciler import defaults
 from reconciler.adapters import auditlog, files, watchstore
 from reconciler.adapters.kernel import SYSCTLS, Backend
-from reconciler.core import diff, elements, render, repair, shuffle, watch
+from reconciler.core import diff, elements, patch, render, repair, shuffle, watch
 from reconciler.core.bulk import gc_paused
 from reconciler.core.caches import NONE, Caches
 from reconciler.core.state import State
@@ -56,6 +56,10 @@ class Result:
     repaired: str = ""  # an event-driven repair: what it restored ("2 element(s)", ...)
     drawn: bool = False  # a preview without a secret yet: the mapping is a placeholder
     dropped: list[str] = field(default_factory=list)  # dynamic entries the kernel refused
+    # The rendered commands (references, no copy): what the table holds after this pass, which
+    # the next epoch's patch starts from (`core.patch`).
+    rendered: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    patched: str = ""  # the table was patched in place, not replaced: what the patch rewrote
 
     @property
     def in_sync(self) -> bool:
@@ -75,7 +79,7 @@ class Result:
                     f" ({self.mappings} for watched entries, {self.bucket_mappings} in "
                     f"{self.buckets} buckets for per_source and dynamic sources)"
                 )
-            counts += ", table replaced without reading it"
+            counts += f", {self.patched}" if self.patched else ", table replaced without reading it"
         what = f": {counts}" if counts else ""
         took = f"({self.duration:.2f} s)"
         return f"{self.status}: table inet {self.table} epoch {self.epoch}{what} {took}"
@@ -117,6 +121,7 @@ def reconcile(
     read_live: bool = True,
     dynamic: Dynamic | None = None,
     caches: Caches = NONE,
+    held: Sequence[dict[str, Any]] | None = None,
 ) -> Result:
     """Make the owned table match `state` at `epoch`; with `check`, only report.
 
@@ -129,6 +134,12 @@ def reconcile(
     The dynamic watch entries (`dynamic`) go into the new table with their remaining time.
     Callers bring them from the store (`watching.gather`); without them the pass keeps what
     the live dyn4/dyn6 hold, so it never drops an entry and never touches a file itself.
+
+    `held`: with `read_live=False`, the rendered commands the table is known to hold
+    (the daemon's last pass, which the kernel's events vouch for). When the new table differs
+    from it only in elements and rules changed in place (a rotation), it is patched in one
+    transaction (`core.patch`) instead of replaced; a refused patch falls back to the
+    replacement.
     """
     t = _Phases()
     with t("shuffle"):
@@ -162,14 +173,17 @@ def reconcile(
             for family, name in backend.list_tables()
             if (family, name) != ("inet", state.table)
         ]
-    status, applied_at, dropped = "ok", None, []
+    status, applied_at, dropped, patched = "ok", None, [], ""
     previous = {} if check else backend.set_sysctls(SYSCTLS)
     if changes:
         status = "would change" if check else "changed"
         with t("apply"):
             applied_at = time.time()
             try:
-                dropped = _replace(state, backend, commands, check, dynamic, mapping, templates)
+                if not read_live and held is not None and not check:
+                    patched = _patch(state, backend, held, commands)
+                if not patched:
+                    dropped = _replace(state, backend, commands, check, dynamic, mapping, templates)
             except BaseException:
                 backend.restore_sysctls(previous)  # a failed command changes nothing
                 raise
@@ -191,7 +205,27 @@ def reconcile(
         applied_at=applied_at,
         desired=elements.Desired.from_commands(commands),
         dropped=dropped,
+        rendered=commands,
+        patched=patched,
     )
+
+
+def _patch(
+    state: State, backend: Backend, held: Sequence[dict[str, Any]], commands: list[dict]
+) -> str:
+    """Patch the table from `held` to `commands` in one transaction (`core.patch`): what
+    it rewrote, or "" when it cannot be patched or the kernel refused the patch (nothing
+    changed then: the caller replaces the table)."""
+    if state.ownership == "ruleset":
+        return ""
+    found = patch.plan(state.table, held, commands)
+    if found is None:
+        return ""
+    try:
+        backend.patch_table(state.table, found.commands, commands)
+    except KernelError:
+        return ""
+    return found.line()
 
 
 def _replace(
@@ -312,6 +346,7 @@ def repair_events(
         previous.skeleton,
         desired=previous.desired,
         repaired=" and ".join(what) or "nothing",
+        rendered=previous.rendered,
     )
 
 
@@ -360,6 +395,7 @@ class PassRequest:
     templates: list[Path] | None = None
     caches: Caches = NONE  # what rendering may reuse (`core.caches`)
     read_live: bool | Callable[[int], bool] = True  # False: trust the last pass's table
+    held: Sequence[dict[str, Any]] | None = None  # what it holds then: patched from (`reconcile`)
     around: Callable[[], AbstractContextManager[Any]] | None = None  # the daemon's quiet window
     # An element repair that makes the full pass unnecessary (the daemon's events), or None.
     repair: Callable[[int], Result | None] | None = None
@@ -410,6 +446,7 @@ def run_pass(request: PassRequest) -> PassOutcome:
                     caches=request.caches,
                     read_live=live(target) if callable(live) else live,
                     dynamic=watching.gather(state, nft, write=not request.check),
+                    held=request.held,
                 )
         out = PassOutcome(result, target, current, secret, drawn, forced, repaired, entered)
         if request.guard is not None:
