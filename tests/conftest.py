@@ -132,9 +132,25 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-@pytest.fixture(autouse=True)
-def _own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture(autouse=True, scope="session")
+def _own_state_dir(tmp_path_factory: pytest.TempPathFactory):
     """`--state-dir` of every mtd a test runs, unless the test names one: its caches (and
-    any file it keeps there) in a temp dir, never an installed mtd's /var/lib/mtd."""
-    if "MTD_STATE_DIR" not in os.environ:
+    any file it keeps there) in a temp dir, never an installed mtd's /var/lib/mtd. Session
+    wide, so that module fixtures that run mtd before any test's own fixtures have it too."""
+    if "MTD_STATE_DIR" in os.environ:
+        yield
+        return
+    os.environ["MTD_STATE_DIR"] = str(tmp_path_factory.mktemp("state-dir"))
+    try:
+        yield
+    finally:
+        os.environ.pop("MTD_STATE_DIR", None)
+
+
+@pytest.fixture(autouse=True)
+def _test_state_dir(
+    _own_state_dir: None, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+):
+    """Each test its own state directory, so no test finds another's caches or files."""
+    if os.environ.get("MTD_STATE_DIR", "").startswith(str(tmp_path_factory.getbasetemp())):
         monkeypatch.setenv("MTD_STATE_DIR", str(tmp_path_factory.mktemp("state-dir")))
