@@ -65,8 +65,8 @@ class Ctx:
     @property
     def templates(self) -> list[Path]:
         """User directories first, so a custom template can add to or shadow a shipped one;
-        then a templates/ directory kept with the state files: a repository's (README,
-        Security) when the state is one (`--repository`), and for the pull's clone, the
+        then a templates/ directory kept with the state files: a repository's
+        (docs/security.md) when the state is one (`--repository`), and for the pull's clone, the
         templates its round validated, never the clone's own folder."""
         if self._templates is not None:
             return self._templates

@@ -75,7 +75,7 @@ class PullOptions:
         write: bool = True,
     ) -> Any:
         """The `gitops.PullConfig` of a round for this host; `session_check` only for a
-        `mtd pull` run by hand (README: No lockouts)."""
+        `mtd pull` run by hand (docs/operations.md, "No lockouts")."""
         from reconciler.services import gitops
 
         return gitops.PullConfig(

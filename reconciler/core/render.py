@@ -1,9 +1,10 @@
 """Render the nftables JSON command document from a Jinja2 template.
 
 Pure but for reading the template files (through Jinja2's loader and, when the caller hands
-one in, its bytecode cache): the template sees plain data (README, "Template variables") and must
-produce `{"nftables": [...]}` holding only `add` commands for the owned table. A sandboxed
-environment with StrictUndefined turns template mistakes into one-line errors.
+one in, its bytecode cache): the template sees plain data (docs/configuration.md,
+"Template variables") and must produce `{"nftables": [...]}` holding only `add` commands
+for the owned table. A sandboxed environment with StrictUndefined turns template mistakes
+into one-line errors.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ MAX_DYNAMIC = MAX_KERNEL  # elements of dyn4 (and of dyn6): memory a tripwire fl
 FAMILIES = {4: "ip", 6: "ip6"}
 
 
-# Bounds of one rendering: a template may come from a repository (see README, Security).
+# Bounds of one rendering: a template may come from a repository (see docs/security.md).
 RENDER_SECONDS = 30.0  # wall time, enforced in any thread (the daemon's too)
 MAX_RENDERED_CHARS = 128 << 20  # the shipped templates write elements as placeholders
 
@@ -537,7 +538,7 @@ def _bounded_values(text: str, where: str) -> None:
 
 
 def _allowed(text: str, state: State, ctx: Mapping[str, Any], dirs: list[Path], where: str) -> None:
-    """A repository template (README, Security): only if the host allows them, and then
+    """A repository template (docs/security.md): only if the host allows them, and then
     only what `templates.REPOSITORY` lists. `text` passed `_commands` once the host's values
     were put in; it is checked with them still tokens, so a refusal line names `{{ mark }}`
     or `{{ table }}` and never the host's value (a template that wrote the mark as a set's

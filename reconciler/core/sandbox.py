@@ -1,6 +1,6 @@
 """The Jinja2 side of rendering: a sandboxed environment with bounds on what a template may
 allocate, and a watchdog on how long it may run (a template may come from a repository,
-see README, Security).
+see docs/security.md).
 
 Imported only when a template has to be rendered: `render` reuses a rendered text kept by
 the previous process when it can, and jinja2 is a large part of a short command's start-up.
@@ -244,7 +244,7 @@ class _Loader(jinja2.FileSystemLoader):
     def __init__(self, searchpath: list[str], repository: list[str] | None = None) -> None:
         super().__init__(searchpath)
         # A repository's directory serves what a pull round exports: its top-level files,
-        # no dotfile, no sub-folder (the round never saw those; README, Security).
+        # no dotfile, no sub-folder (the round never saw those; docs/security.md).
         self.host_paths = [p for p in searchpath if p not in (repository or [])]
         self.read: dict[str, tuple[str, str]] = {}
         self.sources: dict[str, str] = {}

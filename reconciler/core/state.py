@@ -132,7 +132,7 @@ class State:
     @property
     def repository_templates(self) -> bool:
         """Whether the host's configuration allows templates kept in the state repository
-        (README, Security): host-local, so never a repository's say."""
+        (docs/security.md): host-local, so never a repository's say."""
         return self.doc.get("repository_templates") is True
 
     def is_trusted(self, addr: Network) -> bool:

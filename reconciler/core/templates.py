@@ -59,7 +59,7 @@ def support(name: str) -> Support:
 _UNDECLARED = Support()
 
 
-# --- What a template kept in the state repository may write (README, Security) -------------
+# --- What a template kept in the state repository may write (docs/security.md) -------------
 #
 # An allow-list, derived from what the shipped templates write: a repository template may
 # build the same kind of ruleset (other rules, other sets) and nothing else. Whatever

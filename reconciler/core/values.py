@@ -24,7 +24,7 @@ def template_dirs() -> list[Path]:
 
 
 class RepositoryDir(PosixPath):
-    """A template directory whose files came from the state repository (README, Security):
+    """A template directory whose files came from the state repository (docs/security.md):
     read only when the host's configuration allows it (`repository_templates`), and what
     is rendered through a search path holding one gets the allow-list check
     (`core.templates.REPOSITORY`). Never equal to a plain path: environments are cached by
@@ -170,7 +170,8 @@ class Hidden(Sequence[Any]):
 class Opaque:
     """A host-local value a template writes but never reads: the owned table's name, the
     mark bits. `{{ mark }}` and `| tojson` write its token, which `render` swaps for the
-    value after parsing; nothing else can be done with it (README, Template variables)."""
+    value after parsing; nothing else can be done with it (docs/configuration.md,
+    "Template variables")."""
 
     read = False
 

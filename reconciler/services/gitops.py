@@ -66,7 +66,8 @@ class PullConfig:
     timeout: float = defaults.GIT_TIMEOUT  # per git command
     config: tuple[tuple[str, str], ...] = ()  # the host's local configuration documents
     # `mtd pull` run by hand: refuse a commit that would move the port of the SSH session it
-    # runs in (README: No lockouts) unless `force`. A daemon (`mtd run --pull`) has no session.
+    # runs in (docs/operations.md, "No lockouts") unless `force`. A daemon (`mtd run --pull`)
+    # has no session.
     session_check: bool = False
     force: bool = False
     caches: Caches = NONE  # what parsing and rendering may reuse (`core.caches`)

@@ -1,4 +1,4 @@
-"""The SSH-session check of `mtd apply`, `rotate` and `pull` (README: No lockouts).
+"""The SSH-session check of `mtd apply`, `rotate` and `pull` (docs/operations.md, "No lockouts").
 
 Where the session's client finds the session's port after the change is computed from the
 desired state (`audit.mapping_of`, as the ruleset does). Where it finds it now is the mapping
