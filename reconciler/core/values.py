@@ -54,7 +54,8 @@ class Elements(Sequence[Any]):
     that `render` swaps for this object after parsing, `json_text` writes the JSON array by
     string formatting (`bulk.dumps` uses it), and `rows` gives the diff (key, port, port)
     without building each element. `read` says whether anything looked at the elements
-    themselves (their number aside): a text rendered without that holds no mapping.
+    themselves or their number (whether there are any aside): a text rendered without that
+    holds no mapping.
     Each row keeps the shuffle's own moves (real -> shown); the map holds their permutation
     (`shuffle.inbound`: shown -> real), or its inverse when `outbound`.
     """
@@ -69,7 +70,7 @@ class Elements(Sequence[Any]):
         self.written = 0  # times spliced into the document
 
     def __repr__(self) -> str:  # the same for the same state: part of the render cache key
-        return f"Elements({self.token!r}, {self._len})"
+        return f"Elements({self.token!r}, {bool(self._len)})"
 
     def add(self, key: Any, moves: Mapping[int, int]) -> None:
         self._rows.append((key, json.dumps(key, separators=(",", ":")), moves))
@@ -96,7 +97,13 @@ class Elements(Sequence[Any]):
             yield ({"concat": (key, port)}, to)
 
     def __len__(self) -> int:
+        # A permutation's size depends on the draw (how many targets are services): a text
+        # that used it holds a piece of the mapping, so it is not kept. `{% if %}` is not that.
+        self.read = True
         return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
 
     def __getitem__(self, i: Any) -> Any:
         self.read = True
@@ -125,7 +132,7 @@ class Hidden(Sequence[Any]):
     bucket's map elements, the jhash seed), or the dynamic entries with the seconds they
     have left. `{{ seed }}` and `| tojson` write its token, which `render` swaps for the
     value after parsing, so a kept text (the render cache) never holds it and its cache key
-    never depends on it (only on its length). Anything else a template does with it
+    never depends on it (only on whether it is empty). Anything else a template does with it
     (iterate, index, compare) reads the value and marks it `read`: such a text is not kept."""
 
     def __init__(self, name: str, value: Any) -> None:
@@ -140,14 +147,17 @@ class Hidden(Sequence[Any]):
         return self._value
 
     def __repr__(self) -> str:  # the same whatever the secret: part of the render cache key
-        n = len(self._value) if isinstance(self._value, list) else None
+        n = bool(self._value) if isinstance(self._value, list) else None
         return f"Hidden({self.token!r}, {n})"
 
     def __str__(self) -> str:  # `{{ seed }}`: the placeholder, as a JSON string
         return json.dumps(self.token)
 
-    def __len__(self) -> int:  # `| length`, `{% if %}`: the size is not the secret
-        return len(self._value) if isinstance(self._value, list) else 1
+    def __len__(self) -> int:  # `| length`: a bucket map's size depends on the draw
+        if isinstance(self._value, list):
+            self.read = True
+            return len(self._value)
+        return 1
 
     def __bool__(self) -> bool:
         return bool(self._value) if isinstance(self._value, list) else True
