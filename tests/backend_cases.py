@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.adapters import files, monitor
+from reconciler.adapters.caching import CachingBackend
 from reconciler.adapters.kernel import Backend
 from reconciler.core import diff, render, repair, shuffle, watch
 from reconciler.core.state import State
@@ -273,27 +274,104 @@ def a_seed_stand_in_learns_the_form_of_the_seed(backend: Backend, state: State) 
 
 
 def unchanged_holds_until_anything_is_committed(backend: Backend, state: State) -> None:
-    """`unchanged` after mtd's own replace, for the very commands it sent; never after
-    another commit (here a dynamic watch element, which the diff itself ignores), until a
-    listing compared equal says `in_sync`; never for other commands, another table, or a
-    deleted table."""
+    """`unchanged` (the cache around the backend) after mtd's own replace, for the very
+    commands it sent; never after another commit (here a dynamic watch element, which the
+    diff itself ignores), until a listing compared equal says `in_sync`; never for other
+    commands, another table, or a deleted table."""
     state = coverage_state()
+    cached = CachingBackend(backend)
     commands, other = rendered(state), rendered(state, 1)
-    assert not backend.unchanged(TABLE, commands)  # nothing sent yet
+    assert not cached.unchanged(TABLE, commands)  # nothing sent yet
+    cached.replace_table(TABLE, commands)
+    assert cached.unchanged(TABLE, commands)
+    assert not cached.unchanged(TABLE, other) and not cached.unchanged("other", commands)
+    cached.run(watch.commands(TABLE, [("198.51.100.7", 100)]))
+    assert not cached.unchanged(TABLE, commands)
+    result = reconcile(state, 0, cached, secret=SECRET, check=True)
+    assert result.changes == [] and cached.unchanged(TABLE, commands)
+    cached.run(watch.commands(TABLE, remove=["198.51.100.7"]))
+    listing = cached.list_table(TABLE)
+    cached.run(watch.commands(TABLE, [("198.51.100.8", 100)]))  # while "comparing"
+    cached.in_sync(TABLE, commands)  # too late: something was committed since the listing
+    assert listing is not None and not cached.unchanged(TABLE, commands)
+    cached.delete_table(TABLE)
+    assert not cached.unchanged(TABLE, commands)
+
+
+def the_mark_moves_by_one_with_each_commit_and_with_nothing_else(
+    backend: Backend, state: State
+) -> None:
+    """What the cache of mtd's last commit rests on (`Backend.mark`): every commit moves
+    the generation by exactly one, a listing, a check, a refusal or a missing table's
+    deletion does not; `version` is the same from call to call."""
+    commands = rendered(state)
+    where, start = backend.mark() or ("", -1)
+    assert where and start >= 0, backend.mark()
+
+    def moved() -> int:
+        now = backend.mark()
+        assert now is not None and now[0] == where, (now, where)
+        return now[1] - start
+
     backend.replace_table(TABLE, commands)
-    assert backend.unchanged(TABLE, commands)
-    assert not backend.unchanged(TABLE, other) and not backend.unchanged("other", commands)
-    backend.run(watch.commands(TABLE, [("198.51.100.7", 100)]))
-    assert not backend.unchanged(TABLE, commands)
-    result = reconcile(state, 0, backend, secret=SECRET, check=True)
-    assert result.changes == [] and backend.unchanged(TABLE, commands)
-    backend.run(watch.commands(TABLE, remove=["198.51.100.7"]))
-    listing = backend.list_table(TABLE)
-    backend.run(watch.commands(TABLE, [("198.51.100.8", 100)]))  # while "comparing"
-    backend.in_sync(TABLE, commands)  # too late: something was committed since the listing
-    assert listing is not None and not backend.unchanged(TABLE, commands)
-    backend.delete_table(TABLE)
-    assert not backend.unchanged(TABLE, commands)
+    assert moved() == 1
+    backend.list_table(TABLE), backend.list_tables(), backend.list_set(TABLE, "dyn4")
+    backend.canonical(diff.skeleton_commands(commands), TABLE)
+    backend.replace_table(TABLE, rendered(state, 1), check=True)
+    bad = [*commands]
+    bad.insert(3, BAD_RULE)
+    try:
+        backend.replace_table(TABLE, bad)
+    except KernelError:
+        assert backend.delete_table("absent") is False
+    else:
+        raise AssertionError("a rule into a missing chain was accepted")
+    assert moved() == 1
+    chain = next(c["add"]["rule"]["chain"] for c in commands if "rule" in c["add"])
+    backend.run([{"flush": {"chain": {"family": "inet", "table": TABLE, "name": chain}}}])
+    assert moved() == 2
+    assert backend.delete_table(TABLE) is True
+    assert moved() == 3
+    assert backend.version() and backend.version() == backend.version()
+
+
+def by_hand(backend: Backend, line: str, commands: list[dict[str, Any]]) -> None:
+    """Someone else's commit, which mtd's cache never sees: `nft` run by hand (`line`)
+    against the kernel; the fake told `commands` directly, not through the cache."""
+    from reconciler.adapters.fake import FakeKernel
+
+    if isinstance(backend, FakeKernel):
+        if "table" in commands[0].get("add", {}):
+            backend.replace_table(commands[0]["add"]["table"]["name"], commands)
+        else:
+            backend.run(commands)
+        return
+    import subprocess
+
+    subprocess.run(["nft", *line.split()], check=True)
+
+
+def a_hand_change_is_never_masked_by_the_cache(backend: Backend, state: State) -> None:
+    """After mtd's own commit, `nft` by hand on another table or on mtd's own table moves
+    the ruleset past what the cache recorded: the next pass lists, and sees the change to
+    mtd's table (a flushed chain) as the diff does without the cache."""
+    state = coverage_state()
+    cached = CachingBackend(backend)
+    commands = rendered(state)
+    assert reconcile(state, 0, cached, secret=SECRET).status == "changed"
+    assert cached.unchanged(TABLE, commands)
+    other = {"add": {"table": {"family": "inet", "name": "other"}}}
+    by_hand(backend, "add table inet other", [other])
+    assert not cached.unchanged(TABLE, commands)  # listed: mtd's table is as it was
+    assert reconcile(state, 0, cached, secret=SECRET, check=True).changes == []
+    assert cached.unchanged(TABLE, commands)
+    chain = next(c["add"]["rule"]["chain"] for c in commands if "rule" in c["add"])
+    flush = {"flush": {"chain": {"family": "inet", "table": TABLE, "name": chain}}}
+    by_hand(backend, f"flush chain inet {TABLE} {chain}", [flush])
+    assert not cached.unchanged(TABLE, commands)
+    seen = reconcile(state, 0, cached, secret=SECRET, check=True)
+    assert {(c.op, c.kind) for c in seen.changes} == {("+", "rule")}
+    assert not cached.unchanged(TABLE, commands)  # not in sync: nothing recorded
 
 
 def _normalised(backend: Backend) -> tuple[str, list[Any], list[Any]]:
@@ -311,19 +389,20 @@ def _normalised(backend: Backend) -> tuple[str, list[Any], list[Any]]:
 def a_patched_rotation_lists_as_a_replacement_would(backend: Backend, state: State) -> None:
     """A rotation as a patch (`core.patch`: maps flushed and filled, chains with a new seed
     flushed and filled) leaves the very table a replacement by the new epoch leaves, dynamic
-    entries included; `unchanged` does not vouch for it until a listing does."""
+    entries included; `unchanged` (the cache) does not vouch for it until a listing does."""
     from reconciler.core import patch
 
     state = coverage_state()
+    cached = CachingBackend(backend)
     dynamic = {"4": [("198.51.100.9", 300)], "6": [("2001:db8:5::", 300)]}
     old, new = (render.render(state, shuffle.compute(state, SECRET, e), None, dynamic)
                 for e in (0, 1))  # fmt: skip
-    backend.replace_table(TABLE, old)
+    cached.replace_table(TABLE, old)
     found = patch.plan(TABLE, old, new)
     assert found is not None and found.chains and found.sets
-    backend.patch_table(TABLE, found.commands, new)
+    cached.patch_table(TABLE, found.commands, new)
     patched = _normalised(backend)
-    assert not backend.unchanged(TABLE, new)
+    assert not cached.unchanged(TABLE, new) and not cached.unchanged(TABLE, old)
     assert pending(backend, state, new) == []
     backend.replace_table(TABLE, new)
     assert _normalised(backend) == patched
@@ -355,7 +434,7 @@ def a_refused_patch_changes_nothing(backend: Backend, state: State) -> None:
 
 def interleave(backend: Backend, foreign: list[dict[str, Any]]) -> None:
     """Make another process's commit (`foreign`) land inside mtd's next `replace_table`,
-    after mtd read where the ruleset stood and before its own commit."""
+    after mtd's cache read where the ruleset stood (`mark`) and before its own commit."""
     from reconciler.adapters.fake import FakeKernel
 
     if isinstance(backend, FakeKernel):
@@ -366,7 +445,7 @@ def interleave(backend: Backend, foreign: list[dict[str, Any]]) -> None:
 
         backend.interleave = once
         return
-    run = backend.run  # Nft: replace_table reads the mark, then sends its batch by `run`
+    run = backend.run  # Nft: replace_table sends its batch by `run`
 
     def first_foreign(*args: Any, **kwargs: Any) -> None:
         del backend.run  # type: ignore[attr-defined]  # once: the method is back
@@ -381,15 +460,16 @@ def a_commit_inside_mtds_own_is_never_taken_for_it(backend: Backend, state: Stat
     commit of another process in between leaves the ruleset past that mark for good, so the
     table is listed again, until a listing compares equal."""
     state = coverage_state()
+    cached = CachingBackend(backend)
     commands = rendered(state)
-    backend.replace_table(TABLE, commands)
+    cached.replace_table(TABLE, commands)
     interleave(backend, watch.commands(TABLE, [("198.51.100.7", 100)]))
-    backend.replace_table(TABLE, commands)
-    assert not backend.unchanged(TABLE, commands)
-    result = reconcile(state, 0, backend, secret=SECRET, check=True)
-    assert result.changes == [] and backend.unchanged(TABLE, commands)
-    backend.replace_table(TABLE, commands)  # and mtd's own commit alone still counts
-    assert backend.unchanged(TABLE, commands)
+    cached.replace_table(TABLE, commands)
+    assert not cached.unchanged(TABLE, commands)
+    result = reconcile(state, 0, cached, secret=SECRET, check=True)
+    assert result.changes == [] and cached.unchanged(TABLE, commands)
+    cached.replace_table(TABLE, commands)  # and mtd's own commit alone still counts
+    assert cached.unchanged(TABLE, commands)
 
 
 CASES: dict[str, Callable[[Backend, State], None]] = {
@@ -408,6 +488,8 @@ CASES: dict[str, Callable[[Backend, State], None]] = {
         a_table_as_written_lists_its_canonical_skeleton,
         a_seed_stand_in_learns_the_form_of_the_seed,
         unchanged_holds_until_anything_is_committed,
+        the_mark_moves_by_one_with_each_commit_and_with_nothing_else,
+        a_hand_change_is_never_masked_by_the_cache,
         a_commit_inside_mtds_own_is_never_taken_for_it,
         a_patched_rotation_lists_as_a_replacement_would,
         a_refused_patch_changes_nothing,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters import cachedir, files, kernel
+from reconciler.adapters.caching import CachingBackend
 from reconciler.core import caches, render, sandbox, shuffle
 from reconciler.core import state as state_mod
 from reconciler.core.state import Local
@@ -25,9 +26,9 @@ SKELETON = [{"add": {"table": {"family": "inet", "name": "t"}}}]
 LISTING = [{"table": {"family": "inet", "name": "t"}}]
 
 
-def nft_or_skip(cache: Path | None, write_cache: bool = True) -> kernel.Nft:
+def nft_or_skip(cache: Path | None, write_cache: bool = True) -> CachingBackend:
     try:
-        return kernel.Nft(cachedir.KernelCache(cache, write=write_cache))
+        return CachingBackend(kernel.Nft(), cachedir.KernelCache(cache, write=write_cache))
     except kernel.KernelError as exc:  # no bindings here: nothing to test
         pytest.skip(str(exc))
 
@@ -40,7 +41,7 @@ def test_a_new_process_reads_the_canonical_form_from_disk(tmp_path: Path, monkey
     (entry,) = (tmp_path / "cache").iterdir()
     assert stat.S_IMODE(entry.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
-    # Another process (a new Nft): no scratch namespace, same listing.
+    # Another process (a new backend): no scratch namespace, same listing.
     assert nft_or_skip(tmp_path / "cache").canonical(SKELETON, "t") == LISTING
     assert learned == [1]
     # Another skeleton is learned, not mistaken for the first.

@@ -208,10 +208,10 @@ class SchemaVerdicts:
 
 
 class KernelCache:
-    """The kernel backend's caches: canonical forms (keyed by the skeleton, libnftables and
-    the kernel release) and the table mtd last committed (`Nft.unchanged`). Kept in memory
-    for the process, and in `where` (None: memory only) for the next one; `use` says which
-    of the two (`canonical`, `committed`) are on."""
+    """What `caching.CachingBackend` keeps: canonical forms (keyed by the skeleton,
+    libnftables and the kernel release) and the table mtd last committed. Kept in memory for
+    the process, and in `where` (None: memory only) for the next one; `use` says which of
+    the two (`canonical`, `committed`) are on."""
 
     CANONICAL_KEEP = 8  # forms kept on disk (a per-pair template has one per epoch)
     COMMITTED = "committed.json"
@@ -226,10 +226,6 @@ class KernelCache:
         self.where, self.write, self.use = where, write, use
         self._canonical: dict[str, list[dict[str, Any]]] = {}
         self._committed: dict[str, Any] | None = None
-
-    def reader(self) -> KernelCache:
-        """The same caches for another thread's backend: it reads, never writes."""
-        return KernelCache(self.where, write=False, use=self.use)
 
     def canonical(self, key: str) -> list[dict[str, Any]] | None:
         if "canonical" not in self.use:

@@ -11,12 +11,12 @@ against libnftables in a namespace, so it cannot drift from reality unnoticed.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.adapters.kernel import FAMILY, describe
-from reconciler.core import diff
 from reconciler.core.diff import elem_text
 from reconciler.errors import KernelError
 
@@ -62,11 +62,11 @@ class FakeKernel:
     canonical_calls: int = 0
     commits: int = 0  # transactions that changed something, as `Nft.commits` counts them
     generation: int = 0  # every commit and every `drift` moves it, as the kernel's does
-    _committed: tuple[int, str, str] | None = None  # after mtd's replace: see `unchanged`
-    _listed: tuple[str, int] = ("", -1)  # the last listing's table and generation
+    # Which ruleset (`mark`): this fake's own, never another's (as a namespace's cookie).
+    ruleset: str = field(default_factory=lambda: f"fake:{os.urandom(8).hex()}")
     _refusals: list[_Refusal] = field(default_factory=list)
-    # Called inside `replace_table` between reading the generation and committing: another
-    # process's commit landing there, which no test can time against the real kernel.
+    # Called inside `replace_table` before committing, so after a caller read `mark`:
+    # another process's commit landing there, which no test can time against the kernel.
     interleave: Callable[[], None] | None = None
 
     # -- what tests tell it ---------------------------------------------------------------
@@ -113,7 +113,6 @@ class FakeKernel:
 
     def list_table(self, name: str) -> Listing | None:
         self.list_calls += 1
-        self._listed = (name, self.generation)
         listing = self.tables.get(name)
         return None if listing is None else copy.deepcopy(listing)
 
@@ -135,7 +134,6 @@ class FakeKernel:
             raise
         if check:
             return
-        before = self.generation  # as `Nft` does: the mark before, plus its own one step
         if self.interleave is not None:
             self.interleave()
         if flush_ruleset:
@@ -143,20 +141,6 @@ class FakeKernel:
         self.tables[name] = listing
         self.commits += 1
         self.generation += 1
-        self._remember(name, commands, before + 1)
-
-    def _remember(self, name: str, commands: Sequence[dict[str, Any]], generation: int) -> None:
-        digest = diff.digest(name, commands)
-        self._committed = None if digest is None else (generation, name, digest)
-
-    def unchanged(self, name: str, commands: Sequence[dict[str, Any]]) -> bool:
-        digest = diff.digest(name, commands)
-        return digest is not None and self._committed == (self.generation, name, digest)
-
-    def in_sync(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
-        listed, generation = self._listed
-        if listed == name:
-            self._remember(name, commands, generation)
 
     def patch_table(
         self,
@@ -183,7 +167,6 @@ class FakeKernel:
         self.tables = tables
         self.commits += 1
         self.generation += 1
-        self._committed = None  # as `Nft` does: the next pass that reads lists it
 
     def list_tables(self) -> list[tuple[str, str]]:
         return [(FAMILY, name) for name in sorted(self.tables)]
@@ -214,6 +197,12 @@ class FakeKernel:
 
     def restore_sysctls(self, values: Mapping[str, str]) -> None:
         self.sysctls.update(values)  # its own namespace: never the host's /proc/sys
+
+    def mark(self) -> tuple[str, int]:
+        return self.ruleset, self.generation
+
+    def version(self) -> str:
+        return "fake"  # its listing form is its own, the same in every process
 
     def list_set(self, table: str, name: str) -> list[Any] | None:
         listing = self.tables.get(table)

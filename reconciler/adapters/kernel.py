@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import json
 import os
 import struct
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from reconciler.adapters import bindings
-from reconciler.adapters.cachedir import KernelCache
 from reconciler.core.bulk import dumps
 from reconciler.errors import KernelError
 
@@ -39,8 +37,14 @@ _NOT_FOUND = "No such file or directory"
 SYSCTLS = {"net/ipv4/fwmark_reflect": "1", "net/ipv6/fwmark_reflect": "1"}
 
 
+# Where the ruleset stands (`Backend.mark`): which ruleset, and its generation.
+Mark = tuple[str, int]
+
+
 class Backend(Protocol):
-    """What mtd needs from the kernel. Every method raises `KernelError` on failure."""
+    """What mtd needs from the kernel, and nothing else: the caches that save a listing or
+    a scratch namespace wrap a backend (`adapters.caching`). Every method raises
+    `KernelError` on failure."""
 
     def list_table(self, name: str) -> list[dict[str, Any]] | None:
         """The owned table as the kernel lists it, or None when it does not exist."""
@@ -68,8 +72,7 @@ class Backend(Protocol):
     ) -> None:
         """Apply `batch` (`core.patch`: flushes and re-adds inside the existing owned table)
         in one transaction, after which the table is what `commands` make, as if
-        `replace_table(name, commands)` had run (but for `unchanged`, which says False until
-        a listing vouches for it again). A refusal changes nothing."""
+        `replace_table(name, commands)` had run. A refusal changes nothing."""
         ...
 
     def delete_table(self, name: str) -> bool:
@@ -105,16 +108,17 @@ class Backend(Protocol):
         maps' million), or None when the table or the set does not exist."""
         ...
 
-    def unchanged(self, name: str, commands: Sequence[dict[str, Any]]) -> bool:
-        """Whether the owned table is, for certain, what `commands` make (`diff.digest`):
-        mtd's last `replace_table` sent them, or its last listing compared equal to them
-        (`in_sync`), and nothing has been committed since. False whenever that cannot be
-        told: then the caller lists and compares."""
+    def mark(self) -> Mark | None:
+        """Where the ruleset stands: which ruleset (this boot and network namespace) and its
+        generation, or None when that cannot be told. Every transaction committed, mtd's or
+        any process's, moves the generation by exactly one; nothing else moves it (a
+        listing, a check, a refusal), and it does not come back short of 2^32 commits
+        (`caching` rests on this)."""
         ...
 
-    def in_sync(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
-        """The last `list_table(name)` compared equal to `commands`: `unchanged` may say so
-        until the next commit (if nothing was committed while it listed)."""
+    def version(self) -> str:
+        """What the listing form of the same commands depends on besides them (libnftables
+        and the kernel release): while it is the same, so is `canonical`'s answer."""
         ...
 
 
@@ -126,24 +130,20 @@ class Nft:
     context is freed and its heap handed back to the system: it caches every element it has
     seen (about 2 KB each), which at a million elements a daemon would otherwise keep.
 
-    `cache` keeps canonical forms and the last commit (`cachedir.KernelCache`; by default
-    in memory only), across processes when it has a directory: a new `mtd apply` then skips
-    the scratch namespace, and the listing of a table it left unchanged.
+    It keeps nothing else: `caching.CachingBackend` around it keeps canonical forms and the
+    last commit, for the next call and the next process.
     """
 
     KEEP_BYTES = 1 << 20  # calls moving more text than this free their context
 
-    def __init__(self, cache: KernelCache | None = None) -> None:
+    def __init__(self) -> None:
         bindings.module()  # at first use: one line saying what to install, if missing
         self._ctx: Any = None
-        self.cache = cache if cache is not None else KernelCache()
         self.commits = 0  # transactions committed: the monitor tells them from others'
-        self._listed: tuple[str, str | None] = ("", None)  # the last listing's table, mark
 
     def sibling(self) -> Nft:
-        """Another libnftables context for another thread (one context is not shared), with
-        this one's caches; it never writes them."""
-        return Nft(self.cache.reader())
+        """Another libnftables context for another thread (one context is not shared)."""
+        return Nft()
 
     def abandon(self) -> None:
         """At the end of a process that ran one command: never free the context. Freeing
@@ -172,7 +172,6 @@ class Nft:
         return rc, out, err
 
     def list_table(self, name: str) -> list[dict[str, Any]] | None:
-        self._listed = (name, ruleset_mark())
         rc, out, err = self._cmd(f"list table {FAMILY} {name}")
         if rc != 0:
             exc = kernel_error(err, context=f"list table {FAMILY} {name}")
@@ -234,10 +233,7 @@ class Nft:
         check: bool = False,
     ) -> None:
         batch = replace_batch(name, commands, flush_ruleset=flush_ruleset)
-        before = None if check else ruleset_mark()
         self.run(batch, check=check, first=len(batch) - len(commands))
-        if before is not None:
-            self._remember(name, commands, before)
 
     def patch_table(
         self,
@@ -248,57 +244,12 @@ class Nft:
         check: bool = False,
     ) -> None:
         self.run(batch, check=check)
-        if not check:
-            # Not recorded for `unchanged`: the digest of the whole table costs as much as
-            # the patch itself. The next pass that reads the table lists it instead.
-            self._committed = None
 
-    # The last table mtd replaced, and where the ruleset stood right after: while the
-    # ruleset has not moved since, that table is exactly as sent, and a command that would
-    # send the same (`unchanged`) need not list it (40 s at a million elements). Where it
-    # stands is this boot, this network namespace and its nf_tables generation, which every
-    # transaction of any process moves (a table that timeouts or packets change without one
-    # has no `diff.digest`: always listed); the namespace by its cookie, never reused within
-    # a boot, unlike its inode.
-    #
-    # What is recorded is the mark read *before* the fact (before the commit, plus the one
-    # step the commit takes; before the listing), never read again after it: a generation
-    # only grows, so if anything else was committed in between, the ruleset has already
-    # left the recorded mark for good (short of 2^32 commits) and the record never
-    # matches. Reading it right after a commit would also wait about 10 ms for the kernel
-    # to finish that commit's clean-up. The record is kept in `cache` (`committed`).
-    def _remember(self, name: str, commands: Sequence[dict[str, Any]], before: str) -> None:
-        """After mtd's own commit, which moved the generation by one from `before`."""
-        boot, cookie, gen = before.rsplit(":", 2)
-        self._record(name, commands, f"{boot}:{cookie}:{int(gen) + 1}")
+    def mark(self) -> Mark | None:
+        return ruleset_mark()
 
-    def in_sync(self, name: str, commands: Sequence[dict[str, Any]]) -> None:
-        listed, mark = self._listed
-        if listed == name and mark is not None:
-            self._record(name, commands, mark)
-
-    def _record(self, name: str, commands: Sequence[dict[str, Any]], mark: str) -> None:
-        """Remember that the table is `commands` at the ruleset mark `mark`."""
-        from reconciler.core import diff
-
-        digest = diff.digest(name, commands)
-        # None: such a table changes by itself, only listings tell
-        record = None if digest is None else {"mark": mark, "table": name, "digest": digest}
-        self.cache.keep_committed(record)
-
-    def unchanged(self, name: str, commands: Sequence[dict[str, Any]]) -> bool:
-        now = ruleset_mark()
-        if now is None:
-            return False
-        record = self.cache.committed()
-        if not isinstance(record, dict) or record.get("mark") != now:
-            return False
-        if record.get("table") != name:
-            return False
-        from reconciler.core import diff
-
-        digest = diff.digest(name, commands)
-        return digest is not None and record.get("digest") == digest
+    def version(self) -> str:
+        return _platform()
 
     def delete_table(self, name: str) -> bool:
         try:
@@ -359,14 +310,10 @@ class Nft:
         """Templates may write an expression in any form libnftables accepts; the kernel lists
         it in one form only. Loading the (element-free, so small) document into a scratch
         network namespace and listing it back gives that form without touching the host's
-        ruleset. Kept in `cache`: the skeleton is the same from one rotation to the next."""
+        ruleset. Worth keeping (`caching`): the skeleton is the same from one rotation to the
+        next."""
         text = json.dumps({"name": name, "commands": list(commands)}, sort_keys=True)
-        key = hashlib.sha256(f"{text}\0{_platform()}".encode()).hexdigest()
-        listing = self.cache.canonical(key)
-        if listing is None:
-            listing = _learn(text, name, commands)
-            self.cache.keep_canonical(key, listing)
-        return listing
+        return _learn(text, name, commands)
 
 
 @cache
@@ -397,9 +344,10 @@ SO_NETNS_COOKIE = 71  # asm-generic/socket.h; other values on some architectures
 _COOKIE_MACHINES = ("x86_64", "aarch64", "riscv64")
 
 
-def ruleset_mark() -> str | None:
-    """`BOOT:NETNS:GENERATION` of the caller's ruleset, or None when any part cannot be
-    read (an older kernel, another architecture): what `Nft.unchanged` compares."""
+def ruleset_mark() -> Mark | None:
+    """(`BOOT:NETNS`, generation) of the caller's ruleset, or None when any part cannot be
+    read (an older kernel, another architecture). The namespace by its cookie, never reused
+    within a boot, unlike its inode."""
     import socket
 
     from reconciler.adapters import monitor
@@ -412,7 +360,7 @@ def ruleset_mark() -> str | None:
             raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
         if len(raw) != 8 or not boot:
             return None
-        return f"{boot}:{int.from_bytes(raw, sys.byteorder)}:{monitor.generation()}"
+        return f"{boot}:{int.from_bytes(raw, sys.byteorder)}", monitor.generation()
     except (OSError, ValueError, struct.error):  # a short or odd netlink reply too
         return None
 

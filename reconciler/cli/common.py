@@ -152,10 +152,12 @@ class Ctx:
         return cachedir.KernelCache(self.cache_dir, write=write, use=use)
 
     def nft(self, state: State | None = None, *, write: bool = True, one_shot: bool = True) -> Any:
-        """The real kernel backend, its caches (the kernel's canonical form, the last
-        commit) in `cache_dir`; read-only commands (`write=False`) read them, never add.
-        A command that writes also keeps `state` as parsed and accepted by the schema, for
-        the next one. `one_shot`: the process ends with the command (`Nft.abandon` at exit)."""
+        """The real kernel backend, wrapped with its caches (the kernel's canonical form,
+        the last commit) in `cache_dir`; read-only commands (`write=False`) read them, never
+        add. A command that writes also keeps `state` as parsed and accepted by the schema,
+        for the next one. `one_shot`: the process ends with the command (`Nft.abandon` at
+        exit)."""
+        from reconciler.adapters.caching import CachingBackend
         from reconciler.adapters.kernel import Nft
 
         self.need_nftables()
@@ -163,10 +165,10 @@ class Ctx:
             kept = self.caches(write=True)
             kept.verdicts.add(state.schema_key)
             kept.parsed.put(state.parsed_key, state.parsed_json)
-        nft = Nft(self.kernel_cache(write=write))
+        nft = Nft()
         if one_shot:
             atexit.register(nft.abandon)
-        return nft
+        return CachingBackend(nft, self.kernel_cache(write=write))
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

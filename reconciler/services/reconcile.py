@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from reconciler import defaults
 from reconciler.adapters import auditlog, files, watchstore
+from reconciler.adapters.caching import CachingBackend
 from reconciler.adapters.kernel import SYSCTLS, Backend
 from reconciler.core import diff, elements, patch, render, repair, shuffle, watch
 from reconciler.core.bulk import gc_paused
@@ -151,7 +152,11 @@ def reconcile(
         commands = render.render(state, mapping, templates, dynamic, caches)
     skeleton = diff.skeleton_commands(commands)
     changes = [UNREAD]
-    if read_live and state.ownership != "ruleset" and backend.unchanged(state.table, commands):
+    # Only a backend that remembers mtd's last commit (`caching`) may vouch for the table;
+    # never with `ownership: ruleset`, whose flush reaches beyond it.
+    owned = state.ownership != "ruleset"
+    cached = backend if owned and isinstance(backend, CachingBackend) else None
+    if read_live and cached is not None and cached.unchanged(state.table, commands):
         changes = []  # mtd's own last commit, and nothing committed since: nothing to list
     elif read_live:
         with t("read"):
@@ -161,8 +166,8 @@ def reconcile(
         with t("diff"):
             changes = diff.compare(canonical, commands, listing)
             del listing  # up to a million elements: not kept through the apply
-        if not changes and state.ownership != "ruleset":
-            backend.in_sync(state.table, commands)
+        if not changes and cached is not None:
+            cached.in_sync(state.table, commands)
     if state.ownership == "ruleset":
         # The host's configuration asked mtd to own the whole ruleset: every other table
         # goes with the flush, and the preview says which.
