@@ -368,3 +368,22 @@ def test_a_dynamic_set_full_of_trips_still_takes_an_operators_watch(tmp_path):
             assert unit in _dyn(lab, "dyn6")
         gone = mtd("-s", str(state), "watch", "del", "--local", "2001:db8:3::1", ns=lab)
         assert gone.returncode == 0, gone.stderr
+
+
+def test_the_leak_counter_counts_watched_sources_only(tmp_path):
+    """Another table's DNAT of a service port to a port that is no service's (a redirect, for
+    everyone) looks like a leak after NAT: a trusted source's connection through it must not
+    count, while a watched source's connection to a real port that shows it nothing does
+    (UDP 53: outside the range, never shown)."""
+    state = write_state(tmp_path / "state.yaml", trusted=["192.0.2.2", "2001:db8::2"])
+    with standard_lab() as lab:
+        assert apply(lab, state).returncode == 0
+        lab.sh("srv", "nft add table inet other && nft add chain inet other pre "
+               "'{ type nat hook prerouting priority -100; }' && "
+               "nft add rule inet other pre tcp dport 3 redirect to :7")  # fmt: skip
+        for fam, server in (("ip", SERVER4), ("ip6", SERVER6)):
+            before = counter(lab, f"real_port_{fam}")
+            assert lab.probe("tru", "tcp", server, 3) == "closed"  # redirected to port 7
+            assert counter(lab, f"real_port_{fam}") == before, fam
+            lab.probe("unt", "udp", server, 53)
+            assert counter(lab, f"real_port_{fam}") == before + 1, fam

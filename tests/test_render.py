@@ -41,21 +41,22 @@ def test_maps_rule_count_is_constant_whatever_the_number_of_sources():
 
     # One IPv4 address or 199 of them: the same rules. 10 whatever the state (the host's own
     # traffic, the guard's), 6 drop ICMP errors forged from elsewhere, dynamic sources (always
-    # there, for `mtd watch`) 9 for IPv4 and 10 for IPv6, 4 leak counters (a family and
-    # protocol each, after NAT), one shared bucket 16 (no per_source entry): 55. Each class a
-    # family uses adds 4 (IPv6: 5) and, addresses and prefixes, 8 for their maps; per_source
-    # pieces, 5 jumps to the buckets.
-    base = 10 + 6 + 9 + 10 + 4 + 16
+    # there, for `mtd watch`) 9 for IPv4 and 10 for IPv6, 4 leak jumps (a family and
+    # protocol each, after NAT) to 3 rules a family that count watched sources only, one
+    # shared bucket 16 (no per_source entry): 61. Each class a family uses adds 4 (IPv6: 5)
+    # and, addresses and prefixes, 8 for their maps; per_source pieces, 5 jumps to the buckets.
+    base = 10 + 6 + 9 + 10 + 4 + 6 + 16
     assert rules(hosts(199)) == rules(hosts(1)) == base + 4 + 8
-    assert sum("rule" in c["add"] for c in rendered()[2]) == base + 12 + 12 + 13 == 92
+    assert sum("rule" in c["add"] for c in rendered()[2]) == base + 12 + 12 + 13 == 98
     internet = (
         "watched: [{source: 0.0.0.0/0, per_source: true}, {source: '::/0', per_source: true}]\n"
     )
     per_source = (4 + 5) + (5 + 5)
     assert rules(internet) == base + per_source + 16 * 15  # the default 16 buckets
     everything = "trusted: [203.0.113.0/24]\ntripwire: {tcp: [23], udp: [69], for: 60}\n"
-    # Trusted prefixes of one family: 5 rules; a tripwire of two protocols, 2 per family.
-    assert rules(internet, everything + "buckets: 3\n") == base + per_source + 5 + 4 + 16 * 2
+    # Trusted prefixes of one family: 6 rules (one in its leak chain); a tripwire of two
+    # protocols, 2 per family.
+    assert rules(internet, everything + "buckets: 3\n") == base + per_source + 6 + 4 + 16 * 2
     prefix = internet.replace("]\n", ", {source: 198.51.100.0/24}]\n")
     assert rules(prefix, "buckets: 3\n") == rules(internet, "buckets: 3\n") + 4 + 8
 
