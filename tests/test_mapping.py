@@ -105,3 +105,20 @@ def test_per_source_dynamic_and_trusted_sources_get_their_class_view(tmp_path):
     assert got["udp"] == {"53": portmap.buckets[k]["udp"][53]}
     lines = mtd("-s", str(state), "mapping", "--source", "203.0.113.5").stdout.splitlines()
     assert lines[0].startswith(f"source 203.0.113.5: watched dynamically (cli), bucket {k}, ")
+
+
+def test_a_service_drawn_to_its_own_port_is_not_called_in_place(tmp_path):
+    """A moved service may be drawn to its own port for an epoch: the text says so, where
+    "(in place)" names a port the state keeps in place (the source's ignore list)."""
+    state, secret = setup(tmp_path)
+    parsed = parse([("s", state.read_text())])
+    epoch, port = next(
+        (e, real)
+        for e in range(1000)
+        for real, seen in shuffle.compute(parsed, secret, e).moves[("192.0.2.3", "tcp")].items()
+        if real == seen
+    )
+    proc = mtd("-s", str(state), "mapping", "--source", "192.0.2.3", "--epoch", str(epoch))
+    lines = proc.stdout.splitlines()
+    assert f"tcp {port} -> {port}  (drawn to its own port this epoch)" in lines, lines
+    assert "tcp 1 -> 1  (in place)" in lines  # ignored

@@ -42,6 +42,18 @@ def view(
     trusted, the most specific watched entry (a per_source one's bucket), a dynamic source's
     bucket; every service listed, those that stay in place as themselves. `dynamic` may map
     each dynamic source to its origin (cli, redis, tripwire): then `dynamic` says which."""
+    return _view(state, secret, epoch, source, dynamic)[0]
+
+
+def _view(
+    state: State,
+    secret: bytes,
+    epoch: int,
+    source: str,
+    dynamic: Collection[str] | Mapping[str, str],
+) -> tuple[dict[str, Any], dict[str, set[int]]]:
+    """`view`, and the services moved for the source by protocol: one drawn to its own port
+    is in place this epoch only, which the text tells from a port the state keeps in place."""
     addr = source.split("%", 1)[0]  # fe80::1%eth0
     seen = audit.mapping_of(state, secret, epoch, addr, dynamic)
     label = seen.watched.label if seen.watched is not None else None
@@ -63,7 +75,7 @@ def view(
     for proto in PROTOCOLS:
         moved = seen.moves.get(proto, {})
         out[proto] = {port: moved.get(port, port) for port in state.services[proto]}
-    return out
+    return out, {proto: set(seen.moves.get(proto, {})) for proto in PROTOCOLS}
 
 
 @cli.command(
@@ -89,7 +101,7 @@ def mapping_cmd(ctx: Ctx, source: str, epoch: int | None, as_json: bool) -> None
     entries = watch.live(watchstore.load(watchstore.path_for(state.epoch_file)), now)
     kernel, note = _kernel(ctx, state)
     merged = watch.harvest(entries, kernel, now)  # the tripwire's live only in the kernel
-    result = view(state, secret, epoch, source, {s: e.origin for s, e in merged.items()})
+    result, moved = _view(state, secret, epoch, source, {s: e.origin for s, e in merged.items()})
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -110,6 +122,8 @@ def mapping_cmd(ctx: Ctx, source: str, epoch: int | None, as_json: bool) -> None
             why = ""
             if seen == real and label:
                 why = "  (fixed)" if real in result["fixed"][proto] else "  (in place)"
+                if real in moved[proto]:
+                    why = "  (drawn to its own port this epoch)"
             click.echo(f"{proto} {real} -> {seen}{why}")
 
 
