@@ -150,7 +150,7 @@ def test_validate_checks_every_host_and_prefixes_errors(tmp_path: Path):
         "ok: h2: 1 watched sources, template maps",
     ]
     assert out.stderr.startswith(f"mtd: error: h3: {root}/base.yaml:3: watched[0].source:")
-    assert "ports.range [1, 3] has only 0 free tcp ports" in out.stderr
+    assert "ports.range [1, 3] has only 3 tcp ports to show them at" in out.stderr
     assert out.stderr.count("\n") == 1
     assert mtd("-s", str(root), "validate", "--host", "h1").returncode == 0
     only = mtd("-s", str(root), "validate", "--host", "nope")

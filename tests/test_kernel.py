@@ -179,8 +179,8 @@ BAD_TEMPLATE_KERNEL = """{"nftables": [
             r"s\.yaml:\d+: ports\.range\[1\]: 99999: expected at most 65535",
         ),
         (
-            lambda p: _edit(p, ports={"range": [1, 6]}),
-            r"tcp moves 3 ports but ports\.range \[1, 6\] has only 1 free tcp ports",
+            lambda p: _edit(p, ports={"range": [1, 4]}),
+            r"tcp moves 3 ports but ports\.range \[1, 4\] has only 2 tcp ports to show them at",
         ),
         (lambda p: _custom_template(p, "{{ nope }}"), r"bad\.json\.j2: undefined in template"),
         (lambda p: _custom_template(p, "{% if %}"), r"bad\.json\.j2:1: template syntax error"),

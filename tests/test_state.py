@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters.files import load_state
-from reconciler.core import templates
+from reconciler.core import shuffle, templates
 from reconciler.core.state import parse
 from reconciler.errors import MtdError
 from tests.conftest import write_state
@@ -102,9 +102,24 @@ def test_duplicate_source():
 
 def test_range_too_small_names_source_protocol_and_counts():
     msg = error_of(
-        "ports: {range: [1, 5], services: {tcp: [1, 2, 3]}}\nwatched: [{source: 192.0.2.3}]\n"
+        "ports: {range: [1, 2], services: {tcp: [1, 2, 3]}}\nwatched: [{source: 192.0.2.3}]\n"
     )
+    assert "192.0.2.3: tcp moves 3 ports but ports.range [1, 2] has only 2 tcp ports" in msg
+    # A template that writes swaps draws from the free ports only (classic).
+    five = "ports: {range: [1, 5], services: {tcp: [1, 2, 3]}}\nwatched: [{source: 192.0.2.3}]\n"
+    msg = error_of("template: classic\n" + five)
     assert "192.0.2.3: tcp moves 3 ports but ports.range [1, 5] has only 2 free tcp ports" in msg
+
+
+def test_a_range_with_fewer_free_ports_than_services_works_with_maps():
+    """`maps` shows services at any port the source does not keep in place, service ports
+    included: a range of 8 ports holds a permutation of 5 services, 3 of them free."""
+    state = parse_one(
+        "ports: {range: [1, 8], services: {tcp: [1, 2, 3, 4, 5]}}\n"
+        "watched: [{source: 192.0.2.3, ignore: {tcp: [1]}}, {source: '::/0', per_source: true}]\n"
+    )
+    moves = shuffle.compute(state, b"k" * 32, 0)
+    assert sorted(moves.moves[("192.0.2.3", "tcp")]) == [2, 3, 4, 5]
 
 
 def test_ignore_must_name_a_service():

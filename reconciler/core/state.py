@@ -677,37 +677,47 @@ def _inside(path: str, top: str) -> bool:
 
 
 def _capacity_problems(state: State, locate: _Locator) -> list[str]:
-    """Every source must be able to move all its ports into the free part of the range."""
+    """Every source must be able to move all its ports to ports of the range the shuffle
+    draws from (`shuffle.compute`): the free ones for a template that writes swaps, else
+    every port the source does not keep in place, service ports included."""
+    from reconciler.core.templates import support
+
+    swaps = support(state.template).swaps
     problems = []
     lo, hi = state.port_range
     bucketed = 0  # ports every bucket moves, both protocols
     for proto in PROTOCOLS:
         before = len(problems)
-        free = len(state.free_ports(proto))
+        kind = "free " if swaps else ""
+
+        def room(ignore: frozenset[int], proto: str = proto) -> int:
+            return len(state.free_ports(proto) if swaps else state.target_ports(proto, ignore))
+
         # Sources with the same ignore list move the same ports: check the first of each.
         checked: set[frozenset[int]] = set()
         for w in state.watched:
             if w.ignore[proto] in checked:
                 continue
             checked.add(w.ignore[proto])
-            moved = len(state.moved_ports(w, proto))
+            moved, free = len(state.moved_ports(w, proto)), room(w.ignore[proto])
             if moved > free:
                 problems.append(
                     locate(
                         ["watched", w.index, "source"],
                         f"{w.label}: {proto} moves {moved} ports but ports.range [{lo}, {hi}] "
-                        f"has only {free} free {proto} ports: expected a larger range "
-                        "or fewer services",
+                        f"has only {free} {kind}{proto} ports to show them at: expected a "
+                        "larger range or fewer services",
                     )
                 )
-        moved = len(state.bucket_ports(proto))
+        moved, free = len(state.bucket_ports(proto)), room(state.bucket_ignore[proto])
         bucketed += moved
         if moved > free and len(problems) == before and state.has_buckets:
             problems.append(
                 locate(
                     ["ports", "range"],
                     f"[{lo}, {hi}]: the bucket mappings of dynamic sources move {moved} {proto} "
-                    f"ports but only {free} are free: expected a larger range or fewer services",
+                    f"ports but only {free} {kind}ports can show them: expected a larger range "
+                    "or fewer services",
                 )
             )
     if state.has_buckets and state.bucket_count * bucketed > MAX_BUCKET_MOVES and not problems:
