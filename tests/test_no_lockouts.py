@@ -43,7 +43,30 @@ def states(tmp_path: Path) -> tuple[Path, Path]:
         ports=ports,
         watched=[{"source": "192.0.2.3"}, {"source": "198.51.100.0/24"}],
     )
+    _secret_that_moves_22(b)
     return a, b
+
+
+def _secret_that_moves_22(state: Path) -> None:
+    """A secret under which port 22 moves for 198.51.100.0/24 at the first epochs: a service
+    may be drawn to its own port at an epoch, which would leave the session check nothing to
+    refuse."""
+    import hashlib
+
+    from reconciler.adapters import files
+    from reconciler.core import shuffle
+
+    loaded = files.load_state(state)
+    label = next(w.label for w in loaded.watched if w.label.startswith("198.51.100."))
+    for i in range(1000):
+        secret = hashlib.sha256(b"mtd-test-%d" % i).digest()
+        shown = [shuffle.compute(loaded, secret, e).moves[(label, "tcp")][22] for e in range(6)]
+        if 22 not in shown:
+            fd = os.open(loaded.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secret)
+            return
+    raise AssertionError("no secret moves port 22 at every early epoch")
 
 
 def run(lab: Lab, tmp_path: Path, *args: str, ssh: str = "") -> subprocess.CompletedProcess[str]:
