@@ -152,6 +152,47 @@ def test_rotation_moves_ports_and_keeps_established_connections(lab: Lab, state_
     assert lab.probe("unt", "tcp", "192.0.2.1", before[port]) != f"port {port}"
 
 
+def test_a_connection_to_a_service_shown_at_its_own_port_survives_the_rotation(
+    lab: Lab, state_file: Path
+):
+    """A service may be drawn to its own port for an epoch: its connections then need no NAT.
+    When the next epoch moves it, such a connection keeps its mapping like any other held
+    across a rotation (guard_output lets every reply of a tracked connection pass)."""
+    import hashlib
+    import os
+
+    from reconciler.core import shuffle
+
+    state = files.load_state(state_file)
+    label = ("192.0.2.3", "tcp")
+    for i in range(5000):
+        secret = hashlib.sha256(b"mtd-self-%d" % i).digest()
+        before, after = (dict(shuffle.compute(state, secret, e).moves)[label] for e in (0, 1))
+        port = next((p for p in sorted(before) if before[p] == p != after[p]), None)
+        if port is not None:
+            break
+    else:
+        raise AssertionError("no secret draws a service to its own port at epoch 0")
+    fd = os.open(state.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    apply(lab, state_file)
+    client = lab.spawn(
+        "unt",
+        [sys.executable, "-u", "-c", _HOLD_CONNECTION, "192.0.2.1", str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert client.stdout.readline().strip() == f"port {port}"
+    assert apply(lab, state_file, cmd="rotate").stdout.startswith("changed: table inet mtd epoch 1")
+    client.stdin.write("still here\n")
+    client.stdin.flush()
+    assert client.stdout.readline().strip() == f"port {port}: still here"
+    assert lab.probe("unt", "tcp", "192.0.2.1", after[port]) == f"port {port}"
+
+
 _HOLD_CONNECTION = """
 import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
