@@ -40,10 +40,24 @@ def test_a_rotation_rewrites_maps_and_the_seeded_chains_only(state: State):
     assert found.sets and set(found.sets) <= maps  # the mapping moves; sets stay as they are
     seeded = {c["add"]["rule"]["chain"] for c in new if "jhash" in str(c.get("add", {}))}
     assert set(found.chains) == seeded
+    # The seed sits alone in one small chain per base chain and family: the base chains,
+    # which hold the rest of the ruleset, are never refilled by a rotation.
+    assert seeded == {f"d_{c}{v}" for c in ("nat", "raw", "ct", "out", "guard") for v in "46"}
+    assert sum("rule" in c.get("add", {}) for c in found.commands) == len(seeded)
     verbs = {(v, next(iter(b))) for c in found.commands for v, b in c.items()}
     assert verbs <= {("flush", "map"), ("flush", "set"), ("add", "element"),
                      ("flush", "chain"), ("add", "rule")}  # fmt: skip
     assert patch.plan("mtd", old, old) == patch.Patch([], [], [])  # nothing to rewrite
+
+
+def test_one_bucket_rotates_without_rewriting_a_rule(tmp_path: Path):
+    """No per_source entry: dynamic sources jump to the one bucket without a hash, so no
+    rule carries the epoch's seed and a rotation moves map elements only."""
+    one = files.load_state(write_state(tmp_path / "one.yaml"))
+    assert one.bucket_count == 1
+    found = patch.plan("mtd", at(one, 0), at(one, 1))
+    assert found is not None and found.sets and found.chains == []
+    assert "jhash" not in str(at(one, 0))
 
 
 def test_any_other_change_of_shape_is_a_replacement(state: State):
