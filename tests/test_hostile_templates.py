@@ -231,6 +231,19 @@ OUTSIDE = {
         '"elem": [[{"jump": {"target": "c"}}, 1]]}}}',
         'nftables[1]: add map: verdict {"jump": {"target": "c"}}: expected only as the data of',
     ),
+    "a jump statement to something other than a chain's name": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"jump": {{"target": '
+        '{"payload": {"protocol": "tcp", "field": "dport"}}}}]}}}',
+        'nftables[2]: add rule: statement jump {"target": {"payload": {"protocol": "tcp", '
+        '"field": "dport"}}}: expected {"target": CHAIN}',
+    ),
+    "a jump statement with more than a target": (
+        f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
+        f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"jump": {{"target": "c", '
+        '"chain": "x"}}]}}}',
+        "nftables[2]: add rule: statement jump",
+    ),
     "a verdict map's element that is not a pair": (
         f'{{"add": {{"chain": {{{T}, "name": "c"}}}}}}, '
         f'{{"add": {{"rule": {{{T}, "chain": "c", "expr": [{{"vmap": {{"key": {{"payload": '

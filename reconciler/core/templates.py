@@ -137,6 +137,8 @@ REPOSITORY = Allowed(
         "redirect": _keys("port"),
         "set": _keys("op", "elem", "set"),  # add to a set of the table with a `size`
         "vmap": _keys("key", "data"),
+        # to a chain of the same table: what a one-entry verdict map already allows
+        "jump": _keys("target"),
     },
     expressions={
         "payload": None,  # {protocol, field} or {base, offset, len}
@@ -277,6 +279,9 @@ def _statement(stmt: Any, allowed: Allowed, mark: int | str, opaque: Any, sizes:
     if kind in ("accept", "drop", "return", "notrack"):
         if body is not None:
             raise NotAllowed(f"statement {kind} {_short(body)}: expected null")
+    elif kind == "jump":
+        if not _verdict(stmt):
+            raise NotAllowed(f'statement jump {_short(body)}: expected {{"target": CHAIN}}')
     elif kind == "counter":
         if not (body is None or isinstance(body, str)):
             raise NotAllowed(f"statement counter {_short(body)}: expected a counter's name or null")
