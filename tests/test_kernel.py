@@ -135,20 +135,7 @@ def test_rotation_moves_ports_and_keeps_established_connections(lab: Lab, state_
     after = expected_moves(state_file, 1)[("192.0.2.3", "tcp")]
     # A port whose hiding place changes with the rotation: the case that needs conntrack.
     port = next(p for p in sorted(before) if before[p] != after[p])
-    client = lab.spawn(
-        "unt",
-        [sys.executable, "-u", "-c", _HOLD_CONNECTION, "192.0.2.1", str(before[port])],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert client.stdout.readline().strip() == f"port {port}"
-    assert apply(lab, state_file, cmd="rotate").stdout.startswith("changed: table inet mtd epoch 1")
-    client.stdin.write("still here\n")
-    client.stdin.flush()
-    assert client.stdout.readline().strip() == f"port {port}: still here"
-    assert lab.probe("unt", "tcp", "192.0.2.1", after[port]) == f"port {port}"
+    _held_across_rotation(lab, state_file, port, before[port], after[port])
     assert lab.probe("unt", "tcp", "192.0.2.1", before[port]) != f"port {port}"
 
 
@@ -157,7 +144,7 @@ def test_a_connection_to_a_service_shown_at_its_own_port_survives_the_rotation(
 ):
     """A service may be drawn to its own port for an epoch: its connections then need no NAT.
     When the next epoch moves it, such a connection keeps its mapping like any other held
-    across a rotation (guard_output lets every reply of a tracked connection pass)."""
+    across a rotation (guard_output's drops spare the replies of a connection)."""
     import hashlib
     import os
 
@@ -177,20 +164,26 @@ def test_a_connection_to_a_service_shown_at_its_own_port_survives_the_rotation(
     with os.fdopen(fd, "wb") as f:
         f.write(secret)
     apply(lab, state_file)
+    _held_across_rotation(lab, state_file, port, port, after[port])
+
+
+def _held_across_rotation(lab: Lab, state: Path, port: int, shown: int, then: int) -> None:
+    """A connection to service `port` at `shown` (epoch 0) still talks after the rotation,
+    and a new one finds the service at `then`."""
     client = lab.spawn(
         "unt",
-        [sys.executable, "-u", "-c", _HOLD_CONNECTION, "192.0.2.1", str(port)],
+        [sys.executable, "-u", "-c", _HOLD_CONNECTION, "192.0.2.1", str(shown)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
     assert client.stdout.readline().strip() == f"port {port}"
-    assert apply(lab, state_file, cmd="rotate").stdout.startswith("changed: table inet mtd epoch 1")
+    assert apply(lab, state, cmd="rotate").stdout.startswith("changed: table inet mtd epoch 1")
     client.stdin.write("still here\n")
     client.stdin.flush()
     assert client.stdout.readline().strip() == f"port {port}: still here"
-    assert lab.probe("unt", "tcp", "192.0.2.1", after[port]) == f"port {port}"
+    assert lab.probe("unt", "tcp", "192.0.2.1", then) == f"port {port}"
 
 
 _HOLD_CONNECTION = """
