@@ -15,7 +15,7 @@ import pytest
 
 from reconciler.adapters import cachedir, files, kernel
 from reconciler.adapters.caching import CachingBackend
-from reconciler.core import caches, render, sandbox, shuffle
+from reconciler.core import caches, render, shuffle
 from reconciler.core import state as state_mod
 from reconciler.core.state import Local
 from reconciler.errors import MtdError
@@ -71,7 +71,7 @@ def test_compiled_templates_are_reused_and_only_from_a_private_directory(tmp_pat
     assert not cache.exists()  # read-only: nothing created
     bytecode = cachedir.bytecode(cache, write=True)
     dirs = tuple(render.template_dirs())
-    render._cached_environment(dirs, bytecode).get_template("maps.json.j2")
+    render.environment(dirs, bytecode).get_template("maps.json.j2")
     assert len(list(cache.iterdir())) == 1
     cache.chmod(0o777)  # anyone could plant bytecode here: not used
     assert cachedir.bytecode(cache, write=True) is None
@@ -357,7 +357,6 @@ def test_an_edited_or_shadowed_template_is_rendered_again(
     real = render._render_text
 
     def counted(*args: object) -> object:
-        sandbox.cached_environment.cache_clear()
         calls.append(1)
         return real(*args)
 
@@ -527,10 +526,8 @@ def test_a_text_that_depends_on_a_missing_template_is_never_kept(tmp_path: Path,
     head = '{%- include ["local.j2", "empty.j2"] -%}\n'
     (tmp_path / "t" / "empty.j2").write_text("")
     (tmp_path / "t" / "maps.json.j2").write_text(head + shipped)
-    sandbox.cached_environment.cache_clear()
     _rendered(tmp_path, search=[tmp_path / "t"])
     assert not list((tmp_path / "cache").glob("rendered-*.json"))
-    sandbox.cached_environment.cache_clear()
 
 
 def test_dynamic_entries_change_every_second_and_the_kept_text_still_serves(
@@ -573,3 +570,30 @@ def test_dynamic_entries_change_every_second_and_the_kept_text_still_serves(
     for left in (50, 49, 50):
         got = dyn(rendered(left, [tmp_path / "t"]), "dyn4")
         assert got == [{"elem": {"val": "198.51.100.7", "timeout": left}}]
+
+
+def test_a_kept_environment_compiles_once_per_process_unless_bytecode_is_off(
+    tmp_path: Path, monkeypatch
+):
+    """The environments a long-lived process keeps (`cachedir.environments`) belong to the
+    `bytecode` cache: with it, a second rendering makes no new one; without, each does."""
+    from reconciler.core import sandbox
+
+    made: list[int] = []
+    real = sandbox.environment
+
+    def counted(*args: object, **kw: object) -> object:
+        made.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sandbox, "environment", counted)
+    state = files.load_state(write_state(tmp_path / "state.yaml"))
+    mapping = shuffle.compute(state, b"\1" * 32, 0)
+    for use, expected in ((caches.NAMES.keys() - {"rendered"}, 1), (set(), 2)):
+        cachedir.environments.cache_clear()
+        made.clear()
+        kept = cachedir.open_caches(tmp_path / "cache", write=True, use=frozenset(use))
+        first = _doc(render.render(state, mapping, caches=kept))
+        assert _doc(render.render(state, mapping, caches=kept)) == first
+        assert len(made) == expected, use
+    cachedir.environments.cache_clear()

@@ -11,16 +11,20 @@ never write. Writing is best effort: an entry not kept only costs the next proce
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler import defaults
 from reconciler.adapters.files import private_dir, read_json, write_atomic
 from reconciler.core import caches
 from reconciler.errors import MtdError
+
+if TYPE_CHECKING:
+    import jinja2
 
 
 def directory(state_dir: str | Path) -> Path:
@@ -35,7 +39,18 @@ def open_caches(where: Path, *, write: bool, use: frozenset[str]) -> caches.Cach
         verdicts=SchemaVerdicts(where, write=write) if "verdicts" in use else caches.OFF,
         rendered=RenderedTexts(where, write=write) if "rendered" in use else caches.OFF,
         bytecode=bytecode(where / "templates", write=write) if "bytecode" in use else None,
+        environments=environments if "bytecode" in use else None,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def environments(search: tuple[Path, ...], bytecode: Any, max_chars: int) -> jinja2.Environment:
+    """One sandboxed environment per template path, for this process: templates compile
+    once (a daemon rotates in milliseconds); Jinja2 still reloads a template whose file
+    changed. Part of the `bytecode` cache: `MTD_CACHE=-bytecode` turns both off."""
+    from reconciler.core import sandbox
+
+    return sandbox.environment(search, bytecode, max_chars)
 
 
 def private(where: Path) -> bool:
@@ -90,7 +105,7 @@ def bytecode(where: Path, *, write: bool) -> Any:
 
 class _Bytecode:
     """Builds the cache (importing jinja2) only when a template is rendered; equal for the
-    same directory, so `sandbox.cached_environment` keeps one environment per cache."""
+    same directory, so `environments` keeps one environment per cache."""
 
     def __init__(self, where: str, write: bool) -> None:
         self.where, self.write = where, write

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 NAMES = {
     "parsed": "the state documents as parsed (YAML is neither imported nor run)",
     "verdicts": "the states the schema accepted (jsonschema is neither imported nor run)",
-    "bytecode": "the compiled templates",
+    "bytecode": "the compiled templates (on disk, and kept in a long-lived process)",
     "rendered": "the rendered texts (Jinja2 is not imported)",
     "canonical": "the kernel's form of a rendered skeleton (no scratch namespace)",
     "committed": "the table mtd last committed (an unchanged table is not listed)",
@@ -112,12 +112,16 @@ class Caches:
     """The caches one command's state parsing and rendering may use; `OFF` each by default.
 
     `bytecode` makes Jinja2's cache of compiled templates when a template is first rendered
-    (jinja2 is imported then); None: templates are compiled each process."""
+    (jinja2 is imported then); None: templates are compiled each process. `environments`
+    gives the sandboxed environment for a template path (`sandbox.environment`'s
+    arguments), kept by the caller so a long-lived process compiles each template once;
+    None: a new one for each rendering."""
 
     parsed: Entries = OFF
     verdicts: Verdicts = OFF
     rendered: Entries = OFF
     bytecode: Callable[[], jinja2.BytecodeCache] | None = None
+    environments: Callable[..., jinja2.Environment] | None = None
 
 
 NONE = Caches()

@@ -245,13 +245,13 @@ def render(
     dirs = list(search) if search is not None else template_dirs()
     name = state.template + SUFFIX
     ctx = context(state, mapping, dynamic)
-    kept, bytecode = caches.rendered, caches.bytecode
+    kept, env = caches.rendered, _Environment(dirs, caches)
     key = _render_key(dirs, name, ctx) if _cacheable(state, kept) else None
     reused = _reuse(kept, key, dirs, mapping.epoch) if key is not None else None
     if reused is not None:
         text, where, read, kept_paths, _ = reused
     else:
-        text, where, read = _render_text(dirs, name, ctx, state.template, bytecode)
+        text, where, read = _render_text(dirs, name, ctx, state.template, env())
         kept_paths = None
     repository = bool(repository_templates(dirs))
     if repository:
@@ -286,7 +286,7 @@ def render(
     commands = _commands(doc, state, where)
     if repository:
         _allowed(text, state, ctx, dirs, where)
-        epoch = reused[4] if reused else _epoch_read(dirs, ctx, bytecode)
+        epoch = reused[4] if reused else _epoch_read(ctx, env())
         if epoch is not None:  # the round checks a commit's rules once, at the epoch it is at
             raise TemplateError(
                 f"{where}: reads epoch: expected a repository template whose rules are the "
@@ -297,9 +297,9 @@ def render(
     if (
         key is not None
         and paths != kept_paths
-        and (reused or _keep(key, dirs, name, ctx, text, bytecode))
+        and (reused or _keep(key, dirs, name, ctx, text, env()))
     ):
-        epoch = reused[4] if reused else _epoch_read(dirs, ctx, bytecode)
+        epoch = reused[4] if reused else _epoch_read(ctx, env())
         entry = {"where": where, "templates": read, "text": text, "paths": paths}
         kept.put(key, entry | {"epoch": epoch})
     return commands
@@ -310,20 +310,16 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _epoch_read(dirs: list[Path], ctx: Mapping[str, Any], bytecode: Bytecode) -> int | None:
+def _epoch_read(ctx: Mapping[str, Any], env: jinja2.Environment) -> int | None:
     """The epoch a kept text depends on: None when no template it came from reads `epoch`
     (the shipped ones do not), so the next epoch reuses it too."""
     from reconciler.core import sandbox
 
-    return (
-        ctx["epoch"]
-        if sandbox.reads_variable(_cached_environment(tuple(dirs), bytecode), "epoch")
-        else None
-    )
+    return ctx["epoch"] if sandbox.reads_variable(env, "epoch") else None
 
 
 def _render_text(
-    dirs: list[Path], name: str, ctx: dict[str, Any], template_name: str, bytecode: Bytecode
+    dirs: list[Path], name: str, ctx: dict[str, Any], template_name: str, env: jinja2.Environment
 ) -> tuple[str, str, list[tuple[str, str, str]]]:
     """The template's output through Jinja2's sandbox, where it was found, and every
     template file read (name, file, sha256) so far by this environment."""
@@ -331,7 +327,6 @@ def _render_text(
 
     from reconciler.core import sandbox
 
-    env = _cached_environment(tuple(dirs), bytecode)
     where = next((str(d / name) for d in dirs if (d / name).is_file()), name)
     try:
         with sandbox.deadline(RENDER_SECONDS):
@@ -382,10 +377,22 @@ def environment(search: Iterable[Path], bytecode: Bytecode = None) -> jinja2.Env
     return sandbox.environment(search, bytecode, MAX_RENDERED_CHARS)
 
 
-def _cached_environment(search: tuple[Path, ...], bytecode: Bytecode) -> jinja2.Environment:
-    from reconciler.core import sandbox
+class _Environment:
+    """The one environment a render uses, made when first needed (a reused text needs
+    none): the caller's kept one for these templates (`Caches.environments`, a daemon's),
+    else a new one. What it has read says what the text depends on (`_keep`)."""
 
-    return sandbox.cached_environment(search, bytecode, MAX_RENDERED_CHARS)
+    def __init__(self, dirs: list[Path], caches: Caches) -> None:
+        self._dirs, self._caches = tuple(dirs), caches
+        self._env: jinja2.Environment | None = None
+
+    def __call__(self) -> jinja2.Environment:
+        if self._env is None:
+            from reconciler.core import sandbox
+
+            make = self._caches.environments or sandbox.environment
+            self._env = make(self._dirs, self._caches.bytecode, MAX_RENDERED_CHARS)
+        return self._env
 
 
 # Beyond this many watched sources, the key (a hash of every input) costs more than Jinja2
@@ -411,7 +418,12 @@ MAX_CACHED_TEXT = 1 << 20  # characters of rendered text kept for the next proce
 
 
 def _keep(
-    key: str, dirs: list[Path], name: str, ctx: Mapping[str, Any], text: str, bytecode: Bytecode
+    key: str,
+    dirs: list[Path],
+    name: str,
+    ctx: Mapping[str, Any],
+    text: str,
+    env: jinja2.Environment,
 ) -> bool:
     """Whether the text may be kept: it depends on nothing but the key (the template read
     no element and no pair, which hold the mapping, a secret, and changed nothing of its
@@ -420,7 +432,7 @@ def _keep(
         return False
     from reconciler.core import sandbox
 
-    if sandbox.missed_templates(_cached_environment(tuple(dirs), bytecode)):
+    if sandbox.missed_templates(env):
         return False
     return len(text) <= MAX_CACHED_TEXT and _render_key(dirs, name, ctx) == key
 

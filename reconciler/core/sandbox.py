@@ -17,7 +17,6 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -224,17 +223,6 @@ def deadline(seconds: float) -> Iterator[None]:
                 break
             except values.RenderTimeout:
                 continue
-
-
-@lru_cache(maxsize=8)
-def cached_environment(
-    search: tuple[Path, ...],
-    bytecode: Callable[[], jinja2.BytecodeCache] | None,
-    max_chars: int = _Sandbox.max_chars,
-) -> jinja2.Environment:
-    """One environment per template path: templates compile once per process (a daemon
-    rotates in milliseconds); Jinja still reloads a template whose file changed."""
-    return environment(search, bytecode, max_chars)
 
 
 class _Loader(jinja2.FileSystemLoader):
