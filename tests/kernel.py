@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from reconciler.adapters import files, watchstore
 from reconciler.core import audit, shuffle
 from reconciler.lab.netns import Lab
 from tests.conftest import mtd
+
+
+def plant_secret(state_path: Path, fits: Callable[[bytes], bool], what: str) -> None:
+    """Write the state's secret file (0600, as mtd makes it) with the first of a fixed list
+    of secrets that `fits`: a test that needs a mapping of a given shape (a service drawn
+    to its own port, or never) gets it every run, not by chance."""
+    state = files.load_state(state_path)
+    for i in range(5000):
+        secret = hashlib.sha256(b"mtd-test-%d" % i).digest()
+        if fits(secret):
+            fd = os.open(state.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secret)
+            return
+    raise AssertionError(f"no secret gives {what}")
 
 
 def expected_moves(state_path: Path, epoch: int | None = None) -> dict[tuple[str, str], dict]:

@@ -429,6 +429,31 @@ def test_parsed_states_are_trusted_only_in_a_private_directory(state_file: Path,
     assert calls == [1]
 
 
+def _commit_naming(
+    tmp_path: Path, clone: Path, where: Path
+) -> tuple[Path, Local, list[tuple[str, str]]]:
+    """A commit in `clone` whose text names `where` in an `epoch_file:` line inside a
+    multi-line comment (no key: it passes every check), the host's configuration read as a
+    pull round reads it, and the commit's documents."""
+    (clone / "state" / "mtd.yaml").write_text(
+        "ports: {range: [1, 20], services: {tcp: [1]}}\n"
+        "watched:\n"
+        "- source: 192.0.2.3\n"
+        '  comment: "x\n'
+        f"epoch_file: {where}/epoch\n"
+        '    y"\n'
+    )
+    config = tmp_path / "mtd.conf.yaml"
+    config.write_text(f"secret_file: {tmp_path}/own/secret\n")
+    local = Local(
+        documents=[(str(config), config.read_text())],
+        state_dir=str(tmp_path / "own"),
+        untrusted=True,
+        forbidden=(str(clone),),
+    )
+    return config, local, files.state_documents(clone / "state")
+
+
 def test_a_repository_commit_cannot_choose_where_parsed_states_are_read(tmp_path: Path):
     """The parsed-state cache is where the host chose (`--state-dir`), never read from the
     texts. A commit whose text has an `epoch_file:` line (inside a multi-line comment, so
@@ -441,24 +466,7 @@ def test_a_repository_commit_cannot_choose_where_parsed_states_are_read(tmp_path
     evil.mkdir(parents=True)
     for d in (clone, clone / "state", clone / "evil", evil):
         d.chmod(0o755)  # as git checks out, as root
-    state_text = (
-        "ports: {range: [1, 20], services: {tcp: [1]}}\n"
-        "watched:\n"
-        "- source: 192.0.2.3\n"
-        '  comment: "x\n'
-        f"epoch_file: {clone}/evil/epoch\n"
-        '    y"\n'
-    )
-    (clone / "state" / "mtd.yaml").write_text(state_text)
-    config = tmp_path / "mtd.conf.yaml"
-    config.write_text(f"secret_file: {tmp_path}/own/secret\n")
-    local = Local(
-        documents=[(str(config), config.read_text())],
-        state_dir=str(tmp_path / "own"),
-        untrusted=True,
-        forbidden=(str(clone),),
-    )
-    docs = files.state_documents(clone / "state")
+    config, local, docs = _commit_naming(tmp_path, clone, clone / "evil")
     key = files.parsed_key(docs, local)
     planted = {
         str(config): {
@@ -489,23 +497,7 @@ def test_no_text_chooses_where_parsed_states_are_read_outside_the_clone_either(t
     clone, elsewhere = tmp_path / "repo", tmp_path / "elsewhere" / "cache"
     (clone / "state").mkdir(parents=True)
     elsewhere.mkdir(parents=True, mode=0o700)
-    (clone / "state" / "mtd.yaml").write_text(
-        "ports: {range: [1, 20], services: {tcp: [1]}}\n"
-        "watched:\n"
-        "- source: 192.0.2.3\n"
-        '  comment: "x\n'
-        f"epoch_file: {elsewhere.parent}/epoch\n"
-        '    y"\n'
-    )
-    config = tmp_path / "mtd.conf.yaml"
-    config.write_text(f"secret_file: {tmp_path}/own/secret\n")
-    local = Local(
-        documents=[(str(config), config.read_text())],
-        state_dir=str(tmp_path / "own"),
-        untrusted=True,
-        forbidden=(str(clone),),
-    )
-    docs = files.state_documents(clone / "state")
+    config, local, docs = _commit_naming(tmp_path, clone, elsewhere.parent)
     key = files.parsed_key(docs, local)
     planted = {
         str(config): {"secret_file": f"{tmp_path}/own/secret", "table": "filter"},

@@ -16,7 +16,7 @@ from reconciler.adapters import files
 from reconciler.core.state import merge
 from reconciler.lab.netns import Lab
 from tests.conftest import ROOT, mtd, write_state
-from tests.kernel import apply, expected_moves, nft, table_text
+from tests.kernel import apply, expected_moves, nft, plant_secret, table_text
 
 pytestmark = pytest.mark.netns
 
@@ -145,25 +145,21 @@ def test_a_connection_to_a_service_shown_at_its_own_port_survives_the_rotation(
     """A service may be drawn to its own port for an epoch: its connections then need no NAT.
     When the next epoch moves it, such a connection keeps its mapping like any other held
     across a rotation (guard_output's drops spare the replies of a connection)."""
-    import hashlib
-    import os
-
     from reconciler.core import shuffle
 
     state = files.load_state(state_file)
-    label = ("192.0.2.3", "tcp")
-    for i in range(5000):
-        secret = hashlib.sha256(b"mtd-self-%d" % i).digest()
-        before, after = (dict(shuffle.compute(state, secret, e).moves)[label] for e in (0, 1))
-        port = next((p for p in sorted(before) if before[p] == p != after[p]), None)
-        if port is not None:
-            break
-    else:
-        raise AssertionError("no secret draws a service to its own port at epoch 0")
-    fd = os.open(state.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
+
+    def own_then_moved(secret: bytes) -> int | None:
+        before, after = (shuffle.compute(state, secret, e).moves[("192.0.2.3", "tcp")]
+                         for e in (0, 1))  # fmt: skip
+        return next((p for p in sorted(before) if before[p] == p != after[p]), None)
+
+    plant_secret(state_file, lambda s: own_then_moved(s) is not None,
+                 "a service at its own port at epoch 0, moved at 1")  # fmt: skip
     apply(lab, state_file)
+    port = own_then_moved(files.load_secret(state.secret_file))
+    assert port is not None
+    after = expected_moves(state_file, 1)[("192.0.2.3", "tcp")]
     _held_across_rotation(lab, state_file, port, port, after[port])
 
 
@@ -172,10 +168,13 @@ def test_a_real_port_answers_nothing_the_host_keeps_out_of_conntrack(lab: Lab, s
     watched source's datagram to the real port 53 is moved by nothing, reaches the socket,
     and its answer leaves untracked from the real port: guard_output drops it, as it drops
     every packet from a moved real port that belongs to no established connection."""
+    from reconciler.core import shuffle
+
+    state = files.load_state(state_file)
+    udp = ("192.0.2.3", "udp")
+    plant_secret(state_file, lambda s: shuffle.compute(state, s, 0).moves[udp][53] != 53,
+                 "UDP 53 moved at epoch 0")  # fmt: skip
     apply(lab, state_file)
-    seen = expected_moves(state_file, 0)[("192.0.2.3", "udp")]
-    if seen.get(53, 53) == 53:
-        pytest.skip("53 drawn to its own port this epoch: nothing to hide")
     assert lab.probe("unt", "udp", "192.0.2.1", 53) != "port 53"
     lab.run("srv", ["nft", "-f", "-"], check=True, input=(
         "table inet host {\n chain pre { type filter hook prerouting priority -310;\n"

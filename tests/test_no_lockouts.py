@@ -17,6 +17,7 @@ import pytest
 from reconciler.core import diff
 from reconciler.lab.netns import Lab
 from tests.conftest import MTD, ROOT, write_state
+from tests.kernel import plant_secret
 from tests.test_gitops import Remote, state_doc
 
 pytestmark = pytest.mark.netns
@@ -51,22 +52,18 @@ def _secret_that_moves_22(state: Path) -> None:
     """A secret under which port 22 moves for 198.51.100.0/24 at the first epochs: a service
     may be drawn to its own port at an epoch, which would leave the session check nothing to
     refuse."""
-    import hashlib
-
     from reconciler.adapters import files
     from reconciler.core import shuffle
 
     loaded = files.load_state(state)
     label = next(w.label for w in loaded.watched if w.label.startswith("198.51.100."))
-    for i in range(1000):
-        secret = hashlib.sha256(b"mtd-test-%d" % i).digest()
-        shown = [shuffle.compute(loaded, secret, e).moves[(label, "tcp")][22] for e in range(6)]
-        if 22 not in shown:
-            fd = os.open(loaded.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secret)
-            return
-    raise AssertionError("no secret moves port 22 at every early epoch")
+
+    def moves_22(secret: bytes) -> bool:
+        return all(
+            shuffle.compute(loaded, secret, e).moves[(label, "tcp")][22] != 22 for e in range(6)
+        )
+
+    plant_secret(state, moves_22, "port 22 moved at every early epoch")
 
 
 def run(lab: Lab, tmp_path: Path, *args: str, ssh: str = "") -> subprocess.CompletedProcess[str]:

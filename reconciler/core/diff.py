@@ -347,7 +347,7 @@ def digest(name: str, commands: Iterable[Mapping[str, Any]]) -> str | None:
             return None
         if (kind == "table" and obj.get("flags")) or (kind == "chain" and _device_bound(obj)):
             return None  # removed with no transaction: by the socket's close, the device's
-        if kind == "rule" and _writes_a_set(obj.get("expr")):
+        if kind == "rule" and writes_a_set(obj.get("expr")):
             return None
         if kind == "set" and runtime:
             cmd = {verb: {kind: {k: v for k, v in obj.items() if k != "elem"}}}
@@ -373,7 +373,7 @@ def _device_bound(obj: Mapping[str, Any]) -> bool:
     return "dev" in obj or "devices" in obj
 
 
-def _writes_a_set(expr: Any) -> bool:
+def writes_a_set(expr: Any) -> bool:
     """Whether a rule changes a set in the packet path (`add @s`, `update @m`, a meter)
     other than the dynamic watch sets, whose content the diff ignores. Statements stand
     only at the top of a rule's expression list, so that is where to look."""

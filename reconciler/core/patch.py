@@ -60,7 +60,7 @@ def plan(
     for a, b in zip(old_sk, new_sk, strict=True):
         kind = _kind(b)
         if kind == "rule":  # most commands: compared whole first (C speed)
-            if diff._writes_a_set(_rule(b).get("expr")):
+            if diff.writes_a_set(_rule(b).get("expr")):
                 return None  # packets fill that set: a replacement empties it, a patch not
             if a == b:
                 continue
